@@ -1,0 +1,196 @@
+//! Session tests over in-memory input: what a client sends, what it reads.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+
+use ferry_smtp::{AuthOffer, Event, Reply, ServerSession, SessionConfig};
+
+fn config() -> SessionConfig {
+    SessionConfig {
+        hostname: "relay.test".into(),
+        max_message_size: 1000,
+        max_recipients: 2,
+        max_header_size: 200,
+        max_hop_count: 3,
+        max_errors: 5,
+        starttls: true,
+        auth: AuthOffer::AfterTls,
+        transcript: true,
+    }
+}
+
+/// Feeds `input`, accepting every decision; returns what the client reads
+/// and the messages that were handed over.
+fn run(session: &mut ServerSession, input: &[u8]) -> (String, Vec<Vec<u8>>) {
+    session.push(input);
+    let mut out = Vec::new();
+    let mut messages = Vec::new();
+    while let Some(event) = session.next_event() {
+        let reply = match event {
+            Event::Reply(r) | Event::Close(r) => r,
+            Event::Mail(_) => session.decide(Reply::new(250, "2.1.0 Sender OK")),
+            Event::Rcpt(_) => session.decide(Reply::new(250, "2.1.5 Recipient OK")),
+            Event::Message(m) => {
+                messages.push(m);
+                session.decide(Reply::new(250, "2.6.0 Queued mail for delivery"))
+            }
+            Event::StartTls => {
+                let r = session.decide(Reply::new(220, "2.0.0 SMTP server ready"));
+                session.tls_established();
+                r
+            }
+            Event::Auth(c) if c.password == "good" => {
+                session.decide(Reply::new(235, "2.7.0 Authentication successful"))
+            }
+            Event::Auth(_) => session.decide(Reply::new(535, "5.7.8 Authentication failed")),
+        };
+        reply.write_to(&mut out);
+    }
+    (String::from_utf8(out).unwrap(), messages)
+}
+
+fn codes(out: &str) -> Vec<&str> {
+    out.lines()
+        .filter(|l| l.as_bytes().get(3) == Some(&b' '))
+        .map(|l| &l[..3])
+        .collect()
+}
+
+#[test]
+fn pipelined_transaction_in_one_write_gets_replies_in_order() {
+    let mut s = ServerSession::new(config());
+    let (out, msgs) = run(
+        &mut s,
+        b"EHLO dev\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\nSubject: hi\r\n\r\n..dot\r\n.\r\nQUIT\r\n",
+    );
+    assert_eq!(codes(&out), ["250", "250", "250", "354", "250", "221"]);
+    assert_eq!(msgs, vec![b"Subject: hi\r\n\r\n.dot\r\n".to_vec()]);
+    assert!(s.is_closed());
+}
+
+#[test]
+fn ehlo_advertises_extensions_and_auth_only_after_tls() {
+    let mut s = ServerSession::new(config());
+    let (out, _) = run(&mut s, b"EHLO dev\r\n");
+    for ext in ["SIZE 1000", "PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", "STARTTLS"] {
+        assert!(out.contains(ext), "{ext} missing in {out}");
+    }
+    assert!(!out.contains("AUTH"));
+    let (out, _) = run(&mut s, b"AUTH PLAIN AGZvbwBnb29k\r\n");
+    assert_eq!(out, "530 5.7.0 Must issue a STARTTLS command first\r\n");
+    let (out, _) = run(&mut s, b"STARTTLS\r\nEHLO dev\r\n");
+    // The pipelined EHLO after STARTTLS is discarded (RFC 3207 §4.2).
+    assert_eq!(out, "220 2.0.0 SMTP server ready\r\n");
+    assert!(s.helo().is_none());
+    let (out, _) = run(&mut s, b"EHLO dev\r\n");
+    assert!(out.contains("AUTH PLAIN LOGIN") && !out.contains("STARTTLS"));
+    // "\0foo\0good"
+    let (out, _) = run(&mut s, b"AUTH PLAIN AGZvbwBnb29k\r\n");
+    assert_eq!(out, "235 2.7.0 Authentication successful\r\n");
+    assert_eq!(s.user(), Some("foo"));
+}
+
+#[test]
+fn auth_login_dialogue_and_transcript_hides_secrets() {
+    let mut c = config();
+    c.auth = AuthOffer::Always;
+    let mut s = ServerSession::new(c);
+    run(&mut s, b"EHLO dev\r\n");
+    let (out, _) = run(&mut s, b"AUTH LOGIN\r\n");
+    assert_eq!(out, "334 VXNlcm5hbWU6\r\n");
+    let (out, _) = run(&mut s, b"Zm9v\r\n");
+    assert_eq!(out, "334 UGFzc3dvcmQ6\r\n");
+    let (out, _) = run(&mut s, b"YmFk\r\n");
+    assert_eq!(out, "535 5.7.8 Authentication failed\r\n");
+    assert_eq!(s.user(), None);
+    let log = s.take_transcript().join("|");
+    assert_eq!(log, "EHLO dev|AUTH LOGIN|****|****");
+    let (_, _) = run(&mut s, b"AUTH PLAIN AGZvbwBnb29k\r\n");
+    assert_eq!(s.take_transcript(), vec!["AUTH PLAIN"]);
+}
+
+#[test]
+fn sequence_and_syntax_errors() {
+    let mut s = ServerSession::new(config());
+    let (out, _) = run(&mut s, b"MAIL FROM:<a@x.test>\r\n");
+    assert_eq!(out, "503 5.5.1 Send hello first\r\n");
+    let (out, _) = run(&mut s, b"EHLO dev\r\nRCPT TO:<b@y.test>\r\nDATA\r\nMAIL FROM:a@x\r\n");
+    assert_eq!(codes(&out), ["250", "503", "503", "501"]);
+    assert!(out.contains("501 5.5.4 Syntax"));
+}
+
+#[test]
+fn too_many_errors_close_the_session() {
+    let mut s = ServerSession::new(config());
+    let (out, _) = run(&mut s, b"A\r\nB\r\nC\r\nD\r\nE\r\nNOOP\r\n");
+    assert_eq!(codes(&out), ["500", "500", "500", "500", "421"]);
+    assert!(s.is_closed());
+}
+
+#[test]
+fn long_command_line_gets_500_5_5_2_and_is_skipped_to_its_end() {
+    let mut s = ServerSession::new(config());
+    let mut input = b"NOOP ".to_vec();
+    input.extend(std::iter::repeat_n(b'x', 600));
+    let (out, _) = run(&mut s, &input);
+    assert_eq!(out, "500 5.5.2 Line too long\r\n");
+    assert_eq!(s.buffered(), 0, "over-long line must not be kept");
+    let (out, _) = run(&mut s, b"yyy\r\nNOOP\r\n");
+    assert_eq!(out, "250 2.0.0 OK\r\n");
+    // Exactly 512 octets with CRLF is fine.
+    let mut line = b"NOOP ".to_vec();
+    line.extend(std::iter::repeat_n(b'z', 505));
+    line.extend(b"\r\n");
+    assert_eq!(line.len(), 512);
+    assert_eq!(run(&mut s, &line).0, "250 2.0.0 OK\r\n");
+}
+
+#[test]
+fn size_limits_at_mail_and_at_end_of_data() {
+    let mut s = ServerSession::new(config());
+    let (out, _) = run(&mut s, b"EHLO d\r\nMAIL FROM:<a@x.test> SIZE=5000\r\n");
+    assert!(out.ends_with("552 5.3.4 Message size exceeds fixed maximum message size\r\n"));
+    let mut input = b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n".to_vec();
+    input.extend(std::iter::repeat_n(b'x', 2000));
+    input.extend(b"\r\n.\r\nNOOP\r\n");
+    let (out, msgs) = run(&mut s, &input);
+    assert_eq!(codes(&out), ["250", "250", "354", "552", "250"]);
+    assert!(msgs.is_empty());
+    assert!(!s.in_transaction());
+}
+
+#[test]
+fn recipient_cap_and_hop_count_and_header_size() {
+    let mut s = ServerSession::new(config());
+    let (out, _) = run(
+        &mut s,
+        b"HELO d\r\nMAIL FROM:<>\r\nRCPT TO:<a@y>\r\nRCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\n",
+    );
+    assert!(out.ends_with("452 4.5.3 Too many recipients\r\n"));
+    assert_eq!(s.envelope().rcpt_to.len(), 2);
+    let (out, _) = run(
+        &mut s,
+        b"DATA\r\nReceived: 1\r\nReceived: 2\r\nReceived: 3\r\nReceived: 4\r\n\r\nx\r\n.\r\n",
+    );
+    assert!(out.ends_with("554 5.4.6 Hop count exceeded - possible mail loop\r\n"));
+    let mut input = b"MAIL FROM:<>\r\nRCPT TO:<a@y>\r\nDATA\r\nX-Long: ".to_vec();
+    input.extend(std::iter::repeat_n(b'h', 300));
+    input.extend(b"\r\n\r\nbody\r\n.\r\n");
+    let (out, _) = run(&mut s, &input);
+    assert!(out.ends_with("552 5.3.4 Message header size exceeds limit\r\n"));
+}
+
+#[test]
+fn unadvertised_mail_parameters_are_refused() {
+    let mut s = ServerSession::new(config());
+    let (out, _) = run(&mut s, b"EHLO d\r\nMAIL FROM:<a@x> BODY=BINARYMIME\r\n");
+    assert!(out.ends_with("555 5.5.4 Unsupported MAIL FROM parameter\r\n"));
+    let (out, _) = run(&mut s, b"MAIL FROM:<a@x> BODY=8BITMIME SMTPUTF8\r\n");
+    assert!(out.ends_with("250 2.1.0 Sender OK\r\n"));
+    assert!(s.envelope().mail_from.as_ref().unwrap().body_8bit);
+}
+
+#[test]
+fn vrfy_help_rset() {
+    let mut s = ServerSession::new(config());
+    let (out, _) = run(&mut s, b"VRFY bob\r\nHELP\r\nRSET\r\n");
+    assert_eq!(codes(&out), ["252", "214", "250"]);
+}
