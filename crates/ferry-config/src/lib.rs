@@ -1,1 +1,30 @@
-//! placeholder
+//! The Ferry cluster config: one TOML file for the whole cluster.
+//!
+//! [`ClusterConfig::parse`] turns the file into validated types that cannot
+//! hold invalid values, reporting every error in the file at once with its
+//! line and column. The same types answer the questions the data plane
+//! asks of the config: which receive connector handles a client
+//! ([`select`]), and whether a sender or recipient is allowed ([`policy`]).
+//! [`explain`] renders both for `ferry config explain`.
+//!
+//! Modules: `raw` (the file's shape, as serde sees it), [`model`] (the
+//! validated types), [`select`], [`policy`], [`explain`], [`error`].
+//! This crate does no I/O beyond reading the config file: certificates are
+//! loaded by the nodes that use them.
+#![forbid(unsafe_code)]
+
+pub mod error;
+pub mod explain;
+pub mod model;
+pub mod policy;
+mod raw;
+pub mod select;
+mod validate;
+
+pub use error::{ConfigError, Located};
+pub use model::{
+    AcceptedDomain, AuthSettings, ClusterConfig, Connector, DomainKind, Limits, Permissions,
+    ProtocolLog, TlsSettings, TlsVersion, User,
+};
+pub use policy::Refusal;
+pub use select::Selection;

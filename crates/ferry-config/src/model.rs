@@ -1,0 +1,208 @@
+//! The validated cluster config.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+/// The whole cluster config, valid by construction.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub accepted_domains: Vec<AcceptedDomain>,
+    pub trusted_proxies: Vec<IpNet>,
+    pub connectors: Vec<Arc<Connector>>,
+    /// Users by lower-cased name.
+    pub users: BTreeMap<String, Arc<User>>,
+}
+
+/// How an accepted domain is handled. Both kinds accept mail from the
+/// internal-relay connectors; `internal_relay` is for domains whose
+/// mailboxes live partly elsewhere (routing, a later concern, forwards them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DomainKind {
+    Authoritative,
+    InternalRelay,
+}
+
+/// `example.test` or `*.example.test` (any subdomain, not the domain itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcceptedDomain {
+    /// Lower case, without the `*.`.
+    pub domain: String,
+    pub subdomains: bool,
+    pub kind: DomainKind,
+}
+
+impl AcceptedDomain {
+    pub fn matches(&self, domain: &str) -> bool {
+        let domain = domain.trim_end_matches('.');
+        if self.subdomains {
+            domain.len() > self.domain.len()
+                && domain
+                    .to_ascii_lowercase()
+                    .strip_suffix(&self.domain)
+                    .is_some_and(|head| head.ends_with('.'))
+        } else {
+            domain.eq_ignore_ascii_case(&self.domain)
+        }
+    }
+}
+
+/// An Exchange-style receive connector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connector {
+    pub name: String,
+    pub port: u16,
+    /// Bound to one local address, or to any.
+    pub local_address: Option<IpAddr>,
+    pub remote_ranges: Vec<IpNet>,
+    pub permissions: Permissions,
+    pub auth: AuthSettings,
+    pub tls: Option<TlsSettings>,
+    /// The text after `220 ` in the greeting.
+    pub banner: String,
+    pub limits: Limits,
+    pub protocol_log: ProtocolLog,
+}
+
+/// Exchange's permission groups, as far as a relay needs them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Permissions {
+    /// Anonymous senders may send to accepted domains.
+    pub anonymous: bool,
+    /// Anonymous senders may send anywhere (anonymous relay).
+    pub accept_any_recipient: bool,
+    /// Users may authenticate and then relay anywhere.
+    pub users: bool,
+}
+
+/// Exchange's AuthMechanism: `tls` (STARTTLS offered), `basic_auth` (AUTH
+/// PLAIN and LOGIN), `basic_auth_require_tls` (AUTH only after STARTTLS).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AuthSettings {
+    pub starttls: bool,
+    pub basic: bool,
+    pub require_tls: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TlsVersion {
+    Tls12,
+    Tls13,
+}
+
+/// Certificate and key as PEM files, relative to the config file's folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    pub certificate: PathBuf,
+    pub key: PathBuf,
+    pub min_version: TlsVersion,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProtocolLog {
+    None,
+    Verbose,
+}
+
+/// Receive-connector limits; defaults are Exchange 2016's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    pub max_message_size: u64,
+    pub max_header_size: u64,
+    pub max_recipients: u32,
+    pub max_connections: u32,
+    pub max_connections_per_source: u32,
+    pub connection_timeout: Duration,
+    pub command_timeout: Duration,
+    pub data_timeout: Duration,
+    pub max_protocol_errors: u32,
+    pub tarpit: Duration,
+    pub max_hop_count: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_size: 36 * 1024 * 1024,
+            max_header_size: 256 * 1024,
+            max_recipients: 200,
+            max_connections: 5000,
+            max_connections_per_source: 20,
+            connection_timeout: Duration::from_secs(10 * 60),
+            command_timeout: Duration::from_secs(5 * 60),
+            data_timeout: Duration::from_secs(5 * 60),
+            max_protocol_errors: 5,
+            tarpit: Duration::from_secs(5),
+            max_hop_count: 30,
+        }
+    }
+}
+
+/// A device or application that authenticates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub name: String,
+    /// PHC string of an argon2 hash.
+    pub password_hash: String,
+    pub allowed_senders: Vec<SenderPattern>,
+    pub allowed_ranges: Vec<IpNet>,
+}
+
+/// An allowed sender: one address, every address of a domain, or anyone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SenderPattern {
+    Address(String),
+    Domain(String),
+    Any,
+}
+
+impl SenderPattern {
+    pub fn matches(&self, sender: &str) -> bool {
+        match self {
+            SenderPattern::Any => true,
+            SenderPattern::Address(a) => a.eq_ignore_ascii_case(sender),
+            SenderPattern::Domain(d) => sender
+                .rsplit_once('@')
+                .is_some_and(|(_, dom)| dom.eq_ignore_ascii_case(d)),
+        }
+    }
+}
+
+impl std::fmt::Display for SenderPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SenderPattern::Any => f.write_str("*"),
+            SenderPattern::Address(a) => f.write_str(a),
+            SenderPattern::Domain(d) => write!(f, "*@{d}"),
+        }
+    }
+}
+
+impl ClusterConfig {
+    pub fn user(&self, name: &str) -> Option<&Arc<User>> {
+        self.users.get(&name.to_ascii_lowercase())
+    }
+
+    /// Is `domain` one of ours?
+    pub fn accepted_domain(&self, domain: &str) -> Option<&AcceptedDomain> {
+        self.accepted_domains.iter().find(|d| d.matches(domain))
+    }
+
+    /// The ports some connector listens on, each once.
+    pub fn ports(&self) -> Vec<u16> {
+        let mut ports: Vec<u16> = self.connectors.iter().map(|c| c.port).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
+
+    /// Is `peer` allowed to send a PROXY header?
+    pub fn is_trusted_proxy(&self, peer: IpAddr) -> bool {
+        let peer = peer.to_canonical();
+        self.trusted_proxies.iter().any(|n| n.contains(&peer))
+    }
+}

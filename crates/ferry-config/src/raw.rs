@@ -1,0 +1,84 @@
+//! The config file's shape as serde reads it. Values that need checking
+//! keep their place in the file (`Spanned`) so errors can name it.
+
+use serde::Deserialize;
+use toml::Spanned;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConfig {
+    #[serde(default)]
+    pub accepted_domains: Vec<Spanned<RawDomain>>,
+    #[serde(default)]
+    pub trusted_proxies: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub connectors: Vec<Spanned<RawConnector>>,
+    #[serde(default)]
+    pub users: Vec<Spanned<RawUser>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDomain {
+    pub domain: Spanned<String>,
+    pub kind: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConnector {
+    pub name: Spanned<String>,
+    pub port: Spanned<u16>,
+    pub local_address: Option<Spanned<String>>,
+    pub remote_ranges: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub permissions: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub auth: Vec<Spanned<String>>,
+    pub tls: Option<Spanned<RawTls>>,
+    pub banner: Option<Spanned<String>>,
+    #[serde(default)]
+    pub limits: RawLimits,
+    pub protocol_log: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTls {
+    pub certificate: String,
+    pub key: String,
+    pub min_version: Option<Spanned<String>>,
+}
+
+/// A size is a number of octets or a string such as "36MB" or "256KB".
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum RawSize {
+    Octets(u64),
+    Text(String),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLimits {
+    pub max_message_size: Option<Spanned<RawSize>>,
+    pub max_header_size: Option<Spanned<RawSize>>,
+    pub max_recipients: Option<Spanned<u32>>,
+    pub max_connections: Option<Spanned<u32>>,
+    pub max_connections_per_source: Option<Spanned<u32>>,
+    pub connection_timeout: Option<Spanned<String>>,
+    pub command_timeout: Option<Spanned<String>>,
+    pub data_timeout: Option<Spanned<String>>,
+    pub max_protocol_errors: Option<Spanned<u32>>,
+    pub tarpit: Option<Spanned<String>>,
+    pub max_hop_count: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawUser {
+    pub name: Spanned<String>,
+    pub password_hash: Spanned<String>,
+    pub allowed_senders: Spanned<Vec<Spanned<String>>>,
+    pub allowed_ranges: Option<Vec<Spanned<String>>>,
+}

@@ -1,0 +1,440 @@
+//! From the raw file to the validated model, collecting every error.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use toml::Spanned;
+
+use crate::error::{ConfigError, LineIndex, Located};
+use crate::model::*;
+use crate::raw::*;
+
+struct Checker<'a> {
+    index: LineIndex<'a>,
+    errors: Vec<Located>,
+}
+
+impl Checker<'_> {
+    fn err<T>(&mut self, at: &Spanned<T>, message: impl Into<String>) {
+        let located = self.index.locate(at.span().start, message);
+        self.errors.push(located);
+    }
+
+    fn range(&mut self, s: &Spanned<String>) -> Option<IpNet> {
+        parse_range(s.get_ref()).or_else(|| {
+            self.err(s, format!("'{}' is not an IP address or CIDR range", s.get_ref()));
+            None
+        })
+    }
+
+    fn ranges(&mut self, list: &[Spanned<String>]) -> Vec<IpNet> {
+        list.iter().filter_map(|s| self.range(s)).collect()
+    }
+
+    fn duration(&mut self, s: &Option<Spanned<String>>, default: Duration) -> Duration {
+        let Some(s) = s else { return default };
+        match humantime::parse_duration(s.get_ref()) {
+            Ok(d) if !d.is_zero() => d,
+            _ => {
+                self.err(s, format!("'{}' is not a duration such as \"30s\" or \"5m\"", s.get_ref()));
+                default
+            }
+        }
+    }
+
+    fn size(&mut self, s: &Option<Spanned<RawSize>>, default: u64) -> u64 {
+        let Some(s) = s else { return default };
+        let parsed = match s.get_ref() {
+            RawSize::Octets(n) => Some(*n),
+            RawSize::Text(t) => parse_size(t),
+        };
+        match parsed {
+            Some(n) if n > 0 => n,
+            _ => {
+                self.err(s, "a size is a positive number of octets or a string such as \"36MB\"");
+                default
+            }
+        }
+    }
+
+    fn count(&mut self, s: &Option<Spanned<u32>>, default: u32) -> u32 {
+        match s {
+            Some(v) if *v.get_ref() == 0 => {
+                self.err(v, "must be at least 1");
+                default
+            }
+            Some(v) => *v.get_ref(),
+            None => default,
+        }
+    }
+}
+
+/// "10.0.0.0/8", "2001:db8::/32", or a single address ("10.1.2.3").
+pub(crate) fn parse_range(s: &str) -> Option<IpNet> {
+    let s = s.trim();
+    if let Ok(net) = s.parse::<IpNet>() {
+        return Some(canonical_net(net.trunc()));
+    }
+    s.parse::<IpAddr>().ok().map(|ip| canonical_net(IpNet::from(ip)))
+}
+
+/// `::ffff:10.0.0.0/104` is `10.0.0.0/8`.
+fn canonical_net(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => IpNet::new(IpAddr::V4(v4), v6.prefix_len() - 96).unwrap_or(net),
+            None => net,
+        },
+        other => other,
+    }
+}
+
+/// "36MB", "256KB", "1GB", "512B" or a bare number; K/M/G are powers of 1024,
+/// as in Exchange.
+pub(crate) fn parse_size(s: &str) -> Option<u64> {
+    let t = s.trim().to_ascii_uppercase();
+    let (num, mult) = if let Some(n) = t.strip_suffix("GB") {
+        (n, 1u64 << 30)
+    } else if let Some(n) = t.strip_suffix("MB") {
+        (n, 1 << 20)
+    } else if let Some(n) = t.strip_suffix("KB") {
+        (n, 1 << 10)
+    } else if let Some(n) = t.strip_suffix('B') {
+        (n, 1)
+    } else {
+        (t.as_str(), 1)
+    };
+    num.trim().parse::<u64>().ok()?.checked_mul(mult)
+}
+
+pub(crate) fn parse(file: &str, text: &str, base_dir: &Path) -> Result<ClusterConfig, ConfigError> {
+    let mut c = Checker {
+        index: LineIndex::new(text),
+        errors: Vec::new(),
+    };
+    let raw: RawConfig = match toml::from_str(text) {
+        Ok(raw) => raw,
+        Err(e) => {
+            let at = e.span().map_or(0, |s| s.start);
+            let message = e.message().trim().to_string();
+            return Err(ConfigError::Invalid {
+                file: file.into(),
+                errors: vec![c.index.locate(at, message)],
+            });
+        }
+    };
+
+    let accepted_domains = raw
+        .accepted_domains
+        .iter()
+        .filter_map(|d| domain(&mut c, d.get_ref()))
+        .collect();
+    let trusted_proxies = c.ranges(&raw.trusted_proxies);
+
+    let mut users = BTreeMap::new();
+    for u in &raw.users {
+        if let Some(user) = user(&mut c, u.get_ref()) {
+            let key = user.name.to_ascii_lowercase();
+            if users.contains_key(&key) {
+                c.err(&u.get_ref().name, format!("user '{}' is defined twice", user.name));
+            }
+            users.insert(key, Arc::new(user));
+        }
+    }
+
+    let mut connectors: Vec<Arc<Connector>> = Vec::new();
+    for rc in &raw.connectors {
+        let Some(conn) = connector(&mut c, rc.get_ref(), base_dir) else {
+            continue;
+        };
+        if connectors.iter().any(|o| o.name.eq_ignore_ascii_case(&conn.name)) {
+            c.err(&rc.get_ref().name, format!("connector '{}' is defined twice", conn.name));
+        }
+        connectors.push(Arc::new(conn));
+    }
+    overlaps(&mut c, &raw.connectors, &connectors);
+
+    if !c.errors.is_empty() {
+        c.errors.sort_by_key(|e| (e.line, e.column));
+        return Err(ConfigError::Invalid {
+            file: file.into(),
+            errors: c.errors,
+        });
+    }
+    Ok(ClusterConfig {
+        accepted_domains,
+        trusted_proxies,
+        connectors,
+        users,
+    })
+}
+
+fn domain(c: &mut Checker<'_>, d: &RawDomain) -> Option<AcceptedDomain> {
+    let kind = match d.kind.get_ref().as_str() {
+        "authoritative" => Some(DomainKind::Authoritative),
+        "internal_relay" => Some(DomainKind::InternalRelay),
+        other => {
+            c.err(&d.kind, format!("kind '{other}' is not 'authoritative' or 'internal_relay'"));
+            None
+        }
+    };
+    let text = d.domain.get_ref().trim().to_ascii_lowercase();
+    let (name, subdomains) = match text.strip_prefix("*.") {
+        Some(rest) => (rest.to_string(), true),
+        None => (text.clone(), false),
+    };
+    let valid = !name.is_empty()
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-')
+        });
+    if !valid {
+        c.err(&d.domain, format!("'{text}' is not a domain name (or *.domain)"));
+        return None;
+    }
+    Some(AcceptedDomain {
+        domain: name,
+        subdomains,
+        kind: kind?,
+    })
+}
+
+fn user(c: &mut Checker<'_>, u: &RawUser) -> Option<User> {
+    let name = u.name.get_ref().trim().to_string();
+    if name.is_empty() || name.contains(char::is_whitespace) {
+        c.err(&u.name, "a user name is one word");
+    }
+    let hash = u.password_hash.get_ref().clone();
+    match argon2::PasswordHash::new(&hash) {
+        Ok(h) if h.algorithm.as_str().starts_with("argon2") => {}
+        _ => c.err(
+            &u.password_hash,
+            "password_hash is not an argon2 PHC string (make one with 'ferry user hash')",
+        ),
+    }
+    let mut allowed_senders = Vec::new();
+    for s in u.allowed_senders.get_ref() {
+        let t = s.get_ref().trim();
+        let pattern = if t == "*" {
+            Some(SenderPattern::Any)
+        } else if let Some(d) = t.strip_prefix("*@") {
+            (!d.is_empty() && !d.contains('@')).then(|| SenderPattern::Domain(d.to_ascii_lowercase()))
+        } else {
+            t.rsplit_once('@')
+                .filter(|(l, d)| !l.is_empty() && !d.is_empty())
+                .map(|_| SenderPattern::Address(t.to_string()))
+        };
+        match pattern {
+            Some(p) => allowed_senders.push(p),
+            None => c.err(s, format!("'{t}' is not an address, *@domain or *")),
+        }
+    }
+    if u.allowed_senders.get_ref().is_empty() {
+        c.err(&u.allowed_senders, "allowed_senders is empty: list addresses, *@domain, or \"*\"");
+    }
+    let allowed_ranges = match &u.allowed_ranges {
+        Some(list) => c.ranges(list),
+        None => vec![
+            IpNet::V4(ipnet::Ipv4Net::default()),
+            IpNet::V6(ipnet::Ipv6Net::default()),
+        ],
+    };
+    Some(User {
+        name,
+        password_hash: hash,
+        allowed_senders,
+        allowed_ranges,
+    })
+}
+
+fn connector(c: &mut Checker<'_>, r: &RawConnector, base_dir: &Path) -> Option<Connector> {
+    let name = r.name.get_ref().trim().to_string();
+    if name.is_empty() {
+        c.err(&r.name, "a connector needs a name");
+    }
+    if *r.port.get_ref() == 0 {
+        c.err(&r.port, "port 0 is not a port to listen on");
+    }
+    let local_address = r.local_address.as_ref().and_then(|s| {
+        s.get_ref().trim().parse::<IpAddr>().map(|a| a.to_canonical()).ok().or_else(|| {
+            c.err(s, format!("'{}' is not an IP address", s.get_ref()));
+            None
+        })
+    });
+    let remote_ranges = c.ranges(r.remote_ranges.get_ref());
+    if r.remote_ranges.get_ref().is_empty() {
+        c.err(&r.remote_ranges, "remote_ranges is empty: this connector would match no client");
+    }
+    let mut seen = Vec::new();
+    for (s, net) in r.remote_ranges.get_ref().iter().zip(&remote_ranges) {
+        if seen.contains(net) {
+            c.err(s, format!("{net} is listed twice"));
+        }
+        seen.push(*net);
+    }
+
+    let mut permissions = Permissions::default();
+    for p in &r.permissions {
+        match p.get_ref().as_str() {
+            "anonymous" => permissions.anonymous = true,
+            "accept_any_recipient" => permissions.accept_any_recipient = true,
+            "users" => permissions.users = true,
+            other => c.err(
+                p,
+                format!("permission '{other}' is not 'anonymous', 'accept_any_recipient' or 'users'"),
+            ),
+        }
+    }
+    let mut auth = AuthSettings::default();
+    for a in &r.auth {
+        match a.get_ref().as_str() {
+            "tls" => auth.starttls = true,
+            "basic_auth" => auth.basic = true,
+            "basic_auth_require_tls" => {
+                auth.basic = true;
+                auth.require_tls = true;
+            }
+            other => c.err(
+                a,
+                format!("auth '{other}' is not 'tls', 'basic_auth' or 'basic_auth_require_tls'"),
+            ),
+        }
+    }
+    if permissions.accept_any_recipient && !permissions.anonymous {
+        c.err(&r.name, "permission 'accept_any_recipient' needs 'anonymous' too");
+    }
+    if permissions.users != auth.basic {
+        c.err(
+            &r.name,
+            "permission 'users' and auth 'basic_auth'/'basic_auth_require_tls' go together",
+        );
+    }
+    if !permissions.anonymous && !permissions.users {
+        c.err(&r.name, "a connector needs permission 'anonymous' or 'users'");
+    }
+    if auth.require_tls && !auth.starttls {
+        c.err(&r.name, "auth 'basic_auth_require_tls' needs auth 'tls'");
+    }
+    let tls = match (&r.tls, auth.starttls) {
+        (Some(t), true) => {
+            let t = t.get_ref();
+            let min_version = match t.min_version.as_ref().map(|v| (v, v.get_ref().as_str())) {
+                None | Some((_, "1.2")) => TlsVersion::Tls12,
+                Some((_, "1.3")) => TlsVersion::Tls13,
+                Some((v, other)) => {
+                    c.err(v, format!("min_version '{other}' is not \"1.2\" or \"1.3\""));
+                    TlsVersion::Tls12
+                }
+            };
+            Some(TlsSettings {
+                certificate: base_dir.join(&t.certificate),
+                key: base_dir.join(&t.key),
+                min_version,
+            })
+        }
+        (None, true) => {
+            c.err(&r.name, "auth 'tls' needs a [connectors.tls] certificate and key");
+            None
+        }
+        (Some(t), false) => {
+            c.err(t, "TLS settings given but auth does not list 'tls'");
+            None
+        }
+        (None, false) => None,
+    };
+    let protocol_log = match r.protocol_log.as_ref().map(|p| (p, p.get_ref().as_str())) {
+        None | Some((_, "none")) => ProtocolLog::None,
+        Some((_, "verbose")) => ProtocolLog::Verbose,
+        Some((p, other)) => {
+            c.err(p, format!("protocol_log '{other}' is not 'none' or 'verbose'"));
+            ProtocolLog::None
+        }
+    };
+    let banner = match &r.banner {
+        Some(b) if b.get_ref().contains(['\r', '\n']) => {
+            c.err(b, "a banner is one line");
+            String::new()
+        }
+        Some(b) => b.get_ref().clone(),
+        None => format!("Ferry ESMTP {name} ready"),
+    };
+    let d = Limits::default();
+    let l = &r.limits;
+    let limits = Limits {
+        max_message_size: c.size(&l.max_message_size, d.max_message_size),
+        max_header_size: c.size(&l.max_header_size, d.max_header_size),
+        max_recipients: c.count(&l.max_recipients, d.max_recipients),
+        max_connections: c.count(&l.max_connections, d.max_connections),
+        max_connections_per_source: c.count(&l.max_connections_per_source, d.max_connections_per_source),
+        connection_timeout: c.duration(&l.connection_timeout, d.connection_timeout),
+        command_timeout: c.duration(&l.command_timeout, d.command_timeout),
+        data_timeout: c.duration(&l.data_timeout, d.data_timeout),
+        max_protocol_errors: c.count(&l.max_protocol_errors, d.max_protocol_errors),
+        tarpit: match &l.tarpit {
+            Some(t) if t.get_ref().trim() == "0s" || t.get_ref().trim() == "0" => Duration::ZERO,
+            other => c.duration(other, d.tarpit),
+        },
+        max_hop_count: c.count(&l.max_hop_count, d.max_hop_count),
+    };
+    Some(Connector {
+        name,
+        port: *r.port.get_ref(),
+        local_address,
+        remote_ranges,
+        permissions,
+        auth,
+        tls,
+        banner,
+        limits,
+        protocol_log,
+    })
+}
+
+/// Connectors that share a port and a binding must not claim the same
+/// remote range: the most specific range decides, and equal ranges would
+/// leave a tie. (Two CIDR ranges either nest or are disjoint, so equality
+/// is the only ambiguity.)
+fn overlaps(c: &mut Checker<'_>, raw: &[Spanned<RawConnector>], connectors: &[Arc<Connector>]) {
+    let mut claimed: HashMap<(u16, Option<IpAddr>, IpNet), &str> = HashMap::new();
+    for (conn, rc) in connectors.iter().zip(raw) {
+        for (net, at) in conn.remote_ranges.iter().zip(rc.get_ref().remote_ranges.get_ref()) {
+            let key = (conn.port, conn.local_address, *net);
+            match claimed.get(&key) {
+                Some(other) if !other.eq_ignore_ascii_case(&conn.name) => c.err(
+                    at,
+                    format!(
+                        "remote range {net} on port {} is also claimed by connector '{other}': \
+                         connectors sharing a port need distinct ranges",
+                        conn.port
+                    ),
+                ),
+                _ => {
+                    claimed.insert(key, &conn.name);
+                }
+            }
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Parses and validates a config. `file` names it in errors; relative
+    /// certificate paths are taken from `base_dir`.
+    pub fn parse(file: &str, text: &str, base_dir: &Path) -> Result<Self, ConfigError> {
+        parse(file, text, base_dir)
+    }
+
+    /// Reads and validates the config file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        parse(&path.display().to_string(), &text, base)
+    }
+}

@@ -1,0 +1,112 @@
+//! Bad config files: every error reported at once, with its place.
+
+use std::path::Path;
+
+use ferry_config::ClusterConfig;
+
+fn errors(text: &str) -> Vec<String> {
+    match ClusterConfig::parse("bad.toml", text, Path::new(".")) {
+        Ok(_) => panic!("config was accepted"),
+        Err(e) => e.errors().iter().map(|l| l.to_string()).collect(),
+    }
+}
+
+#[test]
+fn every_error_is_reported_with_line_and_column() {
+    let text = r#"accepted_domains = [{ domain = "bad domain", kind = "authoritative" }]
+
+[[connectors]]
+name = "A"
+port = 25
+remote_ranges = ["10.0.0.0/33", "0.0.0.0/0"]
+permissions = ["anonymous", "everyone"]
+limits = { max_message_size = "lots", command_timeout = "soon" }
+"#;
+    let errs = errors(text);
+    assert_eq!(
+        errs,
+        [
+            "1:32: 'bad domain' is not a domain name (or *.domain)",
+            "6:18: '10.0.0.0/33' is not an IP address or CIDR range",
+            "7:29: permission 'everyone' is not 'anonymous', 'accept_any_recipient' or 'users'",
+            "8:31: a size is a positive number of octets or a string such as \"36MB\"",
+            "8:57: 'soon' is not a duration such as \"30s\" or \"5m\"",
+        ]
+    );
+}
+
+#[test]
+fn equal_ranges_on_one_port_are_refused() {
+    let text = r#"
+[[connectors]]
+name = "A"
+port = 25
+remote_ranges = ["10.0.0.0/8"]
+permissions = ["anonymous"]
+
+[[connectors]]
+name = "B"
+port = 25
+remote_ranges = ["192.0.2.0/24", "10.0.0.0/8"]
+permissions = ["anonymous"]
+
+[[connectors]]
+name = "C, other port"
+port = 587
+remote_ranges = ["10.0.0.0/8"]
+permissions = ["anonymous"]
+"#;
+    assert_eq!(
+        errors(text),
+        ["11:34: remote range 10.0.0.0/8 on port 25 is also claimed by connector 'A': \
+          connectors sharing a port need distinct ranges"]
+    );
+}
+
+#[test]
+fn mapped_ipv6_range_equals_its_ipv4_range() {
+    let text = r#"
+[[connectors]]
+name = "A"
+port = 25
+remote_ranges = ["10.0.0.0/8"]
+permissions = ["anonymous"]
+
+[[connectors]]
+name = "B"
+port = 25
+remote_ranges = ["::ffff:10.0.0.0/104"]
+permissions = ["anonymous"]
+"#;
+    assert_eq!(errors(text).len(), 1);
+}
+
+#[test]
+fn unknown_keys_and_syntax_errors_are_located() {
+    assert_eq!(
+        errors("[[connectors]]\nname = \"A\"\nport = 25\nremote_ranges = []\nprots = 1\n"),
+        ["5:1: unknown field `prots`, expected one of `name`, `port`, `local_address`, `remote_ranges`, `permissions`, `auth`, `tls`, `banner`, `limits`, `protocol_log`"]
+    );
+    assert_eq!(errors("x = [").len(), 1);
+}
+
+#[test]
+fn inconsistent_auth_settings() {
+    let text = r#"
+[[connectors]]
+name = "A"
+port = 587
+remote_ranges = ["0.0.0.0/0"]
+permissions = ["users"]
+auth = ["basic_auth_require_tls"]
+
+[[users]]
+name = "u"
+password_hash = "plaintext"
+allowed_senders = []
+"#;
+    let errs = errors(text);
+    assert!(errs.iter().any(|e| e.contains("needs auth 'tls'")), "{errs:?}");
+    assert!(errs.iter().any(|e| e.contains("not an argon2 PHC string")), "{errs:?}");
+    assert!(errs.iter().any(|e| e.contains("allowed_senders is empty")), "{errs:?}");
+}
