@@ -1,1 +1,46 @@
-//! placeholder
+//! Ferry's spool: where accepted messages live until they are delivered.
+//!
+//! [`Spool`] is the interface the worker hands accepted messages to; its
+//! `store` returns only once message and envelope are durable, and only then
+//! may the worker answer `250`. [`LocalSpool`] keeps one file per message in
+//! the data directory, written as temp file, `sync_data`, rename, and an
+//! fsync of the directory, so a crash at any moment leaves either the whole
+//! message or nothing.
+//!
+//! Modules: [`envelope`] (what is stored with a message), [`local`] (the
+//! on-disk spool). Delivery, retries and DSNs build on this; the network is
+//! never touched here.
+#![forbid(unsafe_code)]
+
+pub mod envelope;
+pub mod local;
+
+use std::future::Future;
+use std::pin::Pin;
+
+pub use envelope::{QueueId, StoredEnvelope};
+pub use local::LocalSpool;
+
+/// Why a message could not be stored. Every variant is temporary for the
+/// client: it gets a 4xx and sends again.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SpoolError {
+    /// The disk is full (`452 4.3.1`).
+    #[error("no space left in the spool: {0}")]
+    Full(std::io::Error),
+    /// Any other I/O failure (`451 4.3.0`).
+    #[error("spool I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("spool task failed: {0}")]
+    Task(String),
+}
+
+pub type StoreFuture<'a> = Pin<Box<dyn Future<Output = Result<QueueId, SpoolError>> + Send + 'a>>;
+
+/// Durable storage for accepted messages.
+pub trait Spool: Send + Sync + 'static {
+    /// Stores a message under `id` (made with [`QueueId::new`]); resolves
+    /// once it is durable on disk.
+    fn store(&self, id: QueueId, envelope: StoredEnvelope, message: Vec<u8>) -> StoreFuture<'_>;
+}

@@ -133,6 +133,7 @@ pub struct ServerSession {
     pending: Option<Pending>,
     envelope: Envelope,
     helo: Option<String>,
+    extended: bool,
     tls: bool,
     user: Option<String>,
     errors: u32,
@@ -153,6 +154,7 @@ impl ServerSession {
             pending: None,
             envelope: Envelope::default(),
             helo: None,
+            extended: false,
             tls: false,
             user: None,
             errors: 0,
@@ -173,6 +175,11 @@ impl ServerSession {
 
     pub fn helo(&self) -> Option<&str> {
         self.helo.as_deref()
+    }
+
+    /// The client greeted with EHLO (not HELO).
+    pub fn is_esmtp(&self) -> bool {
+        self.extended
     }
 
     /// The authenticated user, if any.
@@ -404,7 +411,7 @@ impl ServerSession {
         let host = host.into_owned();
         self.reset_transaction();
         self.phase = Phase::Ready;
-        let greeting = format!("{} Hello [{}]", self.config.hostname, host);
+        let greeting = format!("{} Hello {}", self.config.hostname, host);
         let reply = if extended {
             let mut lines = vec![
                 greeting,
@@ -425,6 +432,7 @@ impl ServerSession {
             Reply::new(250, greeting)
         };
         self.helo = Some(host);
+        self.extended = extended;
         Event::Reply(reply)
     }
 

@@ -1,1 +1,26 @@
-//! placeholder
+//! The Ferry relay worker: the receive side of SMTP.
+//!
+//! A [`Worker`] holds the current cluster config as an atomically swapped
+//! [`Runtime`] (sessions keep the snapshot they started with), listens on
+//! every connector port of its node address, picks each connection's
+//! connector from the client IP, and runs the session: STARTTLS
+//! (rustls), AUTH against argon2 hashes, the relay policy, limits, and
+//! hand-over of accepted messages to the spool before the `250`.
+//!
+//! Modules: [`server`] (accept loops, connection caps, graceful shutdown),
+//! `conn` (one SMTP connection), [`runtime`] (config snapshot and TLS
+//! acceptors), `auth` (password checks and tarpit), [`protolog`]
+//! (Exchange-format protocol logs), `limits` (per-source caps), `metric`
+//! (metric names). Balancing is not done here.
+#![forbid(unsafe_code)]
+
+mod auth;
+mod conn;
+mod limits;
+mod metric;
+pub mod protolog;
+pub mod runtime;
+pub mod server;
+
+pub use runtime::{Runtime, RuntimeError};
+pub use server::{Worker, WorkerOptions};

@@ -1,1 +1,97 @@
-fn main() {}
+//! `ferry`: the one binary of a Ferry cluster. Each role is a subcommand;
+//! the logic lives in the library crates, this crate only wires it up.
+#![forbid(unsafe_code)]
+
+mod config_cmd;
+mod up;
+mod user;
+mod worker;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "ferry", version, about = "Ferry: a highly available SMTP relay for devices and applications")]
+struct Cli {
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a demo cluster on loopback with the example config.
+    Up {
+        /// Where the demo keeps its config, certificates, spool and logs.
+        #[arg(long, default_value = "ferry-data")]
+        data: PathBuf,
+    },
+    /// Run a relay worker.
+    Worker {
+        /// The cluster config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// The address every connector port is bound on.
+        #[arg(long)]
+        listen: IpAddr,
+        /// Spool, logs and state.
+        #[arg(long)]
+        data: PathBuf,
+        /// The admin HTTP endpoint (/metrics, /livez, /readyz); port 0 picks one.
+        #[arg(long)]
+        admin: SocketAddr,
+        /// Our name in SMTP replies and Received headers.
+        #[arg(long)]
+        hostname: Option<String>,
+    },
+    /// Validate or explain a cluster config.
+    Config {
+        #[command(subcommand)]
+        command: config_cmd::ConfigCommand,
+    },
+    /// Device credentials.
+    User {
+        #[command(subcommand)]
+        command: user::UserCommand,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    ferry_telemetry::init_logging(cli.log_json);
+    let result = match cli.command {
+        Command::Config { command } => config_cmd::run(command),
+        Command::User { command } => user::run(command),
+        Command::Worker {
+            config,
+            listen,
+            data,
+            admin,
+            hostname,
+        } => runtime().and_then(|rt| {
+            rt.block_on(worker::run(worker::Args {
+                config,
+                listen,
+                data,
+                admin,
+                hostname,
+            }))
+        }),
+        Command::Up { data } => runtime().and_then(|rt| rt.block_on(up::run(data))),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ferry: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}

@@ -1,0 +1,461 @@
+//! One SMTP connection: connector choice, caps, the session loop, STARTTLS,
+//! AUTH, policy, and hand-over to the spool.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_config::{Connector, ProtocolLog, User};
+use ferry_queue::{QueueId, SpoolError, StoredEnvelope};
+use ferry_smtp::{AuthOffer, Event, Reply, ServerSession, SessionConfig};
+use metrics::{counter, gauge};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{timeout, Instant};
+use tracing::{info, warn, Instrument};
+
+use crate::limits::OverLimit;
+use crate::metric;
+use crate::protolog::{LogEvent, SessionLog};
+use crate::runtime::Runtime;
+use crate::server::Worker;
+
+const READ_BUFFER: usize = 16 * 1024;
+/// How long a refusal may take to write before we just close.
+const REFUSAL_WRITE: Duration = Duration::from_secs(2);
+
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Gone,
+}
+
+impl Stream {
+    async fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf).await,
+            Stream::Tls(s) => s.read(buf).await,
+            Stream::Gone => Ok(0),
+        }
+    }
+
+    async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.write_all(bytes).await,
+            Stream::Tls(s) => {
+                s.write_all(bytes).await?;
+                s.flush().await
+            }
+            Stream::Gone => Err(std::io::ErrorKind::NotConnected.into()),
+        }
+    }
+}
+
+/// Writes one reply and closes: for connections refused before a session.
+async fn refuse(mut stream: TcpStream, reply: Reply) {
+    let _ = timeout(REFUSAL_WRITE, async {
+        stream.write_all(&reply.to_wire()).await?;
+        stream.shutdown().await
+    })
+    .await;
+}
+
+/// Serves one accepted connection.
+pub(crate) async fn handle(worker: Arc<Worker>, stream: TcpStream, peer: SocketAddr) {
+    let Ok(local) = stream.local_addr() else { return };
+    let client = peer.ip().to_canonical();
+    let runtime = worker.runtime();
+    let session_id = worker.next_session_id();
+    let Some(selection) = runtime.config.select(local.ip(), local.port(), client) else {
+        counter!(metric::CONNECTIONS_REFUSED, "reason" => "no_connector").increment(1);
+        info!(%session_id, %peer, %client, port = local.port(), "no connector for client; refused");
+        let refusal = ferry_config::Refusal::NoConnector;
+        refuse(stream, Reply::new(refusal.code(), refusal.text())).await;
+        return;
+    };
+    let connector = selection.connector;
+    let limits = &connector.limits;
+    let slot = match worker.limits.acquire(
+        &connector.name,
+        client,
+        limits.max_connections,
+        limits.max_connections_per_source,
+    ) {
+        Ok(slot) => slot,
+        Err(over) => {
+            let (reason, text) = match over {
+                OverLimit::Source => (
+                    "per_source_limit",
+                    "4.3.2 Too many connections from your address, try again later",
+                ),
+                OverLimit::Connector => (
+                    "connection_limit",
+                    "4.3.2 The maximum number of concurrent connections has exceeded a limit, closing transmission channel",
+                ),
+            };
+            counter!(metric::CONNECTIONS_REFUSED, "reason" => reason).increment(1);
+            info!(%session_id, %client, connector = %connector.name, reason, "connection over limit; refused");
+            refuse(stream, Reply::new(421, text)).await;
+            return;
+        }
+    };
+    let span = tracing::info_span!(
+        "session",
+        session_id = %session_id,
+        peer = %peer,
+        client = %client,
+        connector = %connector.name
+    );
+    let logger = (connector.protocol_log == ProtocolLog::Verbose).then(|| Arc::clone(&worker.protolog));
+    let log = SessionLog::new(logger, &connector.name, &session_id, local, SocketAddr::new(client, peer.port()));
+    let conn = Connection {
+        session: ServerSession::new(session_config(&worker, &runtime, &connector)),
+        worker,
+        runtime,
+        connector,
+        client,
+        session_id,
+        log,
+        user: None,
+        out: Vec::new(),
+    };
+    conn.run(Stream::Plain(stream)).instrument(span).await;
+    drop(slot);
+}
+
+fn session_config(worker: &Worker, runtime: &Runtime, c: &Connector) -> SessionConfig {
+    let size = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+    SessionConfig {
+        hostname: worker.options.hostname.clone(),
+        max_message_size: size(c.limits.max_message_size),
+        max_recipients: size(u64::from(c.limits.max_recipients)),
+        max_header_size: size(c.limits.max_header_size),
+        max_hop_count: size(u64::from(c.limits.max_hop_count)),
+        max_errors: c.limits.max_protocol_errors,
+        starttls: c.auth.starttls && runtime.tls_acceptor(&c.name).is_some(),
+        auth: match (c.auth.basic, c.auth.require_tls) {
+            (false, _) => AuthOffer::Never,
+            (true, true) => AuthOffer::AfterTls,
+            (true, false) => AuthOffer::Always,
+        },
+        transcript: c.protocol_log == ProtocolLog::Verbose,
+    }
+}
+
+struct Connection {
+    worker: Arc<Worker>,
+    runtime: Arc<Runtime>,
+    connector: Arc<Connector>,
+    client: IpAddr,
+    session_id: String,
+    session: ServerSession,
+    log: SessionLog,
+    user: Option<Arc<User>>,
+    out: Vec<u8>,
+}
+
+/// How a session ended, for the log.
+enum End {
+    Quit,
+    ClientGone,
+    Timeout,
+    Shutdown,
+    Error(String),
+}
+
+impl Connection {
+    fn label(&self) -> String {
+        self.connector.name.clone()
+    }
+
+    fn send(&mut self, reply: &Reply) {
+        if self.log.enabled() {
+            for (i, line) in reply.lines().iter().enumerate() {
+                let sep = if i + 1 == reply.lines().len() { ' ' } else { '-' };
+                let text = format!("{}{sep}{line}", reply.code());
+                self.log.log(LogEvent::Send, &text, "");
+            }
+        }
+        reply.write_to(&mut self.out);
+    }
+
+    async fn flush(&mut self, stream: &mut Stream) -> Result<(), End> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let out = std::mem::take(&mut self.out);
+        match timeout(self.connector.limits.command_timeout, stream.write_all(&out)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(End::Error(format!("write failed: {e}"))),
+            Err(_) => Err(End::Timeout),
+        }
+    }
+
+    fn log_transcript(&mut self) {
+        for line in self.session.take_transcript() {
+            self.log.log(LogEvent::Receive, &line, "");
+        }
+    }
+
+    async fn run(mut self, mut stream: Stream) {
+        let name = self.label();
+        counter!(metric::SESSIONS, "connector" => name.clone()).increment(1);
+        gauge!(metric::SESSIONS_ACTIVE, "connector" => name.clone()).increment(1.0);
+        self.log.log(LogEvent::Connect, "", "");
+        let p = self.connector.permissions;
+        let perms = [
+            (p.anonymous, "AcceptRoutingHeaders AnonymousSubmit"),
+            (p.accept_any_recipient, "AcceptAnyRecipient"),
+            (p.users, "AuthenticatedUsers"),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, s)| *s)
+        .collect::<Vec<_>>()
+        .join(" ");
+        self.log.log(LogEvent::Info, &perms, "Set Session Permissions");
+        info!("session started");
+
+        let end = self.serve(&mut stream).await;
+        let (data, why) = match &end {
+            End::Quit => ("", "Remote quit".to_string()),
+            End::ClientGone => ("", "Remote closed the connection".to_string()),
+            End::Timeout => ("", "Timeout".to_string()),
+            End::Shutdown => ("", "Local shutdown".to_string()),
+            End::Error(e) => ("", e.clone()),
+        };
+        if let End::Error(e) = &end {
+            warn!(error = %e, "session ended with an error");
+        }
+        if self.session.in_transaction() {
+            info!(reason = %why, "session ended mid-transaction; nothing was queued");
+        }
+        self.log.log(LogEvent::Disconnect, data, &why);
+        info!(reason = %why, "session ended");
+        gauge!(metric::SESSIONS_ACTIVE, "connector" => name).decrement(1.0);
+        if let Stream::Tls(mut s) = stream {
+            let _ = timeout(REFUSAL_WRITE, s.shutdown()).await;
+        }
+    }
+
+    async fn serve(&mut self, stream: &mut Stream) -> End {
+        let banner = Reply::new(220, self.connector.banner.clone());
+        self.send(&banner);
+        let limits = self.connector.limits.clone();
+        let deadline = Instant::now() + limits.connection_timeout;
+        let mut buf = vec![0u8; READ_BUFFER];
+        let mut draining = false;
+        let shutdown = self.worker.shutting_down().clone();
+        loop {
+            while let Some(event) = self.session.next_event() {
+                self.log_transcript();
+                if let Some(end) = self.event(event, stream).await {
+                    let _ = self.flush(stream).await;
+                    return end;
+                }
+            }
+            if let Err(end) = self.flush(stream).await {
+                return end;
+            }
+            if draining && !self.session.in_transaction() {
+                return self.say_goodbye(stream).await;
+            }
+            let idle = if self.session.in_transaction() {
+                limits.data_timeout
+            } else {
+                limits.command_timeout
+            };
+            let wait = idle.min(deadline.saturating_duration_since(Instant::now()));
+            let read = tokio::select! {
+                r = timeout(wait, stream.read(&mut buf)) => r,
+                _ = shutdown.cancelled(), if !draining => {
+                    draining = true;
+                    continue;
+                }
+            };
+            match read {
+                Err(_) => {
+                    let reply = Reply::new(421, "4.4.2 Connection timed out, closing transmission channel");
+                    self.send(&reply);
+                    let _ = self.flush(stream).await;
+                    info!("session timed out");
+                    return End::Timeout;
+                }
+                Ok(Ok(0)) => return End::ClientGone,
+                Ok(Ok(n)) => self.session.push(buf.get(..n).unwrap_or_default()),
+                Ok(Err(e)) => return End::Error(format!("read failed: {e}")),
+            }
+        }
+    }
+
+    async fn say_goodbye(&mut self, stream: &mut Stream) -> End {
+        let reply = Reply::new(421, "4.3.2 Service shutting down, closing transmission channel");
+        self.send(&reply);
+        let _ = self.flush(stream).await;
+        End::Shutdown
+    }
+
+    /// Handles one event; `Some` ends the session.
+    async fn event(&mut self, event: Event, stream: &mut Stream) -> Option<End> {
+        match event {
+            Event::Reply(r) => self.send(&r),
+            Event::Close(r) => {
+                self.send(&r);
+                return Some(if r.code() == 221 { End::Quit } else { End::Error(r.to_string()) });
+            }
+            Event::Mail(from) => {
+                let reply = match self.runtime.config.check_sender(
+                    &self.connector,
+                    self.user.as_deref(),
+                    self.client,
+                    &from.address,
+                ) {
+                    Ok(()) => Reply::new(250, "2.1.0 Sender OK"),
+                    Err(refusal) => {
+                        counter!(metric::SENDERS_REJECTED, "connector" => self.label(), "reason" => refusal.reason()).increment(1);
+                        info!(sender = %from.address, reason = refusal.reason(), "sender refused");
+                        Reply::new(refusal.code(), refusal.text())
+                    }
+                };
+                let reply = self.session.decide(reply);
+                self.send(&reply);
+            }
+            Event::Rcpt(to) => {
+                let reply = match self.runtime.config.check_recipient(&self.connector, self.user.as_deref(), &to) {
+                    Ok(()) => Reply::new(250, "2.1.5 Recipient OK"),
+                    Err(refusal) => {
+                        counter!(metric::RECIPIENTS_REJECTED, "connector" => self.label(), "reason" => refusal.reason()).increment(1);
+                        info!(recipient = %to, reason = refusal.reason(), "recipient refused");
+                        Reply::new(refusal.code(), refusal.text())
+                    }
+                };
+                let reply = self.session.decide(reply);
+                self.send(&reply);
+            }
+            Event::Message(body) => {
+                let reply = self.queue(body).await;
+                let reply = self.session.decide(reply);
+                self.send(&reply);
+            }
+            Event::StartTls => {
+                let reply = self.session.decide(Reply::new(220, "2.0.0 SMTP server ready"));
+                self.send(&reply);
+                if let Err(end) = self.flush(stream).await {
+                    return Some(end);
+                }
+                if let Err(e) = self.start_tls(stream).await {
+                    counter!(metric::TLS_HANDSHAKES, "connector" => self.label(), "result" => "failed").increment(1);
+                    self.log.log(LogEvent::Info, "", &format!("TLS negotiation failed: {e}"));
+                    return Some(End::Error(format!("TLS handshake failed: {e}")));
+                }
+                counter!(metric::TLS_HANDSHAKES, "connector" => self.label(), "result" => "ok").increment(1);
+                self.session.tls_established();
+                self.log.log(LogEvent::Info, "", "TLS negotiation succeeded");
+            }
+            Event::Auth(creds) => {
+                let username = creds.username.clone();
+                let mechanism = creds.mechanism;
+                match crate::auth::verify(&self.runtime.config, creds).await {
+                    Some(user) => {
+                        counter!(metric::AUTH_SUCCESSES, "connector" => self.label()).increment(1);
+                        info!(user = %user.name, mechanism, "authenticated");
+                        self.log.log(LogEvent::Info, &user.name, "authenticated");
+                        self.user = Some(user);
+                        let reply = self.session.decide(Reply::new(235, "2.7.0 Authentication successful"));
+                        self.send(&reply);
+                    }
+                    None => {
+                        counter!(metric::AUTH_FAILURES, "connector" => self.label()).increment(1);
+                        info!(user = %username, mechanism, "authentication failed; tarpitting");
+                        self.log.log(LogEvent::Info, &username, "authentication failed");
+                        // Answer late: slows down password guessing.
+                        if let Err(end) = self.flush(stream).await {
+                            return Some(end);
+                        }
+                        tokio::time::sleep(self.connector.limits.tarpit).await;
+                        let reply = self.session.decide(Reply::new(535, "5.7.8 Authentication credentials invalid"));
+                        self.send(&reply);
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    async fn start_tls(&mut self, stream: &mut Stream) -> Result<(), String> {
+        let acceptor = self
+            .runtime
+            .tls_acceptor(&self.connector.name)
+            .cloned()
+            .ok_or("no TLS acceptor for this connector")?;
+        let Stream::Plain(tcp) = std::mem::replace(stream, Stream::Gone) else {
+            return Err("TLS already active".into());
+        };
+        match timeout(self.connector.limits.command_timeout, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => {
+                *stream = Stream::Tls(Box::new(tls));
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("handshake timed out".into()),
+        }
+    }
+
+    /// Puts the message in the spool; the reply says whether it is ours now.
+    async fn queue(&mut self, body: Vec<u8>) -> Reply {
+        let env = self.session.envelope();
+        let id = QueueId::new();
+        let helo = self.session.helo().unwrap_or("unknown").to_string();
+        let protocol = match (self.session.is_esmtp(), self.session.is_tls(), self.user.is_some()) {
+            (false, _, _) => "SMTP",
+            (true, false, false) => "ESMTP",
+            (true, true, false) => "ESMTPS",
+            (true, false, true) => "ESMTPA",
+            (true, true, true) => "ESMTPSA",
+        };
+        let now = chrono::Utc::now();
+        let received = format!(
+            "Received: from {helo} ([{}])\r\n\tby {} (Ferry) with {protocol} id {id};\r\n\t{}\r\n",
+            self.client,
+            self.worker.options.hostname,
+            now.to_rfc2822()
+        );
+        let mut message = Vec::with_capacity(received.len() + body.len());
+        message.extend_from_slice(received.as_bytes());
+        message.extend_from_slice(&body);
+        let size = message.len();
+        let mail_from = env.mail_from.clone();
+        let stored = StoredEnvelope {
+            mail_from: mail_from.as_ref().map(|m| m.address.clone()).unwrap_or_default(),
+            rcpt_to: env.rcpt_to.clone(),
+            client_ip: self.client.to_string(),
+            helo,
+            connector: self.connector.name.clone(),
+            user: self.user.as_ref().map(|u| u.name.clone()),
+            received_at: now.timestamp(),
+            body_8bit: mail_from.as_ref().is_some_and(|m| m.body_8bit),
+            smtputf8: mail_from.as_ref().is_some_and(|m| m.smtputf8),
+            session_id: self.session_id.clone(),
+        };
+        let rcpts = stored.rcpt_to.len();
+        match self.worker.spool.store(id, stored, message).await {
+            Ok(id) => {
+                counter!(metric::MESSAGES_ACCEPTED, "connector" => self.label()).increment(1);
+                counter!(metric::RECEIVED_BYTES, "connector" => self.label()).increment(size as u64);
+                info!(queue_id = %id, size, recipients = rcpts, "message queued");
+                self.log.log(LogEvent::Info, &id.to_string(), "Queued");
+                Reply::new(250, format!("2.6.0 {id} Queued mail for delivery"))
+            }
+            Err(SpoolError::Full(e)) => {
+                counter!(metric::MESSAGES_REJECTED, "connector" => self.label(), "reason" => "spool_full").increment(1);
+                warn!(error = %e, "spool full; message refused with 452");
+                Reply::new(452, "4.3.1 Insufficient system resources")
+            }
+            Err(e) => {
+                counter!(metric::MESSAGES_REJECTED, "connector" => self.label(), "reason" => "spool_error").increment(1);
+                warn!(error = %e, "spool write failed; message refused with 451");
+                Reply::new(451, "4.3.0 Temporary local problem, please try again later")
+            }
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! Protocol logs in Exchange's SMTP receive format: CSV, one file a day
+//! (`DATA/logs/smtp-receive/RECVyyyymmdd.LOG`), written for connectors
+//! whose `protocol_log` is `verbose`. AUTH secrets never reach it: the
+//! session masks them before they are logged.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use chrono::{NaiveDate, Utc};
+
+const FIELDS: &str =
+    "date-time,connector-id,session-id,sequence-number,local-endpoint,remote-endpoint,event,data,context";
+
+/// The shared writer of one node's protocol log.
+pub struct ProtocolLogger {
+    dir: PathBuf,
+    file: Mutex<Option<(NaiveDate, File)>>,
+}
+
+impl ProtocolLogger {
+    pub fn new(data_dir: &Path) -> Self {
+        Self {
+            dir: data_dir.join("logs").join("smtp-receive"),
+            file: Mutex::new(None),
+        }
+    }
+
+    /// Today's file name.
+    pub fn path_for(&self, day: NaiveDate) -> PathBuf {
+        self.dir.join(format!("RECV{}.LOG", day.format("%Y%m%d")))
+    }
+
+    fn write_line(&self, line: &str) -> io::Result<()> {
+        let now = Utc::now();
+        let today = now.date_naive();
+        let mut guard = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.as_ref().is_none_or(|(day, _)| *day != today) {
+            fs::create_dir_all(&self.dir)?;
+            let path = self.path_for(today);
+            let new = !path.exists();
+            let mut f = OpenOptions::new().create(true).append(true).open(&path)?;
+            if new {
+                write!(
+                    f,
+                    "#Software: Ferry\r\n#Version: {}\r\n#Log-type: SMTP Receive Protocol Log\r\n#Date: {}\r\n#Fields: {FIELDS}\r\n",
+                    env!("CARGO_PKG_VERSION"),
+                    now.format("%Y-%m-%dT%H:%M:%S%.3fZ"),
+                )?;
+            }
+            *guard = Some((today, f));
+        }
+        match guard.as_mut() {
+            Some((_, f)) => f.write_all(line.as_bytes()),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Quotes a CSV field where it must be quoted.
+fn csv(field: &str) -> String {
+    if field.contains([',', '"', '\r', '\n']) {
+        format!("\"{}\"", field.replace('"', "\"\""))
+    } else {
+        field.to_string()
+    }
+}
+
+/// One session's view of the log: numbers its lines.
+pub struct SessionLog {
+    logger: Option<Arc<ProtocolLogger>>,
+    connector: String,
+    session_id: String,
+    local: SocketAddr,
+    remote: SocketAddr,
+    seq: u32,
+}
+
+/// Exchange's event column.
+#[derive(Debug, Clone, Copy)]
+pub enum LogEvent {
+    Connect,
+    Disconnect,
+    Send,
+    Receive,
+    Info,
+}
+
+impl LogEvent {
+    fn symbol(self) -> &'static str {
+        match self {
+            LogEvent::Connect => "+",
+            LogEvent::Disconnect => "-",
+            LogEvent::Send => ">",
+            LogEvent::Receive => "<",
+            LogEvent::Info => "*",
+        }
+    }
+}
+
+impl SessionLog {
+    pub fn new(
+        logger: Option<Arc<ProtocolLogger>>,
+        connector: &str,
+        session_id: &str,
+        local: SocketAddr,
+        remote: SocketAddr,
+    ) -> Self {
+        Self {
+            logger,
+            connector: connector.to_string(),
+            session_id: session_id.to_string(),
+            local,
+            remote,
+            seq: 0,
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.logger.is_some()
+    }
+
+    pub fn log(&mut self, event: LogEvent, data: &str, context: &str) {
+        let Some(logger) = &self.logger else { return };
+        let line = format!(
+            "{},{},{},{},{},{},{},{},{}\r\n",
+            Utc::now().format("%Y-%m-%dT%H:%M:%S%.3fZ"),
+            csv(&self.connector),
+            self.session_id,
+            self.seq,
+            self.local,
+            self.remote,
+            event.symbol(),
+            csv(data),
+            csv(context),
+        );
+        self.seq += 1;
+        if let Err(e) = logger.write_line(&line) {
+            tracing::warn!(error = %e, "protocol log write failed");
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! `ferry config check` and `ferry config explain`.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use ferry_config::explain::{explain, Question};
+use ferry_config::ClusterConfig;
+
+#[derive(Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a config file; prints every error with its line and column.
+    Check { file: PathBuf },
+    /// Say which connector and which rule decide for a client.
+    Explain {
+        file: PathBuf,
+        /// The client's IP address.
+        #[arg(long)]
+        client: IpAddr,
+        /// The port the client connects to.
+        #[arg(long)]
+        port: u16,
+        /// The node address the client connects to (default: any).
+        #[arg(long)]
+        local: Option<IpAddr>,
+        /// The session has completed STARTTLS.
+        #[arg(long)]
+        tls: bool,
+        /// The session authenticated as this user.
+        #[arg(long)]
+        user: Option<String>,
+    },
+}
+
+pub fn run(cmd: ConfigCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        ConfigCommand::Check { file } => match ClusterConfig::load(&file) {
+            Ok(c) => {
+                println!(
+                    "{}: ok ({} connectors on ports {:?}, {} accepted domains, {} users)",
+                    file.display(),
+                    c.connectors.len(),
+                    c.ports(),
+                    c.accepted_domains.len(),
+                    c.users.len()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                Ok(ExitCode::FAILURE)
+            }
+        },
+        ConfigCommand::Explain {
+            file,
+            client,
+            port,
+            local,
+            tls,
+            user,
+        } => {
+            let config = match ClusterConfig::load(&file) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            let q = Question {
+                client,
+                port,
+                local,
+                tls,
+                user,
+            };
+            print!("{}", explain(&config, &q));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! `ferry worker`: one relay worker node.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use ferry_config::ClusterConfig;
+use ferry_queue::LocalSpool;
+use ferry_worker::{Runtime, Worker, WorkerOptions};
+use tokio::net::TcpListener;
+
+pub struct Args {
+    pub config: PathBuf,
+    pub listen: IpAddr,
+    pub data: PathBuf,
+    pub admin: SocketAddr,
+    pub hostname: Option<String>,
+}
+
+/// How long shutdown waits for open transactions.
+const DRAIN_LIMIT: Duration = Duration::from_secs(60);
+
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let config = ClusterConfig::load(&args.config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let runtime = Runtime::new(config).context("putting the config into service")?;
+    std::fs::create_dir_all(&args.data)
+        .with_context(|| format!("creating data directory {}", args.data.display()))?;
+    let spool = LocalSpool::open(&args.data)
+        .with_context(|| format!("opening the spool in {}", args.data.display()))?;
+    let hostname = args.hostname.unwrap_or_else(system_hostname);
+    let worker = Worker::new(
+        WorkerOptions {
+            listen: args.listen,
+            data_dir: args.data.clone(),
+            hostname,
+        },
+        runtime,
+        Arc::new(spool),
+    );
+    let listeners = worker.bind().await?;
+    let admin = TcpListener::bind(args.admin)
+        .await
+        .with_context(|| format!("cannot listen on admin address {}", args.admin))?;
+    let admin_addr = admin.local_addr()?;
+    let shutdown = worker.shutdown_token();
+    let state = ferry_telemetry::admin::AdminState {
+        metrics: ferry_telemetry::metrics_handle(),
+        ready: worker.ready_flag(),
+    };
+    let admin_shutdown = shutdown.clone();
+    tokio::spawn(ferry_telemetry::admin::serve(admin, state, async move {
+        admin_shutdown.cancelled().await
+    }));
+    // These lines are read by `ferry up` and the end-to-end tests.
+    for l in &listeners {
+        println!("worker smtp {}", l.local_addr()?);
+    }
+    println!("worker admin http://{admin_addr}/metrics");
+    println!("worker ready");
+    tracing::info!(listen = %args.listen, admin = %admin_addr, "worker started");
+
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received; draining");
+        signals.cancel();
+    });
+    worker.run(listeners, DRAIN_LIMIT).await;
+    tracing::info!("worker stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers the process still stops on SIGTERM (default action).
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn system_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
