@@ -1,1 +1,206 @@
-//! e2e
+//! Test support for Ferry's suites: an SMTP client that speaks over real
+//! TCP (from a chosen loopback source address) and real TLS, throwaway
+//! certificates, and a harness for the `ferry` binary.
+//!
+//! The end-to-end suite in `tests/` runs the real binary; the worker's
+//! in-process tests use the client from here too.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod binary;
+
+pub use serde_json::json;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// How long a test waits for any one reply.
+pub const REPLY_WAIT: Duration = Duration::from_secs(15);
+
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Gone,
+}
+
+/// A deliberately plain SMTP client: it sends what the test says and
+/// returns replies as text, so tests assert the exact wire replies.
+pub struct SmtpClient {
+    conn: Conn,
+    buf: Vec<u8>,
+}
+
+impl SmtpClient {
+    /// Connects to `addr`, from `source` if given (e.g. 127.0.0.30 to be a
+    /// different client on loopback), and reads nothing yet.
+    pub async fn connect_from(addr: SocketAddr, source: Option<IpAddr>) -> std::io::Result<Self> {
+        let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        if let Some(ip) = source {
+            socket.bind(SocketAddr::new(ip, 0))?;
+        }
+        let stream = tokio::time::timeout(REPLY_WAIT, socket.connect(addr))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+        Ok(Self { conn: Conn::Plain(stream), buf: Vec::new() })
+    }
+
+    /// Connects and returns the client with its greeting.
+    pub async fn connect(addr: SocketAddr, source: Option<IpAddr>) -> (Self, String) {
+        let mut c = Self::connect_from(addr, source).await.expect("connect");
+        let greeting = c.reply().await;
+        (c, greeting)
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match &mut self.conn {
+            Conn::Plain(s) => s.write_all(bytes).await,
+            Conn::Tls(s) => {
+                s.write_all(bytes).await?;
+                s.flush().await
+            }
+            Conn::Gone => Err(std::io::ErrorKind::NotConnected.into()),
+        }
+    }
+
+    async fn read_more(&mut self) -> std::io::Result<usize> {
+        let mut chunk = [0u8; 8192];
+        let n = match &mut self.conn {
+            Conn::Plain(s) => s.read(&mut chunk).await?,
+            Conn::Tls(s) => s.read(&mut chunk).await?,
+            Conn::Gone => 0,
+        };
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(n)
+    }
+
+    /// Reads one whole reply (all its lines), CRLFs kept between lines and
+    /// the last one trimmed. Returns "" if the server closed first.
+    pub async fn reply(&mut self) -> String {
+        tokio::time::timeout(REPLY_WAIT, async {
+            loop {
+                let mut start = 0;
+                while let Some(pos) = self.buf[start..].windows(2).position(|w| w == b"\r\n") {
+                    let line = &self.buf[start..start + pos];
+                    if line.len() < 4 || line[3] == b' ' {
+                        let text = String::from_utf8_lossy(&self.buf[..start + pos]).to_string();
+                        self.buf.drain(..start + pos + 2);
+                        return text;
+                    }
+                    start += pos + 2;
+                }
+                match self.read_more().await {
+                    Ok(0) | Err(_) => return String::new(),
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .expect("no reply in time")
+    }
+
+    /// Sends one command line and reads its reply.
+    pub async fn cmd(&mut self, line: &str) -> String {
+        self.send(format!("{line}\r\n").as_bytes()).await.expect("send");
+        self.reply().await
+    }
+
+    /// True once the server has closed the connection (reads return 0).
+    pub async fn is_closed(&mut self) -> bool {
+        let result = tokio::time::timeout(REPLY_WAIT, async {
+            loop {
+                match self.read_more().await {
+                    Ok(0) | Err(_) => return true,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        result.unwrap_or(false)
+    }
+
+    /// STARTTLS, then a TLS handshake trusting `ca_pem`, for `localhost`.
+    pub async fn starttls(&mut self, ca_pem: &[u8]) -> Result<String, String> {
+        let reply = self.cmd("STARTTLS").await;
+        if !reply.starts_with("220") {
+            return Err(reply);
+        }
+        let Conn::Plain(tcp) = std::mem::replace(&mut self.conn, Conn::Gone) else {
+            return Err("already TLS".into());
+        };
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(ca_pem)));
+        let name = ServerName::try_from("localhost").unwrap();
+        let tls = connector.connect(name, tcp).await.map_err(|e| e.to_string())?;
+        self.conn = Conn::Tls(Box::new(tls));
+        Ok(reply)
+    }
+
+    /// Is the connection TLS 1.3 (or 1.2)?
+    pub fn tls_version(&self) -> Option<rustls::ProtocolVersion> {
+        match &self.conn {
+            Conn::Tls(s) => s.get_ref().1.protocol_version(),
+            _ => None,
+        }
+    }
+}
+
+/// A rustls client config trusting only `ca_pem`.
+pub fn client_config(ca_pem: &[u8]) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
+/// Writes a self-signed certificate for localhost into `dir` as
+/// `test.crt` and `test.key`; returns the certificate PEM.
+pub fn make_certificate(dir: &Path) -> Vec<u8> {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+        .unwrap();
+    let pem = cert.cert.pem();
+    std::fs::write(dir.join("test.crt"), &pem).unwrap();
+    std::fs::write(dir.join("test.key"), cert.signing_key.serialize_pem()).unwrap();
+    pem.into_bytes()
+}
+
+/// AUTH PLAIN's initial response for `user` and `password`.
+pub fn plain(user: &str, password: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"))
+}
+
+/// A port free on `ip` right now (for configs of the real binary, which
+/// binds its connector ports itself).
+pub fn free_port(ip: IpAddr) -> u16 {
+    std::net::TcpListener::bind(SocketAddr::new(ip, 0)).unwrap().local_addr().unwrap().port()
+}
+
+/// The messages in a spool's queue directory: (envelope JSON, message).
+pub fn spooled(data_dir: &Path) -> Vec<(serde_json::Value, Vec<u8>)> {
+    let Ok(dir) = std::fs::read_dir(data_dir.join("queue")) else { return Vec::new() };
+    let mut paths: Vec<_> = dir.map(|e| e.unwrap().path()).collect();
+    paths.sort();
+    paths
+        .into_iter()
+        .map(|p| {
+            let bytes = std::fs::read(p).unwrap();
+            let nl = bytes.iter().position(|b| *b == b'\n').unwrap();
+            (serde_json::from_slice(&bytes[..nl]).unwrap(), bytes[nl + 1..].to_vec())
+        })
+        .collect()
+}
+
+/// Files left in the spool's temporary directory (partial writes).
+pub fn spool_leftovers(data_dir: &Path) -> usize {
+    std::fs::read_dir(data_dir.join("tmp")).map_or(0, |d| d.count())
+}

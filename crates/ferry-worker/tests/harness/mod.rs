@@ -1,0 +1,175 @@
+//! An in-process worker on port-0 listeners, with a config made for tests.
+#![allow(dead_code)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use argon2::password_hash::{rand_core::OsRng, SaltString};
+use argon2::{Argon2, PasswordHasher};
+use ferry_config::ClusterConfig;
+use ferry_queue::LocalSpool;
+use ferry_worker::{Runtime, Worker, WorkerOptions};
+use tokio::net::TcpListener;
+
+pub use ferry_tests::{plain, spool_leftovers, spooled, SmtpClient};
+
+pub const PASSWORD: &str = "s3cret";
+
+pub struct Harness {
+    pub dir: tempfile::TempDir,
+    pub worker: Arc<Worker>,
+    pub ca: Vec<u8>,
+    /// Port shared by Default Frontend, Lab and Anon Relay.
+    pub front: SocketAddr,
+    /// Client Frontend (STARTTLS + AUTH).
+    pub client: SocketAddr,
+    /// IPv6 listener on ::1.
+    pub v6: SocketAddr,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+pub fn ip(s: &str) -> Option<IpAddr> {
+    Some(s.parse().unwrap())
+}
+
+fn hash(password: &str) -> String {
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default().hash_password(password.as_bytes(), &salt).unwrap().to_string()
+}
+
+impl Harness {
+    /// Starts a worker; `limits` is a TOML inline table for every connector.
+    pub async fn start(limits: &str) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ferry_tests::make_certificate(dir.path());
+        let front_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let v6_l = TcpListener::bind("[::1]:0").await.unwrap();
+        let (front, client, v6) = (
+            front_l.local_addr().unwrap(),
+            client_l.local_addr().unwrap(),
+            v6_l.local_addr().unwrap(),
+        );
+        let h = hash(PASSWORD);
+        let text = format!(
+            r#"
+accepted_domains = [{{ domain = "example.test", kind = "authoritative" }}]
+
+[[connectors]]
+name = "Default Frontend"
+port = {fp}
+remote_ranges = ["0.0.0.0/0", "::/0"]
+permissions = ["anonymous"]
+auth = ["tls"]
+tls = {{ certificate = "test.crt", key = "test.key" }}
+banner = "Default Frontend ready"
+protocol_log = "verbose"
+limits = {limits}
+
+[[connectors]]
+name = "Lab"
+port = {fp}
+remote_ranges = ["127.0.0.16/28"]
+permissions = ["anonymous"]
+banner = "Lab ready"
+limits = {limits}
+
+[[connectors]]
+name = "Anon Relay"
+port = {fp}
+remote_ranges = ["127.0.0.30"]
+permissions = ["anonymous", "accept_any_recipient"]
+banner = "Anon Relay ready"
+limits = {limits}
+
+[[connectors]]
+name = "Client Frontend"
+port = {cp}
+remote_ranges = ["0.0.0.0/0"]
+permissions = ["users"]
+auth = ["tls", "basic_auth_require_tls"]
+tls = {{ certificate = "test.crt", key = "test.key", min_version = "1.2" }}
+banner = "Client Frontend ready"
+protocol_log = "verbose"
+limits = {limits}
+
+[[connectors]]
+name = "V6 Any"
+port = {vp}
+remote_ranges = ["::/0"]
+permissions = ["anonymous"]
+banner = "V6 Any ready"
+
+[[connectors]]
+name = "V6 Loopback"
+port = {vp}
+remote_ranges = ["::1/128"]
+permissions = ["anonymous"]
+banner = "V6 Loopback ready"
+
+[[users]]
+name = "scanner"
+password_hash = "{h}"
+allowed_senders = ["scanner@example.test", "*@devices.example.test"]
+
+[[users]]
+name = "printer"
+password_hash = "{h}"
+allowed_senders = ["*"]
+allowed_ranges = ["127.0.0.40/32"]
+"#,
+            fp = front.port(),
+            cp = client.port(),
+            vp = v6.port(),
+        );
+        let config = ClusterConfig::parse("test.toml", &text, dir.path()).unwrap();
+        let runtime = Runtime::new(config).unwrap();
+        let spool = LocalSpool::open(dir.path()).unwrap();
+        let worker = Worker::new(
+            WorkerOptions {
+                listen: "127.0.0.1".parse().unwrap(),
+                data_dir: dir.path().to_path_buf(),
+                hostname: "relay.test".into(),
+            },
+            runtime,
+            Arc::new(spool),
+        );
+        let task = tokio::spawn(
+            Arc::clone(&worker).run(vec![front_l, client_l, v6_l], Duration::from_secs(10)),
+        );
+        Harness { dir, worker, ca, front, client, v6, task }
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+
+    /// Connects to the shared front port from `source`; checks the banner.
+    pub async fn front_from(&self, source: &str) -> (SmtpClient, String) {
+        SmtpClient::connect(self.front, ip(source)).await
+    }
+
+    /// A client on the Client Frontend after STARTTLS, EHLO and AUTH.
+    pub async fn authenticated(&self, source: &str, user: &str) -> SmtpClient {
+        let (mut c, banner) = SmtpClient::connect(self.client, ip(source)).await;
+        assert_eq!(banner, "220 Client Frontend ready");
+        c.cmd("EHLO device").await;
+        c.starttls(&self.ca).await.unwrap();
+        c.cmd("EHLO device").await;
+        let r = c.cmd(&format!("AUTH PLAIN {}", plain(user, PASSWORD))).await;
+        assert_eq!(r, "235 2.7.0 Authentication successful");
+        c
+    }
+}
+
+/// A full transaction; returns the reply to the end of data.
+pub async fn send_message(c: &mut SmtpClient, from: &str, to: &str, body: &str) -> String {
+    assert!(c.cmd(&format!("MAIL FROM:<{from}>")).await.starts_with("250"));
+    assert!(c.cmd(&format!("RCPT TO:<{to}>")).await.starts_with("250"));
+    assert!(c.cmd("DATA").await.starts_with("354"));
+    c.send(body.as_bytes()).await.unwrap();
+    c.send(b".\r\n").await.unwrap();
+    c.reply().await
+}

@@ -1,0 +1,93 @@
+//! Runs the real `ferry` binary: starts it, reads the addresses it prints,
+//! kills it on drop.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// The `ferry` binary built for this test run.
+pub fn ferry_bin() -> PathBuf {
+    if let Some(p) = option_env!("CARGO_BIN_EXE_ferry") {
+        return PathBuf::from(p);
+    }
+    // The tests package is not the binary's package: find it beside us.
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    dir.join("ferry")
+}
+
+/// A running `ferry worker` process.
+pub struct WorkerProcess {
+    child: Child,
+    pub smtp: Vec<SocketAddr>,
+    pub admin: String,
+    lines: mpsc::Receiver<String>,
+}
+
+impl WorkerProcess {
+    /// Starts `ferry worker` and waits (bounded) until it says it is ready.
+    pub fn start(config: &Path, listen: &str, data: &Path) -> Self {
+        let mut child = Command::new(ferry_bin())
+            .args(["worker", "--config"])
+            .arg(config)
+            .args(["--listen", listen, "--data"])
+            .arg(data)
+            .args(["--admin", "127.0.0.1:0", "--hostname", "relay.test"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start ferry worker");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut w = WorkerProcess { child, smtp: Vec::new(), admin: String::new(), lines: rx };
+        loop {
+            let line = w
+                .lines
+                .recv_timeout(Duration::from_secs(30))
+                .expect("worker did not report ready in time");
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words.as_slice() {
+                ["worker", "smtp", addr] => w.smtp.push(addr.parse().unwrap()),
+                ["worker", "admin", url] => w.admin = url.trim_end_matches("/metrics").to_string(),
+                ["worker", "ready"] => break,
+                _ => {}
+            }
+        }
+        w
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
