@@ -15,8 +15,17 @@ pub fn ferry_bin() -> PathBuf {
     }
     // The tests package is not the binary's package: find it beside us.
     let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    dir.join("ferry")
+    let bin = exe.parent().unwrap().parent().unwrap().join("ferry");
+    if !bin.exists() {
+        // Run alone (`cargo test -p ferry-tests`), nothing built it yet.
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "ferry", "--bin", "ferry"])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building the ferry binary failed");
+    }
+    bin
 }
 
 /// A running `ferry worker` process.
@@ -50,7 +59,12 @@ impl WorkerProcess {
                 }
             }
         });
-        let mut w = WorkerProcess { child, smtp: Vec::new(), admin: String::new(), lines: rx };
+        let mut w = WorkerProcess {
+            child,
+            smtp: Vec::new(),
+            admin: String::new(),
+            lines: rx,
+        };
         loop {
             let line = w
                 .lines
@@ -73,7 +87,9 @@ impl WorkerProcess {
 
     /// Sends SIGTERM and waits (bounded) for the exit status.
     pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
-        let _ = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while std::time::Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {

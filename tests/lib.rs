@@ -4,7 +4,7 @@
 //!
 //! The end-to-end suite in `tests/` runs the real binary; the worker's
 //! in-process tests use the client from here too.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 pub mod binary;
 
@@ -40,14 +40,23 @@ impl SmtpClient {
     /// Connects to `addr`, from `source` if given (e.g. 127.0.0.30 to be a
     /// different client on loopback), and reads nothing yet.
     pub async fn connect_from(addr: SocketAddr, source: Option<IpAddr>) -> std::io::Result<Self> {
-        let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
         if let Some(ip) = source {
             socket.bind(SocketAddr::new(ip, 0))?;
         }
         let stream = tokio::time::timeout(REPLY_WAIT, socket.connect(addr))
             .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
-        Ok(Self { conn: Conn::Plain(stream), buf: Vec::new() })
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+            })??;
+        Ok(Self {
+            conn: Conn::Plain(stream),
+            buf: Vec::new(),
+        })
     }
 
     /// Connects and returns the client with its greeting.
@@ -106,7 +115,9 @@ impl SmtpClient {
 
     /// Sends one command line and reads its reply.
     pub async fn cmd(&mut self, line: &str) -> String {
-        self.send(format!("{line}\r\n").as_bytes()).await.expect("send");
+        self.send(format!("{line}\r\n").as_bytes())
+            .await
+            .expect("send");
         self.reply().await
     }
 
@@ -135,7 +146,10 @@ impl SmtpClient {
         };
         let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(ca_pem)));
         let name = ServerName::try_from("localhost").unwrap();
-        let tls = connector.connect(name, tcp).await.map_err(|e| e.to_string())?;
+        let tls = connector
+            .connect(name, tcp)
+            .await
+            .map_err(|e| e.to_string())?;
         self.conn = Conn::Tls(Box::new(tls));
         Ok(reply)
     }
@@ -165,8 +179,8 @@ pub fn client_config(ca_pem: &[u8]) -> rustls::ClientConfig {
 /// Writes a self-signed certificate for localhost into `dir` as
 /// `test.crt` and `test.key`; returns the certificate PEM.
 pub fn make_certificate(dir: &Path) -> Vec<u8> {
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
-        .unwrap();
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
     let pem = cert.cert.pem();
     std::fs::write(dir.join("test.crt"), &pem).unwrap();
     std::fs::write(dir.join("test.key"), cert.signing_key.serialize_pem()).unwrap();
@@ -182,12 +196,18 @@ pub fn plain(user: &str, password: &str) -> String {
 /// A port free on `ip` right now (for configs of the real binary, which
 /// binds its connector ports itself).
 pub fn free_port(ip: IpAddr) -> u16 {
-    std::net::TcpListener::bind(SocketAddr::new(ip, 0)).unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind(SocketAddr::new(ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// The messages in a spool's queue directory: (envelope JSON, message).
 pub fn spooled(data_dir: &Path) -> Vec<(serde_json::Value, Vec<u8>)> {
-    let Ok(dir) = std::fs::read_dir(data_dir.join("queue")) else { return Vec::new() };
+    let Ok(dir) = std::fs::read_dir(data_dir.join("queue")) else {
+        return Vec::new();
+    };
     let mut paths: Vec<_> = dir.map(|e| e.unwrap().path()).collect();
     paths.sort();
     paths
@@ -195,7 +215,10 @@ pub fn spooled(data_dir: &Path) -> Vec<(serde_json::Value, Vec<u8>)> {
         .map(|p| {
             let bytes = std::fs::read(p).unwrap();
             let nl = bytes.iter().position(|b| *b == b'\n').unwrap();
-            (serde_json::from_slice(&bytes[..nl]).unwrap(), bytes[nl + 1..].to_vec())
+            (
+                serde_json::from_slice(&bytes[..nl]).unwrap(),
+                bytes[nl + 1..].to_vec(),
+            )
         })
         .collect()
 }

@@ -22,10 +22,7 @@ pub enum ConfigError {
     },
     /// Every problem found in the file.
     #[error("{}", render(.file, .errors))]
-    Invalid {
-        file: String,
-        errors: Vec<Located>,
-    },
+    Invalid { file: String, errors: Vec<Located> },
 }
 
 impl ConfigError {
@@ -45,7 +42,10 @@ fn render(file: &str, errors: &[Located]) -> String {
         if errors.len() == 1 { "" } else { "s" }
     );
     for e in errors {
-        out.push_str(&format!("\n  {file}:{}:{}: {}", e.line, e.column, e.message));
+        out.push_str(&format!(
+            "\n  {file}:{}:{}: {}",
+            e.line, e.column, e.message
+        ));
     }
     out
 }
@@ -69,12 +69,9 @@ impl<'a> LineIndex<'a> {
     pub(crate) fn locate(&self, offset: usize, message: impl Into<String>) -> Located {
         let before = self.text.get(..offset).unwrap_or(self.text);
         let line = before.matches('\n').count() + 1;
-        let column = before
-            .rfind('\n')
-            .map_or(before.chars().count(), |nl| {
-                before.get(nl + 1..).map_or(0, |s| s.chars().count())
-            })
-            + 1;
+        let column = before.rfind('\n').map_or(before.chars().count(), |nl| {
+            before.get(nl + 1..).map_or(0, |s| s.chars().count())
+        }) + 1;
         Located {
             line,
             column,

@@ -34,8 +34,14 @@ pub fn explain(config: &ClusterConfig, q: &Question) -> String {
     let c = &sel.connector;
     let binding = c
         .local_address
-        .map_or("any local address".to_string(), |a| format!("local address {a}"));
-    let _ = writeln!(out, "client {} on port {}: connector \"{}\"", q.client, q.port, c.name);
+        .map_or("any local address".to_string(), |a| {
+            format!("local address {a}")
+        });
+    let _ = writeln!(
+        out,
+        "client {} on port {}: connector \"{}\"",
+        q.client, q.port, c.name
+    );
     let _ = writeln!(
         out,
         "  why: bound to {binding}; remote range {} is the most specific holding {} (/{})",
@@ -47,14 +53,25 @@ pub fn explain(config: &ClusterConfig, q: &Question) -> String {
         let _ = writeln!(out, "  shadows: \"{}\" (range {net})", other.name);
     }
     let _ = writeln!(out, "  banner: 220 {}", c.banner);
-    let _ = writeln!(out, "  STARTTLS: {}", if c.auth.starttls { "offered" } else { "not offered" });
+    let _ = writeln!(
+        out,
+        "  STARTTLS: {}",
+        if c.auth.starttls {
+            "offered"
+        } else {
+            "not offered"
+        }
+    );
     let _ = writeln!(out, "  AUTH: {}", auth_state(c, q.tls));
 
     let user = match &q.user {
         None => None,
         Some(name) => match config.user(name) {
             None => {
-                let _ = writeln!(out, "  user {name}: no such user; the session stays anonymous");
+                let _ = writeln!(
+                    out,
+                    "  user {name}: no such user; the session stays anonymous"
+                );
                 None
             }
             Some(_) if !auth_available(c, q.tls) => {
@@ -68,7 +85,9 @@ pub fn explain(config: &ClusterConfig, q: &Question) -> String {
             Some(u) => Some(u.clone()),
         },
     };
-    let who = user.as_ref().map_or("anonymous".to_string(), |u| format!("user {}", u.name));
+    let who = user
+        .as_ref()
+        .map_or("anonymous".to_string(), |u| format!("user {}", u.name));
     let inside = config
         .accepted_domains
         .first()
@@ -88,7 +107,10 @@ pub fn explain(config: &ClusterConfig, q: &Question) -> String {
         }
         Ok(()) => {
             let _ = writeln!(out, "    MAIL FROM:<{sender}> -> 250 accepted");
-            for rcpt in [format!("someone@{inside}"), "someone@outside.invalid".to_string()] {
+            for rcpt in [
+                format!("someone@{inside}"),
+                "someone@outside.invalid".to_string(),
+            ] {
                 let verdict = match config.check_recipient(c, user.as_deref(), &rcpt) {
                     Ok(()) => "250 accepted".to_string(),
                     Err(r) => r.to_string(),

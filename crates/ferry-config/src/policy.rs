@@ -23,8 +23,14 @@ pub enum Refusal {
     /// `%`, `!` or a quoted `@` in the local part, from a session that may
     /// not relay.
     SenderSpecifiedRouting,
-    SenderNotAllowed { user: String, sender: String },
-    SourceNotAllowed { user: String, client: IpAddr },
+    SenderNotAllowed {
+        user: String,
+        sender: String,
+    },
+    SourceNotAllowed {
+        user: String,
+        client: IpAddr,
+    },
 }
 
 impl Refusal {
@@ -191,18 +197,31 @@ allowed_ranges = ["192.0.2.0/24"]
     }
 
     fn conn(c: &ClusterConfig, name: &str) -> std::sync::Arc<Connector> {
-        c.connectors.iter().find(|x| x.name == name).unwrap().clone()
+        c.connectors
+            .iter()
+            .find(|x| x.name == name)
+            .unwrap()
+            .clone()
     }
 
     #[test]
     fn anonymous_internal_relay() {
         let c = conf();
         let k = conn(&c, "Internal");
-        assert_eq!(c.check_sender(&k, None, "1.2.3.4".parse().unwrap(), "a@x.test"), Ok(()));
+        assert_eq!(
+            c.check_sender(&k, None, "1.2.3.4".parse().unwrap(), "a@x.test"),
+            Ok(())
+        );
         assert_eq!(c.check_recipient(&k, None, "bob@EXAMPLE.test"), Ok(()));
         assert_eq!(c.check_recipient(&k, None, "bob@a.corp.test"), Ok(()));
-        assert_eq!(c.check_recipient(&k, None, "bob@corp.test"), Err(Refusal::RelayDenied));
-        assert_eq!(c.check_recipient(&k, None, "bob@elsewhere.test"), Err(Refusal::RelayDenied));
+        assert_eq!(
+            c.check_recipient(&k, None, "bob@corp.test"),
+            Err(Refusal::RelayDenied)
+        );
+        assert_eq!(
+            c.check_recipient(&k, None, "bob@elsewhere.test"),
+            Err(Refusal::RelayDenied)
+        );
         assert_eq!(
             c.check_recipient(&k, None, "bob%elsewhere.test@example.test"),
             Err(Refusal::SenderSpecifiedRouting)
@@ -211,7 +230,10 @@ allowed_ranges = ["192.0.2.0/24"]
             c.check_recipient(&k, None, "bob@elsewhere.test@example.test"),
             Err(Refusal::SenderSpecifiedRouting)
         );
-        assert_eq!(Refusal::RelayDenied.to_string(), "550 5.7.54 SMTP; Unable to relay recipient in non-accepted domain");
+        assert_eq!(
+            Refusal::RelayDenied.to_string(),
+            "550 5.7.54 SMTP; Unable to relay recipient in non-accepted domain"
+        );
     }
 
     #[test]
@@ -226,10 +248,19 @@ allowed_ranges = ["192.0.2.0/24"]
         let c = conf();
         let k = conn(&c, "Client");
         let ip = "192.0.2.9".parse().unwrap();
-        assert_eq!(c.check_sender(&k, None, ip, "a@x"), Err(Refusal::NotAuthenticated));
-        assert_eq!(Refusal::NotAuthenticated.to_string(), "530 5.7.1 Client was not authenticated");
+        assert_eq!(
+            c.check_sender(&k, None, ip, "a@x"),
+            Err(Refusal::NotAuthenticated)
+        );
+        assert_eq!(
+            Refusal::NotAuthenticated.to_string(),
+            "530 5.7.1 Client was not authenticated"
+        );
         let u = c.user("SCANNER").unwrap().clone();
-        assert_eq!(c.check_sender(&k, Some(&u), ip, "scanner@example.test"), Ok(()));
+        assert_eq!(
+            c.check_sender(&k, Some(&u), ip, "scanner@example.test"),
+            Ok(())
+        );
         assert_eq!(c.check_sender(&k, Some(&u), ip, "x@corp.test"), Ok(()));
         assert!(matches!(
             c.check_sender(&k, Some(&u), ip, "boss@example.test"),
@@ -240,9 +271,17 @@ allowed_ranges = ["192.0.2.0/24"]
             Err(Refusal::SenderNotAllowed { .. })
         ));
         assert!(matches!(
-            c.check_sender(&k, Some(&u), "198.51.100.1".parse().unwrap(), "scanner@example.test"),
+            c.check_sender(
+                &k,
+                Some(&u),
+                "198.51.100.1".parse().unwrap(),
+                "scanner@example.test"
+            ),
             Err(Refusal::SourceNotAllowed { .. })
         ));
-        assert_eq!(c.check_recipient(&k, Some(&u), "anyone@elsewhere.test"), Ok(()));
+        assert_eq!(
+            c.check_recipient(&k, Some(&u), "anyone@elsewhere.test"),
+            Ok(())
+        );
     }
 }

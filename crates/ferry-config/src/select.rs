@@ -98,16 +98,28 @@ permissions = ["anonymous"]
 
     #[test]
     fn longest_prefix_wins() {
-        assert_eq!(pick("127.0.0.1", "10.1.2.3").as_deref(), Some("One printer"));
+        assert_eq!(
+            pick("127.0.0.1", "10.1.2.3").as_deref(),
+            Some("One printer")
+        );
         assert_eq!(pick("127.0.0.1", "10.1.9.9").as_deref(), Some("Printers"));
         assert_eq!(pick("127.0.0.1", "10.2.0.1").as_deref(), Some("Default"));
-        assert_eq!(pick("127.0.0.1", "2001:db8:1::5").as_deref(), Some("Printers"));
-        assert_eq!(pick("127.0.0.1", "2001:db8:2::5").as_deref(), Some("Default"));
+        assert_eq!(
+            pick("127.0.0.1", "2001:db8:1::5").as_deref(),
+            Some("Printers")
+        );
+        assert_eq!(
+            pick("127.0.0.1", "2001:db8:2::5").as_deref(),
+            Some("Default")
+        );
     }
 
     #[test]
     fn mapped_ipv6_counts_as_ipv4() {
-        assert_eq!(pick("::ffff:127.0.0.1", "::ffff:10.1.2.3").as_deref(), Some("One printer"));
+        assert_eq!(
+            pick("::ffff:127.0.0.1", "::ffff:10.1.2.3").as_deref(),
+            Some("One printer")
+        );
     }
 
     #[test]
@@ -119,9 +131,17 @@ permissions = ["anonymous"]
     fn shadowed_connectors_are_listed() {
         let c = ClusterConfig::parse("t.toml", CONF, Path::new(".")).unwrap();
         let s = c
-            .select("127.0.0.1".parse().unwrap(), 25, "10.1.2.3".parse().unwrap())
+            .select(
+                "127.0.0.1".parse().unwrap(),
+                25,
+                "10.1.2.3".parse().unwrap(),
+            )
             .unwrap();
-        let names: Vec<_> = s.shadowed.iter().map(|(c, n)| format!("{} {n}", c.name)).collect();
+        let names: Vec<_> = s
+            .shadowed
+            .iter()
+            .map(|(c, n)| format!("{} {n}", c.name))
+            .collect();
         assert_eq!(names, ["Printers 10.1.0.0/16", "Default 0.0.0.0/0"]);
     }
 
@@ -133,7 +153,19 @@ permissions = ["anonymous"]
             Path::new("."),
         )
         .unwrap();
-        assert!(c.select("127.0.0.1".parse().unwrap(), 25, "11.0.0.1".parse().unwrap()).is_none());
-        assert!(c.select("127.0.0.1".parse().unwrap(), 26, "10.0.0.1".parse().unwrap()).is_none());
+        assert!(c
+            .select(
+                "127.0.0.1".parse().unwrap(),
+                25,
+                "11.0.0.1".parse().unwrap()
+            )
+            .is_none());
+        assert!(c
+            .select(
+                "127.0.0.1".parse().unwrap(),
+                26,
+                "10.0.0.1".parse().unwrap()
+            )
+            .is_none());
     }
 }

@@ -26,7 +26,10 @@ impl Checker<'_> {
 
     fn range(&mut self, s: &Spanned<String>) -> Option<IpNet> {
         parse_range(s.get_ref()).or_else(|| {
-            self.err(s, format!("'{}' is not an IP address or CIDR range", s.get_ref()));
+            self.err(
+                s,
+                format!("'{}' is not an IP address or CIDR range", s.get_ref()),
+            );
             None
         })
     }
@@ -40,7 +43,13 @@ impl Checker<'_> {
         match humantime::parse_duration(s.get_ref()) {
             Ok(d) if !d.is_zero() => d,
             _ => {
-                self.err(s, format!("'{}' is not a duration such as \"30s\" or \"5m\"", s.get_ref()));
+                self.err(
+                    s,
+                    format!(
+                        "'{}' is not a duration such as \"30s\" or \"5m\"",
+                        s.get_ref()
+                    ),
+                );
                 default
             }
         }
@@ -55,7 +64,10 @@ impl Checker<'_> {
         match parsed {
             Some(n) if n > 0 => n,
             _ => {
-                self.err(s, "a size is a positive number of octets or a string such as \"36MB\"");
+                self.err(
+                    s,
+                    "a size is a positive number of octets or a string such as \"36MB\"",
+                );
                 default
             }
         }
@@ -79,7 +91,9 @@ pub(crate) fn parse_range(s: &str) -> Option<IpNet> {
     if let Ok(net) = s.parse::<IpNet>() {
         return Some(canonical_net(net.trunc()));
     }
-    s.parse::<IpAddr>().ok().map(|ip| canonical_net(IpNet::from(ip)))
+    s.parse::<IpAddr>()
+        .ok()
+        .map(|ip| canonical_net(IpNet::from(ip)))
 }
 
 /// `::ffff:10.0.0.0/104` is `10.0.0.0/8`.
@@ -140,7 +154,10 @@ pub(crate) fn parse(file: &str, text: &str, base_dir: &Path) -> Result<ClusterCo
         if let Some(user) = user(&mut c, u.get_ref()) {
             let key = user.name.to_ascii_lowercase();
             if users.contains_key(&key) {
-                c.err(&u.get_ref().name, format!("user '{}' is defined twice", user.name));
+                c.err(
+                    &u.get_ref().name,
+                    format!("user '{}' is defined twice", user.name),
+                );
             }
             users.insert(key, Arc::new(user));
         }
@@ -151,8 +168,14 @@ pub(crate) fn parse(file: &str, text: &str, base_dir: &Path) -> Result<ClusterCo
         let Some(conn) = connector(&mut c, rc.get_ref(), base_dir) else {
             continue;
         };
-        if connectors.iter().any(|o| o.name.eq_ignore_ascii_case(&conn.name)) {
-            c.err(&rc.get_ref().name, format!("connector '{}' is defined twice", conn.name));
+        if connectors
+            .iter()
+            .any(|o| o.name.eq_ignore_ascii_case(&conn.name))
+        {
+            c.err(
+                &rc.get_ref().name,
+                format!("connector '{}' is defined twice", conn.name),
+            );
         }
         connectors.push(Arc::new(conn));
     }
@@ -178,7 +201,10 @@ fn domain(c: &mut Checker<'_>, d: &RawDomain) -> Option<AcceptedDomain> {
         "authoritative" => Some(DomainKind::Authoritative),
         "internal_relay" => Some(DomainKind::InternalRelay),
         other => {
-            c.err(&d.kind, format!("kind '{other}' is not 'authoritative' or 'internal_relay'"));
+            c.err(
+                &d.kind,
+                format!("kind '{other}' is not 'authoritative' or 'internal_relay'"),
+            );
             None
         }
     };
@@ -191,10 +217,15 @@ fn domain(c: &mut Checker<'_>, d: &RawDomain) -> Option<AcceptedDomain> {
         && name.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-')
+                && label
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '-')
         });
     if !valid {
-        c.err(&d.domain, format!("'{text}' is not a domain name (or *.domain)"));
+        c.err(
+            &d.domain,
+            format!("'{text}' is not a domain name (or *.domain)"),
+        );
         return None;
     }
     Some(AcceptedDomain {
@@ -223,7 +254,8 @@ fn user(c: &mut Checker<'_>, u: &RawUser) -> Option<User> {
         let pattern = if t == "*" {
             Some(SenderPattern::Any)
         } else if let Some(d) = t.strip_prefix("*@") {
-            (!d.is_empty() && !d.contains('@')).then(|| SenderPattern::Domain(d.to_ascii_lowercase()))
+            (!d.is_empty() && !d.contains('@'))
+                .then(|| SenderPattern::Domain(d.to_ascii_lowercase()))
         } else {
             t.rsplit_once('@')
                 .filter(|(l, d)| !l.is_empty() && !d.is_empty())
@@ -235,7 +267,10 @@ fn user(c: &mut Checker<'_>, u: &RawUser) -> Option<User> {
         }
     }
     if u.allowed_senders.get_ref().is_empty() {
-        c.err(&u.allowed_senders, "allowed_senders is empty: list addresses, *@domain, or \"*\"");
+        c.err(
+            &u.allowed_senders,
+            "allowed_senders is empty: list addresses, *@domain, or \"*\"",
+        );
     }
     let allowed_ranges = match &u.allowed_ranges {
         Some(list) => c.ranges(list),
@@ -261,14 +296,22 @@ fn connector(c: &mut Checker<'_>, r: &RawConnector, base_dir: &Path) -> Option<C
         c.err(&r.port, "port 0 is not a port to listen on");
     }
     let local_address = r.local_address.as_ref().and_then(|s| {
-        s.get_ref().trim().parse::<IpAddr>().map(|a| a.to_canonical()).ok().or_else(|| {
-            c.err(s, format!("'{}' is not an IP address", s.get_ref()));
-            None
-        })
+        s.get_ref()
+            .trim()
+            .parse::<IpAddr>()
+            .map(|a| a.to_canonical())
+            .ok()
+            .or_else(|| {
+                c.err(s, format!("'{}' is not an IP address", s.get_ref()));
+                None
+            })
     });
     let remote_ranges = c.ranges(r.remote_ranges.get_ref());
     if r.remote_ranges.get_ref().is_empty() {
-        c.err(&r.remote_ranges, "remote_ranges is empty: this connector would match no client");
+        c.err(
+            &r.remote_ranges,
+            "remote_ranges is empty: this connector would match no client",
+        );
     }
     let mut seen = Vec::new();
     for (s, net) in r.remote_ranges.get_ref().iter().zip(&remote_ranges) {
@@ -286,7 +329,9 @@ fn connector(c: &mut Checker<'_>, r: &RawConnector, base_dir: &Path) -> Option<C
             "users" => permissions.users = true,
             other => c.err(
                 p,
-                format!("permission '{other}' is not 'anonymous', 'accept_any_recipient' or 'users'"),
+                format!(
+                    "permission '{other}' is not 'anonymous', 'accept_any_recipient' or 'users'"
+                ),
             ),
         }
     }
@@ -306,7 +351,10 @@ fn connector(c: &mut Checker<'_>, r: &RawConnector, base_dir: &Path) -> Option<C
         }
     }
     if permissions.accept_any_recipient && !permissions.anonymous {
-        c.err(&r.name, "permission 'accept_any_recipient' needs 'anonymous' too");
+        c.err(
+            &r.name,
+            "permission 'accept_any_recipient' needs 'anonymous' too",
+        );
     }
     if permissions.users != auth.basic {
         c.err(
@@ -315,7 +363,10 @@ fn connector(c: &mut Checker<'_>, r: &RawConnector, base_dir: &Path) -> Option<C
         );
     }
     if !permissions.anonymous && !permissions.users {
-        c.err(&r.name, "a connector needs permission 'anonymous' or 'users'");
+        c.err(
+            &r.name,
+            "a connector needs permission 'anonymous' or 'users'",
+        );
     }
     if auth.require_tls && !auth.starttls {
         c.err(&r.name, "auth 'basic_auth_require_tls' needs auth 'tls'");
@@ -327,7 +378,10 @@ fn connector(c: &mut Checker<'_>, r: &RawConnector, base_dir: &Path) -> Option<C
                 None | Some((_, "1.2")) => TlsVersion::Tls12,
                 Some((_, "1.3")) => TlsVersion::Tls13,
                 Some((v, other)) => {
-                    c.err(v, format!("min_version '{other}' is not \"1.2\" or \"1.3\""));
+                    c.err(
+                        v,
+                        format!("min_version '{other}' is not \"1.2\" or \"1.3\""),
+                    );
                     TlsVersion::Tls12
                 }
             };
@@ -338,7 +392,10 @@ fn connector(c: &mut Checker<'_>, r: &RawConnector, base_dir: &Path) -> Option<C
             })
         }
         (None, true) => {
-            c.err(&r.name, "auth 'tls' needs a [connectors.tls] certificate and key");
+            c.err(
+                &r.name,
+                "auth 'tls' needs a [connectors.tls] certificate and key",
+            );
             None
         }
         (Some(t), false) => {
@@ -351,7 +408,10 @@ fn connector(c: &mut Checker<'_>, r: &RawConnector, base_dir: &Path) -> Option<C
         None | Some((_, "none")) => ProtocolLog::None,
         Some((_, "verbose")) => ProtocolLog::Verbose,
         Some((p, other)) => {
-            c.err(p, format!("protocol_log '{other}' is not 'none' or 'verbose'"));
+            c.err(
+                p,
+                format!("protocol_log '{other}' is not 'none' or 'verbose'"),
+            );
             ProtocolLog::None
         }
     };
@@ -370,7 +430,8 @@ fn connector(c: &mut Checker<'_>, r: &RawConnector, base_dir: &Path) -> Option<C
         max_header_size: c.size(&l.max_header_size, d.max_header_size),
         max_recipients: c.count(&l.max_recipients, d.max_recipients),
         max_connections: c.count(&l.max_connections, d.max_connections),
-        max_connections_per_source: c.count(&l.max_connections_per_source, d.max_connections_per_source),
+        max_connections_per_source: c
+            .count(&l.max_connections_per_source, d.max_connections_per_source),
         connection_timeout: c.duration(&l.connection_timeout, d.connection_timeout),
         command_timeout: c.duration(&l.command_timeout, d.command_timeout),
         data_timeout: c.duration(&l.data_timeout, d.data_timeout),
@@ -402,7 +463,11 @@ fn connector(c: &mut Checker<'_>, r: &RawConnector, base_dir: &Path) -> Option<C
 fn overlaps(c: &mut Checker<'_>, raw: &[Spanned<RawConnector>], connectors: &[Arc<Connector>]) {
     let mut claimed: HashMap<(u16, Option<IpAddr>, IpNet), &str> = HashMap::new();
     for (conn, rc) in connectors.iter().zip(raw) {
-        for (net, at) in conn.remote_ranges.iter().zip(rc.get_ref().remote_ranges.get_ref()) {
+        for (net, at) in conn
+            .remote_ranges
+            .iter()
+            .zip(rc.get_ref().remote_ranges.get_ref())
+        {
             let key = (conn.port, conn.local_address, *net);
             match claimed.get(&key) {
                 Some(other) if !other.eq_ignore_ascii_case(&conn.name) => c.err(

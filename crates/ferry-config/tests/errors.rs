@@ -1,5 +1,7 @@
 //! Bad config files: every error reported at once, with its place.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
 use std::path::Path;
 
 use ferry_config::ClusterConfig;
@@ -58,8 +60,10 @@ permissions = ["anonymous"]
 "#;
     assert_eq!(
         errors(text),
-        ["11:34: remote range 10.0.0.0/8 on port 25 is also claimed by connector 'A': \
-          connectors sharing a port need distinct ranges"]
+        [
+            "11:34: remote range 10.0.0.0/8 on port 25 is also claimed by connector 'A': \
+          connectors sharing a port need distinct ranges"
+        ]
     );
 }
 
@@ -106,7 +110,16 @@ password_hash = "plaintext"
 allowed_senders = []
 "#;
     let errs = errors(text);
-    assert!(errs.iter().any(|e| e.contains("needs auth 'tls'")), "{errs:?}");
-    assert!(errs.iter().any(|e| e.contains("not an argon2 PHC string")), "{errs:?}");
-    assert!(errs.iter().any(|e| e.contains("allowed_senders is empty")), "{errs:?}");
+    assert!(
+        errs.iter().any(|e| e.contains("needs auth 'tls'")),
+        "{errs:?}"
+    );
+    assert!(
+        errs.iter().any(|e| e.contains("not an argon2 PHC string")),
+        "{errs:?}"
+    );
+    assert!(
+        errs.iter().any(|e| e.contains("allowed_senders is empty")),
+        "{errs:?}"
+    );
 }

@@ -76,7 +76,12 @@ impl LocalSpool {
         Ok((envelope, rest.get(1..).unwrap_or_default().to_vec()))
     }
 
-    fn write(dirs: &Dirs, id: QueueId, envelope: &StoredEnvelope, message: &[u8]) -> io::Result<QueueId> {
+    fn write(
+        dirs: &Dirs,
+        id: QueueId,
+        envelope: &StoredEnvelope,
+        message: &[u8],
+    ) -> io::Result<QueueId> {
         let tmp = dirs.tmp.join(format!("{id}.msg"));
         let result = (|| {
             let mut file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
@@ -100,7 +105,8 @@ impl Spool for LocalSpool {
         let dirs = Arc::clone(&self.inner);
         Box::pin(async move {
             let joined =
-                tokio::task::spawn_blocking(move || Self::write(&dirs, id, &envelope, &message)).await;
+                tokio::task::spawn_blocking(move || Self::write(&dirs, id, &envelope, &message))
+                    .await;
             match joined {
                 Ok(Ok(id)) => Ok(id),
                 Ok(Err(e)) if e.kind() == io::ErrorKind::StorageFull => Err(SpoolError::Full(e)),
@@ -134,7 +140,14 @@ mod tests {
     async fn stored_message_reads_back_and_leftovers_are_removed() {
         let dir = tempfile::tempdir().unwrap();
         let spool = LocalSpool::open(dir.path()).unwrap();
-        let id = spool.store(QueueId::new(), envelope(), b"Subject: x\r\n\r\nhi\r\n".to_vec()).await.unwrap();
+        let id = spool
+            .store(
+                QueueId::new(),
+                envelope(),
+                b"Subject: x\r\n\r\nhi\r\n".to_vec(),
+            )
+            .await
+            .unwrap();
         assert_eq!(spool.list().unwrap(), vec![id.clone()]);
         let (env, msg) = spool.read(&id).unwrap();
         assert_eq!(env, envelope());

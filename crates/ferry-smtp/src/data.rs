@@ -210,7 +210,10 @@ mod tests {
 
     #[test]
     fn bare_cr_is_normalised() {
-        assert_eq!(normalize_line_endings(b"a\rb\r\nc\r".to_vec()), b"a\r\nb\r\nc\r\n");
+        assert_eq!(
+            normalize_line_endings(b"a\rb\r\nc\r".to_vec()),
+            b"a\r\nb\r\nc\r\n"
+        );
         assert_eq!(normalize_line_endings(b"\nx".to_vec()), b"\r\nx");
     }
 

@@ -366,8 +366,7 @@ impl ServerSession {
                 214,
                 vec![
                     "2.0.0 Commands supported:".into(),
-                    "2.0.0 HELO EHLO STARTTLS AUTH MAIL RCPT DATA RSET NOOP QUIT HELP VRFY"
-                        .into(),
+                    "2.0.0 HELO EHLO STARTTLS AUTH MAIL RCPT DATA RSET NOOP QUIT HELP VRFY".into(),
                 ],
             )),
             Request::StartTls => self.starttls(),
@@ -450,9 +449,8 @@ impl ServerSession {
             Phase::Transaction => return self.error(503, "5.5.1 Sender already specified"),
             _ => {}
         }
-        let allowed = smtp_proto::MAIL_BODY_7BIT
-            | smtp_proto::MAIL_BODY_8BITMIME
-            | smtp_proto::MAIL_SMTPUTF8;
+        let allowed =
+            smtp_proto::MAIL_BODY_7BIT | smtp_proto::MAIL_BODY_8BITMIME | smtp_proto::MAIL_SMTPUTF8;
         if from.flags & !allowed != 0
             || from.env_id.is_some()
             || from.trans_id.is_some()

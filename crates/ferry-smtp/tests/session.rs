@@ -70,7 +70,14 @@ fn pipelined_transaction_in_one_write_gets_replies_in_order() {
 fn ehlo_advertises_extensions_and_auth_only_after_tls() {
     let mut s = ServerSession::new(config());
     let (out, _) = run(&mut s, b"EHLO dev\r\n");
-    for ext in ["SIZE 1000", "PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", "STARTTLS"] {
+    for ext in [
+        "SIZE 1000",
+        "PIPELINING",
+        "8BITMIME",
+        "ENHANCEDSTATUSCODES",
+        "SMTPUTF8",
+        "STARTTLS",
+    ] {
         assert!(out.contains(ext), "{ext} missing in {out}");
     }
     assert!(!out.contains("AUTH"));
@@ -112,7 +119,10 @@ fn sequence_and_syntax_errors() {
     let mut s = ServerSession::new(config());
     let (out, _) = run(&mut s, b"MAIL FROM:<a@x.test>\r\n");
     assert_eq!(out, "503 5.5.1 Send hello first\r\n");
-    let (out, _) = run(&mut s, b"EHLO dev\r\nRCPT TO:<b@y.test>\r\nDATA\r\nMAIL FROM:a@x\r\n");
+    let (out, _) = run(
+        &mut s,
+        b"EHLO dev\r\nRCPT TO:<b@y.test>\r\nDATA\r\nMAIL FROM:a@x\r\n",
+    );
     assert_eq!(codes(&out), ["250", "503", "503", "501"]);
     assert!(out.contains("501 5.5.4 Syntax"));
 }

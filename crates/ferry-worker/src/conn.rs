@@ -62,7 +62,9 @@ async fn refuse(mut stream: TcpStream, reply: Reply) {
 
 /// Serves one accepted connection.
 pub(crate) async fn handle(worker: Arc<Worker>, stream: TcpStream, peer: SocketAddr) {
-    let Ok(local) = stream.local_addr() else { return };
+    let Ok(local) = stream.local_addr() else {
+        return;
+    };
     let client = peer.ip().to_canonical();
     let runtime = worker.runtime();
     let session_id = worker.next_session_id();
@@ -106,8 +108,15 @@ pub(crate) async fn handle(worker: Arc<Worker>, stream: TcpStream, peer: SocketA
         client = %client,
         connector = %connector.name
     );
-    let logger = (connector.protocol_log == ProtocolLog::Verbose).then(|| Arc::clone(&worker.protolog));
-    let log = SessionLog::new(logger, &connector.name, &session_id, local, SocketAddr::new(client, peer.port()));
+    let logger =
+        (connector.protocol_log == ProtocolLog::Verbose).then(|| Arc::clone(&worker.protolog));
+    let log = SessionLog::new(
+        logger,
+        &connector.name,
+        &session_id,
+        local,
+        SocketAddr::new(client, peer.port()),
+    );
     let conn = Connection {
         session: ServerSession::new(session_config(&worker, &runtime, &connector)),
         worker,
@@ -171,7 +180,11 @@ impl Connection {
     fn send(&mut self, reply: &Reply) {
         if self.log.enabled() {
             for (i, line) in reply.lines().iter().enumerate() {
-                let sep = if i + 1 == reply.lines().len() { ' ' } else { '-' };
+                let sep = if i + 1 == reply.lines().len() {
+                    ' '
+                } else {
+                    '-'
+                };
                 let text = format!("{}{sep}{line}", reply.code());
                 self.log.log(LogEvent::Send, &text, "");
             }
@@ -184,7 +197,12 @@ impl Connection {
             return Ok(());
         }
         let out = std::mem::take(&mut self.out);
-        match timeout(self.connector.limits.command_timeout, stream.write_all(&out)).await {
+        match timeout(
+            self.connector.limits.command_timeout,
+            stream.write_all(&out),
+        )
+        .await
+        {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(End::Error(format!("write failed: {e}"))),
             Err(_) => Err(End::Timeout),
@@ -213,7 +231,8 @@ impl Connection {
         .map(|(_, s)| *s)
         .collect::<Vec<_>>()
         .join(" ");
-        self.log.log(LogEvent::Info, &perms, "Set Session Permissions");
+        self.log
+            .log(LogEvent::Info, &perms, "Set Session Permissions");
         info!("session started");
 
         let end = self.serve(&mut stream).await;
@@ -275,7 +294,10 @@ impl Connection {
             };
             match read {
                 Err(_) => {
-                    let reply = Reply::new(421, "4.4.2 Connection timed out, closing transmission channel");
+                    let reply = Reply::new(
+                        421,
+                        "4.4.2 Connection timed out, closing transmission channel",
+                    );
                     self.send(&reply);
                     let _ = self.flush(stream).await;
                     info!("session timed out");
@@ -289,7 +311,10 @@ impl Connection {
     }
 
     async fn say_goodbye(&mut self, stream: &mut Stream) -> End {
-        let reply = Reply::new(421, "4.3.2 Service shutting down, closing transmission channel");
+        let reply = Reply::new(
+            421,
+            "4.3.2 Service shutting down, closing transmission channel",
+        );
         self.send(&reply);
         let _ = self.flush(stream).await;
         End::Shutdown
@@ -301,7 +326,11 @@ impl Connection {
             Event::Reply(r) => self.send(&r),
             Event::Close(r) => {
                 self.send(&r);
-                return Some(if r.code() == 221 { End::Quit } else { End::Error(r.to_string()) });
+                return Some(if r.code() == 221 {
+                    End::Quit
+                } else {
+                    End::Error(r.to_string())
+                });
             }
             Event::Mail(from) => {
                 let reply = match self.runtime.config.check_sender(
@@ -321,7 +350,11 @@ impl Connection {
                 self.send(&reply);
             }
             Event::Rcpt(to) => {
-                let reply = match self.runtime.config.check_recipient(&self.connector, self.user.as_deref(), &to) {
+                let reply = match self.runtime.config.check_recipient(
+                    &self.connector,
+                    self.user.as_deref(),
+                    &to,
+                ) {
                     Ok(()) => Reply::new(250, "2.1.5 Recipient OK"),
                     Err(refusal) => {
                         counter!(metric::RECIPIENTS_REJECTED, "connector" => self.label(), "reason" => refusal.reason()).increment(1);
@@ -338,19 +371,24 @@ impl Connection {
                 self.send(&reply);
             }
             Event::StartTls => {
-                let reply = self.session.decide(Reply::new(220, "2.0.0 SMTP server ready"));
+                let reply = self
+                    .session
+                    .decide(Reply::new(220, "2.0.0 SMTP server ready"));
                 self.send(&reply);
                 if let Err(end) = self.flush(stream).await {
                     return Some(end);
                 }
                 if let Err(e) = self.start_tls(stream).await {
                     counter!(metric::TLS_HANDSHAKES, "connector" => self.label(), "result" => "failed").increment(1);
-                    self.log.log(LogEvent::Info, "", &format!("TLS negotiation failed: {e}"));
+                    self.log
+                        .log(LogEvent::Info, "", &format!("TLS negotiation failed: {e}"));
                     return Some(End::Error(format!("TLS handshake failed: {e}")));
                 }
-                counter!(metric::TLS_HANDSHAKES, "connector" => self.label(), "result" => "ok").increment(1);
+                counter!(metric::TLS_HANDSHAKES, "connector" => self.label(), "result" => "ok")
+                    .increment(1);
                 self.session.tls_established();
-                self.log.log(LogEvent::Info, "", "TLS negotiation succeeded");
+                self.log
+                    .log(LogEvent::Info, "", "TLS negotiation succeeded");
             }
             Event::Auth(creds) => {
                 let username = creds.username.clone();
@@ -361,19 +399,24 @@ impl Connection {
                         info!(user = %user.name, mechanism, "authenticated");
                         self.log.log(LogEvent::Info, &user.name, "authenticated");
                         self.user = Some(user);
-                        let reply = self.session.decide(Reply::new(235, "2.7.0 Authentication successful"));
+                        let reply = self
+                            .session
+                            .decide(Reply::new(235, "2.7.0 Authentication successful"));
                         self.send(&reply);
                     }
                     None => {
                         counter!(metric::AUTH_FAILURES, "connector" => self.label()).increment(1);
                         info!(user = %username, mechanism, "authentication failed; tarpitting");
-                        self.log.log(LogEvent::Info, &username, "authentication failed");
+                        self.log
+                            .log(LogEvent::Info, &username, "authentication failed");
                         // Answer late: slows down password guessing.
                         if let Err(end) = self.flush(stream).await {
                             return Some(end);
                         }
                         tokio::time::sleep(self.connector.limits.tarpit).await;
-                        let reply = self.session.decide(Reply::new(535, "5.7.8 Authentication credentials invalid"));
+                        let reply = self
+                            .session
+                            .decide(Reply::new(535, "5.7.8 Authentication credentials invalid"));
                         self.send(&reply);
                     }
                 }
@@ -406,7 +449,11 @@ impl Connection {
         let env = self.session.envelope();
         let id = QueueId::new();
         let helo = self.session.helo().unwrap_or("unknown").to_string();
-        let protocol = match (self.session.is_esmtp(), self.session.is_tls(), self.user.is_some()) {
+        let protocol = match (
+            self.session.is_esmtp(),
+            self.session.is_tls(),
+            self.user.is_some(),
+        ) {
             (false, _, _) => "SMTP",
             (true, false, false) => "ESMTP",
             (true, true, false) => "ESMTPS",
@@ -426,7 +473,10 @@ impl Connection {
         let size = message.len();
         let mail_from = env.mail_from.clone();
         let stored = StoredEnvelope {
-            mail_from: mail_from.as_ref().map(|m| m.address.clone()).unwrap_or_default(),
+            mail_from: mail_from
+                .as_ref()
+                .map(|m| m.address.clone())
+                .unwrap_or_default(),
             rcpt_to: env.rcpt_to.clone(),
             client_ip: self.client.to_string(),
             helo,
@@ -441,7 +491,8 @@ impl Connection {
         match self.worker.spool.store(id, stored, message).await {
             Ok(id) => {
                 counter!(metric::MESSAGES_ACCEPTED, "connector" => self.label()).increment(1);
-                counter!(metric::RECEIVED_BYTES, "connector" => self.label()).increment(size as u64);
+                counter!(metric::RECEIVED_BYTES, "connector" => self.label())
+                    .increment(size as u64);
                 info!(queue_id = %id, size, recipients = rcpts, "message queued");
                 self.log.log(LogEvent::Info, &id.to_string(), "Queued");
                 Reply::new(250, format!("2.6.0 {id} Queued mail for delivery"))

@@ -81,7 +81,8 @@ fn acceptor(connector: &str, s: &TlsSettings) -> Result<TlsAcceptor, RuntimeErro
         return Err(pem_error(&s.certificate, "certificate"));
     }
     let key_pem = read(connector, &s.key)?;
-    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| pem_error(&s.key, "private key"))?;
+    let key =
+        PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| pem_error(&s.key, "private key"))?;
     let versions: &[&rustls::SupportedProtocolVersion] = match s.min_version {
         TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
         TlsVersion::Tls13 => &[&rustls::version::TLS13],

@@ -109,14 +109,18 @@ impl Worker {
     pub async fn run(self: Arc<Self>, listeners: Vec<TcpListener>, drain_limit: Duration) {
         for listener in listeners {
             let worker = Arc::clone(&self);
-            self.tracker.spawn(async move { worker.accept_loop(listener).await });
+            self.tracker
+                .spawn(async move { worker.accept_loop(listener).await });
         }
         self.ready.store(true, Ordering::Relaxed);
         self.shutdown.cancelled().await;
         self.ready.store(false, Ordering::Relaxed);
         self.tracker.close();
         tracing::info!("shutting down: no new connections, letting sessions finish");
-        if tokio::time::timeout(drain_limit, self.tracker.wait()).await.is_err() {
+        if tokio::time::timeout(drain_limit, self.tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("sessions still open after {drain_limit:?}; closing them");
         }
     }
@@ -135,7 +139,8 @@ impl Worker {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
                     let worker = Arc::clone(&self);
-                    self.tracker.spawn(async move { conn::handle(worker, stream, peer).await });
+                    self.tracker
+                        .spawn(async move { conn::handle(worker, stream, peer).await });
                 }
                 Err(e) => {
                     // Out of descriptors and the like: back off, keep serving.

@@ -1,6 +1,8 @@
 //! The worker's receive side over real TCP and TLS on loopback. Clients
 //! bind different 127.0.0.x source addresses to be different clients.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
 mod harness;
 
 use std::time::{Duration, Instant};
@@ -14,9 +16,18 @@ async fn relay_table_anonymous_internal_relay() {
     let h = Harness::start(LIMITS).await;
     let (mut c, banner) = h.front_from("127.0.0.1").await;
     assert_eq!(banner, "220 Default Frontend ready");
-    assert!(c.cmd("EHLO printer").await.starts_with("250-relay.test Hello printer"));
-    assert_eq!(c.cmd("MAIL FROM:<printer@example.test>").await, "250 2.1.0 Sender OK");
-    assert_eq!(c.cmd("RCPT TO:<alice@example.test>").await, "250 2.1.5 Recipient OK");
+    assert!(c
+        .cmd("EHLO printer")
+        .await
+        .starts_with("250-relay.test Hello printer"));
+    assert_eq!(
+        c.cmd("MAIL FROM:<printer@example.test>").await,
+        "250 2.1.0 Sender OK"
+    );
+    assert_eq!(
+        c.cmd("RCPT TO:<alice@example.test>").await,
+        "250 2.1.5 Recipient OK"
+    );
     assert_eq!(
         c.cmd("RCPT TO:<bob@elsewhere.test>").await,
         "550 5.7.54 SMTP; Unable to relay recipient in non-accepted domain"
@@ -29,11 +40,22 @@ async fn relay_table_anonymous_internal_relay() {
         c.cmd("RCPT TO:<\"bob@elsewhere.test\"@example.test>").await,
         "550 5.7.1 Sender-specified routing is not allowed"
     );
-    assert_eq!(c.cmd("DATA").await, "354 Start mail input; end with <CRLF>.<CRLF>");
-    c.send(b"Subject: scan\r\n\r\nhello\r\n.\r\n").await.unwrap();
+    assert_eq!(
+        c.cmd("DATA").await,
+        "354 Start mail input; end with <CRLF>.<CRLF>"
+    );
+    c.send(b"Subject: scan\r\n\r\nhello\r\n.\r\n")
+        .await
+        .unwrap();
     let r = c.reply().await;
-    assert!(r.starts_with("250 2.6.0 ") && r.ends_with(" Queued mail for delivery"), "{r}");
-    assert_eq!(c.cmd("QUIT").await, "221 2.0.0 Service closing transmission channel");
+    assert!(
+        r.starts_with("250 2.6.0 ") && r.ends_with(" Queued mail for delivery"),
+        "{r}"
+    );
+    assert_eq!(
+        c.cmd("QUIT").await,
+        "221 2.0.0 Service closing transmission channel"
+    );
     assert!(c.is_closed().await);
 
     let spool = spooled(&h.data());
@@ -43,7 +65,9 @@ async fn relay_table_anonymous_internal_relay() {
     assert_eq!(env["client_ip"], "127.0.0.1");
     assert_eq!(env["connector"], "Default Frontend");
     let msg = String::from_utf8_lossy(msg);
-    assert!(msg.starts_with("Received: from printer ([127.0.0.1])\r\n\tby relay.test (Ferry) with ESMTP id "));
+    assert!(msg.starts_with(
+        "Received: from printer ([127.0.0.1])\r\n\tby relay.test (Ferry) with ESMTP id "
+    ));
     assert!(msg.ends_with("Subject: scan\r\n\r\nhello\r\n"));
 }
 
@@ -54,15 +78,30 @@ async fn relay_table_anonymous_relay_and_not_authenticated() {
     let (mut c, banner) = h.front_from("127.0.0.30").await;
     assert_eq!(banner, "220 Anon Relay ready");
     c.cmd("HELO app").await;
-    assert_eq!(c.cmd("MAIL FROM:<app@example.test>").await, "250 2.1.0 Sender OK");
-    assert_eq!(c.cmd("RCPT TO:<someone@elsewhere.test>").await, "250 2.1.5 Recipient OK");
-    assert_eq!(c.cmd("RCPT TO:<alice@example.test>").await, "250 2.1.5 Recipient OK");
+    assert_eq!(
+        c.cmd("MAIL FROM:<app@example.test>").await,
+        "250 2.1.0 Sender OK"
+    );
+    assert_eq!(
+        c.cmd("RCPT TO:<someone@elsewhere.test>").await,
+        "250 2.1.5 Recipient OK"
+    );
+    assert_eq!(
+        c.cmd("RCPT TO:<alice@example.test>").await,
+        "250 2.1.5 Recipient OK"
+    );
 
     // Client Frontend has no anonymous permission.
     let (mut c, _) = SmtpClient::connect(h.client, ip("127.0.0.1")).await;
     c.cmd("EHLO device").await;
-    assert_eq!(c.cmd("MAIL FROM:<device@example.test>").await, "530 5.7.1 Client was not authenticated");
-    assert_eq!(c.cmd("RCPT TO:<alice@example.test>").await, "503 5.5.1 Need MAIL before RCPT");
+    assert_eq!(
+        c.cmd("MAIL FROM:<device@example.test>").await,
+        "530 5.7.1 Client was not authenticated"
+    );
+    assert_eq!(
+        c.cmd("RCPT TO:<alice@example.test>").await,
+        "503 5.5.1 Need MAIL before RCPT"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -93,18 +132,34 @@ async fn starttls_then_auth_relays_anywhere() {
     assert!(ehlo.ends_with("250 STARTTLS"), "{ehlo}");
     assert!(!ehlo.contains("AUTH"), "AUTH offered before TLS: {ehlo}");
     assert_eq!(
-        c.cmd(&format!("AUTH PLAIN {}", plain("scanner", PASSWORD))).await,
+        c.cmd(&format!("AUTH PLAIN {}", plain("scanner", PASSWORD)))
+            .await,
         "530 5.7.0 Must issue a STARTTLS command first"
     );
-    assert_eq!(c.starttls(&h.ca).await.unwrap(), "220 2.0.0 SMTP server ready");
+    assert_eq!(
+        c.starttls(&h.ca).await.unwrap(),
+        "220 2.0.0 SMTP server ready"
+    );
     assert_eq!(c.tls_version(), Some(rustls::ProtocolVersion::TLSv1_3));
     let ehlo = c.cmd("EHLO device").await;
-    assert!(ehlo.contains("AUTH PLAIN LOGIN") && !ehlo.contains("STARTTLS"), "{ehlo}");
+    assert!(
+        ehlo.contains("AUTH PLAIN LOGIN") && !ehlo.contains("STARTTLS"),
+        "{ehlo}"
+    );
     // AUTH LOGIN this time.
     assert_eq!(c.cmd("AUTH LOGIN").await, "334 VXNlcm5hbWU6");
     assert_eq!(c.cmd("c2Nhbm5lcg==").await, "334 UGFzc3dvcmQ6");
-    assert_eq!(c.cmd("czNjcmV0").await, "235 2.7.0 Authentication successful");
-    let r = send_message(&mut c, "scanner@example.test", "boss@elsewhere.test", "Subject: x\r\n\r\ny\r\n").await;
+    assert_eq!(
+        c.cmd("czNjcmV0").await,
+        "235 2.7.0 Authentication successful"
+    );
+    let r = send_message(
+        &mut c,
+        "scanner@example.test",
+        "boss@elsewhere.test",
+        "Subject: x\r\n\r\ny\r\n",
+    )
+    .await;
     assert!(r.starts_with("250 2.6.0"), "{r}");
     let spool = spooled(&h.data());
     assert_eq!(spool[0].0["user"], "scanner");
@@ -120,16 +175,25 @@ async fn wrong_password_is_tarpitted() {
     c.cmd("EHLO device").await;
     let t = Instant::now();
     assert_eq!(
-        c.cmd(&format!("AUTH PLAIN {}", plain("scanner", "wrong"))).await,
+        c.cmd(&format!("AUTH PLAIN {}", plain("scanner", "wrong")))
+            .await,
         "535 5.7.8 Authentication credentials invalid"
     );
-    assert!(t.elapsed() >= Duration::from_millis(400), "no tarpit: {:?}", t.elapsed());
+    assert!(
+        t.elapsed() >= Duration::from_millis(400),
+        "no tarpit: {:?}",
+        t.elapsed()
+    );
     // An unknown user gets the same answer.
     assert_eq!(
-        c.cmd(&format!("AUTH PLAIN {}", plain("nobody", PASSWORD))).await,
+        c.cmd(&format!("AUTH PLAIN {}", plain("nobody", PASSWORD)))
+            .await,
         "535 5.7.8 Authentication credentials invalid"
     );
-    assert_eq!(c.cmd("MAIL FROM:<scanner@example.test>").await, "530 5.7.1 Client was not authenticated");
+    assert_eq!(
+        c.cmd("MAIL FROM:<scanner@example.test>").await,
+        "530 5.7.1 Client was not authenticated"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -140,7 +204,10 @@ async fn user_sender_and_source_restrictions() {
         c.cmd("MAIL FROM:<ceo@example.test>").await,
         "550 5.7.1 Sender <ceo@example.test> is not allowed for user scanner"
     );
-    assert_eq!(c.cmd("MAIL FROM:<unit7@devices.example.test>").await, "250 2.1.0 Sender OK");
+    assert_eq!(
+        c.cmd("MAIL FROM:<unit7@devices.example.test>").await,
+        "250 2.1.0 Sender OK"
+    );
 
     let mut c = h.authenticated("127.0.0.41", "printer").await;
     assert_eq!(
@@ -148,7 +215,10 @@ async fn user_sender_and_source_restrictions() {
         "550 5.7.1 User printer may not send from 127.0.0.41"
     );
     let mut c = h.authenticated("127.0.0.40", "printer").await;
-    assert_eq!(c.cmd("MAIL FROM:<anyone@anywhere.test>").await, "250 2.1.0 Sender OK");
+    assert_eq!(
+        c.cmd("MAIL FROM:<anyone@anywhere.test>").await,
+        "250 2.1.0 Sender OK"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,18 +230,30 @@ async fn size_and_recipient_limits() {
         c.cmd("MAIL FROM:<a@example.test> SIZE=70000").await,
         "552 5.3.4 Message size exceeds fixed maximum message size"
     );
-    assert_eq!(c.cmd("MAIL FROM:<a@example.test> SIZE=1000").await, "250 2.1.0 Sender OK");
+    assert_eq!(
+        c.cmd("MAIL FROM:<a@example.test> SIZE=1000").await,
+        "250 2.1.0 Sender OK"
+    );
     for n in 0..3 {
-        assert_eq!(c.cmd(&format!("RCPT TO:<u{n}@example.test>")).await, "250 2.1.5 Recipient OK");
+        assert_eq!(
+            c.cmd(&format!("RCPT TO:<u{n}@example.test>")).await,
+            "250 2.1.5 Recipient OK"
+        );
     }
-    assert_eq!(c.cmd("RCPT TO:<u9@example.test>").await, "452 4.5.3 Too many recipients");
+    assert_eq!(
+        c.cmd("RCPT TO:<u9@example.test>").await,
+        "452 4.5.3 Too many recipients"
+    );
     assert!(c.cmd("DATA").await.starts_with("354"));
     let big = "x".repeat(1000);
     for _ in 0..70 {
         c.send(format!("{big}\r\n").as_bytes()).await.unwrap();
     }
     c.send(b".\r\n").await.unwrap();
-    assert_eq!(c.reply().await, "552 5.3.4 Message size exceeds fixed maximum message size");
+    assert_eq!(
+        c.reply().await,
+        "552 5.3.4 Message size exceeds fixed maximum message size"
+    );
     // The session goes on; nothing was queued.
     assert_eq!(c.cmd("NOOP").await, "250 2.0.0 OK");
     assert!(spooled(&h.data()).is_empty());
@@ -187,7 +269,10 @@ async fn per_source_connection_cap() {
         open.push(c);
     }
     let (mut c, refused) = h.front_from("127.0.0.50").await;
-    assert_eq!(refused, "421 4.3.2 Too many connections from your address, try again later");
+    assert_eq!(
+        refused,
+        "421 4.3.2 Too many connections from your address, try again later"
+    );
     assert!(c.is_closed().await);
     // Another source is not affected; a freed place is reused.
     let (_other, banner) = h.front_from("127.0.0.51").await;
@@ -211,7 +296,10 @@ async fn timeouts_end_the_session_with_421_4_4_2() {
     let h = Harness::start(r#"{ command_timeout = "1s", data_timeout = "1s" }"#).await;
     let (mut c, _) = h.front_from("127.0.0.1").await;
     let t = Instant::now();
-    assert_eq!(c.reply().await, "421 4.4.2 Connection timed out, closing transmission channel");
+    assert_eq!(
+        c.reply().await,
+        "421 4.4.2 Connection timed out, closing transmission channel"
+    );
     assert!(t.elapsed() >= Duration::from_millis(900));
     assert!(c.is_closed().await);
     // In the middle of DATA: the half message is dropped.
@@ -221,7 +309,10 @@ async fn timeouts_end_the_session_with_421_4_4_2() {
     c.cmd("RCPT TO:<b@example.test>").await;
     c.cmd("DATA").await;
     c.send(b"Subject: half\r\n").await.unwrap();
-    assert_eq!(c.reply().await, "421 4.4.2 Connection timed out, closing transmission channel");
+    assert_eq!(
+        c.reply().await,
+        "421 4.4.2 Connection timed out, closing transmission channel"
+    );
     assert!(spooled(&h.data()).is_empty());
 }
 
@@ -259,7 +350,9 @@ Subject: dots\r\n\r\n..leading dot\r\n...two\r\nbare\nlf\n.\nnot the end\r\n.\r\
     assert_eq!(spool.len(), 1);
     let msg = String::from_utf8_lossy(&spool[0].1);
     assert!(
-        msg.ends_with("Subject: dots\r\n\r\n.leading dot\r\n..two\r\nbare\r\nlf\r\n.\r\nnot the end\r\n"),
+        msg.ends_with(
+            "Subject: dots\r\n\r\n.leading dot\r\n..two\r\nbare\r\nlf\r\n.\r\nnot the end\r\n"
+        ),
         "{msg:?}"
     );
 }
@@ -268,11 +361,22 @@ Subject: dots\r\n\r\n..leading dot\r\n...two\r\nbare\nlf\n.\nnot the end\r\n.\r\
 async fn protocol_log_of_one_session() {
     let h = Harness::start(LIMITS).await;
     let mut c = h.authenticated("127.0.0.1", "scanner").await;
-    send_message(&mut c, "scanner@example.test", "x@elsewhere.test", "Subject: log\r\n\r\nbody\r\n").await;
+    send_message(
+        &mut c,
+        "scanner@example.test",
+        "x@elsewhere.test",
+        "Subject: log\r\n\r\nbody\r\n",
+    )
+    .await;
     c.cmd("QUIT").await;
     assert!(c.is_closed().await);
     let dir = h.data().join("logs/smtp-receive");
-    let file = std::fs::read_dir(&dir).unwrap().next().unwrap().unwrap().path();
+    let file = std::fs::read_dir(&dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     let name = file.file_name().unwrap().to_string_lossy().to_string();
     assert!(name.starts_with("RECV") && name.ends_with(".LOG"), "{name}");
     let text = std::fs::read_to_string(&file).unwrap();
@@ -313,7 +417,9 @@ async fn garbage_vanishing_clients_and_huge_lines_never_hurt() {
     let h = Harness::start(LIMITS).await;
     // Garbage bytes, including NULs and invalid UTF-8.
     let (mut c, _) = h.front_from("127.0.0.1").await;
-    c.send(&[0xff, 0x00, 0xfe, b'\r', b'\n', 0x80, 0x81, b'\n']).await.unwrap();
+    c.send(&[0xff, 0x00, 0xfe, b'\r', b'\n', 0x80, 0x81, b'\n'])
+        .await
+        .unwrap();
     assert!(c.reply().await.starts_with("500"));
     // A 10 MB line: one 500 5.5.2, then the session goes on.
     let (mut c, _) = h.front_from("127.0.0.1").await;
@@ -336,7 +442,13 @@ async fn garbage_vanishing_clients_and_huge_lines_never_hurt() {
     // The worker still serves, and the spool holds only whole messages.
     let (mut c, _) = h.front_from("127.0.0.2").await;
     c.cmd("HELO x").await;
-    let r = send_message(&mut c, "a@example.test", "b@example.test", "Subject: whole\r\n\r\nok\r\n").await;
+    let r = send_message(
+        &mut c,
+        "a@example.test",
+        "b@example.test",
+        "Subject: whole\r\n\r\nok\r\n",
+    )
+    .await;
     assert!(r.starts_with("250 2.6.0"));
     let spool = spooled(&h.data());
     assert_eq!(spool.len(), 1);
@@ -357,7 +469,10 @@ async fn shutdown_lets_transactions_finish_and_tells_idle_sessions() {
     busy.send(b"Subject: in flight\r\n\r\n").await.unwrap();
 
     h.worker.shutdown_token().cancel();
-    assert_eq!(idle.reply().await, "421 4.3.2 Service shutting down, closing transmission channel");
+    assert_eq!(
+        idle.reply().await,
+        "421 4.3.2 Service shutting down, closing transmission channel"
+    );
     assert!(idle.is_closed().await);
     // New connections are no longer accepted.
     let refused = tokio::time::timeout(Duration::from_secs(5), async {
@@ -377,9 +492,15 @@ async fn shutdown_lets_transactions_finish_and_tells_idle_sessions() {
     assert!(refused.is_ok(), "still accepting after shutdown");
     busy.send(b"body\r\n.\r\n").await.unwrap();
     assert!(busy.reply().await.starts_with("250 2.6.0"));
-    assert_eq!(busy.reply().await, "421 4.3.2 Service shutting down, closing transmission channel");
+    assert_eq!(
+        busy.reply().await,
+        "421 4.3.2 Service shutting down, closing transmission channel"
+    );
     assert!(busy.is_closed().await);
     let data = h.data();
-    tokio::time::timeout(Duration::from_secs(10), h.task).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), h.task)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(spooled(&data).len(), 1);
 }

@@ -49,7 +49,10 @@ pub async fn run(data: PathBuf) -> anyhow::Result<ExitCode> {
     ];
 
     println!();
-    println!("Ferry is up: a demo cluster on loopback (data in {})", data.display());
+    println!(
+        "Ferry is up: a demo cluster on loopback (data in {})",
+        data.display()
+    );
     for n in &nodes {
         println!(
             "  {:<10} pid {:<7} smtp {}  metrics {}",
@@ -74,7 +77,11 @@ pub async fn run(data: PathBuf) -> anyhow::Result<ExitCode> {
     for n in &mut nodes {
         stop(n).await;
     }
-    Ok(if stopped_by_user { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if stopped_by_user {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 async fn start_node(name: &str, args: &[&str]) -> anyhow::Result<Node> {
@@ -121,7 +128,10 @@ async fn first_exit(nodes: &mut [Node]) -> (String, String) {
     let waits = nodes.iter_mut().map(|n| {
         Box::pin(async move {
             let status = n.child.wait().await;
-            (n.name.clone(), status.map_or_else(|e| e.to_string(), |s| s.to_string()))
+            (
+                n.name.clone(),
+                status.map_or_else(|e| e.to_string(), |s| s.to_string()),
+            )
         })
     });
     futures_select_all(waits).await
@@ -149,7 +159,10 @@ async fn stop(node: &mut Node) {
     if let Some(pid) = node.child.id().and_then(|p| i32::try_from(p).ok()) {
         let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
     }
-    if tokio::time::timeout(Duration::from_secs(10), node.child.wait()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(10), node.child.wait())
+        .await
+        .is_err()
+    {
         let _ = node.child.kill().await;
     }
 }

@@ -21,7 +21,10 @@ pub fn run(cmd: UserCommand) -> anyhow::Result<ExitCode> {
                 eprintln!("password (then Enter):");
             }
             let mut line = String::new();
-            std::io::stdin().lock().read_line(&mut line).context("reading the password")?;
+            std::io::stdin()
+                .lock()
+                .read_line(&mut line)
+                .context("reading the password")?;
             let password = line.trim_end_matches(['\r', '\n']);
             anyhow::ensure!(!password.is_empty(), "empty password");
             println!("{}", hash(password)?);

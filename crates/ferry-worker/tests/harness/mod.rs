@@ -1,5 +1,6 @@
 //! An in-process worker on port-0 listeners, with a config made for tests.
 #![allow(dead_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -36,7 +37,10 @@ pub fn ip(s: &str) -> Option<IpAddr> {
 
 fn hash(password: &str) -> String {
     let salt = SaltString::generate(&mut OsRng);
-    Argon2::default().hash_password(password.as_bytes(), &salt).unwrap().to_string()
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .unwrap()
+        .to_string()
 }
 
 impl Harness {
@@ -139,7 +143,15 @@ allowed_ranges = ["127.0.0.40/32"]
         let task = tokio::spawn(
             Arc::clone(&worker).run(vec![front_l, client_l, v6_l], Duration::from_secs(10)),
         );
-        Harness { dir, worker, ca, front, client, v6, task }
+        Harness {
+            dir,
+            worker,
+            ca,
+            front,
+            client,
+            v6,
+            task,
+        }
     }
 
     pub fn data(&self) -> PathBuf {
@@ -158,7 +170,9 @@ allowed_ranges = ["127.0.0.40/32"]
         c.cmd("EHLO device").await;
         c.starttls(&self.ca).await.unwrap();
         c.cmd("EHLO device").await;
-        let r = c.cmd(&format!("AUTH PLAIN {}", plain(user, PASSWORD))).await;
+        let r = c
+            .cmd(&format!("AUTH PLAIN {}", plain(user, PASSWORD)))
+            .await;
         assert_eq!(r, "235 2.7.0 Authentication successful");
         c
     }
@@ -166,7 +180,10 @@ allowed_ranges = ["127.0.0.40/32"]
 
 /// A full transaction; returns the reply to the end of data.
 pub async fn send_message(c: &mut SmtpClient, from: &str, to: &str, body: &str) -> String {
-    assert!(c.cmd(&format!("MAIL FROM:<{from}>")).await.starts_with("250"));
+    assert!(c
+        .cmd(&format!("MAIL FROM:<{from}>"))
+        .await
+        .starts_with("250"));
     assert!(c.cmd(&format!("RCPT TO:<{to}>")).await.starts_with("250"));
     assert!(c.cmd("DATA").await.starts_with("354"));
     c.send(body.as_bytes()).await.unwrap();

@@ -1,0 +1,159 @@
+//! The `ferry` command line, run as a user would.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+fn ferry(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+const EXAMPLE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../deploy/examples/ferry.toml"
+);
+
+#[test]
+fn example_config_checks_ok() {
+    let (ok, out, err) = ferry(&["config", "check", EXAMPLE]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("ok (3 connectors on ports [2525, 2587], 1 accepted domains, 1 users)"),
+        "{out}"
+    );
+}
+
+#[test]
+fn bad_config_lists_every_error_with_its_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[[connectors]]\nname = \"A\"\nport = 25\nremote_ranges = [\"10.0.0.0/8\"]\npermissions = [\"anonymous\"]\n\n\
+         [[connectors]]\nname = \"B\"\nport = 25\nremote_ranges = [\"10.0.0.0/8\", \"300.1.1.1\"]\npermissions = [\"anonymous\"]\n",
+    )
+    .unwrap();
+    let (ok, _, err) = ferry(&["config", "check", path.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.starts_with("2 errors in "), "{err}");
+    assert!(
+        err.contains(
+            "bad.toml:10:18: remote range 10.0.0.0/8 on port 25 is also claimed by connector 'A'"
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains("bad.toml:10:32: '300.1.1.1' is not an IP address or CIDR range"),
+        "{err}"
+    );
+}
+
+#[test]
+fn explain_names_connector_rule_and_decisions() {
+    let (ok, out, _) = ferry(&[
+        "config",
+        "explain",
+        EXAMPLE,
+        "--client",
+        "127.0.0.30",
+        "--port",
+        "2525",
+    ]);
+    assert!(ok);
+    assert!(out.contains("connector \"Anon Relay\""), "{out}");
+    assert!(
+        out.contains("remote range 127.0.0.30/32 is the most specific"),
+        "{out}"
+    );
+    assert!(
+        out.contains("shadows: \"Default Frontend\" (range 0.0.0.0/0)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("RCPT TO:<someone@outside.invalid> -> 250 accepted"),
+        "{out}"
+    );
+
+    let (_, out, _) = ferry(&[
+        "config",
+        "explain",
+        EXAMPLE,
+        "--client",
+        "192.0.2.7",
+        "--port",
+        "2525",
+    ]);
+    assert!(out.contains("connector \"Default Frontend\""), "{out}");
+    assert!(out.contains(
+        "RCPT TO:<someone@outside.invalid> -> 550 5.7.54 SMTP; Unable to relay recipient in non-accepted domain"
+    ), "{out}");
+
+    let (_, out, _) = ferry(&[
+        "config",
+        "explain",
+        EXAMPLE,
+        "--client",
+        "::ffff:192.0.2.7",
+        "--port",
+        "2587",
+        "--tls",
+        "--user",
+        "scanner",
+    ]);
+    assert!(out.contains("connector \"Client Frontend\""), "{out}");
+    assert!(out.contains("relay decisions (user scanner"), "{out}");
+    assert!(
+        out.contains("RCPT TO:<someone@outside.invalid> -> 250 accepted"),
+        "{out}"
+    );
+
+    let (_, out, _) = ferry(&[
+        "config",
+        "explain",
+        EXAMPLE,
+        "--client",
+        "192.0.2.7",
+        "--port",
+        "25",
+    ]);
+    assert!(out.contains("no connector holds this address"), "{out}");
+    assert!(out.contains("554 5.7.1"), "{out}");
+}
+
+#[test]
+fn user_hash_makes_a_verifiable_argon2id_hash() {
+    use argon2::{Argon2, PasswordHash, PasswordVerifier};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["user", "hash"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"printer-pw\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let hash = String::from_utf8(out.stdout).unwrap();
+    let hash = hash.trim();
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+    let parsed = PasswordHash::new(hash).unwrap();
+    assert!(Argon2::default()
+        .verify_password(b"printer-pw", &parsed)
+        .is_ok());
+    assert!(Argon2::default()
+        .verify_password(b"other", &parsed)
+        .is_err());
+}

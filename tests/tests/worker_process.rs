@@ -1,0 +1,288 @@
+//! End to end over the real `ferry worker` process: a config file, real
+//! ports, real TLS, the admin endpoint, SIGTERM, and a restart.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::io::{Read, Write};
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use ferry_tests::binary::{ferry_bin, WorkerProcess};
+use ferry_tests::{free_port, make_certificate, plain, spooled, SmtpClient};
+
+const LISTEN: &str = "127.0.0.1";
+
+/// Writes a config like the example's, on free ports; returns (path, front port, client port).
+fn write_config(dir: &Path, password_hash: &str) -> (std::path::PathBuf, u16, u16) {
+    let ip: IpAddr = LISTEN.parse().unwrap();
+    let (front, client) = (free_port(ip), free_port(ip));
+    let text = format!(
+        r#"
+accepted_domains = [{{ domain = "example.test", kind = "authoritative" }}]
+
+[[connectors]]
+name = "Default Frontend"
+port = {front}
+remote_ranges = ["0.0.0.0/0", "::/0"]
+permissions = ["anonymous"]
+auth = ["tls"]
+tls = {{ certificate = "test.crt", key = "test.key" }}
+banner = "Default Frontend ready"
+
+[[connectors]]
+name = "Anon Relay"
+port = {front}
+remote_ranges = ["127.0.0.30/32"]
+permissions = ["anonymous", "accept_any_recipient"]
+banner = "Anon Relay ready"
+
+[[connectors]]
+name = "Client Frontend"
+port = {client}
+remote_ranges = ["0.0.0.0/0"]
+permissions = ["users"]
+auth = ["tls", "basic_auth_require_tls"]
+tls = {{ certificate = "test.crt", key = "test.key" }}
+banner = "Client Frontend ready"
+limits = {{ tarpit = "100ms" }}
+
+[[users]]
+name = "scanner"
+password_hash = "{password_hash}"
+allowed_senders = ["*@example.test"]
+"#
+    );
+    let path = dir.join("ferry.toml");
+    std::fs::write(&path, text).unwrap();
+    (path, front, client)
+}
+
+fn hash(password: &str) -> String {
+    let mut child = std::process::Command::new(ferry_bin())
+        .args(["user", "hash"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{password}\n").as_bytes())
+        .unwrap();
+    String::from_utf8(child.wait_with_output().unwrap().stdout)
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// GET over plain HTTP/1.1; returns (status, body).
+fn http_get(base: &str, path: &str) -> (u16, String) {
+    let addr = base.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn metric(body: &str, name_and_labels: &str) -> f64 {
+    body.lines()
+        .find(|l| l.starts_with(name_and_labels))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_process_relays_reports_and_drains() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = make_certificate(dir.path());
+    let (config, front, client) = write_config(dir.path(), &hash("pw-e2e"));
+    let data = dir.path().join("data");
+    let mut w = WorkerProcess::start(&config, LISTEN, &data);
+    let front_addr = format!("{LISTEN}:{front}").parse().unwrap();
+    let client_addr = format!("{LISTEN}:{client}").parse().unwrap();
+    assert!(
+        w.smtp.contains(&front_addr) && w.smtp.contains(&client_addr),
+        "{:?}",
+        w.smtp
+    );
+
+    // Internal relay: accepted for example.test, refused elsewhere.
+    let (mut c, banner) = SmtpClient::connect(front_addr, None).await;
+    assert_eq!(banner, "220 Default Frontend ready");
+    c.cmd("EHLO printer").await;
+    assert_eq!(
+        c.cmd("MAIL FROM:<printer@example.test>").await,
+        "250 2.1.0 Sender OK"
+    );
+    assert_eq!(
+        c.cmd("RCPT TO:<x@elsewhere.test>").await,
+        "550 5.7.54 SMTP; Unable to relay recipient in non-accepted domain"
+    );
+    assert_eq!(
+        c.cmd("RCPT TO:<alice@example.test>").await,
+        "250 2.1.5 Recipient OK"
+    );
+    c.cmd("DATA").await;
+    c.send(b"Subject: one\r\n\r\nfrom the printer\r\n.\r\n")
+        .await
+        .unwrap();
+    assert!(c.reply().await.starts_with("250 2.6.0"));
+    c.cmd("QUIT").await;
+
+    // Anonymous relay from its one address.
+    let (mut c, banner) =
+        SmtpClient::connect(front_addr, Some("127.0.0.30".parse().unwrap())).await;
+    assert_eq!(banner, "220 Anon Relay ready");
+    c.cmd("HELO app").await;
+    c.cmd("MAIL FROM:<app@example.test>").await;
+    assert_eq!(
+        c.cmd("RCPT TO:<x@elsewhere.test>").await,
+        "250 2.1.5 Recipient OK"
+    );
+    c.cmd("QUIT").await;
+
+    // Authenticated relay: one failure, then success after STARTTLS.
+    let (mut c, _) = SmtpClient::connect(client_addr, None).await;
+    c.cmd("EHLO scanner").await;
+    c.starttls(&ca).await.unwrap();
+    c.cmd("EHLO scanner").await;
+    assert!(c
+        .cmd(&format!("AUTH PLAIN {}", plain("scanner", "nope")))
+        .await
+        .starts_with("535 5.7.8"));
+    assert!(c
+        .cmd(&format!("AUTH PLAIN {}", plain("scanner", "pw-e2e")))
+        .await
+        .starts_with("235"));
+    c.cmd("MAIL FROM:<scanner@example.test>").await;
+    assert_eq!(
+        c.cmd("RCPT TO:<x@elsewhere.test>").await,
+        "250 2.1.5 Recipient OK"
+    );
+    c.cmd("DATA").await;
+    c.send(b"Subject: two\r\n\r\nscan attached\r\n.\r\n")
+        .await
+        .unwrap();
+    assert!(c.reply().await.starts_with("250 2.6.0"));
+    c.cmd("QUIT").await;
+
+    // The admin endpoint.
+    assert_eq!(http_get(&w.admin, "/livez").0, 200);
+    assert_eq!(http_get(&w.admin, "/readyz").0, 200);
+    let (status, m) = http_get(&w.admin, "/metrics");
+    assert_eq!(status, 200);
+    assert_eq!(
+        metric(
+            &m,
+            "ferry_smtp_messages_accepted_total{connector=\"Default Frontend\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "ferry_smtp_messages_accepted_total{connector=\"Client Frontend\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, "ferry_smtp_recipients_rejected_total{connector=\"Default Frontend\",reason=\"relay_denied\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "ferry_smtp_tls_handshakes_total{connector=\"Client Frontend\",result=\"ok\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "ferry_smtp_auth_failures_total{connector=\"Client Frontend\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, "ferry_smtp_sessions_total{connector=\"Anon Relay\"}"),
+        1.0
+    );
+
+    // SIGTERM: an idle session is told, the process exits cleanly.
+    let (mut idle, _) = SmtpClient::connect(front_addr, None).await;
+    idle.cmd("HELO idle").await;
+    let status = tokio::task::spawn_blocking(move || {
+        let s = w.terminate();
+        (s, w)
+    });
+    assert_eq!(
+        idle.reply().await,
+        "421 4.3.2 Service shutting down, closing transmission channel"
+    );
+    let (status, w) = status.await.unwrap();
+    assert!(status.expect("worker did not exit").success());
+    drop(w);
+
+    // What was acknowledged is still in the spool after a restart.
+    let w = WorkerProcess::start(&config, LISTEN, &data);
+    let spool = spooled(&data);
+    assert_eq!(spool.len(), 2);
+    let users: Vec<_> = spool.iter().map(|(e, _)| e["user"].clone()).collect();
+    assert!(users.contains(&serde_json::json!("scanner")));
+    drop(w);
+}
+
+#[test]
+fn worker_with_a_bad_config_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ferry.toml");
+    std::fs::write(&path, "[[connectors]]\nname = \"A\"\nport = 25\nremote_ranges = [\"nonsense\"]\npermissions = [\"anonymous\"]\n").unwrap();
+    let out = std::process::Command::new(ferry_bin())
+        .args(["worker", "--config"])
+        .arg(&path)
+        .args(["--listen", LISTEN, "--data"])
+        .arg(dir.path().join("data"))
+        .args(["--admin", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("ferry.toml:4:18: 'nonsense' is not an IP address or CIDR range"),
+        "{err}"
+    );
+}
+
+#[test]
+fn worker_with_a_missing_certificate_says_which() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _, _) = write_config(dir.path(), &hash("x"));
+    let out = std::process::Command::new(ferry_bin())
+        .args(["worker", "--config"])
+        .arg(&config)
+        .args(["--listen", LISTEN, "--data"])
+        .arg(dir.path().join("data"))
+        .args(["--admin", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("connector 'Default Frontend': cannot read") && err.contains("test.crt"),
+        "{err}"
+    );
+}
