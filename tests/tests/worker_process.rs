@@ -251,16 +251,7 @@ fn worker_with_a_bad_config_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ferry.toml");
     std::fs::write(&path, "[[connectors]]\nname = \"A\"\nport = 25\nremote_ranges = [\"nonsense\"]\npermissions = [\"anonymous\"]\n").unwrap();
-    let out = std::process::Command::new(ferry_bin())
-        .args(["worker", "--config"])
-        .arg(&path)
-        .args(["--listen", LISTEN, "--data"])
-        .arg(dir.path().join("data"))
-        .args(["--admin", "127.0.0.1:0"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = worker_fails_to_start(&path, dir.path());
     assert!(
         err.contains("ferry.toml:4:18: 'nonsense' is not an IP address or CIDR range"),
         "{err}"
@@ -271,18 +262,23 @@ fn worker_with_a_bad_config_refuses_to_start() {
 fn worker_with_a_missing_certificate_says_which() {
     let dir = tempfile::tempdir().unwrap();
     let (config, _, _) = write_config(dir.path(), &hash("x"));
-    let out = std::process::Command::new(ferry_bin())
-        .args(["worker", "--config"])
-        .arg(&config)
-        .args(["--listen", LISTEN, "--data"])
-        .arg(dir.path().join("data"))
-        .args(["--admin", "127.0.0.1:0"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = worker_fails_to_start(&config, dir.path());
     assert!(
         err.contains("connector 'Default Frontend': cannot read") && err.contains("test.crt"),
         "{err}"
     );
+}
+
+/// Runs `ferry worker` expecting it to refuse to start; returns its stderr.
+fn worker_fails_to_start(config: &Path, dir: &Path) -> String {
+    let out = std::process::Command::new(ferry_bin())
+        .args(["worker", "--config"])
+        .arg(config)
+        .args(["--listen", LISTEN, "--data"])
+        .arg(dir.join("data"))
+        .args(["--admin", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the worker started");
+    String::from_utf8_lossy(&out.stderr).to_string()
 }

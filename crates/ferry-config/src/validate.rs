@@ -151,23 +151,20 @@ pub(crate) fn parse(file: &str, text: &str, base_dir: &Path) -> Result<ClusterCo
 
     let mut users = BTreeMap::new();
     for u in &raw.users {
-        if let Some(user) = user(&mut c, u.get_ref()) {
-            let key = user.name.to_ascii_lowercase();
-            if users.contains_key(&key) {
-                c.err(
-                    &u.get_ref().name,
-                    format!("user '{}' is defined twice", user.name),
-                );
-            }
-            users.insert(key, Arc::new(user));
+        let user = user(&mut c, u.get_ref());
+        let key = user.name.to_ascii_lowercase();
+        if users.contains_key(&key) {
+            c.err(
+                &u.get_ref().name,
+                format!("user '{}' is defined twice", user.name),
+            );
         }
+        users.insert(key, Arc::new(user));
     }
 
     let mut connectors: Vec<Arc<Connector>> = Vec::new();
     for rc in &raw.connectors {
-        let Some(conn) = connector(&mut c, rc.get_ref(), base_dir) else {
-            continue;
-        };
+        let conn = connector(&mut c, rc.get_ref(), base_dir);
         if connectors
             .iter()
             .any(|o| o.name.eq_ignore_ascii_case(&conn.name))
@@ -235,7 +232,7 @@ fn domain(c: &mut Checker<'_>, d: &RawDomain) -> Option<AcceptedDomain> {
     })
 }
 
-fn user(c: &mut Checker<'_>, u: &RawUser) -> Option<User> {
+fn user(c: &mut Checker<'_>, u: &RawUser) -> User {
     let name = u.name.get_ref().trim().to_string();
     if name.is_empty() || name.contains(char::is_whitespace) {
         c.err(&u.name, "a user name is one word");
@@ -279,15 +276,15 @@ fn user(c: &mut Checker<'_>, u: &RawUser) -> Option<User> {
             IpNet::V6(ipnet::Ipv6Net::default()),
         ],
     };
-    Some(User {
+    User {
         name,
         password_hash: hash,
         allowed_senders,
         allowed_ranges,
-    })
+    }
 }
 
-fn connector(c: &mut Checker<'_>, r: &RawConnector, base_dir: &Path) -> Option<Connector> {
+fn connector(c: &mut Checker<'_>, r: &RawConnector, base_dir: &Path) -> Connector {
     let name = r.name.get_ref().trim().to_string();
     if name.is_empty() {
         c.err(&r.name, "a connector needs a name");
@@ -442,7 +439,7 @@ fn connector(c: &mut Checker<'_>, r: &RawConnector, base_dir: &Path) -> Option<C
         },
         max_hop_count: c.count(&l.max_hop_count, d.max_hop_count),
     };
-    Some(Connector {
+    Connector {
         name,
         port: *r.port.get_ref(),
         local_address,
@@ -453,7 +450,7 @@ fn connector(c: &mut Checker<'_>, r: &RawConnector, base_dir: &Path) -> Option<C
         banner,
         limits,
         protocol_log,
-    })
+    }
 }
 
 /// Connectors that share a port and a binding must not claim the same

@@ -236,20 +236,20 @@ impl Connection {
         info!("session started");
 
         let end = self.serve(&mut stream).await;
-        let (data, why) = match &end {
-            End::Quit => ("", "Remote quit".to_string()),
-            End::ClientGone => ("", "Remote closed the connection".to_string()),
-            End::Timeout => ("", "Timeout".to_string()),
-            End::Shutdown => ("", "Local shutdown".to_string()),
-            End::Error(e) => ("", e.clone()),
+        let why = match &end {
+            End::Quit => "Remote quit".to_string(),
+            End::ClientGone => "Remote closed the connection".to_string(),
+            End::Timeout => "Timeout".to_string(),
+            End::Shutdown => "Local shutdown".to_string(),
+            End::Error(e) => {
+                warn!(error = %e, "session ended with an error");
+                e.clone()
+            }
         };
-        if let End::Error(e) = &end {
-            warn!(error = %e, "session ended with an error");
-        }
         if self.session.in_transaction() {
             info!(reason = %why, "session ended mid-transaction; nothing was queued");
         }
-        self.log.log(LogEvent::Disconnect, data, &why);
+        self.log.log(LogEvent::Disconnect, "", &why);
         info!(reason = %why, "session ended");
         gauge!(metric::SESSIONS_ACTIVE, "connector" => name).decrement(1.0);
         if let Stream::Tls(mut s) = stream {
