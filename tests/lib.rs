@@ -203,27 +203,20 @@ pub fn free_port(ip: IpAddr) -> u16 {
         .port()
 }
 
-/// The messages in a spool's queue directory: (envelope JSON, message).
+/// The messages in a worker's spool: (envelope as JSON, message), oldest
+/// first. Reads without changing the spool.
 pub fn spooled(data_dir: &Path) -> Vec<(serde_json::Value, Vec<u8>)> {
-    let Ok(dir) = std::fs::read_dir(data_dir.join("queue")) else {
+    if !data_dir.join("spool").exists() {
         return Vec::new();
-    };
-    let mut paths: Vec<_> = dir.map(|e| e.unwrap().path()).collect();
-    paths.sort();
-    paths
+    }
+    ferry_queue::journal::scan(data_dir)
+        .unwrap()
         .into_iter()
-        .map(|p| {
-            let bytes = std::fs::read(p).unwrap();
-            let nl = bytes.iter().position(|b| *b == b'\n').unwrap();
-            (
-                serde_json::from_slice(&bytes[..nl]).unwrap(),
-                bytes[nl + 1..].to_vec(),
-            )
-        })
+        .map(|(_, env, body)| (serde_json::to_value(env).unwrap(), body))
         .collect()
 }
 
-/// Files left in the spool's temporary directory (partial writes).
-pub fn spool_leftovers(data_dir: &Path) -> usize {
-    std::fs::read_dir(data_dir.join("tmp")).map_or(0, |d| d.count())
+/// Bytes in the spool that are not whole records (a partial message).
+pub fn spool_leftovers(data_dir: &Path) -> u64 {
+    ferry_queue::journal::damaged_bytes(data_dir).unwrap()
 }

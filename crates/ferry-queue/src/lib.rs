@@ -2,24 +2,24 @@
 //!
 //! [`Spool`] is the interface the worker hands accepted messages to; its
 //! `store` returns only once message and envelope are durable, and only then
-//! may the worker answer `250`. [`LocalSpool`] keeps one file per message in
-//! the data directory, written as temp file, `sync_data`, rename, and an
-//! fsync of the directory, so a crash at any moment leaves either the whole
-//! message or nothing.
+//! may the worker answer `250`. [`Journal`] appends messages to segment
+//! files and makes many durable with one `fdatasync` (group commit), so a
+//! crash at any moment leaves each message whole or absent, and nothing
+//! acknowledged is lost.
 //!
-//! Modules: [`envelope`] (what is stored with a message), [`local`] (the
-//! on-disk spool). Delivery, retries and DSNs build on this; the network is
-//! never touched here.
+//! Modules: [`envelope`] (what is stored with a message), [`journal`] (the
+//! on-disk spool and its recovery). Delivery, retries and DSNs build on
+//! this; the network is never touched here.
 #![forbid(unsafe_code)]
 
 pub mod envelope;
-pub mod local;
+pub mod journal;
 
 use std::future::Future;
 use std::pin::Pin;
 
 pub use envelope::{QueueId, StoredEnvelope};
-pub use local::LocalSpool;
+pub use journal::{Journal, SpooledMessage};
 
 /// Why a message could not be stored. Every variant is temporary for the
 /// client: it gets a 4xx and sends again.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use ferry_config::ClusterConfig;
-use ferry_queue::LocalSpool;
+use ferry_queue::Journal;
 use ferry_worker::{Runtime, Worker, WorkerOptions};
 use tokio::net::TcpListener;
 
@@ -28,7 +28,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let runtime = Runtime::new(config).context("putting the config into service")?;
     std::fs::create_dir_all(&args.data)
         .with_context(|| format!("creating data directory {}", args.data.display()))?;
-    let spool = LocalSpool::open(&args.data)
+    let spool = Journal::open(&args.data)
         .with_context(|| format!("opening the spool in {}", args.data.display()))?;
     let hostname = args.hostname.unwrap_or_else(system_hostname);
     let worker = Worker::new(

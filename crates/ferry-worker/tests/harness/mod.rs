@@ -10,7 +10,7 @@ use std::time::Duration;
 use argon2::password_hash::{rand_core::OsRng, SaltString};
 use argon2::{Argon2, PasswordHasher};
 use ferry_config::ClusterConfig;
-use ferry_queue::LocalSpool;
+use ferry_queue::Journal;
 use ferry_worker::{Runtime, Worker, WorkerOptions};
 use tokio::net::TcpListener;
 
@@ -130,7 +130,7 @@ allowed_ranges = ["127.0.0.40/32"]
         );
         let config = ClusterConfig::parse("test.toml", &text, dir.path()).unwrap();
         let runtime = Runtime::new(config).unwrap();
-        let spool = LocalSpool::open(dir.path()).unwrap();
+        let spool = Journal::open(dir.path()).unwrap();
         let worker = Worker::new(
             WorkerOptions {
                 listen: "127.0.0.1".parse().unwrap(),
