@@ -4,7 +4,8 @@
 //! hold invalid values, reporting every error in the file at once with its
 //! line and column. The same types answer the questions the data plane
 //! asks of the config: which receive connector handles a client
-//! ([`select`]), and whether a sender or recipient is allowed ([`policy`]).
+//! ([`select`]), whether a sender or recipient is allowed ([`policy`]), and
+//! where a recipient's mail goes next ([`routes`]).
 //! [`explain`] renders both for `ferry config explain`.
 //!
 //! Modules: `raw` (the file's shape, as serde sees it), [`model`] (the
@@ -18,6 +19,7 @@ pub mod explain;
 pub mod model;
 pub mod policy;
 mod raw;
+pub mod routes;
 pub mod select;
 mod validate;
 
@@ -27,4 +29,5 @@ pub use model::{
     ProtocolLog, TlsSettings, TlsVersion, User,
 };
 pub use policy::Refusal;
+pub use routes::{Delivery, DomainPattern, NextHop, Route, RouteAction, TlsPolicy};
 pub use select::Selection;

@@ -16,6 +16,8 @@ pub struct ClusterConfig {
     pub connectors: Vec<Arc<Connector>>,
     /// Users by lower-cased name.
     pub users: BTreeMap<String, Arc<User>>,
+    pub routes: Vec<crate::routes::Route>,
+    pub delivery: crate::routes::Delivery,
 }
 
 /// How an accepted domain is handled. Both kinds accept mail from the

@@ -15,6 +15,42 @@ pub(crate) struct RawConfig {
     pub connectors: Vec<Spanned<RawConnector>>,
     #[serde(default)]
     pub users: Vec<Spanned<RawUser>>,
+    #[serde(default)]
+    pub routes: Vec<Spanned<RawRoute>>,
+    #[serde(default)]
+    pub delivery: RawDelivery,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRoute {
+    pub domains: Spanned<Vec<Spanned<String>>>,
+    #[serde(rename = "type")]
+    pub kind: Spanned<String>,
+    #[serde(default)]
+    pub next_hops: Vec<Spanned<String>>,
+    pub tls: Option<Spanned<String>>,
+    pub verify_certificates: Option<bool>,
+    pub auth: Option<RawSmarthostAuth>,
+    pub path: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSmarthostAuth {
+    pub username: String,
+    pub password: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDelivery {
+    pub retry_interval: Option<Spanned<String>>,
+    pub delay_notice_after: Option<Spanned<String>>,
+    pub bounce_after: Option<Spanned<String>>,
+    pub connect_timeout: Option<Spanned<String>>,
+    pub command_timeout: Option<Spanned<String>>,
+    pub max_connections_per_hop: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Deserialize)]

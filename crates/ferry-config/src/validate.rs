@@ -12,6 +12,7 @@ use toml::Spanned;
 use crate::error::{ConfigError, LineIndex, Located};
 use crate::model::*;
 use crate::raw::*;
+use crate::routes::{Delivery, DomainPattern, NextHop, Route, RouteAction, TlsPolicy};
 
 struct Checker<'a> {
     index: LineIndex<'a>,
@@ -177,6 +178,12 @@ pub(crate) fn parse(file: &str, text: &str, base_dir: &Path) -> Result<ClusterCo
         connectors.push(Arc::new(conn));
     }
     overlaps(&mut c, &raw.connectors, &connectors);
+    let routes = raw
+        .routes
+        .iter()
+        .filter_map(|r| route(&mut c, r.get_ref(), base_dir))
+        .collect();
+    let delivery = delivery(&mut c, &raw.delivery);
 
     if !c.errors.is_empty() {
         c.errors.sort_by_key(|e| (e.line, e.column));
@@ -190,7 +197,96 @@ pub(crate) fn parse(file: &str, text: &str, base_dir: &Path) -> Result<ClusterCo
         trusted_proxies,
         connectors,
         users,
+        routes,
+        delivery,
     })
+}
+
+fn route(c: &mut Checker<'_>, r: &RawRoute, base_dir: &Path) -> Option<Route> {
+    let mut domains = Vec::new();
+    for d in r.domains.get_ref() {
+        match DomainPattern::parse(d.get_ref()) {
+            Some(p) => domains.push(p),
+            None => c.err(
+                d,
+                format!("'{}' is not a domain, *.domain or *", d.get_ref()),
+            ),
+        }
+    }
+    if r.domains.get_ref().is_empty() {
+        c.err(&r.domains, "a route needs at least one domain pattern");
+    }
+    let action = match r.kind.get_ref().as_str() {
+        "smtp" => {
+            let mut next_hops = Vec::new();
+            for h in &r.next_hops {
+                match NextHop::parse(h.get_ref()) {
+                    Some(hop) => next_hops.push(hop),
+                    None => c.err(
+                        h,
+                        format!("'{}' is not host, host:port or [v6]:port", h.get_ref()),
+                    ),
+                }
+            }
+            if r.next_hops.is_empty() {
+                c.err(&r.kind, "an smtp route needs next_hops");
+            }
+            let tls = match r.tls.as_ref().map(|t| (t, t.get_ref().as_str())) {
+                None | Some((_, "opportunistic")) => TlsPolicy::Opportunistic,
+                Some((_, "none")) => TlsPolicy::None,
+                Some((_, "required")) => TlsPolicy::Required,
+                Some((t, other)) => {
+                    c.err(
+                        t,
+                        format!("tls '{other}' is not 'none', 'opportunistic' or 'required'"),
+                    );
+                    TlsPolicy::Opportunistic
+                }
+            };
+            if r.auth.is_some() && tls != TlsPolicy::Required {
+                c.err(
+                    &r.kind,
+                    "smarthost auth needs tls = \"required\": passwords never go in clear",
+                );
+            }
+            RouteAction::Smtp {
+                next_hops,
+                tls,
+                verify_certificates: r.verify_certificates.unwrap_or(true),
+                auth: r
+                    .auth
+                    .as_ref()
+                    .map(|a| (a.username.clone(), a.password.clone())),
+            }
+        }
+        "directory" => match &r.path {
+            Some(p) => RouteAction::Directory(base_dir.join(p.get_ref())),
+            None => {
+                c.err(&r.kind, "a directory route needs a path");
+                return None;
+            }
+        },
+        other => {
+            c.err(
+                &r.kind,
+                format!("route type '{other}' is not 'smtp' or 'directory'"),
+            );
+            return None;
+        }
+    };
+    Some(Route { domains, action })
+}
+
+fn delivery(c: &mut Checker<'_>, d: &RawDelivery) -> Delivery {
+    let def = Delivery::default();
+    Delivery {
+        retry_interval: c.duration(&d.retry_interval, def.retry_interval),
+        delay_notice_after: c.duration(&d.delay_notice_after, def.delay_notice_after),
+        bounce_after: c.duration(&d.bounce_after, def.bounce_after),
+        connect_timeout: c.duration(&d.connect_timeout, def.connect_timeout),
+        command_timeout: c.duration(&d.command_timeout, def.command_timeout),
+        max_connections_per_hop: c.count(&d.max_connections_per_hop, def.max_connections_per_hop),
+    }
 }
 
 fn domain(c: &mut Checker<'_>, d: &RawDomain) -> Option<AcceptedDomain> {

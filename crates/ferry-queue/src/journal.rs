@@ -25,6 +25,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
 use crate::envelope::{QueueId, StoredEnvelope};
+use crate::state::DeliveryState;
 use crate::{Spool, SpoolError, StoreFuture};
 
 /// A new segment is started past this size.
@@ -33,6 +34,7 @@ pub const SEGMENT_SIZE: u64 = 64 * 1024 * 1024;
 const MAX_RECORD: u32 = 256 * 1024 * 1024;
 const KIND_MESSAGE: u8 = 1;
 const KIND_DONE: u8 = 2;
+const KIND_STATE: u8 = 3;
 const ID_LEN: usize = 20;
 const HEADER: usize = 8;
 
@@ -50,6 +52,8 @@ struct Location {
 pub struct SpooledMessage {
     pub id: QueueId,
     pub envelope: StoredEnvelope,
+    /// The latest recorded delivery state.
+    pub state: DeliveryState,
     location: Location,
 }
 
@@ -103,6 +107,7 @@ enum Record {
         body_len: u64,
     },
     Done(QueueId),
+    State(QueueId, DeliveryState),
 }
 
 fn encode_message(id: &QueueId, envelope: &StoredEnvelope, body: &[u8]) -> io::Result<Vec<u8>> {
@@ -144,6 +149,10 @@ fn decode(payload: &[u8], payload_offset: u64) -> Option<Record> {
     let id = QueueId::parse(std::str::from_utf8(rest.get(..ID_LEN)?).ok()?)?;
     match kind {
         KIND_DONE => Some(Record::Done(id)),
+        KIND_STATE => Some(Record::State(
+            id,
+            serde_json::from_slice(rest.get(ID_LEN..)?).ok()?,
+        )),
         KIND_MESSAGE => {
             let env_len = u32_at(rest, ID_LEN)? as usize;
             let env_start = ID_LEN + 4;
@@ -226,6 +235,7 @@ pub fn scan(data_dir: &Path) -> io::Result<Vec<(QueueId, StoredEnvelope, Vec<u8>
                 Record::Done(id) => {
                     live.remove(&id);
                 }
+                Record::State(..) => {}
             }
         }
     }
@@ -293,11 +303,13 @@ impl Journal {
                             offset: body_offset,
                             len: body_len,
                         };
+                        let state = DeliveryState::new(&envelope.rcpt_to);
                         index.messages.insert(
                             id.clone(),
                             SpooledMessage {
                                 id,
                                 envelope,
+                                state,
                                 location,
                             },
                         );
@@ -307,6 +319,11 @@ impl Journal {
                             if let Some(set) = index.live.get_mut(&m.location.segment) {
                                 set.remove(&id);
                             }
+                        }
+                    }
+                    Record::State(id, state) => {
+                        if let Some(m) = index.messages.get_mut(&id) {
+                            m.state = state;
                         }
                     }
                 }
@@ -357,6 +374,26 @@ impl Journal {
             .map_err(|_| io::Error::other("spool committer stopped"))?;
         wait.await
             .map_err(|_| io::Error::other("spool committer stopped"))?
+    }
+
+    /// Records a message's delivery state: durable before it returns.
+    pub async fn record_state(&self, id: &QueueId, state: &DeliveryState) -> io::Result<()> {
+        let mut payload = vec![0; HEADER];
+        payload.push(KIND_STATE);
+        payload.extend_from_slice(id.as_str().as_bytes());
+        serde_json::to_writer(&mut payload, state).map_err(io::Error::other)?;
+        let (segment, _) = self.append(payload).await?;
+        let mut index = self.index();
+        index.note_segment(segment);
+        if let Some(m) = index.messages.get_mut(id) {
+            m.state = state.clone();
+        }
+        Ok(())
+    }
+
+    /// One live message.
+    pub fn message(&self, id: &QueueId) -> Option<SpooledMessage> {
+        self.index().messages.get(id).cloned()
     }
 
     /// Retires a message (delivered or bounced): durable before it returns.
@@ -422,11 +459,13 @@ impl Spool for Journal {
             let mut index = self.index();
             index.note_segment(segment);
             index.live.entry(segment).or_default().insert(id.clone());
+            let state = DeliveryState::new(&envelope.rcpt_to);
             index.messages.insert(
                 id.clone(),
                 SpooledMessage {
                     id: id.clone(),
                     envelope,
+                    state,
                     location,
                 },
             );
@@ -635,6 +674,38 @@ mod tests {
         let j = Journal::open_with(dir.path(), 1000).unwrap();
         let live: Vec<QueueId> = j.messages().into_iter().map(|m| m.id).collect();
         assert_eq!(live, ids[4..].to_vec());
+    }
+
+    #[tokio::test]
+    async fn delivery_state_survives_a_restart() {
+        use crate::state::{RecipientState, RecipientStatus};
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let mut env = envelope(1);
+        env.rcpt_to = vec!["a@y.test".into(), "b@y.test".into()];
+        let id = j
+            .store(QueueId::new(), env, b"m\r\n".to_vec())
+            .await
+            .unwrap();
+        let mut state = j.message(&id).unwrap().state;
+        assert_eq!(state.pending().count(), 2);
+        state.recipients[0].state = RecipientState::Delivered {
+            next_hop: "127.0.0.1:25".into(),
+            reply: "250 ok".into(),
+        };
+        state.recipients[1].state = RecipientState::Deferred {
+            reply: "451 later".into(),
+        };
+        state.attempts = 1;
+        state.next_attempt = 1234;
+        j.record_state(&id, &state).await.unwrap();
+        drop(j);
+        let j = Journal::open(dir.path()).unwrap();
+        let m = j.message(&id).unwrap();
+        assert_eq!(m.state, state);
+        let pending: Vec<&RecipientStatus> = m.state.pending().collect();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].address, "b@y.test");
     }
 
     #[tokio::test]

@@ -8,18 +8,20 @@
 //! acknowledged is lost.
 //!
 //! Modules: [`envelope`] (what is stored with a message), [`journal`] (the
-//! on-disk spool and its recovery). Delivery, retries and DSNs build on
+//! on-disk spool and its recovery), [`state`] (per-recipient delivery state). Delivery, retries and DSNs build on
 //! this; the network is never touched here.
 #![forbid(unsafe_code)]
 
 pub mod envelope;
 pub mod journal;
+pub mod state;
 
 use std::future::Future;
 use std::pin::Pin;
 
 pub use envelope::{QueueId, StoredEnvelope};
 pub use journal::{Journal, SpooledMessage};
+pub use state::{DeliveryState, RecipientState, RecipientStatus};
 
 /// Why a message could not be stored. Every variant is temporary for the
 /// client: it gets a 4xx and sends again.

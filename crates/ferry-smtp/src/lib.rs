@@ -7,7 +7,8 @@
 //! caller (MAIL, RCPT, a complete message, STARTTLS, AUTH credentials). The
 //! caller answers with [`ServerSession::decide`].
 //!
-//! Modules: [`reply`] (reply type and wire form), [`session`] (the state
+//! Modules: [`reply`] (reply type and wire form), [`client`] (reading a
+//! server's replies and EHLO capabilities), [`session`] (the state
 //! machine), [`data`] (DATA framing, dot-unstuffing and line-ending
 //! normalisation), [`sasl`] (AUTH PLAIN and LOGIN decoding).
 //!
@@ -16,6 +17,7 @@
 //! business, and sockets and timers are `ferry-worker`'s.
 #![forbid(unsafe_code)]
 
+pub mod client;
 pub mod data;
 pub mod reply;
 pub mod sasl;

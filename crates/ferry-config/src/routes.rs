@@ -1,0 +1,213 @@
+//! Routes: where mail for a recipient domain goes next, and the delivery
+//! schedule.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Matches recipient domains: `example.test`, `*.example.test` (any
+/// subdomain), or `*` (everything).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DomainPattern {
+    Exact(String),
+    Subdomains(String),
+    Any,
+}
+
+impl DomainPattern {
+    pub fn parse(s: &str) -> Option<Self> {
+        let s = s.trim().trim_end_matches('.').to_ascii_lowercase();
+        let valid = |d: &str| {
+            !d.is_empty()
+                && d.split('.').all(|l| {
+                    !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                })
+        };
+        match s.strip_prefix("*.") {
+            _ if s == "*" => Some(DomainPattern::Any),
+            Some(d) if valid(d) => Some(DomainPattern::Subdomains(d.to_string())),
+            None if valid(&s) => Some(DomainPattern::Exact(s)),
+            _ => None,
+        }
+    }
+
+    /// How specific a match is (higher wins), or `None` for no match.
+    pub fn rank(&self, domain: &str) -> Option<usize> {
+        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+        match self {
+            DomainPattern::Exact(d) => (*d == domain).then_some(usize::MAX),
+            DomainPattern::Subdomains(d) => domain
+                .strip_suffix(d.as_str())
+                .is_some_and(|head| head.ends_with('.'))
+                .then_some(d.len() + 1),
+            DomainPattern::Any => Some(0),
+        }
+    }
+}
+
+/// TLS towards a next hop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsPolicy {
+    /// Never STARTTLS.
+    None,
+    /// STARTTLS when offered; clear text otherwise.
+    Opportunistic,
+    /// STARTTLS or no delivery (the message is deferred, never sent in clear).
+    Required,
+}
+
+/// A next hop: host name or address, and port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NextHop {
+    pub host: String,
+    pub port: u16,
+}
+
+impl NextHop {
+    /// `host`, `host:port`, `1.2.3.4:25`, `[::1]:25`; port 25 by default.
+    pub fn parse(s: &str) -> Option<Self> {
+        let s = s.trim();
+        if let Some(rest) = s.strip_prefix('[') {
+            let (host, port) = rest.split_once(']')?;
+            host.parse::<std::net::Ipv6Addr>().ok()?;
+            let port = match port.strip_prefix(':') {
+                Some(p) => p.parse().ok()?,
+                None if port.is_empty() => 25,
+                None => return None,
+            };
+            return Some(NextHop {
+                host: host.to_string(),
+                port,
+            });
+        }
+        let (host, port) = match s.rsplit_once(':') {
+            Some((h, p)) => (h, p.parse().ok()?),
+            None => (s, 25),
+        };
+        let ok = !host.is_empty()
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+        ok.then(|| NextHop {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+impl std::fmt::Display for NextHop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// What a route does with a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteAction {
+    /// Relay over SMTP to the first next hop that answers, in order.
+    Smtp {
+        next_hops: Vec<NextHop>,
+        tls: TlsPolicy,
+        verify_certificates: bool,
+        /// AUTH PLAIN towards a smarthost (only ever over TLS).
+        auth: Option<(String, String)>,
+    },
+    /// Write each message as an `.eml` file, envelope in `X-Ferry-*` headers.
+    Directory(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub domains: Vec<DomainPattern>,
+    pub action: RouteAction,
+}
+
+/// The delivery schedule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// Between attempts after a temporary failure (Exchange's
+    /// MessageRetryInterval), with up to 10 % jitter.
+    pub retry_interval: Duration,
+    pub delay_notice_after: Duration,
+    pub bounce_after: Duration,
+    pub connect_timeout: Duration,
+    pub command_timeout: Duration,
+    pub max_connections_per_hop: u32,
+}
+
+impl Default for Delivery {
+    fn default() -> Self {
+        Self {
+            retry_interval: Duration::from_secs(5 * 60),
+            delay_notice_after: Duration::from_secs(4 * 3600),
+            bounce_after: Duration::from_secs(2 * 86400),
+            connect_timeout: Duration::from_secs(30),
+            command_timeout: Duration::from_secs(5 * 60),
+            max_connections_per_hop: 20,
+        }
+    }
+}
+
+impl crate::ClusterConfig {
+    /// The most specific route for a recipient domain.
+    pub fn route_for(&self, domain: &str) -> Option<&Route> {
+        self.routes
+            .iter()
+            .filter_map(|r| {
+                r.domains
+                    .iter()
+                    .filter_map(|p| p.rank(domain))
+                    .max()
+                    .map(|k| (k, r))
+            })
+            .max_by_key(|(k, _)| *k)
+            .map(|(_, r)| r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_hops_parse() {
+        assert_eq!(
+            NextHop::parse("mx.example.test"),
+            Some(NextHop {
+                host: "mx.example.test".into(),
+                port: 25
+            })
+        );
+        assert_eq!(
+            NextHop::parse("127.0.0.1:2526"),
+            Some(NextHop {
+                host: "127.0.0.1".into(),
+                port: 2526
+            })
+        );
+        assert_eq!(
+            NextHop::parse("[::1]:2526"),
+            Some(NextHop {
+                host: "::1".into(),
+                port: 2526
+            })
+        );
+        assert_eq!(NextHop::parse("[::1]").map(|h| h.port), Some(25));
+        assert_eq!(NextHop::parse("bad host:25"), None);
+        assert_eq!(NextHop::parse("h:99999"), None);
+    }
+
+    #[test]
+    fn domain_patterns_rank() {
+        let exact = DomainPattern::parse("example.test").unwrap();
+        let sub = DomainPattern::parse("*.example.test").unwrap();
+        let any = DomainPattern::parse("*").unwrap();
+        assert_eq!(exact.rank("EXAMPLE.test"), Some(usize::MAX));
+        assert_eq!(sub.rank("example.test"), None);
+        assert!(sub.rank("a.example.test").unwrap() > any.rank("a.example.test").unwrap());
+        assert_eq!(DomainPattern::parse("*.*"), None);
+    }
+}

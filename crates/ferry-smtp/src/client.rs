@@ -1,0 +1,151 @@
+//! The client side: reading a server's replies (sans-IO) and what its EHLO
+//! says it supports.
+
+use crate::reply::Reply;
+
+/// The longest reply line accepted from a server (RFC 5321 says 512; some
+/// servers send more, so a little room).
+const MAX_REPLY_LINE: usize = 2048;
+/// The most lines of one reply.
+const MAX_REPLY_LINES: usize = 128;
+
+/// A server said something that is not an SMTP reply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReplyError {
+    #[error("malformed reply line: {0:?}")]
+    Malformed(String),
+    #[error("reply line too long")]
+    TooLong,
+    #[error("reply has too many lines")]
+    TooManyLines,
+}
+
+/// Collects replies from the bytes a server sends.
+#[derive(Debug, Default)]
+pub struct ReplyReader {
+    buf: Vec<u8>,
+    lines: Vec<String>,
+}
+
+impl ReplyReader {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete reply, if one has arrived.
+    pub fn next_reply(&mut self) -> Option<Result<Reply, ReplyError>> {
+        loop {
+            let Some(lf) = self.buf.iter().position(|b| *b == b'\n') else {
+                return (self.buf.len() > MAX_REPLY_LINE).then_some(Err(ReplyError::TooLong));
+            };
+            let raw: Vec<u8> = self.buf.drain(..=lf).collect();
+            let line = String::from_utf8_lossy(&raw)
+                .trim_end_matches(['\r', '\n'])
+                .to_string();
+            let code = line
+                .get(..3)
+                .and_then(|c| c.parse::<u16>().ok())
+                .filter(|c| (200..600).contains(c));
+            let sep = line.as_bytes().get(3).copied();
+            let (Some(code), Some(b' ' | b'-') | None) = (code, sep) else {
+                return Some(Err(ReplyError::Malformed(line)));
+            };
+            self.lines.push(line.get(4..).unwrap_or("").to_string());
+            if self.lines.len() > MAX_REPLY_LINES {
+                return Some(Err(ReplyError::TooManyLines));
+            }
+            if sep != Some(b'-') {
+                return Some(Ok(Reply::multi(code, std::mem::take(&mut self.lines))));
+            }
+        }
+    }
+}
+
+/// What a server's EHLO reply offers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    pub pipelining: bool,
+    pub starttls: bool,
+    pub eight_bit_mime: bool,
+    pub smtputf8: bool,
+    /// SIZE's limit; `Some(0)` means no stated limit.
+    pub size: Option<u64>,
+    pub auth_plain: bool,
+}
+
+impl Capabilities {
+    pub fn from_ehlo(reply: &Reply) -> Self {
+        let mut c = Capabilities::default();
+        for line in reply.lines().iter().skip(1) {
+            let mut words = line.split_whitespace();
+            let keyword = words.next().unwrap_or("").to_ascii_uppercase();
+            match keyword.as_str() {
+                "PIPELINING" => c.pipelining = true,
+                "STARTTLS" => c.starttls = true,
+                "8BITMIME" => c.eight_bit_mime = true,
+                "SMTPUTF8" => c.smtputf8 = true,
+                "SIZE" => c.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
+                "AUTH" => c.auth_plain = words.any(|m| m.eq_ignore_ascii_case("PLAIN")),
+                _ => {}
+            }
+        }
+        c
+    }
+}
+
+/// The enhanced status code at the start of a reply's text, if any.
+pub fn enhanced_code(reply: &Reply) -> Option<String> {
+    let first = reply.lines().first()?.split_whitespace().next()?;
+    let parts: Vec<&str> = first.split('.').collect();
+    let ok = parts.len() == 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
+        && matches!(parts.first(), Some(&"2" | &"4" | &"5"));
+    ok.then(|| first.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_multi_line_replies_split_anywhere() {
+        let mut r = ReplyReader::new();
+        r.push(b"250-mx.test Hello\r\n250-PIPELINING\r\n250-SIZE 1000\r");
+        assert!(r.next_reply().is_none());
+        r.push(b"\n250 STARTTLS\r\n220 next\r\n");
+        let ehlo = r.next_reply().unwrap().unwrap();
+        assert_eq!(ehlo.code(), 250);
+        let caps = Capabilities::from_ehlo(&ehlo);
+        assert!(caps.pipelining && caps.starttls && !caps.auth_plain);
+        assert_eq!(caps.size, Some(1000));
+        assert_eq!(r.next_reply().unwrap().unwrap(), Reply::new(220, "next"));
+    }
+
+    #[test]
+    fn refuses_garbage() {
+        let mut r = ReplyReader::new();
+        r.push(b"hello\r\n");
+        assert!(matches!(
+            r.next_reply(),
+            Some(Err(ReplyError::Malformed(_)))
+        ));
+        r.push(&[b'2'; 5000]);
+        assert_eq!(r.next_reply(), Some(Err(ReplyError::TooLong)));
+    }
+
+    #[test]
+    fn enhanced_codes() {
+        assert_eq!(
+            enhanced_code(&Reply::new(550, "5.1.1 no such user")).as_deref(),
+            Some("5.1.1")
+        );
+        assert_eq!(enhanced_code(&Reply::new(550, "no such user")), None);
+    }
+}
