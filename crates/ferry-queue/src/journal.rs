@@ -80,6 +80,8 @@ struct Request {
 
 struct Shared {
     dir: PathBuf,
+    /// Woken on every stored message (delivery waits on it).
+    stored: Arc<tokio::sync::Notify>,
     index: Mutex<Index>,
     tx: Mutex<mpsc::Sender<Request>>,
 }
@@ -248,6 +250,32 @@ pub fn scan(data_dir: &Path) -> io::Result<Vec<(QueueId, StoredEnvelope, Vec<u8>
         .collect()
 }
 
+/// The delivery state of every live message (for tests and inspection),
+/// as a restart would read it back. Reads without changing the spool.
+pub fn scan_states(data_dir: &Path) -> io::Result<Vec<DeliveryState>> {
+    let dir = data_dir.join("spool");
+    let mut live: BTreeMap<QueueId, DeliveryState> = BTreeMap::new();
+    for n in segments(&dir)? {
+        let (records, _, _) = read_segment(&segment_path(&dir, n))?;
+        for r in records {
+            match r {
+                Record::Message { id, envelope, .. } => {
+                    live.insert(id, DeliveryState::new(&envelope.rcpt_to));
+                }
+                Record::Done(id) => {
+                    live.remove(&id);
+                }
+                Record::State(id, state) => {
+                    if let Some(s) = live.get_mut(&id) {
+                        *s = state;
+                    }
+                }
+            }
+        }
+    }
+    Ok(live.into_values().collect())
+}
+
 /// Bytes in the spool that are not whole, valid records (a torn write at
 /// the end, or damage); 0 for a clean spool. Reads without changing it.
 pub fn damaged_bytes(data_dir: &Path) -> io::Result<u64> {
@@ -341,6 +369,7 @@ impl Journal {
         Ok(Self {
             shared: Arc::new(Shared {
                 dir,
+                stored: Arc::new(tokio::sync::Notify::new()),
                 index: Mutex::new(index),
                 tx: Mutex::new(tx),
             }),
@@ -349,6 +378,11 @@ impl Journal {
 
     fn index(&self) -> std::sync::MutexGuard<'_, Index> {
         self.shared.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Notified each time a message is stored.
+    pub fn stored_signal(&self) -> Arc<tokio::sync::Notify> {
+        Arc::clone(&self.shared.stored)
     }
 
     /// The live messages, oldest first.
@@ -469,6 +503,8 @@ impl Spool for Journal {
                     location,
                 },
             );
+            drop(index);
+            self.shared.stored.notify_one();
             Ok(id)
         })
     }

@@ -7,11 +7,12 @@
 //! crash at any moment leaves each message whole or absent, and nothing
 //! acknowledged is lost.
 //!
-//! Modules: [`envelope`] (what is stored with a message), [`journal`] (the
+//! Modules: [`dsn`] (bounces and delay notices, RFC 3464), [`envelope`] (what is stored with a message), [`journal`] (the
 //! on-disk spool and its recovery), [`state`] (per-recipient delivery state). Delivery, retries and DSNs build on
 //! this; the network is never touched here.
 #![forbid(unsafe_code)]
 
+pub mod dsn;
 pub mod envelope;
 pub mod journal;
 pub mod state;

@@ -8,6 +8,7 @@
 //! hand-over of accepted messages to the spool before the `250`.
 //!
 //! Modules: [`server`] (accept loops, connection caps, graceful shutdown),
+//! [`delivery`] (routes, the SMTP client, retries, bounces),
 //! `conn` (one SMTP connection), [`runtime`] (config snapshot and TLS
 //! acceptors), `auth` (password checks and tarpit), [`protolog`]
 //! (Exchange-format protocol logs), `limits` (per-source caps), `metric`
@@ -16,11 +17,13 @@
 
 mod auth;
 mod conn;
+pub mod delivery;
 mod limits;
 mod metric;
 pub mod protolog;
 pub mod runtime;
 pub mod server;
 
+pub use delivery::Deliverer;
 pub use runtime::{Runtime, RuntimeError};
 pub use server::{Worker, WorkerOptions};

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use ferry_config::ClusterConfig;
 use ferry_queue::Journal;
-use ferry_worker::{Runtime, Worker, WorkerOptions};
+use ferry_worker::{Deliverer, Runtime, Worker, WorkerOptions};
 use tokio::net::TcpListener;
 
 pub struct Args {
@@ -38,8 +38,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             hostname,
         },
         runtime,
-        Arc::new(spool),
+        Arc::new(spool.clone()),
     );
+    let deliverer = Deliverer::new(Arc::clone(&worker), spool);
     let listeners = worker.bind().await?;
     let admin = TcpListener::bind(args.admin)
         .await
@@ -62,6 +63,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     println!("worker ready");
     tracing::info!(listen = %args.listen, admin = %admin_addr, "worker started");
 
+    tokio::spawn(deliverer.run(shutdown.clone()));
     let signals = shutdown.clone();
     tokio::spawn(async move {
         wait_for_signal().await;

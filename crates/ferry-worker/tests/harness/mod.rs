@@ -11,9 +11,10 @@ use argon2::password_hash::{rand_core::OsRng, SaltString};
 use argon2::{Argon2, PasswordHasher};
 use ferry_config::ClusterConfig;
 use ferry_queue::Journal;
-use ferry_worker::{Runtime, Worker, WorkerOptions};
+use ferry_worker::{Deliverer, Runtime, Worker, WorkerOptions};
 use tokio::net::TcpListener;
 
+#[allow(unused_imports)]
 pub use ferry_tests::{plain, spool_leftovers, spooled, SmtpClient};
 
 pub const PASSWORD: &str = "s3cret";
@@ -45,8 +46,28 @@ fn hash(password: &str) -> String {
 
 impl Harness {
     /// Starts a worker; `limits` is a TOML inline table for every connector.
+    /// Delivery does not run: what was accepted stays in the spool.
     pub async fn start(limits: &str) -> Harness {
-        let dir = tempfile::tempdir().unwrap();
+        Self::launch(limits, "", None, false).await
+    }
+
+    /// Starts a worker that also delivers, with `extra` config (routes,
+    /// delivery) appended, in `dir` if given (a restart on the same data
+    /// directory).
+    pub async fn start_with(limits: &str, extra: &str, dir: Option<tempfile::TempDir>) -> Harness {
+        Self::launch(limits, extra, dir, true).await
+    }
+
+    async fn launch(
+        limits: &str,
+        extra: &str,
+        dir: Option<tempfile::TempDir>,
+        delivery: bool,
+    ) -> Harness {
+        let dir = match dir {
+            Some(d) => d,
+            None => tempfile::tempdir().unwrap(),
+        };
         let ca = ferry_tests::make_certificate(dir.path());
         let front_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -123,6 +144,8 @@ name = "printer"
 password_hash = "{h}"
 allowed_senders = ["*"]
 allowed_ranges = ["127.0.0.40/32"]
+
+{extra}
 "#,
             fp = front.port(),
             cp = client.port(),
@@ -131,6 +154,7 @@ allowed_ranges = ["127.0.0.40/32"]
         let config = ClusterConfig::parse("test.toml", &text, dir.path()).unwrap();
         let runtime = Runtime::new(config).unwrap();
         let spool = Journal::open(dir.path()).unwrap();
+        let journal = spool.clone();
         let worker = Worker::new(
             WorkerOptions {
                 listen: "127.0.0.1".parse().unwrap(),
@@ -140,6 +164,10 @@ allowed_ranges = ["127.0.0.40/32"]
             runtime,
             Arc::new(spool),
         );
+        if delivery {
+            let deliverer = Deliverer::new(Arc::clone(&worker), journal);
+            tokio::spawn(deliverer.run(worker.shutdown_token()));
+        }
         let task = tokio::spawn(
             Arc::clone(&worker).run(vec![front_l, client_l, v6_l], Duration::from_secs(10)),
         );
@@ -156,6 +184,13 @@ allowed_ranges = ["127.0.0.40/32"]
 
     pub fn data(&self) -> PathBuf {
         self.dir.path().to_path_buf()
+    }
+
+    /// Shuts the worker down and hands back its data directory.
+    pub async fn stop(self) -> tempfile::TempDir {
+        self.worker.shutdown_token().cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(15), self.task).await;
+        self.dir
     }
 
     /// Connects to the shared front port from `source`; checks the banner.

@@ -1,0 +1,461 @@
+//! Delivery: takes messages from the spool when they are due, sends each
+//! recipient's copy along its route, records a state per recipient,
+//! retries temporary failures on the configured schedule, and reports to
+//! the sender (a delay notice, then a bounce) as RFC 3464 DSNs.
+
+mod client;
+mod directory;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry_config::{ClusterConfig, Route, RouteAction};
+use ferry_queue::dsn::{self, Report, ReportKind, ReportedRecipient};
+use ferry_queue::{
+    DeliveryState, Journal, QueueId, RecipientState, Spool, SpooledMessage, StoredEnvelope,
+};
+use metrics::counter;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn, Instrument};
+
+pub use client::{HopError, RecipientOutcome};
+
+use crate::server::Worker;
+
+/// Attempts running at once.
+const CONCURRENT_ATTEMPTS: usize = 64;
+
+/// The worker's delivery agent.
+pub struct Deliverer {
+    worker: Arc<Worker>,
+    journal: Journal,
+    in_flight: Mutex<HashSet<QueueId>>,
+    slots: Arc<Semaphore>,
+    /// Woken when an attempt ends, so its next attempt gets scheduled.
+    attempt_done: tokio::sync::Notify,
+}
+
+fn unix_now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+impl Deliverer {
+    pub fn new(worker: Arc<Worker>, journal: Journal) -> Arc<Self> {
+        Arc::new(Self {
+            worker,
+            journal,
+            in_flight: Mutex::new(HashSet::new()),
+            slots: Arc::new(Semaphore::new(CONCURRENT_ATTEMPTS)),
+            attempt_done: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// Delivers until `shutdown` is cancelled.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let stored = self.journal.stored_signal();
+        loop {
+            let now = unix_now();
+            let mut wake = now + 60;
+            for m in self.journal.messages() {
+                if m.state.next_attempt > now {
+                    wake = wake.min(m.state.next_attempt);
+                    continue;
+                }
+                if !self.claim(&m.id) {
+                    continue;
+                }
+                let Ok(permit) = Arc::clone(&self.slots).acquire_owned().await else {
+                    return;
+                };
+                let me = Arc::clone(&self);
+                let span = tracing::info_span!("delivery", queue_id = %m.id);
+                tokio::spawn(
+                    async move {
+                        let id = m.id.clone();
+                        me.attempt(m).await;
+                        me.release(&id);
+                        drop(permit);
+                        me.attempt_done.notify_one();
+                    }
+                    .instrument(span),
+                );
+            }
+            let wait = Duration::from_secs(u64::try_from((wake - now).clamp(1, 60)).unwrap_or(1));
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = stored.notified() => {}
+                _ = self.attempt_done.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    fn claim(&self, id: &QueueId) -> bool {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone())
+    }
+
+    fn release(&self, id: &QueueId) {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+
+    /// One delivery attempt for every pending recipient of `m`.
+    async fn attempt(&self, m: SpooledMessage) {
+        let runtime = self.worker.runtime();
+        let config = Arc::clone(&runtime.config);
+        let message = match self.journal.body(&m) {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(error = %e, "cannot read the message from the spool; trying later");
+                let mut state = m.state.clone();
+                state.next_attempt = unix_now() + config.delivery.retry_interval.as_secs() as i64;
+                let _ = self.journal.record_state(&m.id, &state).await;
+                return;
+            }
+        };
+        let mut state = m.state.clone();
+        state.attempts += 1;
+
+        // Recipients grouped by the route that takes them.
+        let mut groups: Vec<(Option<usize>, Vec<String>)> = Vec::new();
+        for r in state.pending() {
+            let domain = r.address.rsplit_once('@').map_or("", |(_, d)| d);
+            let route = config
+                .route_for(domain)
+                .and_then(|route| config.routes.iter().position(|x| std::ptr::eq(x, route)));
+            match groups.iter_mut().find(|(k, _)| *k == route) {
+                Some((_, list)) => list.push(r.address.clone()),
+                None => groups.push((route, vec![r.address.clone()])),
+            }
+        }
+        for (route, recipients) in groups {
+            let route = route.and_then(|i| config.routes.get(i));
+            let results = self
+                .send_group(&config, route, &m, &recipients, &message)
+                .await;
+            for (address, result) in results {
+                if let Some(r) = state.recipients.iter_mut().find(|r| r.address == address) {
+                    r.state = result;
+                }
+            }
+        }
+        self.conclude(&config, &m, state, &message).await;
+    }
+
+    async fn send_group(
+        &self,
+        config: &ClusterConfig,
+        route: Option<&Route>,
+        m: &SpooledMessage,
+        recipients: &[String],
+        message: &[u8],
+    ) -> Vec<(String, RecipientState)> {
+        let all = |state: RecipientState| {
+            recipients
+                .iter()
+                .map(|r| (r.clone(), state.clone()))
+                .collect::<Vec<_>>()
+        };
+        let Some(route) = route else {
+            counter!("ferry_delivery_attempts_total", "result" => "no_route").increment(1);
+            return all(RecipientState::Failed {
+                reply: "550 5.4.4 No route for the recipient's domain".into(),
+                next_hop: None,
+            });
+        };
+        match &route.action {
+            RouteAction::Directory(dir) => {
+                let (dir, id, env, rcpts, msg) = (
+                    dir.clone(),
+                    m.id.clone(),
+                    m.envelope.clone(),
+                    recipients.to_vec(),
+                    message.to_vec(),
+                );
+                let written = tokio::task::spawn_blocking(move || {
+                    directory::write_eml(&dir, &id, &env, &rcpts, &msg)
+                })
+                .await;
+                let hop = format!("directory:{}", route_path(route));
+                match written {
+                    Ok(Ok(name)) => {
+                        counter!("ferry_delivery_attempts_total", "result" => "delivered")
+                            .increment(1);
+                        info!(next_hop = %hop, file = %name, recipients = recipients.len(), "delivered");
+                        all(RecipientState::Delivered {
+                            next_hop: hop,
+                            reply: format!("250 2.0.0 written as {name}"),
+                        })
+                    }
+                    Ok(Err(e)) => {
+                        counter!("ferry_delivery_attempts_total", "result" => "deferred")
+                            .increment(1);
+                        warn!(next_hop = %hop, error = %e, "directory delivery failed; deferred");
+                        all(RecipientState::Deferred {
+                            reply: format!("451 4.3.0 cannot write to {hop}: {e}"),
+                        })
+                    }
+                    Err(e) => all(RecipientState::Deferred {
+                        reply: format!("451 4.3.0 delivery task failed: {e}"),
+                    }),
+                }
+            }
+            RouteAction::Smtp {
+                next_hops,
+                tls,
+                verify_certificates,
+                auth,
+            } => {
+                let settings = client::HopSettings {
+                    helo: &self.worker.options.hostname,
+                    tls: *tls,
+                    verify_certificates: *verify_certificates,
+                    auth: auth.as_ref(),
+                    connect_timeout: config.delivery.connect_timeout,
+                    command_timeout: config.delivery.command_timeout,
+                };
+                let tx = client::Transaction {
+                    mail_from: &m.envelope.mail_from,
+                    recipients,
+                    message,
+                    body_8bit: m.envelope.body_8bit,
+                    smtputf8: m.envelope.smtputf8,
+                };
+                let mut last_error = String::from("no next hop");
+                for hop in next_hops {
+                    match client::deliver(hop, &settings, &tx).await {
+                        Ok(outcomes) => {
+                            let hop = hop.to_string();
+                            return recipients
+                                .iter()
+                                .cloned()
+                                .zip(outcomes)
+                                .map(|(r, o)| {
+                                    let state = outcome_state(&hop, o);
+                                    let result = match &state {
+                                        RecipientState::Delivered { .. } => "delivered",
+                                        RecipientState::Failed { .. } => "failed",
+                                        _ => "deferred",
+                                    };
+                                    counter!("ferry_delivery_attempts_total", "result" => result).increment(1);
+                                    info!(next_hop = %hop, recipient = %r, ?state, "delivery attempt");
+                                    (r, state)
+                                })
+                                .collect();
+                        }
+                        Err(e) if e.is_permanent() => {
+                            counter!("ferry_delivery_attempts_total", "result" => "failed")
+                                .increment(1);
+                            info!(next_hop = %hop, error = %e, "message refused");
+                            let reply = match &e {
+                                HopError::Refused { reply, .. } => reply.to_string(),
+                                other => other.to_string(),
+                            };
+                            return all(RecipientState::Failed {
+                                reply,
+                                next_hop: Some(hop.to_string()),
+                            });
+                        }
+                        Err(e) => {
+                            info!(next_hop = %hop, error = %e, "next hop failed; trying the next one");
+                            last_error = e.to_string();
+                        }
+                    }
+                }
+                counter!("ferry_delivery_attempts_total", "result" => "deferred").increment(1);
+                all(RecipientState::Deferred {
+                    reply: format!("451 4.4.0 {last_error}"),
+                })
+            }
+        }
+    }
+
+    /// Expiry, reports to the sender, and the new state on disk.
+    async fn conclude(
+        &self,
+        config: &ClusterConfig,
+        m: &SpooledMessage,
+        mut state: DeliveryState,
+        message: &[u8],
+    ) {
+        let d = &config.delivery;
+        let now = unix_now();
+        let age = Duration::from_secs(u64::try_from(now - m.envelope.received_at).unwrap_or(0));
+        if age >= d.bounce_after {
+            for r in state.recipients.iter_mut() {
+                if let RecipientState::Deferred { reply } | RecipientState::Failed { reply, .. } =
+                    &r.state
+                {
+                    if r.state.is_pending() {
+                        r.state = RecipientState::Failed {
+                            reply: format!(
+                                "4.4.7 Message expired after {age:?}; last error: {reply}"
+                            ),
+                            next_hop: None,
+                        };
+                    }
+                } else if r.state.is_pending() {
+                    r.state = RecipientState::Failed {
+                        reply: format!("4.4.7 Message expired after {age:?}"),
+                        next_hop: None,
+                    };
+                }
+            }
+        }
+        let sender = m.envelope.mail_from.as_str();
+        // Recipients that failed in this attempt are reported now, not when
+        // the last deferred one is settled (as Exchange does).
+        let failed_now = reported(&state, |s| matches!(s, RecipientState::Failed { .. }))
+            .into_iter()
+            .filter(|r| {
+                m.state
+                    .recipients
+                    .iter()
+                    .any(|before| before.address == r.address && before.state.is_pending())
+            })
+            .collect::<Vec<_>>();
+        if !failed_now.is_empty() && !sender.is_empty() {
+            self.report(ReportKind::Failed, m, &failed_now, message)
+                .await;
+        }
+        if state.is_finished() {
+            if let Err(e) = self.journal.retire(&m.id).await {
+                warn!(error = %e, "cannot retire a finished message; it may be tried again");
+            }
+            info!(attempts = state.attempts, "message done");
+            return;
+        }
+        if !state.delay_notified && age >= d.delay_notice_after && !sender.is_empty() {
+            let delayed = reported(&state, RecipientState::is_pending);
+            self.report(ReportKind::Delayed, m, &delayed, message).await;
+            state.delay_notified = true;
+        }
+        let base = d.retry_interval.as_secs_f64();
+        let jitter = base * 0.1 * rand::random::<f64>();
+        state.next_attempt = now + (base + jitter).ceil() as i64;
+        if let Err(e) = self.journal.record_state(&m.id, &state).await {
+            warn!(error = %e, "cannot record the delivery state");
+        }
+    }
+
+    /// Queues a DSN to the sender of `m`.
+    async fn report(
+        &self,
+        kind: ReportKind,
+        m: &SpooledMessage,
+        recipients: &[ReportedRecipient],
+        message: &[u8],
+    ) {
+        let hostname = &self.worker.options.hostname;
+        let id = QueueId::new();
+        let now = chrono::Utc::now();
+        let body = dsn::render(&Report {
+            kind,
+            reporting_mta: hostname,
+            original: &m.envelope,
+            original_id: m.id.as_str(),
+            original_message: message,
+            recipients,
+            date: &now.to_rfc2822(),
+            unique: id.as_str(),
+        });
+        let envelope = StoredEnvelope {
+            mail_from: String::new(),
+            rcpt_to: vec![m.envelope.mail_from.clone()],
+            client_ip: "127.0.0.1".into(),
+            helo: hostname.clone(),
+            connector: "(delivery status notification)".into(),
+            user: None,
+            received_at: now.timestamp(),
+            body_8bit: false,
+            smtputf8: m.envelope.smtputf8,
+            session_id: String::new(),
+        };
+        let what = match kind {
+            ReportKind::Failed => "bounce",
+            ReportKind::Delayed => "delay notice",
+        };
+        match self.journal.store(id.clone(), envelope, body).await {
+            Ok(_) => info!(dsn = %id, to = %m.envelope.mail_from, "{what} queued"),
+            Err(e) => warn!(error = %e, "cannot queue the {what}"),
+        }
+    }
+}
+
+fn route_path(route: &Route) -> String {
+    match &route.action {
+        RouteAction::Directory(p) => p.display().to_string(),
+        RouteAction::Smtp { .. } => String::new(),
+    }
+}
+
+fn outcome_state(hop: &str, o: RecipientOutcome) -> RecipientState {
+    match o {
+        RecipientOutcome::Delivered(reply) => RecipientState::Delivered {
+            next_hop: hop.to_string(),
+            reply,
+        },
+        RecipientOutcome::Temporary(reply) => RecipientState::Deferred { reply },
+        RecipientOutcome::Permanent(reply) => RecipientState::Failed {
+            reply,
+            next_hop: Some(hop.to_string()),
+        },
+    }
+}
+
+/// The recipients whose state passes `pick`, as a report lists them.
+fn reported(
+    state: &DeliveryState,
+    pick: impl Fn(&RecipientState) -> bool,
+) -> Vec<ReportedRecipient> {
+    state
+        .recipients
+        .iter()
+        .filter(|r| pick(&r.state))
+        .map(|r| {
+            let (reply, hop) = match &r.state {
+                RecipientState::Failed { reply, next_hop } => (reply.clone(), next_hop.clone()),
+                RecipientState::Deferred { reply } => (reply.clone(), None),
+                RecipientState::Delivered { reply, next_hop } => {
+                    (reply.clone(), Some(next_hop.clone()))
+                }
+                RecipientState::Queued => ("not yet tried".to_string(), None),
+            };
+            let fallback = if matches!(r.state, RecipientState::Failed { .. }) {
+                "5.0.0"
+            } else {
+                "4.0.0"
+            };
+            let status = reply
+                .split_whitespace()
+                .find(|w| is_enhanced(w))
+                .unwrap_or(fallback)
+                .to_string();
+            ReportedRecipient {
+                address: r.address.clone(),
+                status,
+                diagnostic: reply,
+                remote_mta: hop.map(|h| {
+                    h.rsplit_once(':')
+                        .map_or(h.clone(), |(host, _)| host.to_string())
+                }),
+            }
+        })
+        .collect()
+}
+
+fn is_enhanced(word: &str) -> bool {
+    let parts: Vec<&str> = word.split('.').collect();
+    parts.len() == 3
+        && matches!(parts.first(), Some(&"2" | &"4" | &"5"))
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
+}

@@ -1,0 +1,242 @@
+//! Delivery to a real SMTP next hop on loopback: per-recipient outcomes,
+//! failover, TLS policy, bounces, delay notices, retry after a restart.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+mod harness;
+
+use std::path::Path;
+use std::time::Duration;
+
+use ferry_tests::free_port;
+use ferry_tests::sink::SmtpSink;
+use harness::*;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn routes(hops: &str, tls: &str, delivery: &str) -> String {
+    format!(
+        r#"
+[[routes]]
+domains = ["sink.test"]
+type = "smtp"
+next_hops = [{hops}]
+tls = "{tls}"
+
+[[routes]]
+domains = ["example.test"]
+type = "directory"
+path = "mailbox"
+
+[delivery]
+{delivery}
+"#
+    )
+}
+
+/// Sends one message through the Anon Relay connector (may relay anywhere).
+async fn relay(h: &Harness, to: &[&str]) {
+    let (mut c, banner) = h.front_from("127.0.0.30").await;
+    assert_eq!(banner, "220 Anon Relay ready");
+    c.cmd("EHLO app").await;
+    assert_eq!(
+        c.cmd("MAIL FROM:<app@example.test>").await,
+        "250 2.1.0 Sender OK"
+    );
+    for r in to {
+        assert_eq!(
+            c.cmd(&format!("RCPT TO:<{r}>")).await,
+            "250 2.1.5 Recipient OK"
+        );
+    }
+    c.cmd("DATA").await;
+    c.send(b"Subject: quarterly report\r\nMessage-ID: <q1@example.test>\r\n\r\n..leading dot\r\nbody\r\n.\r\n")
+        .await
+        .unwrap();
+    assert!(c.reply().await.starts_with("250 2.6.0"));
+    c.cmd("QUIT").await;
+}
+
+/// Waits (bounded) for `.eml` files in `dir` whose text contains `needle`.
+async fn wait_for_eml(dir: &Path, needle: &str) -> Vec<String> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let found: Vec<String> = std::fs::read_dir(dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".eml"))
+                    .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                    .filter(|t| t.contains(needle))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !found.is_empty() || tokio::time::Instant::now() >= deadline {
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the spool's only message has `pending` recipients left.
+async fn wait_for_state(h: &Harness, want: &str) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let states = spool_states(&h.data());
+        if states.iter().any(|s| s.to_string().contains(want))
+            || tokio::time::Instant::now() >= deadline
+        {
+            return serde_json::Value::Array(states);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The delivery states in the spool, read back as a restart would.
+fn spool_states(data: &Path) -> Vec<serde_json::Value> {
+    ferry_queue::journal::scan_states(data)
+        .unwrap()
+        .into_iter()
+        .map(|s| serde_json::to_value(s).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_delivered_one_retried_one_bounced() {
+    let sink = SmtpSink::start().await;
+    let extra = routes(&format!("\"{}\"", sink.addr), "none", "");
+    let h = Harness::start_with("{}", &extra, None).await;
+    relay(&h, &["ok@sink.test", "temp@sink.test", "perm@sink.test"]).await;
+
+    // The next hop got one copy, for the one recipient it accepted, with
+    // the content intact (dot-stuffed on the wire).
+    let got = sink.wait_for(1, WAIT).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].mail_from, "app@example.test");
+    assert_eq!(got[0].rcpt_to, vec!["ok@sink.test"]);
+    let data = String::from_utf8_lossy(&got[0].data);
+    assert!(
+        data.starts_with("Received: from app ([127.0.0.30])"),
+        "{data}"
+    );
+    assert!(data.ends_with("Subject: quarterly report\r\nMessage-ID: <q1@example.test>\r\n\r\n..leading dot\r\nbody\r\n"), "{data:?}");
+
+    // The sender gets a bounce naming the refused recipient and the reply.
+    let bounces = wait_for_eml(&h.data().join("mailbox"), "Undeliverable").await;
+    assert_eq!(bounces.len(), 1);
+    let b = &bounces[0];
+    for expected in [
+        "X-Ferry-Mail-From: <>\r\n",
+        "X-Ferry-Rcpt-To: <app@example.test>\r\n",
+        "From: Mail Delivery System <MAILER-DAEMON@relay.test>\r\n",
+        "To: <app@example.test>\r\n",
+        "Subject: Undeliverable: quarterly report\r\n",
+        "Auto-Submitted: auto-replied\r\n",
+        "Content-Type: multipart/report; report-type=delivery-status;",
+        "Content-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; relay.test\r\n",
+        "Final-Recipient: rfc822; perm@sink.test\r\nAction: failed\r\nStatus: 5.1.1\r\nRemote-MTA: dns; 127.0.0.1\r\nDiagnostic-Code: smtp; 550 5.1.1 no such user\r\n",
+        "Content-Type: text/rfc822-headers\r\n\r\nReceived: from app ([127.0.0.30])",
+        "Subject: quarterly report\r\nMessage-ID: <q1@example.test>\r\n",
+    ] {
+        assert!(b.contains(expected), "missing {expected:?} in\n{b}");
+    }
+    assert!(
+        !b.contains("ok@sink.test") && !b.contains("temp@sink.test"),
+        "{b}"
+    );
+    assert!(!b.contains("body\r\n"), "a bounce quotes headers only");
+
+    // The 450 recipient waits for its retry, durably.
+    let states = wait_for_state(&h, "deferred").await;
+    let s = states.to_string();
+    assert!(
+        s.contains(
+            r#""address":"temp@sink.test","reply":"450 4.2.0 mailbox busy","state":"deferred""#
+        ),
+        "{s}"
+    );
+    assert!(
+        s.contains(r#""address":"ok@sink.test""#) && s.contains(r#""state":"delivered""#),
+        "{s}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn next_hop_failover() {
+    let sink = SmtpSink::start().await;
+    let dead = free_port("127.0.0.1".parse().unwrap());
+    let extra = routes(
+        &format!("\"127.0.0.1:{dead}\", \"{}\"", sink.addr),
+        "none",
+        "",
+    );
+    let h = Harness::start_with("{}", &extra, None).await;
+    relay(&h, &["ok@sink.test"]).await;
+    let got = sink.wait_for(1, WAIT).await;
+    assert_eq!(got.len(), 1, "the second next hop was not tried");
+    assert_eq!(got[0].rcpt_to, vec!["ok@sink.test"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_required_is_never_sent_in_clear() {
+    let sink = SmtpSink::start().await;
+    let extra = routes(&format!("\"{}\"", sink.addr), "required", "");
+    let h = Harness::start_with("{}", &extra, None).await;
+    relay(&h, &["ok@sink.test"]).await;
+    let states = wait_for_state(&h, "deferred").await.to_string();
+    assert!(
+        states.contains("does not offer STARTTLS, and the route requires TLS"),
+        "{states}"
+    );
+    assert!(sink.received().is_empty(), "sent in clear");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delay_notice_then_retry_after_restart() {
+    let sink = SmtpSink::start().await;
+    let extra = routes(
+        &format!("\"{}\"", sink.addr),
+        "none",
+        "retry_interval = \"1s\"\ndelay_notice_after = \"1s\"",
+    );
+    let h = Harness::start_with("{}", &extra, None).await;
+    relay(&h, &["temp@sink.test"]).await;
+    let notices = wait_for_eml(&h.data().join("mailbox"), "Delivery delayed").await;
+    assert_eq!(
+        notices.len(),
+        1,
+        "no delay notice: {:?}",
+        spool_states(&h.data())
+    );
+    let n = &notices[0];
+    assert!(
+        n.contains(
+            "Final-Recipient: rfc822; temp@sink.test\r\nAction: delayed\r\nStatus: 4.2.0\r\n"
+        ),
+        "{n}"
+    );
+    assert!(
+        n.contains("Diagnostic-Code: smtp; 450 4.2.0 mailbox busy"),
+        "{n}"
+    );
+
+    // Restart on the same data directory; the next hop now accepts.
+    let dir = h.stop().await;
+    assert!(sink.received().is_empty());
+    sink.accept_everything();
+    let h = Harness::start_with("{}", &extra, Some(dir)).await;
+    let got = sink.wait_for(1, WAIT).await;
+    assert_eq!(got.len(), 1, "not retried after the restart");
+    assert_eq!(got[0].rcpt_to, vec!["temp@sink.test"]);
+    // Delivered, so retired: only a single delay notice, no second one.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !spool_states(&h.data()).is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(spool_states(&h.data()).is_empty());
+    assert_eq!(
+        wait_for_eml(&h.data().join("mailbox"), "Delivery delayed")
+            .await
+            .len(),
+        1
+    );
+}

@@ -1,0 +1,143 @@
+//! A scripted SMTP next hop on loopback: records what it receives and
+//! answers recipients by their local part — `temp…` gets `450 4.2.0`,
+//! `perm…` gets `550 5.1.1`, anything else `250`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// One message as the sink got it.
+#[derive(Debug, Clone)]
+pub struct SinkMessage {
+    pub mail_from: String,
+    pub rcpt_to: Vec<String>,
+    /// As sent (still dot-stuffed), without the final `.CRLF`.
+    pub data: Vec<u8>,
+}
+
+#[derive(Clone)]
+pub struct SmtpSink {
+    pub addr: SocketAddr,
+    received: Arc<Mutex<Vec<SinkMessage>>>,
+    accept_all: Arc<AtomicBool>,
+}
+
+impl SmtpSink {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let sink = SmtpSink {
+            addr: listener.local_addr().unwrap(),
+            received: Arc::default(),
+            accept_all: Arc::default(),
+        };
+        let s = sink.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let _ = s.serve(stream).await;
+                });
+            }
+        });
+        sink
+    }
+
+    /// From now on `temp…` recipients are accepted too.
+    pub fn accept_everything(&self) {
+        self.accept_all.store(true, Ordering::SeqCst);
+    }
+
+    pub fn received(&self) -> Vec<SinkMessage> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// Waits (bounded) until at least `n` messages arrived.
+    pub async fn wait_for(&self, n: usize, limit: Duration) -> Vec<SinkMessage> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let got = self.received();
+            if got.len() >= n || tokio::time::Instant::now() >= deadline {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn serve(&self, mut stream: tokio::net::TcpStream) -> std::io::Result<()> {
+        stream.write_all(b"220 sink.test ESMTP\r\n").await?;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 8192];
+        let mut from = String::new();
+        let mut rcpts = Vec::new();
+        let mut in_data = false;
+        loop {
+            if in_data {
+                if let Some(end) = buf.windows(5).position(|w| w == b"\r\n.\r\n") {
+                    let data = buf[..end + 2].to_vec();
+                    buf.drain(..end + 5);
+                    in_data = false;
+                    self.received.lock().unwrap().push(SinkMessage {
+                        mail_from: std::mem::take(&mut from),
+                        rcpt_to: std::mem::take(&mut rcpts),
+                        data,
+                    });
+                    stream.write_all(b"250 2.0.0 queued as SINK\r\n").await?;
+                    continue;
+                }
+            } else if let Some(lf) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=lf).collect();
+                let line = String::from_utf8_lossy(&line).trim_end().to_string();
+                let upper = line.to_ascii_uppercase();
+                let reply: String = if upper.starts_with("EHLO") {
+                    "250-sink.test\r\n250-PIPELINING\r\n250-SIZE 100000000\r\n250 8BITMIME".into()
+                } else if upper.starts_with("HELO")
+                    || upper.starts_with("RSET")
+                    || upper.starts_with("NOOP")
+                {
+                    "250 2.0.0 OK".into()
+                } else if upper.starts_with("MAIL FROM:") {
+                    from = addr_of(&line);
+                    rcpts.clear();
+                    "250 2.1.0 OK".into()
+                } else if upper.starts_with("RCPT TO:") {
+                    let to = addr_of(&line);
+                    let accept_all = self.accept_all.load(Ordering::SeqCst);
+                    if to.starts_with("perm") {
+                        "550 5.1.1 no such user".into()
+                    } else if to.starts_with("temp") && !accept_all {
+                        "450 4.2.0 mailbox busy".into()
+                    } else {
+                        rcpts.push(to);
+                        "250 2.1.5 OK".into()
+                    }
+                } else if upper == "DATA" {
+                    in_data = true;
+                    "354 go ahead".into()
+                } else if upper == "QUIT" {
+                    stream.write_all(b"221 2.0.0 bye\r\n").await?;
+                    return Ok(());
+                } else {
+                    "500 5.5.1 what?".into()
+                };
+                stream.write_all(format!("{reply}\r\n").as_bytes()).await?;
+                continue;
+            }
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+fn addr_of(line: &str) -> String {
+    line.split_once('<')
+        .and_then(|(_, rest)| rest.split_once('>'))
+        .map(|(a, _)| a.to_string())
+        .unwrap_or_default()
+}
