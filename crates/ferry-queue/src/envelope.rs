@@ -1,19 +1,31 @@
 //! The envelope stored with each message.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-/// A queue id: 20 hex digits, time-ordered, unique per node.
+/// A queue id: 20 hex digits, unique per node, and in the order the ids
+/// were made (microseconds since 1970, bumped past the last one made, then
+/// four random digits).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct QueueId(String);
 
 impl QueueId {
     pub fn new() -> Self {
-        let millis = std::time::SystemTime::now()
+        static LAST: AtomicU64 = AtomicU64::new(0);
+        let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        QueueId(format!("{millis:012X}{:08X}", rand::random::<u32>()))
+            .map_or(0, |d| d.as_micros() as u64);
+        let mut last = LAST.load(Ordering::Relaxed);
+        let stamp = loop {
+            let next = now.max(last + 1);
+            match LAST.compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => break next,
+                Err(seen) => last = seen,
+            }
+        };
+        QueueId(format!("{stamp:016X}{:04X}", rand::random::<u16>()))
     }
 
     /// Accepts only what `new` makes, so an id can name a file safely.
@@ -56,4 +68,7 @@ pub struct StoredEnvelope {
     pub smtputf8: bool,
     /// The session that received it, for the protocol log.
     pub session_id: String,
+    /// The message's Message-ID header field, if it has one.
+    #[serde(default)]
+    pub message_id: Option<String>,
 }

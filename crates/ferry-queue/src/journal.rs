@@ -609,6 +609,7 @@ mod tests {
             body_8bit: false,
             smtputf8: false,
             session_id: "S1".into(),
+            message_id: None,
         }
     }
 

@@ -127,6 +127,29 @@ pub fn received_count(message: &[u8]) -> usize {
         .count()
 }
 
+/// The value of the first header field called `name` (unfolded, trimmed).
+pub fn header_value(message: &[u8], name: &str) -> Option<String> {
+    let header = message.get(..header_len(message)).unwrap_or(message);
+    let text = String::from_utf8_lossy(header);
+    let mut lines = text.split("\r\n").peekable();
+    while let Some(line) = lines.next() {
+        let Some((field, value)) = line.split_once(':') else {
+            continue;
+        };
+        if !field.eq_ignore_ascii_case(name) {
+            continue;
+        }
+        let mut value = value.trim().to_string();
+        while let Some(next) = lines.peek().filter(|l| l.starts_with([' ', '\t'])) {
+            value.push(' ');
+            value.push_str(next.trim());
+            lines.next();
+        }
+        return Some(value.trim().to_string());
+    }
+    None
+}
+
 /// Dot-stuffs a CRLF-normalised message for sending and appends `.CRLF`.
 pub fn dot_stuff(message: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(message.len() + 64);
@@ -215,6 +238,13 @@ mod tests {
             b"a\r\nb\r\nc\r\n"
         );
         assert_eq!(normalize_line_endings(b"\nx".to_vec()), b"\r\nx");
+    }
+
+    #[test]
+    fn header_values_unfold() {
+        let m = b"Subject: a\r\nMessage-ID:\r\n <x@y>\r\n\r\nMessage-ID: <body>\r\n";
+        assert_eq!(header_value(m, "message-id").as_deref(), Some("<x@y>"));
+        assert_eq!(header_value(m, "From"), None);
     }
 
     #[test]

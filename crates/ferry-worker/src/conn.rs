@@ -19,6 +19,7 @@ use crate::metric;
 use crate::protolog::{LogEvent, SessionLog};
 use crate::runtime::Runtime;
 use crate::server::Worker;
+use crate::tracking::TrackingEvent;
 
 const READ_BUFFER: usize = 16 * 1024;
 /// How long a refusal may take to write before we just close.
@@ -486,10 +487,16 @@ impl Connection {
             body_8bit: mail_from.as_ref().is_some_and(|m| m.body_8bit),
             smtputf8: mail_from.as_ref().is_some_and(|m| m.smtputf8),
             session_id: self.session_id.clone(),
+            message_id: ferry_smtp::data::header_value(&body, "Message-ID"),
         };
         let rcpts = stored.rcpt_to.len();
+        let tracked = stored.clone();
         match self.worker.spool.store(id, stored, message).await {
             Ok(id) => {
+                let mut event = TrackingEvent::new("received", &id, &tracked);
+                event.size = Some(size as u64);
+                event.session_id = Some(&self.session_id);
+                self.worker.tracking.record(&event);
                 counter!(metric::MESSAGES_ACCEPTED, "connector" => self.label()).increment(1);
                 counter!(metric::RECEIVED_BYTES, "connector" => self.label())
                     .increment(size as u64);

@@ -11,18 +11,20 @@
 //! [`delivery`] (routes, the SMTP client, retries, bounces),
 //! `conn` (one SMTP connection), [`runtime`] (config snapshot and TLS
 //! acceptors), `auth` (password checks and tarpit), [`protolog`]
-//! (Exchange-format protocol logs), `limits` (per-source caps), `metric`
+//! (Exchange-format protocol logs), [`tracking`] (message tracking log), `limits` (per-source caps), `metric`
 //! (metric names). Balancing is not done here.
 #![forbid(unsafe_code)]
 
 mod auth;
 mod conn;
+mod daily;
 pub mod delivery;
 mod limits;
 mod metric;
 pub mod protolog;
 pub mod runtime;
 pub mod server;
+pub mod tracking;
 
 pub use delivery::Deliverer;
 pub use runtime::{Runtime, RuntimeError};

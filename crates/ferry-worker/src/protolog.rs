@@ -3,59 +3,45 @@
 //! whose `protocol_log` is `verbose`. AUTH secrets never reach it: the
 //! session masks them before they are logged.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use chrono::{NaiveDate, Utc};
+use chrono::Utc;
+
+use crate::daily::DailyFile;
 
 const FIELDS: &str =
     "date-time,connector-id,session-id,sequence-number,local-endpoint,remote-endpoint,event,data,context";
 
 /// The shared writer of one node's protocol log.
 pub struct ProtocolLogger {
-    dir: PathBuf,
-    file: Mutex<Option<(NaiveDate, File)>>,
+    file: DailyFile,
+}
+
+fn header() -> String {
+    format!(
+        "#Software: Ferry\r\n#Version: {}\r\n#Log-type: SMTP Receive Protocol Log\r\n#Date: {}\r\n#Fields: {FIELDS}\r\n",
+        env!("CARGO_PKG_VERSION"),
+        Utc::now().format("%Y-%m-%dT%H:%M:%S%.3fZ"),
+    )
 }
 
 impl ProtocolLogger {
     pub fn new(data_dir: &Path) -> Self {
+        let dir = data_dir.join("logs").join("smtp-receive");
         Self {
-            dir: data_dir.join("logs").join("smtp-receive"),
-            file: Mutex::new(None),
+            file: DailyFile::new(dir, "RECV", "LOG", header),
         }
     }
 
-    /// Today's file name.
-    pub fn path_for(&self, day: NaiveDate) -> PathBuf {
-        self.dir.join(format!("RECV{}.LOG", day.format("%Y%m%d")))
+    /// The file of a given day.
+    pub fn path_for(&self, day: chrono::NaiveDate) -> PathBuf {
+        self.file.path_for(day)
     }
 
-    fn write_line(&self, line: &str) -> io::Result<()> {
-        let now = Utc::now();
-        let today = now.date_naive();
-        let mut guard = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        if guard.as_ref().is_none_or(|(day, _)| *day != today) {
-            fs::create_dir_all(&self.dir)?;
-            let path = self.path_for(today);
-            let new = !path.exists();
-            let mut f = OpenOptions::new().create(true).append(true).open(&path)?;
-            if new {
-                write!(
-                    f,
-                    "#Software: Ferry\r\n#Version: {}\r\n#Log-type: SMTP Receive Protocol Log\r\n#Date: {}\r\n#Fields: {FIELDS}\r\n",
-                    env!("CARGO_PKG_VERSION"),
-                    now.format("%Y-%m-%dT%H:%M:%S%.3fZ"),
-                )?;
-            }
-            *guard = Some((today, f));
-        }
-        match guard.as_mut() {
-            Some((_, f)) => f.write_all(line.as_bytes()),
-            None => Ok(()),
-        }
+    fn write_line(&self, line: &str) -> std::io::Result<()> {
+        self.file.append(line)
     }
 }
 

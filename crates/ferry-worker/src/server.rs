@@ -19,6 +19,7 @@ use crate::conn;
 use crate::limits::ConnectionLimits;
 use crate::protolog::ProtocolLogger;
 use crate::runtime::Runtime;
+use crate::tracking::TrackingLog;
 
 /// The node's own settings (not part of the cluster config).
 #[derive(Debug, Clone)]
@@ -36,6 +37,7 @@ pub struct Worker {
     runtime: ArcSwap<Runtime>,
     pub(crate) spool: Arc<dyn Spool>,
     pub(crate) protolog: Arc<ProtocolLogger>,
+    pub(crate) tracking: Arc<TrackingLog>,
     pub(crate) limits: ConnectionLimits,
     session_base: u64,
     session_seq: AtomicU64,
@@ -47,6 +49,7 @@ pub struct Worker {
 impl Worker {
     pub fn new(options: WorkerOptions, runtime: Runtime, spool: Arc<dyn Spool>) -> Arc<Self> {
         let protolog = Arc::new(ProtocolLogger::new(&options.data_dir));
+        let tracking = Arc::new(TrackingLog::new(&options.data_dir));
         let session_base = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_micros() as u64)
@@ -56,6 +59,7 @@ impl Worker {
             runtime: ArcSwap::from_pointee(runtime),
             spool,
             protolog,
+            tracking,
             limits: ConnectionLimits::default(),
             session_base,
             session_seq: AtomicU64::new(0),

@@ -23,6 +23,7 @@ use tracing::{info, warn, Instrument};
 pub use client::{HopError, RecipientOutcome};
 
 use crate::server::Worker;
+use crate::tracking::TrackingEvent;
 
 /// Attempts running at once.
 const CONCURRENT_ATTEMPTS: usize = 64;
@@ -141,6 +142,7 @@ impl Deliverer {
                 .send_group(&config, route, &m, &recipients, &message)
                 .await;
             for (address, result) in results {
+                self.track(&m, &address, &result, state.attempts);
                 if let Some(r) = state.recipients.iter_mut().find(|r| r.address == address) {
                     r.state = result;
                 }
@@ -277,6 +279,25 @@ impl Deliverer {
         }
     }
 
+    fn track(&self, m: &SpooledMessage, address: &str, state: &RecipientState, attempt: u32) {
+        let (event, next_hop, reply) = match state {
+            RecipientState::Delivered { next_hop, reply } => {
+                ("delivered", Some(next_hop.as_str()), Some(reply.as_str()))
+            }
+            RecipientState::Deferred { reply } => ("deferred", None, Some(reply.as_str())),
+            RecipientState::Failed { reply, next_hop } => {
+                ("failed", next_hop.as_deref(), Some(reply.as_str()))
+            }
+            RecipientState::Queued => return,
+        };
+        let mut e = TrackingEvent::new(event, &m.id, &m.envelope);
+        e.recipients = vec![address];
+        e.next_hop = next_hop;
+        e.reply = reply;
+        e.attempt = Some(attempt);
+        self.worker.tracking.record(&e);
+    }
+
     /// Expiry, reports to the sender, and the new state on disk.
     async fn conclude(
         &self,
@@ -289,24 +310,18 @@ impl Deliverer {
         let now = unix_now();
         let age = Duration::from_secs(u64::try_from(now - m.envelope.received_at).unwrap_or(0));
         if age >= d.bounce_after {
-            for r in state.recipients.iter_mut() {
-                if let RecipientState::Deferred { reply } | RecipientState::Failed { reply, .. } =
-                    &r.state
-                {
-                    if r.state.is_pending() {
-                        r.state = RecipientState::Failed {
-                            reply: format!(
-                                "4.4.7 Message expired after {age:?}; last error: {reply}"
-                            ),
-                            next_hop: None,
-                        };
-                    }
-                } else if r.state.is_pending() {
-                    r.state = RecipientState::Failed {
-                        reply: format!("4.4.7 Message expired after {age:?}"),
-                        next_hop: None,
-                    };
-                }
+            for r in state.recipients.iter_mut().filter(|r| r.state.is_pending()) {
+                let last = match &r.state {
+                    RecipientState::Deferred { reply } => format!("; last error: {reply}"),
+                    _ => String::new(),
+                };
+                r.state = RecipientState::Failed {
+                    reply: format!("4.4.7 Message expired after {age:?}{last}"),
+                    next_hop: None,
+                };
+                let mut e = TrackingEvent::new("expired", &m.id, &m.envelope);
+                e.recipients = vec![r.address.as_str()];
+                self.worker.tracking.record(&e);
             }
         }
         let sender = m.envelope.mail_from.as_str();
@@ -377,13 +392,24 @@ impl Deliverer {
             body_8bit: false,
             smtputf8: m.envelope.smtputf8,
             session_id: String::new(),
+            message_id: None,
         };
         let what = match kind {
             ReportKind::Failed => "bounce",
             ReportKind::Delayed => "delay notice",
         };
         match self.journal.store(id.clone(), envelope, body).await {
-            Ok(_) => info!(dsn = %id, to = %m.envelope.mail_from, "{what} queued"),
+            Ok(_) => {
+                info!(dsn = %id, to = %m.envelope.mail_from, "{what} queued");
+                let event = match kind {
+                    ReportKind::Failed => "bounced",
+                    ReportKind::Delayed => "delay_notified",
+                };
+                let mut e = TrackingEvent::new(event, &m.id, &m.envelope);
+                e.recipients = recipients.iter().map(|r| r.address.as_str()).collect();
+                e.dsn_queue_id = Some(id.as_str());
+                self.worker.tracking.record(&e);
+            }
             Err(e) => warn!(error = %e, "cannot queue the {what}"),
         }
     }
