@@ -18,7 +18,13 @@ pub struct ClusterConfig {
     pub users: BTreeMap<String, Arc<User>>,
     pub routes: Vec<crate::routes::Route>,
     pub delivery: crate::routes::Delivery,
+    /// Below this much free space in the data directory, new mail gets
+    /// `452 4.3.1` and the node reports not ready (back-pressure).
+    pub min_free_space: u64,
 }
+
+/// The default floor of free space for the spool.
+pub const DEFAULT_MIN_FREE_SPACE: u64 = 128 * 1024 * 1024;
 
 /// How an accepted domain is handled. Both kinds accept mail from the
 /// internal-relay connectors; `internal_relay` is for domains whose

@@ -19,6 +19,14 @@ pub(crate) struct RawConfig {
     pub routes: Vec<Spanned<RawRoute>>,
     #[serde(default)]
     pub delivery: RawDelivery,
+    #[serde(default)]
+    pub spool: RawSpool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSpool {
+    pub min_free_space: Option<Spanned<RawSize>>,
 }
 
 #[derive(Debug, Deserialize)]

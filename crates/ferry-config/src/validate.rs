@@ -184,6 +184,7 @@ pub(crate) fn parse(file: &str, text: &str, base_dir: &Path) -> Result<ClusterCo
         .filter_map(|r| route(&mut c, r.get_ref(), base_dir))
         .collect();
     let delivery = delivery(&mut c, &raw.delivery);
+    let min_free_space = c.size(&raw.spool.min_free_space, DEFAULT_MIN_FREE_SPACE);
 
     if !c.errors.is_empty() {
         c.errors.sort_by_key(|e| (e.line, e.column));
@@ -199,6 +200,7 @@ pub(crate) fn parse(file: &str, text: &str, base_dir: &Path) -> Result<ClusterCo
         users,
         routes,
         delivery,
+        min_free_space,
     })
 }
 

@@ -2,7 +2,6 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use http_body_util::Full;
@@ -18,8 +17,8 @@ use tokio::net::TcpListener;
 #[derive(Clone)]
 pub struct AdminState {
     pub metrics: PrometheusHandle,
-    /// Ready to take traffic (listeners up, not draining).
-    pub ready: Arc<AtomicBool>,
+    /// Ready to take traffic (listeners up, not draining, room to work).
+    pub ready: Arc<dyn Fn() -> bool + Send + Sync>,
 }
 
 fn respond(
@@ -46,9 +45,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             state.metrics.render(),
         ),
         "/livez" => respond(StatusCode::OK, "text/plain", "ok\n"),
-        "/readyz" if state.ready.load(Ordering::Relaxed) => {
-            respond(StatusCode::OK, "text/plain", "ready\n")
-        }
+        "/readyz" if (state.ready)() => respond(StatusCode::OK, "text/plain", "ready\n"),
         "/readyz" => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n"),
         _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }

@@ -333,6 +333,13 @@ impl Connection {
                     End::Error(r.to_string())
                 });
             }
+            Event::Mail(_) if self.worker.is_low_on_space() => {
+                counter!(metric::SENDERS_REJECTED, "connector" => self.label(), "reason" => "low_space").increment(1);
+                let reply = self
+                    .session
+                    .decide(Reply::new(452, "4.3.1 Insufficient system resources"));
+                self.send(&reply);
+            }
             Event::Mail(from) => {
                 let reply = match self.runtime.config.check_sender(
                     &self.connector,

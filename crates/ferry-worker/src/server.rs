@@ -21,6 +21,9 @@ use crate::protolog::ProtocolLogger;
 use crate::runtime::Runtime;
 use crate::tracking::TrackingLog;
 
+/// How often free space in the data directory is checked.
+const SPACE_CHECK: Duration = Duration::from_secs(1);
+
 /// The node's own settings (not part of the cluster config).
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
@@ -43,7 +46,10 @@ pub struct Worker {
     session_seq: AtomicU64,
     shutdown: CancellationToken,
     tracker: TaskTracker,
-    ready: Arc<AtomicBool>,
+    /// Listening and not shutting down.
+    listening: AtomicBool,
+    /// Free space in the data directory is under the floor.
+    low_space: AtomicBool,
 }
 
 impl Worker {
@@ -65,7 +71,8 @@ impl Worker {
             session_seq: AtomicU64::new(0),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
-            ready: Arc::new(AtomicBool::new(false)),
+            listening: AtomicBool::new(false),
+            low_space: AtomicBool::new(false),
         })
     }
 
@@ -79,9 +86,43 @@ impl Worker {
         self.runtime.store(Arc::new(runtime));
     }
 
-    /// Readiness for `/readyz`.
-    pub fn ready_flag(&self) -> Arc<AtomicBool> {
-        Arc::clone(&self.ready)
+    /// Readiness for `/readyz`: listening, not shutting down, and with
+    /// room in the spool.
+    pub fn is_ready(&self) -> bool {
+        self.listening.load(Ordering::Relaxed) && !self.is_low_on_space()
+    }
+
+    /// New mail is refused with `452 4.3.1` while this holds.
+    pub fn is_low_on_space(&self) -> bool {
+        self.low_space.load(Ordering::Relaxed)
+    }
+
+    /// Compares free space in the data directory with the config's floor.
+    pub fn check_space(&self) {
+        let floor = self.runtime().config.min_free_space;
+        match nix::sys::statvfs::statvfs(&self.options.data_dir) {
+            Ok(st) => {
+                let free = st.blocks_available().saturating_mul(st.fragment_size());
+                metrics::gauge!("ferry_spool_free_bytes").set(free as f64);
+                let low = free < floor;
+                if low != self.low_space.swap(low, Ordering::Relaxed) {
+                    if low {
+                        tracing::warn!(
+                            free,
+                            floor,
+                            "spool space under the floor: refusing new mail with 452 4.3.1"
+                        );
+                    } else {
+                        tracing::info!(
+                            free,
+                            floor,
+                            "spool space back over the floor: accepting mail"
+                        );
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read free space of the data directory"),
+        }
     }
 
     /// Cancelling this token shuts the worker down gracefully.
@@ -111,14 +152,25 @@ impl Worker {
     /// Serves on `listeners` until the shutdown token is cancelled and
     /// every session has ended (or `drain_limit` has passed).
     pub async fn run(self: Arc<Self>, listeners: Vec<TcpListener>, drain_limit: Duration) {
+        // Know the space situation before the first session starts.
+        self.check_space();
         for listener in listeners {
             let worker = Arc::clone(&self);
             self.tracker
                 .spawn(async move { worker.accept_loop(listener).await });
         }
-        self.ready.store(true, Ordering::Relaxed);
+        let monitor = Arc::clone(&self);
+        self.tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = monitor.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(SPACE_CHECK) => monitor.check_space(),
+                }
+            }
+        });
+        self.listening.store(true, Ordering::Relaxed);
         self.shutdown.cancelled().await;
-        self.ready.store(false, Ordering::Relaxed);
+        self.listening.store(false, Ordering::Relaxed);
         self.tracker.close();
         tracing::info!("shutting down: no new connections, letting sessions finish");
         if tokio::time::timeout(drain_limit, self.tracker.wait())

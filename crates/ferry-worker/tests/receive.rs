@@ -504,3 +504,33 @@ async fn shutdown_lets_transactions_finish_and_tells_idle_sessions() {
         .unwrap();
     assert_eq!(spooled(&data).len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn low_disk_space_refuses_new_mail_and_reports_not_ready() {
+    // No disk has this much free: the worker is under its floor at once.
+    let h = Harness::start_with(LIMITS, "[spool]\nmin_free_space = \"1000000000GB\"", None).await;
+    let (mut c, _) = h.front_from("127.0.0.1").await;
+    c.cmd("HELO x").await;
+    assert_eq!(
+        c.cmd("MAIL FROM:<a@example.test>").await,
+        "452 4.3.1 Insufficient system resources"
+    );
+    assert!(!h.worker.is_ready());
+    assert!(spooled(&h.data()).is_empty());
+
+    // With room to spare, the same worker setup accepts and is ready.
+    let h = Harness::start_with(LIMITS, "[spool]\nmin_free_space = \"1MB\"", None).await;
+    let (mut c, _) = h.front_from("127.0.0.1").await;
+    c.cmd("HELO x").await;
+    assert_eq!(
+        c.cmd("MAIL FROM:<a@example.test>").await,
+        "250 2.1.0 Sender OK"
+    );
+    let ready = tokio::time::timeout(Duration::from_secs(5), async {
+        while !h.worker.is_ready() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(ready.is_ok());
+}

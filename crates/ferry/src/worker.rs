@@ -49,7 +49,10 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let shutdown = worker.shutdown_token();
     let state = ferry_telemetry::admin::AdminState {
         metrics: ferry_telemetry::metrics_handle(),
-        ready: worker.ready_flag(),
+        ready: {
+            let w = Arc::clone(&worker);
+            Arc::new(move || w.is_ready())
+        },
     };
     let admin_shutdown = shutdown.clone();
     tokio::spawn(ferry_telemetry::admin::serve(admin, state, async move {
