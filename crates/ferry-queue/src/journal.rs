@@ -80,8 +80,9 @@ struct Request {
 
 struct Shared {
     dir: PathBuf,
-    /// Woken on every stored message (delivery waits on it).
-    stored: Arc<tokio::sync::Notify>,
+    /// Every stored message's id, for delivery to pick up.
+    arrivals: tokio::sync::mpsc::UnboundedSender<QueueId>,
+    arrivals_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<QueueId>>>,
     index: Mutex<Index>,
     tx: Mutex<mpsc::Sender<Request>>,
 }
@@ -362,6 +363,7 @@ impl Journal {
         index.delete_retired_segments(&dir);
         let current = index.current;
         let (tx, rx) = mpsc::channel();
+        let (arrivals, arrivals_rx) = tokio::sync::mpsc::unbounded_channel();
         let writer = Committer::open(&dir, current, segment_size)?;
         std::thread::Builder::new()
             .name("ferry-spool-commit".into())
@@ -369,7 +371,8 @@ impl Journal {
         Ok(Self {
             shared: Arc::new(Shared {
                 dir,
-                stored: Arc::new(tokio::sync::Notify::new()),
+                arrivals,
+                arrivals_rx: Mutex::new(Some(arrivals_rx)),
                 index: Mutex::new(index),
                 tx: Mutex::new(tx),
             }),
@@ -380,9 +383,14 @@ impl Journal {
         self.shared.index.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Notified each time a message is stored.
-    pub fn stored_signal(&self) -> Arc<tokio::sync::Notify> {
-        Arc::clone(&self.shared.stored)
+    /// The ids of messages stored from now on, in order (for the one
+    /// delivery agent; `None` once taken).
+    pub fn take_arrivals(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<QueueId>> {
+        self.shared
+            .arrivals_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     /// The live messages, oldest first.
@@ -504,7 +512,7 @@ impl Spool for Journal {
                 },
             );
             drop(index);
-            self.shared.stored.notify_one();
+            let _ = self.shared.arrivals.send(id.clone());
             Ok(id)
         })
     }

@@ -6,8 +6,9 @@
 mod client;
 mod directory;
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_config::{ClusterConfig, Route, RouteAction};
@@ -32,10 +33,7 @@ const CONCURRENT_ATTEMPTS: usize = 64;
 pub struct Deliverer {
     worker: Arc<Worker>,
     journal: Journal,
-    in_flight: Mutex<HashSet<QueueId>>,
     slots: Arc<Semaphore>,
-    /// Woken when an attempt ends, so its next attempt gets scheduled.
-    attempt_done: tokio::sync::Notify,
 }
 
 fn unix_now() -> i64 {
@@ -47,68 +45,69 @@ impl Deliverer {
         Arc::new(Self {
             worker,
             journal,
-            in_flight: Mutex::new(HashSet::new()),
             slots: Arc::new(Semaphore::new(CONCURRENT_ATTEMPTS)),
-            attempt_done: tokio::sync::Notify::new(),
         })
     }
 
-    /// Delivers until `shutdown` is cancelled.
+    /// Delivers until `shutdown` is cancelled. Messages wait in a heap by
+    /// the time of their next attempt; new ones arrive from the spool, and
+    /// each finished attempt puts its message back with its next time (or
+    /// not, once it is done).
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let stored = self.journal.stored_signal();
+        let Some(mut arrivals) = self.journal.take_arrivals() else {
+            warn!("a delivery agent already runs on this spool");
+            return;
+        };
+        let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel::<(QueueId, Option<i64>)>();
+        let mut due: BinaryHeap<Reverse<(i64, QueueId)>> = self
+            .journal
+            .messages()
+            .into_iter()
+            .map(|m| Reverse((m.state.next_attempt, m.id)))
+            .collect();
         loop {
             let now = unix_now();
-            let mut wake = now + 60;
-            for m in self.journal.messages() {
-                if m.state.next_attempt > now {
-                    wake = wake.min(m.state.next_attempt);
+            while due.peek().is_some_and(|Reverse((t, _))| *t <= now) {
+                let Some(Reverse((_, id))) = due.pop() else {
+                    break;
+                };
+                let Some(m) = self.journal.message(&id) else {
                     continue;
-                }
-                if !self.claim(&m.id) {
-                    continue;
-                }
+                };
                 let Ok(permit) = Arc::clone(&self.slots).acquire_owned().await else {
                     return;
                 };
                 let me = Arc::clone(&self);
-                let span = tracing::info_span!("delivery", queue_id = %m.id);
+                let done_tx = done_tx.clone();
+                let span = tracing::info_span!("delivery", queue_id = %id);
                 tokio::spawn(
                     async move {
-                        let id = m.id.clone();
-                        me.attempt(m).await;
-                        me.release(&id);
+                        let next = me.attempt(m).await;
                         drop(permit);
-                        me.attempt_done.notify_one();
+                        let _ = done_tx.send((id, next));
                     }
                     .instrument(span),
                 );
             }
-            let wait = Duration::from_secs(u64::try_from((wake - now).clamp(1, 60)).unwrap_or(1));
+            let wait = due
+                .peek()
+                .map_or(60, |Reverse((t, _))| (t - now).clamp(1, 60));
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = stored.notified() => {}
-                _ = self.attempt_done.notified() => {}
-                _ = tokio::time::sleep(wait) => {}
+                Some(id) = arrivals.recv() => due.push(Reverse((0, id))),
+                Some((id, next)) = done.recv() => {
+                    if let Some(t) = next {
+                        due.push(Reverse((t, id)));
+                    }
+                }
+                _ = tokio::time::sleep(Duration::from_secs(u64::try_from(wait).unwrap_or(1))) => {}
             }
         }
     }
 
-    fn claim(&self, id: &QueueId) -> bool {
-        self.in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.clone())
-    }
-
-    fn release(&self, id: &QueueId) {
-        self.in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
-    }
-
     /// One delivery attempt for every pending recipient of `m`.
-    async fn attempt(&self, m: SpooledMessage) {
+    /// Returns when to try again, or `None` once the message is done.
+    async fn attempt(&self, m: SpooledMessage) -> Option<i64> {
         let runtime = self.worker.runtime();
         let config = Arc::clone(&runtime.config);
         let message = match self.journal.body(&m) {
@@ -118,7 +117,7 @@ impl Deliverer {
                 let mut state = m.state.clone();
                 state.next_attempt = unix_now() + config.delivery.retry_interval.as_secs() as i64;
                 let _ = self.journal.record_state(&m.id, &state).await;
-                return;
+                return Some(state.next_attempt);
             }
         };
         let mut state = m.state.clone();
@@ -148,7 +147,7 @@ impl Deliverer {
                 }
             }
         }
-        self.conclude(&config, &m, state, &message).await;
+        self.conclude(&config, &m, state, &message).await
     }
 
     async fn send_group(
@@ -305,7 +304,7 @@ impl Deliverer {
         m: &SpooledMessage,
         mut state: DeliveryState,
         message: &[u8],
-    ) {
+    ) -> Option<i64> {
         let d = &config.delivery;
         let now = unix_now();
         let age = Duration::from_secs(u64::try_from(now - m.envelope.received_at).unwrap_or(0));
@@ -345,7 +344,7 @@ impl Deliverer {
                 warn!(error = %e, "cannot retire a finished message; it may be tried again");
             }
             info!(attempts = state.attempts, "message done");
-            return;
+            return None;
         }
         if !state.delay_notified && age >= d.delay_notice_after && !sender.is_empty() {
             let delayed = reported(&state, RecipientState::is_pending);
@@ -358,6 +357,7 @@ impl Deliverer {
         if let Err(e) = self.journal.record_state(&m.id, &state).await {
             warn!(error = %e, "cannot record the delivery state");
         }
+        Some(state.next_attempt)
     }
 
     /// Queues a DSN to the sender of `m`.
