@@ -72,15 +72,19 @@ enum Conn {
     Gone,
 }
 
-struct Session<'a> {
+/// An open SMTP session with a next hop, ready for a transaction.
+pub struct Session {
     conn: Conn,
     reader: ReplyReader,
     hop: String,
     host: String,
-    settings: &'a HopSettings<'a>,
+    helo: String,
+    verify_certificates: bool,
+    command_timeout: Duration,
+    caps: Capabilities,
 }
 
-impl Session<'_> {
+impl Session {
     fn error(&self, reason: impl Into<String>) -> HopError {
         HopError::Protocol {
             hop: self.hop.clone(),
@@ -88,7 +92,7 @@ impl Session<'_> {
         }
     }
 
-    async fn send(&mut self, bytes: &[u8]) -> Result<(), HopError> {
+    async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), HopError> {
         let fut = async {
             match &mut self.conn {
                 Conn::Plain(s) => s.write_all(bytes).await,
@@ -99,7 +103,7 @@ impl Session<'_> {
                 Conn::Gone => Err(std::io::ErrorKind::NotConnected.into()),
             }
         };
-        match timeout(self.settings.command_timeout, fut).await {
+        match timeout(self.command_timeout, fut).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(self.error(format!("write failed: {e}"))),
             Err(_) => Err(self.error("write timed out")),
@@ -121,7 +125,7 @@ impl Session<'_> {
                     Conn::Gone => Ok(0),
                 }
             };
-            match timeout(self.settings.command_timeout, read).await {
+            match timeout(self.command_timeout, read).await {
                 Ok(Ok(0)) => return Err(self.error("connection closed")),
                 Ok(Ok(n)) => self.reader.push(buf.get(..n).unwrap_or_default()),
                 Ok(Err(e)) => return Err(self.error(format!("read failed: {e}"))),
@@ -131,7 +135,7 @@ impl Session<'_> {
     }
 
     async fn command(&mut self, line: &str) -> Result<Reply, HopError> {
-        self.send(format!("{line}\r\n").as_bytes()).await?;
+        self.send_raw(format!("{line}\r\n").as_bytes()).await?;
         self.reply().await
     }
 
@@ -143,15 +147,11 @@ impl Session<'_> {
     }
 
     async fn ehlo(&mut self) -> Result<Capabilities, HopError> {
-        let reply = self
-            .command(&format!("EHLO {}", self.settings.helo))
-            .await?;
+        let reply = self.command(&format!("EHLO {}", self.helo)).await?;
         if reply.code() == 250 {
             return Ok(Capabilities::from_ehlo(&reply));
         }
-        let reply = self
-            .command(&format!("HELO {}", self.settings.helo))
-            .await?;
+        let reply = self.command(&format!("HELO {}", self.helo)).await?;
         match reply.code() {
             250 => Ok(Capabilities::default()),
             _ => Err(self.refused(reply)),
@@ -166,7 +166,7 @@ impl Session<'_> {
         let Conn::Plain(tcp) = std::mem::replace(&mut self.conn, Conn::Gone) else {
             return Err(self.error("TLS already active"));
         };
-        let config = client_tls(self.settings.verify_certificates).map_err(|e| HopError::Tls {
+        let config = client_tls(self.verify_certificates).map_err(|e| HopError::Tls {
             hop: self.hop.clone(),
             reason: e.to_string(),
         })?;
@@ -175,7 +175,7 @@ impl Session<'_> {
             reason: e.to_string(),
         })?;
         let handshake = tokio_rustls::TlsConnector::from(config).connect(name, tcp);
-        match timeout(self.settings.command_timeout, handshake).await {
+        match timeout(self.command_timeout, handshake).await {
             Ok(Ok(tls)) => {
                 self.conn = Conn::Tls(Box::new(tls));
                 Ok(())
@@ -192,12 +192,9 @@ impl Session<'_> {
     }
 }
 
-/// Sends `tx` to `hop`.
-pub async fn deliver(
-    hop: &NextHop,
-    settings: &HopSettings<'_>,
-    tx: &Transaction<'_>,
-) -> Result<Vec<RecipientOutcome>, HopError> {
+/// Opens a session with `hop`: connect, greeting, EHLO, STARTTLS per the
+/// route's policy, AUTH.
+pub async fn open(hop: &NextHop, settings: &HopSettings<'_>) -> Result<Session, HopError> {
     let name = hop.to_string();
     let connect = TcpStream::connect((hop.host.as_str(), hop.port));
     let tcp = match timeout(settings.connect_timeout, connect).await {
@@ -219,38 +216,29 @@ pub async fn deliver(
     let mut s = Session {
         conn: Conn::Plain(tcp),
         reader: ReplyReader::new(),
-        hop: name.clone(),
+        hop: name,
         host: hop.host.clone(),
-        settings,
+        helo: settings.helo.to_string(),
+        verify_certificates: settings.verify_certificates,
+        command_timeout: settings.command_timeout,
+        caps: Capabilities::default(),
     };
-    let result = transaction(&mut s, tx).await;
-    // Be polite when we can; the outcome is already decided.
-    if !matches!(s.conn, Conn::Gone) {
-        let _ = timeout(Duration::from_secs(2), s.command("QUIT")).await;
-    }
-    result
-}
-
-async fn transaction(
-    s: &mut Session<'_>,
-    tx: &Transaction<'_>,
-) -> Result<Vec<RecipientOutcome>, HopError> {
     let greeting = s.reply().await?;
     if greeting.code() != 220 {
         return Err(s.refused(greeting));
     }
-    let mut caps = s.ehlo().await?;
-    match (s.settings.tls, caps.starttls) {
+    s.caps = s.ehlo().await?;
+    match (settings.tls, s.caps.starttls) {
         (TlsPolicy::None, _) | (TlsPolicy::Opportunistic, false) => {}
         (TlsPolicy::Required, false) => {
             return Err(HopError::TlsUnavailable { hop: s.hop.clone() })
         }
         (_, true) => {
             s.starttls().await?;
-            caps = s.ehlo().await?;
+            s.caps = s.ehlo().await?;
         }
     }
-    if let Some((user, password)) = s.settings.auth {
+    if let Some((user, password)) = settings.auth {
         use base64::Engine;
         let token =
             base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
@@ -259,76 +247,93 @@ async fn transaction(
             return Err(s.refused(reply));
         }
     }
-    let mut mail = format!("MAIL FROM:<{}>", tx.mail_from);
-    if caps.size.is_some() {
-        mail.push_str(&format!(" SIZE={}", tx.message.len()));
+    Ok(s)
+}
+
+impl Session {
+    /// Ends the session politely.
+    pub async fn quit(mut self) {
+        let _ = timeout(Duration::from_secs(2), self.command("QUIT")).await;
     }
-    if tx.body_8bit && caps.eight_bit_mime {
-        mail.push_str(" BODY=8BITMIME");
-    }
-    if tx.smtputf8 && caps.smtputf8 {
-        mail.push_str(" SMTPUTF8");
-    }
-    let rcpts: Vec<String> = tx
-        .recipients
-        .iter()
-        .map(|r| format!("RCPT TO:<{r}>\r\n"))
-        .collect();
-    let (mail_reply, rcpt_replies) = if caps.pipelining {
-        let mut batch = format!("{mail}\r\n");
-        batch.extend(rcpts.iter().map(String::as_str));
-        s.send(batch.as_bytes()).await?;
-        let mail_reply = s.reply().await?;
-        let mut replies = Vec::new();
-        for _ in &rcpts {
-            replies.push(s.reply().await?);
+
+    /// One transaction; afterwards the session is ready for the next one
+    /// (if this returned `Ok`).
+    pub async fn send(&mut self, tx: &Transaction<'_>) -> Result<Vec<RecipientOutcome>, HopError> {
+        let caps = self.caps.clone();
+        let mut mail = format!("MAIL FROM:<{}>", tx.mail_from);
+        if caps.size.is_some() {
+            mail.push_str(&format!(" SIZE={}", tx.message.len()));
         }
-        (mail_reply, replies)
-    } else {
-        let mail_reply = s.command(&mail).await?;
-        let mut replies = Vec::new();
-        if mail_reply.code() == 250 {
-            for r in &rcpts {
-                s.send(r.as_bytes()).await?;
-                replies.push(s.reply().await?);
+        if tx.body_8bit && caps.eight_bit_mime {
+            mail.push_str(" BODY=8BITMIME");
+        }
+        if tx.smtputf8 && caps.smtputf8 {
+            mail.push_str(" SMTPUTF8");
+        }
+        let rcpts: Vec<String> = tx
+            .recipients
+            .iter()
+            .map(|r| format!("RCPT TO:<{r}>\r\n"))
+            .collect();
+        let (mail_reply, rcpt_replies) = if caps.pipelining {
+            let mut batch = format!("{mail}\r\n");
+            batch.extend(rcpts.iter().map(String::as_str));
+            self.send_raw(batch.as_bytes()).await?;
+            let mail_reply = self.reply().await?;
+            let mut replies = Vec::new();
+            for _ in &rcpts {
+                replies.push(self.reply().await?);
+            }
+            (mail_reply, replies)
+        } else {
+            let mail_reply = self.command(&mail).await?;
+            let mut replies = Vec::new();
+            if mail_reply.code() == 250 {
+                for r in &rcpts {
+                    self.send_raw(r.as_bytes()).await?;
+                    replies.push(self.reply().await?);
+                }
+            }
+            (mail_reply, replies)
+        };
+        if mail_reply.code() != 250 {
+            return Err(self.refused(mail_reply));
+        }
+        let mut outcomes: Vec<RecipientOutcome> = rcpt_replies
+            .iter()
+            .map(|r| match r.code() {
+                250 | 251 => RecipientOutcome::Delivered(String::new()),
+                c if c >= 500 => RecipientOutcome::Permanent(r.to_string()),
+                _ => RecipientOutcome::Temporary(r.to_string()),
+            })
+            .collect();
+        if !outcomes
+            .iter()
+            .any(|o| matches!(o, RecipientOutcome::Delivered(_)))
+        {
+            let reply = self.command("RSET").await?;
+            if reply.code() != 250 {
+                return Err(self.refused(reply));
+            }
+            return Ok(outcomes);
+        }
+        let data = self.command("DATA").await?;
+        if data.code() != 354 {
+            return Err(self.refused(data));
+        }
+        self.send_raw(&dot_stuff(tx.message)).await?;
+        let done = self.reply().await?;
+        for o in outcomes.iter_mut() {
+            if matches!(o, RecipientOutcome::Delivered(_)) {
+                *o = match done.code() {
+                    250 => RecipientOutcome::Delivered(done.to_string()),
+                    c if c >= 500 => RecipientOutcome::Permanent(done.to_string()),
+                    _ => RecipientOutcome::Temporary(done.to_string()),
+                };
             }
         }
-        (mail_reply, replies)
-    };
-    if mail_reply.code() != 250 {
-        return Err(s.refused(mail_reply));
+        Ok(outcomes)
     }
-    let mut outcomes: Vec<RecipientOutcome> = rcpt_replies
-        .iter()
-        .map(|r| match r.code() {
-            250 | 251 => RecipientOutcome::Delivered(String::new()),
-            c if c >= 500 => RecipientOutcome::Permanent(r.to_string()),
-            _ => RecipientOutcome::Temporary(r.to_string()),
-        })
-        .collect();
-    if !outcomes
-        .iter()
-        .any(|o| matches!(o, RecipientOutcome::Delivered(_)))
-    {
-        let _ = s.command("RSET").await;
-        return Ok(outcomes);
-    }
-    let data = s.command("DATA").await?;
-    if data.code() != 354 {
-        return Err(s.refused(data));
-    }
-    s.send(&dot_stuff(tx.message)).await?;
-    let done = s.reply().await?;
-    for o in outcomes.iter_mut() {
-        if matches!(o, RecipientOutcome::Delivered(_)) {
-            *o = match done.code() {
-                250 => RecipientOutcome::Delivered(done.to_string()),
-                c if c >= 500 => RecipientOutcome::Permanent(done.to_string()),
-                _ => RecipientOutcome::Temporary(done.to_string()),
-            };
-        }
-    }
-    Ok(outcomes)
 }
 
 /// rustls client settings: the web PKI roots, or (where the route says not

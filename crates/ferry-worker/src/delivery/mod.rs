@@ -5,6 +5,7 @@
 
 mod client;
 mod directory;
+mod pool;
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -34,6 +35,7 @@ pub struct Deliverer {
     worker: Arc<Worker>,
     journal: Journal,
     slots: Arc<Semaphore>,
+    sessions: pool::SessionPool,
 }
 
 fn unix_now() -> i64 {
@@ -46,6 +48,7 @@ impl Deliverer {
             worker,
             journal,
             slots: Arc::new(Semaphore::new(CONCURRENT_ATTEMPTS)),
+            sessions: pool::SessionPool::default(),
         })
     }
 
@@ -231,7 +234,8 @@ impl Deliverer {
                 };
                 let mut last_error = String::from("no next hop");
                 for hop in next_hops {
-                    match client::deliver(hop, &settings, &tx).await {
+                    let max_idle = config.delivery.max_connections_per_hop as usize;
+                    match self.sessions.deliver(hop, &settings, max_idle, &tx).await {
                         Ok(outcomes) => {
                             let hop = hop.to_string();
                             return recipients
