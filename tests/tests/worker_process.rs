@@ -307,3 +307,104 @@ fn worker_fails_to_start(config: &Path, dir: &Path) -> String {
     assert!(!out.status.success(), "the worker started");
     String::from_utf8_lossy(&out.stderr).to_string()
 }
+
+/// Runs `ferry queue ...`; returns (success, stdout).
+fn queue_cmd(admin: &str, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(ferry_bin())
+        .args(["queue", "--admin", admin])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_administration_through_the_admin_endpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    make_certificate(dir.path());
+    let (config, front, _) = write_config(dir.path(), &hash("pw"));
+    let data = dir.path().join("data");
+    let w = WorkerProcess::start(&config, LISTEN, &data);
+    let front_addr = format!("{LISTEN}:{front}").parse().unwrap();
+    // Two messages for the outside world; its next hop is down.
+    for subject in ["first", "second"] {
+        let (mut c, _) = SmtpClient::connect(front_addr, Some("127.0.0.30".parse().unwrap())).await;
+        c.cmd("HELO app").await;
+        c.cmd("MAIL FROM:<app@example.test>").await;
+        c.cmd("RCPT TO:<x@elsewhere.test>").await;
+        c.cmd("DATA").await;
+        c.send(format!("Subject: {subject}\r\n\r\nbody\r\n.\r\n").as_bytes())
+            .await
+            .unwrap();
+        assert!(c.reply().await.starts_with("250 2.6.0"));
+        c.cmd("QUIT").await;
+    }
+    let admin = w.admin.trim_start_matches("http://").to_string();
+    let listing = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let (ok, out) = queue_cmd(&admin, &["list"]);
+            assert!(ok, "{out}");
+            if out.matches("(deferred)").count() == 2 {
+                return out;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("both messages deferred");
+    assert!(
+        listing.contains("app@example.test") && listing.ends_with("2 messages\n"),
+        "{listing}"
+    );
+    let ids: Vec<String> = listing
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|id| id.len() == 20)
+        .map(String::from)
+        .collect();
+    assert_eq!(ids.len(), 2);
+
+    let (ok, shown) = queue_cmd(&admin, &["show", &ids[0]]);
+    assert!(ok);
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(shown["client_ip"], "127.0.0.30");
+    assert_eq!(shown["recipients"][0]["state"], "deferred");
+    assert!(shown["recipients"][0]["reply"]
+        .as_str()
+        .unwrap()
+        .starts_with("451 4.4.0 connection to 127.0.0.1:"));
+
+    assert!(queue_cmd(&admin, &["retry", &ids[0]]).0);
+    // Bounce the first: the sender hears of it; delete the second quietly.
+    assert!(queue_cmd(&admin, &["bounce", &ids[0]]).0);
+    assert!(queue_cmd(&admin, &["delete", &ids[1]]).0);
+    let (ok, out) = queue_cmd(&admin, &["show", &ids[1]]);
+    assert!(!ok && out.is_empty());
+    let bounce = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let found = std::fs::read_dir(dir.path().join("mailbox"))
+                .map(|d| {
+                    d.filter_map(|e| std::fs::read_to_string(e.unwrap().path()).ok())
+                        .find(|t| t.contains("Undeliverable: first"))
+                })
+                .unwrap_or(None);
+            if let Some(b) = found {
+                return b;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("a bounce for the first message");
+    assert!(
+        bounce.contains("Diagnostic-Code: smtp; 5.0.0 Bounced by an administrator"),
+        "{bounce}"
+    );
+    let (_, out) = queue_cmd(&admin, &["list"]);
+    assert!(out.ends_with("0 messages\n"), "{out}");
+    drop(w);
+}

@@ -13,9 +13,23 @@ use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 
+/// What an [`AdminApi`] answers: a status and a JSON body, or `None` for a
+/// path it does not know.
+pub type AdminAnswer<'a> =
+    std::pin::Pin<Box<dyn Future<Output = Option<(u16, String)>> + Send + 'a>>;
+
+/// Operations a node adds to its admin endpoint (the worker's queue
+/// administration). Gets the method and path; returns a status and a JSON
+/// body, or `None` for a path it does not know.
+pub trait AdminApi: Send + Sync {
+    fn handle<'a>(&'a self, method: &'a str, path: &'a str) -> AdminAnswer<'a>;
+}
+
 /// What the endpoint reports.
 #[derive(Clone)]
 pub struct AdminState {
+    /// Node-specific operations, consulted for paths other than ours.
+    pub api: Option<Arc<dyn AdminApi>>,
     pub metrics: PrometheusHandle,
     /// Ready to take traffic (listeners up, not draining, room to work).
     pub ready: Arc<dyn Fn() -> bool + Send + Sync>,
@@ -34,11 +48,21 @@ fn respond(
     resp
 }
 
-fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    if !matches!(path, "/metrics" | "/livez" | "/readyz") {
+        if let Some(api) = &state.api {
+            if let Some((status, body)) = api.handle(req.method().as_str(), path).await {
+                let status =
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                return respond(status, "application/json", body);
+            }
+        }
+    }
     if req.method() != Method::GET {
         return respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n");
     }
-    match req.uri().path() {
+    match path {
         "/metrics" => respond(
             StatusCode::OK,
             "text/plain; version=0.0.4",
@@ -68,8 +92,8 @@ pub async fn serve(listener: TcpListener, state: AdminState, shutdown: impl Futu
         let state = state.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
-                let resp = route(&state, &req);
-                async move { Ok::<_, Infallible>(resp) }
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&state, &req).await) }
             });
             if let Err(e) = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)

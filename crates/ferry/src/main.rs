@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod config_cmd;
+mod queue;
 mod up;
 mod user;
 mod worker;
@@ -57,6 +58,14 @@ enum Command {
         #[command(subcommand)]
         command: config_cmd::ConfigCommand,
     },
+    /// Look at and act on a worker's queue, through its admin endpoint.
+    Queue {
+        /// The worker's admin address (as `ferry worker` printed it).
+        #[arg(long)]
+        admin: String,
+        #[command(subcommand)]
+        command: queue::QueueCommand,
+    },
     /// Device credentials.
     User {
         #[command(subcommand)]
@@ -70,6 +79,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Config { command } => config_cmd::run(command),
         Command::User { command } => user::run(command),
+        Command::Queue { admin, command } => queue::run(&admin, command),
         Command::Worker {
             config,
             listen,
@@ -100,4 +110,13 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn command_line_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

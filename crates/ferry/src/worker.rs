@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use ferry_config::ClusterConfig;
 use ferry_queue::Journal;
+use ferry_worker::delivery::QueueAdmin;
 use ferry_worker::{Deliverer, Runtime, Worker, WorkerOptions};
 use tokio::net::TcpListener;
 
@@ -48,6 +49,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let admin_addr = admin.local_addr()?;
     let shutdown = worker.shutdown_token();
     let state = ferry_telemetry::admin::AdminState {
+        api: Some(Arc::new(QueueAdmin(Arc::clone(&deliverer)))),
         metrics: ferry_telemetry::metrics_handle(),
         ready: {
             let w = Arc::clone(&worker);

@@ -3,13 +3,16 @@
 //! retries temporary failures on the configured schedule, and reports to
 //! the sender (a delay notice, then a bounce) as RFC 3464 DSNs.
 
+mod admin;
 mod client;
 mod directory;
 mod pool;
 
+pub use admin::QueueAdmin;
+
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
-use std::sync::Arc;
+use std::collections::{BinaryHeap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_config::{ClusterConfig, Route, RouteAction};
@@ -36,6 +39,9 @@ pub struct Deliverer {
     journal: Journal,
     slots: Arc<Semaphore>,
     sessions: pool::SessionPool,
+    /// Messages an administrator wants tried now.
+    kicks: tokio::sync::mpsc::UnboundedSender<QueueId>,
+    kicked: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<QueueId>>>,
 }
 
 fn unix_now() -> i64 {
@@ -44,7 +50,10 @@ fn unix_now() -> i64 {
 
 impl Deliverer {
     pub fn new(worker: Arc<Worker>, journal: Journal) -> Arc<Self> {
+        let (kicks, kicked) = tokio::sync::mpsc::unbounded_channel();
         Arc::new(Self {
+            kicks,
+            kicked: Mutex::new(Some(kicked)),
             worker,
             journal,
             slots: Arc::new(Semaphore::new(CONCURRENT_ATTEMPTS)),
@@ -61,7 +70,12 @@ impl Deliverer {
             warn!("a delivery agent already runs on this spool");
             return;
         };
+        let Some(mut kicked) = self.kicked.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return;
+        };
         let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel::<(QueueId, Option<i64>)>();
+        let mut in_flight: HashSet<QueueId> = HashSet::new();
+        let mut gauges_at = tokio::time::Instant::now();
         let mut due: BinaryHeap<Reverse<(i64, QueueId)>> = self
             .journal
             .messages()
@@ -92,13 +106,19 @@ impl Deliverer {
                     .instrument(span),
                 );
             }
+            if gauges_at.elapsed() >= Duration::from_secs(5) {
+                self.queue_gauges(now);
+                gauges_at = tokio::time::Instant::now();
+            }
             let wait = due
                 .peek()
                 .map_or(60, |Reverse((t, _))| (t - now).clamp(1, 60));
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 Some(id) = arrivals.recv() => due.push(Reverse((0, id))),
+                Some(id) = kicked.recv() => due.push(Reverse((0, id))),
                 Some((id, next)) = done.recv() => {
+                    in_flight.remove(&id);
                     if let Some(t) = next {
                         due.push(Reverse((t, id)));
                     }
@@ -108,9 +128,37 @@ impl Deliverer {
         }
     }
 
+    /// Asks for an attempt now (queue administration).
+    pub fn kick(&self, id: QueueId) {
+        let _ = self.kicks.send(id);
+    }
+
+    /// Messages by state and the oldest one's age.
+    fn queue_gauges(&self, now: i64) {
+        let messages = self.journal.messages();
+        let deferred = messages.iter().filter(|m| m.state.attempts > 0).count();
+        let oldest = messages
+            .iter()
+            .map(|m| m.envelope.received_at)
+            .min()
+            .unwrap_or(now);
+        metrics::gauge!("ferry_queue_messages", "state" => "new")
+            .set((messages.len() - deferred) as f64);
+        metrics::gauge!("ferry_queue_messages", "state" => "deferred").set(deferred as f64);
+        metrics::gauge!("ferry_queue_oldest_message_age_seconds").set((now - oldest).max(0) as f64);
+    }
+
     /// One delivery attempt for every pending recipient of `m`.
     /// Returns when to try again, or `None` once the message is done.
     async fn attempt(&self, m: SpooledMessage) -> Option<i64> {
+        let started = std::time::Instant::now();
+        let next = self.attempt_inner(m).await;
+        metrics::histogram!("ferry_delivery_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        next
+    }
+
+    async fn attempt_inner(&self, m: SpooledMessage) -> Option<i64> {
         let runtime = self.worker.runtime();
         let config = Arc::clone(&runtime.config);
         let message = match self.journal.body(&m) {
@@ -302,7 +350,7 @@ impl Deliverer {
     }
 
     /// Expiry, reports to the sender, and the new state on disk.
-    async fn conclude(
+    pub(crate) async fn conclude(
         &self,
         config: &ClusterConfig,
         m: &SpooledMessage,
