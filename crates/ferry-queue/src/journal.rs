@@ -222,59 +222,24 @@ fn segments(dir: &Path) -> io::Result<Vec<u64>> {
 /// live message with its envelope and body.
 pub fn scan(data_dir: &Path) -> io::Result<Vec<(QueueId, StoredEnvelope, Vec<u8>)>> {
     let dir = data_dir.join("spool");
-    let mut live: BTreeMap<QueueId, (StoredEnvelope, u64, u64, u64)> = BTreeMap::new();
-    for n in segments(&dir)? {
-        let (records, _, _) = read_segment(&segment_path(&dir, n))?;
-        for r in records {
-            match r {
-                Record::Message {
-                    id,
-                    envelope,
-                    body_offset,
-                    body_len,
-                } => {
-                    live.insert(id, (envelope, n, body_offset, body_len));
-                }
-                Record::Done(id) => {
-                    live.remove(&id);
-                }
-                Record::State(..) => {}
-            }
-        }
-    }
-    live.into_iter()
-        .map(|(id, (env, n, off, len))| {
-            let mut body = vec![0u8; len as usize];
-            File::open(segment_path(&dir, n))?.read_exact_at(&mut body, off)?;
-            Ok((id, env, body))
-        })
+    Index::replay(&dir, false)?
+        .messages
+        .into_values()
+        .map(|m| Ok((m.id, m.envelope, read_body(&dir, &m.location)?)))
         .collect()
+}
+
+fn read_body(dir: &Path, at: &Location) -> io::Result<Vec<u8>> {
+    let mut body = vec![0u8; at.len as usize];
+    File::open(segment_path(dir, at.segment))?.read_exact_at(&mut body, at.offset)?;
+    Ok(body)
 }
 
 /// The delivery state of every live message (for tests and inspection),
 /// as a restart would read it back. Reads without changing the spool.
 pub fn scan_states(data_dir: &Path) -> io::Result<Vec<DeliveryState>> {
-    let dir = data_dir.join("spool");
-    let mut live: BTreeMap<QueueId, DeliveryState> = BTreeMap::new();
-    for n in segments(&dir)? {
-        let (records, _, _) = read_segment(&segment_path(&dir, n))?;
-        for r in records {
-            match r {
-                Record::Message { id, envelope, .. } => {
-                    live.insert(id, DeliveryState::new(&envelope.rcpt_to));
-                }
-                Record::Done(id) => {
-                    live.remove(&id);
-                }
-                Record::State(id, state) => {
-                    if let Some(s) = live.get_mut(&id) {
-                        *s = state;
-                    }
-                }
-            }
-        }
-    }
-    Ok(live.into_values().collect())
+    let index = Index::replay(&data_dir.join("spool"), false)?;
+    Ok(index.messages.into_values().map(|m| m.state).collect())
 }
 
 /// Bytes in the spool that are not whole, valid records (a torn write at
@@ -300,65 +265,7 @@ impl Journal {
     pub fn open_with(data_dir: &Path, segment_size: u64) -> io::Result<Self> {
         let dir = data_dir.join("spool");
         fs::create_dir_all(&dir)?;
-        let mut index = Index::default();
-        let found = segments(&dir)?;
-        let newest = found.last().copied();
-        for &n in &found {
-            index.live.entry(n).or_default();
-            let path = segment_path(&dir, n);
-            let (records, good_end, size) = read_segment(&path)?;
-            if good_end < size {
-                if Some(n) == newest {
-                    tracing::warn!(segment = %path.display(), cut = size - good_end, "cutting a torn record (never acknowledged) off the spool's end");
-                    OpenOptions::new()
-                        .write(true)
-                        .open(&path)?
-                        .set_len(good_end)?;
-                } else {
-                    tracing::error!(segment = %path.display(), offset = good_end, "spool segment damaged; later records in it are skipped");
-                }
-            }
-            for r in records {
-                match r {
-                    Record::Message {
-                        id,
-                        envelope,
-                        body_offset,
-                        body_len,
-                    } => {
-                        index.live.entry(n).or_default().insert(id.clone());
-                        let location = Location {
-                            segment: n,
-                            offset: body_offset,
-                            len: body_len,
-                        };
-                        let state = DeliveryState::new(&envelope.rcpt_to);
-                        index.messages.insert(
-                            id.clone(),
-                            SpooledMessage {
-                                id,
-                                envelope,
-                                state,
-                                location,
-                            },
-                        );
-                    }
-                    Record::Done(id) => {
-                        if let Some(m) = index.messages.remove(&id) {
-                            if let Some(set) = index.live.get_mut(&m.location.segment) {
-                                set.remove(&id);
-                            }
-                        }
-                    }
-                    Record::State(id, state) => {
-                        if let Some(m) = index.messages.get_mut(&id) {
-                            m.state = state;
-                        }
-                    }
-                }
-            }
-        }
-        index.current = newest.unwrap_or(0);
+        let mut index = Index::replay(&dir, true)?;
         index.live.entry(index.current).or_default();
         index.delete_retired_segments(&dir);
         let current = index.current;
@@ -400,10 +307,7 @@ impl Journal {
 
     /// Reads a message's bytes.
     pub fn body(&self, m: &SpooledMessage) -> io::Result<Vec<u8>> {
-        let mut body = vec![0u8; m.location.len as usize];
-        File::open(segment_path(&self.shared.dir, m.location.segment))?
-            .read_exact_at(&mut body, m.location.offset)?;
-        Ok(body)
+        read_body(&self.shared.dir, &m.location)
     }
 
     async fn append(&self, payload: Vec<u8>) -> io::Result<(u64, u64)> {
@@ -457,6 +361,76 @@ impl Journal {
 }
 
 impl Index {
+    /// Reads every segment back. With `repair`, a torn record at the end of
+    /// the newest segment is cut off; without, nothing is changed.
+    fn replay(dir: &Path, repair: bool) -> io::Result<Self> {
+        let mut index = Index::default();
+        let found = segments(dir)?;
+        let newest = found.last().copied();
+        for &n in &found {
+            index.live.entry(n).or_default();
+            let path = segment_path(dir, n);
+            let (records, good_end, size) = read_segment(&path)?;
+            if good_end < size && repair {
+                if Some(n) == newest {
+                    tracing::warn!(segment = %path.display(), cut = size - good_end, "cutting a torn record (never acknowledged) off the spool's end");
+                    OpenOptions::new()
+                        .write(true)
+                        .open(&path)?
+                        .set_len(good_end)?;
+                } else {
+                    tracing::error!(segment = %path.display(), offset = good_end, "spool segment damaged; later records in it are skipped");
+                }
+            }
+            for r in records {
+                index.apply(n, r);
+            }
+        }
+        index.current = newest.unwrap_or(0);
+        Ok(index)
+    }
+
+    /// One record read back from segment `n`.
+    fn apply(&mut self, n: u64, record: Record) {
+        match record {
+            Record::Message {
+                id,
+                envelope,
+                body_offset,
+                body_len,
+            } => {
+                self.live.entry(n).or_default().insert(id.clone());
+                let location = Location {
+                    segment: n,
+                    offset: body_offset,
+                    len: body_len,
+                };
+                let state = DeliveryState::new(&envelope.rcpt_to);
+                self.messages.insert(
+                    id.clone(),
+                    SpooledMessage {
+                        id,
+                        envelope,
+                        state,
+                        location,
+                    },
+                );
+            }
+            Record::Done(id) => {
+                if let Some(m) = self.messages.remove(&id) {
+                    if let Some(set) = self.live.get_mut(&m.location.segment) {
+                        set.remove(&id);
+                    }
+                }
+            }
+            Record::State(id, state) => {
+                if let Some(m) = self.messages.get_mut(&id) {
+                    m.state = state;
+                }
+            }
+        }
+    }
+
     /// A record landed in `segment` (which may be new).
     fn note_segment(&mut self, segment: u64) {
         self.current = self.current.max(segment);
