@@ -51,6 +51,11 @@ domains = ["*"]
 type = "smtp"
 next_hops = ["$SINK"]
 tls = "none"
+
+# A message deferred by a hiccup of the sink is retried at once, not in
+# the default 5 minutes (the run would wait for it).
+[delivery]
+retry_interval = "1s"
 TOML
 target/release/ferry worker --config "$work/ferry.toml" --listen 127.0.0.1 \
   --data "$work/ferry-data" --admin 127.0.0.1:0 --hostname bench.test \
