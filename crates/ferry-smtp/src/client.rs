@@ -101,13 +101,17 @@ impl Capabilities {
 /// The enhanced status code at the start of a reply's text, if any.
 pub fn enhanced_code(reply: &Reply) -> Option<String> {
     let first = reply.lines().first()?.split_whitespace().next()?;
-    let parts: Vec<&str> = first.split('.').collect();
-    let ok = parts.len() == 3
+    is_enhanced_code(first).then(|| first.to_string())
+}
+
+/// Is `word` an enhanced status code (RFC 3463), such as `5.1.1`?
+pub fn is_enhanced_code(word: &str) -> bool {
+    let parts: Vec<&str> = word.split('.').collect();
+    parts.len() == 3
+        && matches!(parts.first(), Some(&"2" | &"4" | &"5"))
         && parts
             .iter()
             .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
-        && matches!(parts.first(), Some(&"2" | &"4" | &"5"));
-    ok.then(|| first.to_string())
 }
 
 #[cfg(test)]

@@ -103,7 +103,7 @@ impl Worker {
         match nix::sys::statvfs::statvfs(&self.options.data_dir) {
             Ok(st) => {
                 let free = st.blocks_available().saturating_mul(st.fragment_size());
-                metrics::gauge!("ferry_spool_free_bytes").set(free as f64);
+                metrics::gauge!(crate::metric::SPOOL_FREE_BYTES).set(free as f64);
                 let low = free < floor;
                 if low != self.low_space.swap(low, Ordering::Relaxed) {
                     if low {

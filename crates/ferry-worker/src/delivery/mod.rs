@@ -27,6 +27,7 @@ use tracing::{info, warn, Instrument};
 
 pub use client::{HopError, RecipientOutcome};
 
+use crate::metric;
 use crate::server::Worker;
 use crate::tracking::TrackingEvent;
 
@@ -142,10 +143,10 @@ impl Deliverer {
             .map(|m| m.envelope.received_at)
             .min()
             .unwrap_or(now);
-        metrics::gauge!("ferry_queue_messages", "state" => "new")
+        metrics::gauge!(metric::QUEUE_MESSAGES, "state" => "new")
             .set((messages.len() - deferred) as f64);
-        metrics::gauge!("ferry_queue_messages", "state" => "deferred").set(deferred as f64);
-        metrics::gauge!("ferry_queue_oldest_message_age_seconds").set((now - oldest).max(0) as f64);
+        metrics::gauge!(metric::QUEUE_MESSAGES, "state" => "deferred").set(deferred as f64);
+        metrics::gauge!(metric::QUEUE_OLDEST_AGE).set((now - oldest).max(0) as f64);
     }
 
     /// One delivery attempt for every pending recipient of `m`.
@@ -153,8 +154,7 @@ impl Deliverer {
     async fn attempt(&self, m: SpooledMessage) -> Option<i64> {
         let started = std::time::Instant::now();
         let next = self.attempt_inner(m).await;
-        metrics::histogram!("ferry_delivery_duration_seconds")
-            .record(started.elapsed().as_secs_f64());
+        metrics::histogram!(metric::DELIVERY_DURATION).record(started.elapsed().as_secs_f64());
         next
     }
 
@@ -216,7 +216,7 @@ impl Deliverer {
                 .collect::<Vec<_>>()
         };
         let Some(route) = route else {
-            counter!("ferry_delivery_attempts_total", "result" => "no_route").increment(1);
+            counter!(metric::DELIVERY_ATTEMPTS, "result" => "no_route").increment(1);
             return all(RecipientState::Failed {
                 reply: "550 5.4.4 No route for the recipient's domain".into(),
                 next_hop: None,
@@ -238,8 +238,7 @@ impl Deliverer {
                 let hop = format!("directory:{}", route_path(route));
                 match written {
                     Ok(Ok(name)) => {
-                        counter!("ferry_delivery_attempts_total", "result" => "delivered")
-                            .increment(1);
+                        counter!(metric::DELIVERY_ATTEMPTS, "result" => "delivered").increment(1);
                         info!(next_hop = %hop, file = %name, recipients = recipients.len(), "delivered");
                         all(RecipientState::Delivered {
                             next_hop: hop,
@@ -247,8 +246,7 @@ impl Deliverer {
                         })
                     }
                     Ok(Err(e)) => {
-                        counter!("ferry_delivery_attempts_total", "result" => "deferred")
-                            .increment(1);
+                        counter!(metric::DELIVERY_ATTEMPTS, "result" => "deferred").increment(1);
                         warn!(next_hop = %hop, error = %e, "directory delivery failed; deferred");
                         all(RecipientState::Deferred {
                             reply: format!("451 4.3.0 cannot write to {hop}: {e}"),
@@ -297,15 +295,14 @@ impl Deliverer {
                                         RecipientState::Failed { .. } => "failed",
                                         _ => "deferred",
                                     };
-                                    counter!("ferry_delivery_attempts_total", "result" => result).increment(1);
+                                    counter!(metric::DELIVERY_ATTEMPTS, "result" => result).increment(1);
                                     info!(next_hop = %hop, recipient = %r, ?state, "delivery attempt");
                                     (r, state)
                                 })
                                 .collect();
                         }
                         Err(e) if e.is_permanent() => {
-                            counter!("ferry_delivery_attempts_total", "result" => "failed")
-                                .increment(1);
+                            counter!(metric::DELIVERY_ATTEMPTS, "result" => "failed").increment(1);
                             info!(next_hop = %hop, error = %e, "message refused");
                             let reply = match &e {
                                 HopError::Refused { reply, .. } => reply.to_string(),
@@ -322,7 +319,7 @@ impl Deliverer {
                         }
                     }
                 }
-                counter!("ferry_delivery_attempts_total", "result" => "deferred").increment(1);
+                counter!(metric::DELIVERY_ATTEMPTS, "result" => "deferred").increment(1);
                 all(RecipientState::Deferred {
                     reply: format!("451 4.4.0 {last_error}"),
                 })
@@ -513,7 +510,7 @@ fn reported(
             };
             let status = reply
                 .split_whitespace()
-                .find(|w| is_enhanced(w))
+                .find(|w| ferry_smtp::client::is_enhanced_code(w))
                 .unwrap_or(fallback)
                 .to_string();
             ReportedRecipient {
@@ -527,13 +524,4 @@ fn reported(
             }
         })
         .collect()
-}
-
-fn is_enhanced(word: &str) -> bool {
-    let parts: Vec<&str> = word.split('.').collect();
-    parts.len() == 3
-        && matches!(parts.first(), Some(&"2" | &"4" | &"5"))
-        && parts
-            .iter()
-            .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
 }
