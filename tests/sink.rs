@@ -1,9 +1,10 @@
 //! A scripted SMTP next hop on loopback: records what it receives and
 //! answers recipients by their local part — `temp…` gets `450 4.2.0`,
-//! `perm…` gets `550 5.1.1`, anything else `250`.
+//! `perm…` gets `550 5.1.1`, anything else `250`; a message for a `slow…`
+//! recipient gets its final `250` after 300 ms.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,22 +25,33 @@ pub struct SmtpSink {
     pub addr: SocketAddr,
     received: Arc<Mutex<Vec<SinkMessage>>>,
     accept_all: Arc<AtomicBool>,
+    /// Sessions open now, and the most ever open at once.
+    sessions: Arc<(AtomicUsize, AtomicUsize)>,
 }
 
 impl SmtpSink {
     pub async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// A sink on a given address (port 0 for any free port).
+    pub async fn start_on(addr: SocketAddr) -> Self {
+        let listener = TcpListener::bind(addr).await.unwrap();
         let sink = SmtpSink {
             addr: listener.local_addr().unwrap(),
             received: Arc::default(),
             accept_all: Arc::default(),
+            sessions: Arc::default(),
         };
         let s = sink.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let s = s.clone();
                 tokio::spawn(async move {
+                    let now = s.sessions.0.fetch_add(1, Ordering::SeqCst) + 1;
+                    s.sessions.1.fetch_max(now, Ordering::SeqCst);
                     let _ = s.serve(stream).await;
+                    s.sessions.0.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
@@ -49,6 +61,16 @@ impl SmtpSink {
     /// From now on `temp…` recipients are accepted too.
     pub fn accept_everything(&self) {
         self.accept_all.store(true, Ordering::SeqCst);
+    }
+
+    /// Sessions open right now.
+    pub fn open_sessions(&self) -> usize {
+        self.sessions.0.load(Ordering::SeqCst)
+    }
+
+    /// The most sessions ever open at once.
+    pub fn peak_sessions(&self) -> usize {
+        self.sessions.1.load(Ordering::SeqCst)
     }
 
     pub fn received(&self) -> Vec<SinkMessage> {
@@ -80,6 +102,9 @@ impl SmtpSink {
                     let data = buf[..end + 2].to_vec();
                     buf.drain(..end + 5);
                     in_data = false;
+                    if rcpts.iter().any(|r: &String| r.starts_with("slow")) {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    }
                     self.received.lock().unwrap().push(SinkMessage {
                         mail_from: std::mem::take(&mut from),
                         rcpt_to: std::mem::take(&mut rcpts),

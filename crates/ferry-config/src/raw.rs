@@ -41,6 +41,7 @@ pub(crate) struct RawRoute {
     pub verify_certificates: Option<bool>,
     pub auth: Option<RawSmarthostAuth>,
     pub path: Option<Spanned<String>>,
+    pub port: Option<Spanned<u16>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -59,6 +60,7 @@ pub(crate) struct RawDelivery {
     pub connect_timeout: Option<Spanned<String>>,
     pub command_timeout: Option<Spanned<String>>,
     pub max_connections_per_hop: Option<Spanned<u32>>,
+    pub dns_servers: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,6 +1,7 @@
 //! Routes: where mail for a recipient domain goes next, and the delivery
 //! schedule.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -115,6 +116,16 @@ pub enum RouteAction {
         /// AUTH PLAIN towards a smarthost (only ever over TLS).
         auth: Option<(String, String)>,
     },
+    /// Look up the recipient domain's MX records and relay to its mail
+    /// exchangers in preference order (RFC 5321 section 5.1), falling back to
+    /// the domain's own A/AAAA records when it has no MX.
+    Mx {
+        /// The exchangers' SMTP port: 25 except in tests.
+        port: u16,
+        tls: TlsPolicy,
+        /// Checked against the exchanger's host name from the MX record.
+        verify_certificates: bool,
+    },
     /// Write each message as an `.eml` file, envelope in `X-Ferry-*` headers.
     Directory(PathBuf),
 }
@@ -135,7 +146,11 @@ pub struct Delivery {
     pub bounce_after: Duration,
     pub connect_timeout: Duration,
     pub command_timeout: Duration,
+    /// Sessions open at once towards one next hop.
     pub max_connections_per_hop: u32,
+    /// Name servers for `mx` routes; empty means the system's
+    /// (`/etc/resolv.conf`).
+    pub dns_servers: Vec<SocketAddr>,
 }
 
 impl Default for Delivery {
@@ -147,6 +162,7 @@ impl Default for Delivery {
             connect_timeout: Duration::from_secs(30),
             command_timeout: Duration::from_secs(5 * 60),
             max_connections_per_hop: 20,
+            dns_servers: Vec::new(),
         }
     }
 }

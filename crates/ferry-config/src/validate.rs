@@ -1,7 +1,7 @@
 //! From the raw file to the validated model, collecting every error.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -233,18 +233,7 @@ fn route(c: &mut Checker<'_>, r: &RawRoute, base_dir: &Path) -> Option<Route> {
             if r.next_hops.is_empty() {
                 c.err(&r.kind, "an smtp route needs next_hops");
             }
-            let tls = match r.tls.as_ref().map(|t| (t, t.get_ref().as_str())) {
-                None | Some((_, "opportunistic")) => TlsPolicy::Opportunistic,
-                Some((_, "none")) => TlsPolicy::None,
-                Some((_, "required")) => TlsPolicy::Required,
-                Some((t, other)) => {
-                    c.err(
-                        t,
-                        format!("tls '{other}' is not 'none', 'opportunistic' or 'required'"),
-                    );
-                    TlsPolicy::Opportunistic
-                }
-            };
+            let tls = tls_policy(c, r);
             if r.auth.is_some() && tls != TlsPolicy::Required {
                 c.err(
                     &r.kind,
@@ -261,6 +250,19 @@ fn route(c: &mut Checker<'_>, r: &RawRoute, base_dir: &Path) -> Option<Route> {
                     .map(|a| (a.username.clone(), a.password.clone())),
             }
         }
+        "mx" => {
+            if let Some(first) = r.next_hops.first() {
+                c.err(first, "an mx route finds its next hops in DNS; drop next_hops");
+            }
+            if r.auth.is_some() {
+                c.err(&r.kind, "an mx route cannot authenticate; use an smtp route to a smarthost");
+            }
+            RouteAction::Mx {
+                port: r.port.as_ref().map_or(25, |p| *p.get_ref()),
+                tls: tls_policy(c, r),
+                verify_certificates: r.verify_certificates.unwrap_or(false),
+            }
+        }
         "directory" => match &r.path {
             Some(p) => RouteAction::Directory(base_dir.join(p.get_ref())),
             None => {
@@ -271,12 +273,30 @@ fn route(c: &mut Checker<'_>, r: &RawRoute, base_dir: &Path) -> Option<Route> {
         other => {
             c.err(
                 &r.kind,
-                format!("route type '{other}' is not 'smtp' or 'directory'"),
+                format!("route type '{other}' is not 'smtp', 'mx' or 'directory'"),
             );
             return None;
         }
     };
+    if let (Some(p), false) = (&r.port, matches!(action, RouteAction::Mx { .. })) {
+        c.err(p, "port is for mx routes; give smtp next hops as host:port");
+    }
     Some(Route { domains, action })
+}
+
+fn tls_policy(c: &mut Checker<'_>, r: &RawRoute) -> TlsPolicy {
+    match r.tls.as_ref().map(|t| (t, t.get_ref().as_str())) {
+        None | Some((_, "opportunistic")) => TlsPolicy::Opportunistic,
+        Some((_, "none")) => TlsPolicy::None,
+        Some((_, "required")) => TlsPolicy::Required,
+        Some((t, other)) => {
+            c.err(
+                t,
+                format!("tls '{other}' is not 'none', 'opportunistic' or 'required'"),
+            );
+            TlsPolicy::Opportunistic
+        }
+    }
 }
 
 fn delivery(c: &mut Checker<'_>, d: &RawDelivery) -> Delivery {
@@ -288,6 +308,23 @@ fn delivery(c: &mut Checker<'_>, d: &RawDelivery) -> Delivery {
         connect_timeout: c.duration(&d.connect_timeout, def.connect_timeout),
         command_timeout: c.duration(&d.command_timeout, def.command_timeout),
         max_connections_per_hop: c.count(&d.max_connections_per_hop, def.max_connections_per_hop),
+        dns_servers: d
+            .dns_servers
+            .iter()
+            .flatten()
+            .filter_map(|s| {
+                let text = s.get_ref().trim();
+                let parsed = text.parse::<SocketAddr>().ok().or_else(|| {
+                    text.parse::<IpAddr>()
+                        .ok()
+                        .map(|ip| SocketAddr::new(ip, 53))
+                });
+                if parsed.is_none() {
+                    c.err(s, format!("'{text}' is not an IP address or IP:port"));
+                }
+                parsed
+            })
+            .collect(),
     }
 }
 

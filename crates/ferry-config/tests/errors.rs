@@ -123,3 +123,63 @@ allowed_senders = []
         "{errs:?}"
     );
 }
+
+#[test]
+fn route_errors_name_their_place() {
+    let text = r#"
+[[routes]]
+domains = ["*"]
+type = "mx"
+next_hops = ["relay.example.test"]
+
+[[routes]]
+domains = ["example.test"]
+type = "smtp"
+next_hops = ["relay.example.test"]
+port = 2525
+
+[[routes]]
+domains = ["other.test"]
+type = "dns"
+
+[delivery]
+dns_servers = ["127.0.0.1:5353", "resolver.example.test"]
+"#;
+    assert_eq!(
+        errors(text),
+        [
+            "5:14: an mx route finds its next hops in DNS; drop next_hops",
+            "11:8: port is for mx routes; give smtp next hops as host:port",
+            "15:8: route type 'dns' is not 'smtp', 'mx' or 'directory'",
+            "18:34: 'resolver.example.test' is not an IP address or IP:port",
+        ]
+    );
+}
+
+#[test]
+fn mx_route_defaults() {
+    let text = r#"
+[[routes]]
+domains = ["*"]
+type = "mx"
+
+[delivery]
+dns_servers = ["127.0.0.1", "[::1]:5353"]
+"#;
+    let config = ClusterConfig::parse("ok.toml", text, Path::new(".")).unwrap();
+    assert_eq!(
+        config.routes[0].action,
+        ferry_config::RouteAction::Mx {
+            port: 25,
+            tls: ferry_config::TlsPolicy::Opportunistic,
+            verify_certificates: false,
+        }
+    );
+    assert_eq!(
+        config.delivery.dns_servers,
+        [
+            "127.0.0.1:53".parse().unwrap(),
+            "[::1]:5353".parse().unwrap()
+        ]
+    );
+}

@@ -240,3 +240,129 @@ async fn delay_notice_then_retry_after_restart() {
         1
     );
 }
+
+/// An `mx` route, resolved through a DNS server on loopback: preference
+/// order, fallback to the next exchanger, the domain's own address when it
+/// has no MX, and null MX, unknown domains and DNS failures each with its
+/// outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mx_route_follows_dns() {
+    use ferry_tests::dns::{Entry, TestDns};
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    let a = SmtpSink::start_on("127.0.0.41:0".parse().unwrap()).await;
+    let port = a.addr.port();
+    let b = SmtpSink::start_on(format!("127.0.0.42:{port}").parse().unwrap()).await;
+    let dns = TestDns::start(vec![
+        Entry::Mx("pref.test", 20, "b.pref.test"),
+        Entry::Mx("pref.test", 10, "a.pref.test"),
+        Entry::Ip("a.pref.test", ip("127.0.0.41")),
+        Entry::Ip("b.pref.test", ip("127.0.0.42")),
+        Entry::Mx("order.test", 30, "b.pref.test"),
+        Entry::Mx("order.test", 20, "b.pref.test"),
+        Entry::Mx("order.test", 5, "a.pref.test"),
+        // The preferred exchanger does not answer: the next one gets it.
+        Entry::Mx("fallback.test", 10, "dead.fallback.test"),
+        Entry::Mx("fallback.test", 20, "b.fallback.test"),
+        Entry::Ip("dead.fallback.test", ip("127.0.0.43")),
+        Entry::Ip("b.fallback.test", ip("127.0.0.42")),
+        // No MX: the domain's own address.
+        Entry::Ip("implicit.test", ip("127.0.0.42")),
+        Entry::Mx("nullmx.test", 0, "."),
+        Entry::ServFail("broken.test"),
+    ])
+    .await;
+    let extra = format!(
+        r#"
+[[routes]]
+domains = ["*"]
+type = "mx"
+port = {port}
+tls = "none"
+
+[[routes]]
+domains = ["example.test"]
+type = "directory"
+path = "mailbox"
+
+[delivery]
+dns_servers = ["{}"]
+"#,
+        dns.addr
+    );
+    let h = Harness::start_with("{}", &extra, None).await;
+    relay(
+        &h,
+        &[
+            "one@pref.test",
+            "two@fallback.test",
+            "three@implicit.test",
+            "four@nullmx.test",
+            "five@nxdomain.test",
+            "six@broken.test",
+            "seven@order.test",
+        ],
+    )
+    .await;
+
+    let mut got_a: Vec<Vec<String>> = a
+        .wait_for(2, WAIT)
+        .await
+        .into_iter()
+        .map(|m| m.rcpt_to)
+        .collect();
+    got_a.sort();
+    assert_eq!(got_a, vec![vec!["one@pref.test"], vec!["seven@order.test"]]);
+    let mut got_b: Vec<Vec<String>> = b
+        .wait_for(2, WAIT)
+        .await
+        .into_iter()
+        .map(|m| m.rcpt_to)
+        .collect();
+    got_b.sort();
+    assert_eq!(
+        got_b,
+        vec![vec!["three@implicit.test"], vec!["two@fallback.test"]]
+    );
+
+    let bounces = wait_for_eml(&h.data().join("mailbox"), "Undeliverable").await;
+    assert_eq!(bounces.len(), 1);
+    let bounce = &bounces[0];
+    for expected in [
+        "Final-Recipient: rfc822; four@nullmx.test\r\nAction: failed\r\nStatus: 5.1.10\r\n",
+        "Diagnostic-Code: smtp; 556 5.1.10 Domain nullmx.test does not accept mail (null MX)",
+        "Final-Recipient: rfc822; five@nxdomain.test\r\nAction: failed\r\nStatus: 5.1.2\r\n",
+        "Diagnostic-Code: smtp; 550 5.1.2 Host or domain name not found: nxdomain.test",
+    ] {
+        assert!(bounce.contains(expected), "missing {expected:?} in\n{bounce}");
+    }
+    let states = wait_for_state(&h, "4.4.3").await.to_string();
+    assert!(
+        states.contains(r#""address":"six@broken.test","reply":"451 4.4.3 DNS lookup of MX for broken.test failed"#),
+        "{states}"
+    );
+}
+
+/// `max_connections_per_hop` caps sessions towards one next hop, and idle
+/// sessions are closed with QUIT a few seconds after their last message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_per_hop_are_capped_and_idle_ones_closed() {
+    let sink = SmtpSink::start().await;
+    let extra = routes(
+        &format!("\"{}\"", sink.addr),
+        "none",
+        "max_connections_per_hop = 2",
+    );
+    let h = Harness::start_with("{}", &extra, None).await;
+    // Each delivery takes 300 ms at the hop, so eight queued messages
+    // would open eight sessions without the cap.
+    for _ in 0..8 {
+        relay(&h, &["slow@sink.test"]).await;
+    }
+    assert_eq!(sink.wait_for(8, WAIT).await.len(), 8);
+    assert_eq!(sink.peak_sessions(), 2);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while sink.open_sessions() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(sink.open_sessions(), 0, "idle sessions were kept open");
+}

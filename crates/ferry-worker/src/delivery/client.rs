@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_config::{NextHop, TlsPolicy};
+use ferry_config::TlsPolicy;
 use ferry_smtp::client::{Capabilities, ReplyReader};
 use ferry_smtp::data::dot_stuff;
 use ferry_smtp::Reply;
@@ -13,6 +13,8 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
+
+use super::pool::Target;
 
 /// What happened to one recipient at this hop.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,9 +196,15 @@ impl Session {
 
 /// Opens a session with `hop`: connect, greeting, EHLO, STARTTLS per the
 /// route's policy, AUTH.
-pub async fn open(hop: &NextHop, settings: &HopSettings<'_>) -> Result<Session, HopError> {
-    let name = hop.to_string();
-    let connect = TcpStream::connect((hop.host.as_str(), hop.port));
+pub async fn open(target: &Target<'_>, settings: &HopSettings<'_>) -> Result<Session, HopError> {
+    let hop = target.hop;
+    let name = target.label();
+    let connect = async {
+        match target.address {
+            Some(ip) => TcpStream::connect((ip, hop.port)).await,
+            None => TcpStream::connect((hop.host.as_str(), hop.port)).await,
+        }
+    };
     let tcp = match timeout(settings.connect_timeout, connect).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {

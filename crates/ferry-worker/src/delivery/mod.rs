@@ -6,16 +6,18 @@
 mod admin;
 mod client;
 mod directory;
+mod mx;
 mod pool;
 
 pub use admin::QueueAdmin;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashSet};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferry_config::{ClusterConfig, Route, RouteAction};
+use ferry_config::{ClusterConfig, NextHop, Route, RouteAction, TlsPolicy};
 use ferry_queue::dsn::{self, Report, ReportKind, ReportedRecipient};
 use ferry_queue::{
     DeliveryState, Journal, QueueId, RecipientState, Spool, SpooledMessage, StoredEnvelope,
@@ -28,6 +30,8 @@ use tracing::{info, warn, Instrument};
 pub use client::{HopError, RecipientOutcome};
 
 use crate::metric;
+use mx::{MxError, MxResolver};
+use pool::Target;
 use crate::server::Worker;
 use crate::tracking::TrackingEvent;
 
@@ -40,6 +44,7 @@ pub struct Deliverer {
     journal: Journal,
     slots: Arc<Semaphore>,
     sessions: pool::SessionPool,
+    resolver: MxResolver,
     /// Messages an administrator wants tried now.
     kicks: tokio::sync::mpsc::UnboundedSender<QueueId>,
     kicked: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<QueueId>>>,
@@ -59,6 +64,7 @@ impl Deliverer {
             journal,
             slots: Arc::new(Semaphore::new(CONCURRENT_ATTEMPTS)),
             sessions: pool::SessionPool::default(),
+            resolver: MxResolver::default(),
         })
     }
 
@@ -77,6 +83,7 @@ impl Deliverer {
         let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel::<(QueueId, Option<i64>)>();
         let mut in_flight: HashSet<QueueId> = HashSet::new();
         let mut gauges_at = tokio::time::Instant::now();
+        let mut sweeps = tokio::time::interval(pool::IDLE_FOR);
         let mut due: BinaryHeap<Reverse<(i64, QueueId)>> = self
             .journal
             .messages()
@@ -118,6 +125,7 @@ impl Deliverer {
                 _ = shutdown.cancelled() => return,
                 Some(id) = arrivals.recv() => due.push(Reverse((0, id))),
                 Some(id) = kicked.recv() => due.push(Reverse((0, id))),
+                _ = sweeps.tick() => self.sessions.sweep(),
                 Some((id, next)) = done.recv() => {
                     in_flight.remove(&id);
                     if let Some(t) = next {
@@ -263,68 +271,162 @@ impl Deliverer {
                 verify_certificates,
                 auth,
             } => {
-                let settings = client::HopSettings {
-                    helo: &self.worker.options.hostname,
-                    tls: *tls,
-                    verify_certificates: *verify_certificates,
-                    auth: auth.as_ref(),
-                    connect_timeout: config.delivery.connect_timeout,
-                    command_timeout: config.delivery.command_timeout,
-                };
-                let tx = client::Transaction {
-                    mail_from: &m.envelope.mail_from,
-                    recipients,
-                    message,
-                    body_8bit: m.envelope.body_8bit,
-                    smtputf8: m.envelope.smtputf8,
-                };
-                let mut last_error = String::from("no next hop");
-                for hop in next_hops {
-                    let max_idle = config.delivery.max_connections_per_hop as usize;
-                    match self.sessions.deliver(hop, &settings, max_idle, &tx).await {
-                        Ok(outcomes) => {
-                            let hop = hop.to_string();
-                            return recipients
-                                .iter()
-                                .cloned()
-                                .zip(outcomes)
-                                .map(|(r, o)| {
-                                    let state = outcome_state(&hop, o);
-                                    let result = match &state {
-                                        RecipientState::Delivered { .. } => "delivered",
-                                        RecipientState::Failed { .. } => "failed",
-                                        _ => "deferred",
-                                    };
-                                    counter!(metric::DELIVERY_ATTEMPTS, "result" => result).increment(1);
-                                    info!(next_hop = %hop, recipient = %r, ?state, "delivery attempt");
-                                    (r, state)
-                                })
-                                .collect();
-                        }
-                        Err(e) if e.is_permanent() => {
-                            counter!(metric::DELIVERY_ATTEMPTS, "result" => "failed").increment(1);
-                            info!(next_hop = %hop, error = %e, "message refused");
-                            let reply = match &e {
-                                HopError::Refused { reply, .. } => reply.to_string(),
-                                other => other.to_string(),
-                            };
-                            return all(RecipientState::Failed {
-                                reply,
-                                next_hop: Some(hop.to_string()),
-                            });
-                        }
+                let settings = self.hop_settings(config, *tls, *verify_certificates, auth.as_ref());
+                let targets: Vec<Target<'_>> = next_hops
+                    .iter()
+                    .map(|hop| Target { hop, address: None })
+                    .collect();
+                self.relay(config, &targets, &settings, m, recipients, message)
+                    .await
+            }
+            RouteAction::Mx {
+                port,
+                tls,
+                verify_certificates,
+            } => {
+                let settings = self.hop_settings(config, *tls, *verify_certificates, None);
+                let mut results = Vec::new();
+                for (domain, recipients) in by_domain(recipients) {
+                    let found = self
+                        .resolver
+                        .exchangers(&config.delivery.dns_servers, &domain)
+                        .await;
+                    let exchangers = match found {
+                        Ok(x) => x,
                         Err(e) => {
-                            info!(next_hop = %hop, error = %e, "next hop failed; trying the next one");
-                            last_error = e.to_string();
+                            let (result, state) = match e {
+                                MxError::Permanent(reply) => (
+                                    "failed",
+                                    RecipientState::Failed {
+                                        reply,
+                                        next_hop: None,
+                                    },
+                                ),
+                                MxError::Temporary(reply) => {
+                                    ("deferred", RecipientState::Deferred { reply })
+                                }
+                            };
+                            counter!(metric::DELIVERY_ATTEMPTS, "result" => result).increment(1);
+                            info!(%domain, ?state, "no mail exchanger");
+                            results.extend(recipients.into_iter().map(|r| (r, state.clone())));
+                            continue;
                         }
-                    }
+                    };
+                    let hops: Vec<(NextHop, Vec<IpAddr>)> = exchangers
+                        .into_iter()
+                        .map(|x| {
+                            let hop = NextHop {
+                                host: x.name,
+                                port: *port,
+                            };
+                            (hop, x.addresses)
+                        })
+                        .collect();
+                    let targets: Vec<Target<'_>> = hops
+                        .iter()
+                        .flat_map(|(hop, addresses)| {
+                            addresses.iter().map(move |ip| Target {
+                                hop,
+                                address: Some(*ip),
+                            })
+                        })
+                        .collect();
+                    results.extend(
+                        self.relay(config, &targets, &settings, m, &recipients, message)
+                            .await,
+                    );
                 }
-                counter!(metric::DELIVERY_ATTEMPTS, "result" => "deferred").increment(1);
-                all(RecipientState::Deferred {
-                    reply: format!("451 4.4.0 {last_error}"),
-                })
+                results
             }
         }
+    }
+
+    fn hop_settings<'a>(
+        &'a self,
+        config: &ClusterConfig,
+        tls: TlsPolicy,
+        verify_certificates: bool,
+        auth: Option<&'a (String, String)>,
+    ) -> client::HopSettings<'a> {
+        client::HopSettings {
+            helo: &self.worker.options.hostname,
+            tls,
+            verify_certificates,
+            auth,
+            connect_timeout: config.delivery.connect_timeout,
+            command_timeout: config.delivery.command_timeout,
+        }
+    }
+
+    /// One transaction with the first of `targets` that answers; the next
+    /// one is tried only when a hop cannot be reached or fails mid-session.
+    async fn relay(
+        &self,
+        config: &ClusterConfig,
+        targets: &[Target<'_>],
+        settings: &client::HopSettings<'_>,
+        m: &SpooledMessage,
+        recipients: &[String],
+        message: &[u8],
+    ) -> Vec<(String, RecipientState)> {
+        let all = |state: RecipientState| {
+            recipients
+                .iter()
+                .map(|r| (r.clone(), state.clone()))
+                .collect::<Vec<_>>()
+        };
+        let tx = client::Transaction {
+            mail_from: &m.envelope.mail_from,
+            recipients,
+            message,
+            body_8bit: m.envelope.body_8bit,
+            smtputf8: m.envelope.smtputf8,
+        };
+        let mut last_error = String::from("no next hop");
+        let max_per_hop = config.delivery.max_connections_per_hop as usize;
+        for target in targets {
+            let hop = target.label();
+            match self.sessions.deliver(target, settings, max_per_hop, &tx).await {
+                Ok(outcomes) => {
+                    return recipients
+                        .iter()
+                        .cloned()
+                        .zip(outcomes)
+                        .map(|(r, o)| {
+                            let state = outcome_state(&hop, o);
+                            let result = match &state {
+                                RecipientState::Delivered { .. } => "delivered",
+                                RecipientState::Failed { .. } => "failed",
+                                _ => "deferred",
+                            };
+                            counter!(metric::DELIVERY_ATTEMPTS, "result" => result).increment(1);
+                            info!(next_hop = %hop, recipient = %r, ?state, "delivery attempt");
+                            (r, state)
+                        })
+                        .collect();
+                }
+                Err(e) if e.is_permanent() => {
+                    counter!(metric::DELIVERY_ATTEMPTS, "result" => "failed").increment(1);
+                    info!(next_hop = %hop, error = %e, "message refused");
+                    let reply = match &e {
+                        HopError::Refused { reply, .. } => reply.to_string(),
+                        other => other.to_string(),
+                    };
+                    return all(RecipientState::Failed {
+                        reply,
+                        next_hop: Some(hop),
+                    });
+                }
+                Err(e) => {
+                    info!(next_hop = %hop, error = %e, "next hop failed; trying the next one");
+                    last_error = e.to_string();
+                }
+            }
+        }
+        counter!(metric::DELIVERY_ATTEMPTS, "result" => "deferred").increment(1);
+        all(RecipientState::Deferred {
+            reply: format!("451 4.4.0 {last_error}"),
+        })
     }
 
     fn track(&self, m: &SpooledMessage, address: &str, state: &RecipientState, attempt: u32) {
@@ -467,7 +569,7 @@ impl Deliverer {
 fn route_path(route: &Route) -> String {
     match &route.action {
         RouteAction::Directory(p) => p.display().to_string(),
-        RouteAction::Smtp { .. } => String::new(),
+        RouteAction::Smtp { .. } | RouteAction::Mx { .. } => String::new(),
     }
 }
 
@@ -524,4 +626,17 @@ fn reported(
             }
         })
         .collect()
+}
+
+/// Recipients grouped by domain (case-insensitive), in first-seen order.
+fn by_domain(recipients: &[String]) -> Vec<(String, Vec<String>)> {
+    let mut groups: Vec<(String, Vec<String>)> = Vec::new();
+    for r in recipients {
+        let domain = r.rsplit_once('@').map_or("", |(_, d)| d).to_ascii_lowercase();
+        match groups.iter_mut().find(|(d, _)| *d == domain) {
+            Some((_, list)) => list.push(r.clone()),
+            None => groups.push((domain, vec![r.clone()])),
+        }
+    }
+    groups
 }

@@ -1,21 +1,43 @@
-//! Reuse of SMTP sessions with next hops: a session that finished a
-//! transaction cleanly waits here a few seconds for the next message to the
-//! same hop, which then skips connect, greeting, EHLO, STARTTLS and AUTH.
+//! Sessions with next hops: at most `max_connections_per_hop` transactions
+//! run towards one hop at a time, and a session that finished a transaction
+//! cleanly waits here a few seconds for the next message to the same hop,
+//! which then skips connect, greeting, EHLO, STARTTLS and AUTH.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_config::NextHop;
+use tokio::sync::Semaphore;
 
 use super::client::{self, HopError, HopSettings, RecipientOutcome, Session, Transaction};
 
 /// How long an idle session is kept.
-const IDLE_FOR: Duration = Duration::from_secs(5);
+pub const IDLE_FOR: Duration = Duration::from_secs(5);
 
 #[derive(Default)]
 pub struct SessionPool {
     idle: Mutex<HashMap<String, Vec<(Instant, Session)>>>,
+    /// Transactions in progress per hop.
+    busy: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+/// Where a session goes: a configured or MX next hop, and for MX the
+/// address already resolved.
+pub struct Target<'a> {
+    pub hop: &'a NextHop,
+    pub address: Option<IpAddr>,
+}
+
+impl Target<'_> {
+    /// `host:port`, or `host[address]:port` for MX (as Postfix logs it).
+    pub fn label(&self) -> String {
+        match self.address {
+            Some(ip) => format!("{}[{ip}]:{}", self.hop.host, self.hop.port),
+            None => self.hop.to_string(),
+        }
+    }
 }
 
 impl SessionPool {
@@ -29,22 +51,52 @@ impl SessionPool {
     fn put(&self, key: String, session: Session, max_idle: usize) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.entry(key).or_default();
-        list.retain(|(since, _)| since.elapsed() < IDLE_FOR);
         if list.len() < max_idle {
             list.push((Instant::now(), session));
         }
     }
 
-    /// Sends `tx` to `hop`, on an idle session if there is one.
+    fn slots(&self, key: &str, max: usize) -> Arc<Semaphore> {
+        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(
+            busy.entry(key.to_string())
+                .or_insert_with(|| Arc::new(Semaphore::new(max.max(1)))),
+        )
+    }
+
+    /// Closes (with QUIT) the sessions idle for longer than [`IDLE_FOR`].
+    pub fn sweep(&self) {
+        let mut stale = Vec::new();
+        {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            for list in idle.values_mut() {
+                let (old, fresh): (Vec<_>, Vec<_>) = std::mem::take(list)
+                    .into_iter()
+                    .partition(|(since, _)| since.elapsed() >= IDLE_FOR);
+                *list = fresh;
+                stale.extend(old.into_iter().map(|(_, s)| s));
+            }
+            idle.retain(|_, list| !list.is_empty());
+        }
+        for session in stale {
+            tokio::spawn(session.quit());
+        }
+    }
+
+    /// Sends `tx` to `target`, on an idle session if there is one, waiting
+    /// while `max_per_hop` transactions already run towards it.
     pub async fn deliver(
         &self,
-        hop: &NextHop,
+        target: &Target<'_>,
         settings: &HopSettings<'_>,
-        max_idle: usize,
+        max_per_hop: usize,
         tx: &Transaction<'_>,
     ) -> Result<Vec<RecipientOutcome>, HopError> {
+        let hop_key = target.label();
+        let slots = self.slots(&hop_key, max_per_hop);
+        let _slot = slots.acquire().await.ok();
         let key = format!(
-            "{hop}|{:?}|{}|{}",
+            "{hop_key}|{:?}|{}|{}",
             settings.tls,
             settings.verify_certificates,
             settings.auth.map_or("", |(user, _)| user.as_str())
@@ -52,7 +104,7 @@ impl SessionPool {
         if let Some(mut session) = self.take(&key) {
             match session.send(tx).await {
                 Ok(outcomes) => {
-                    self.put(key, session, max_idle);
+                    self.put(key, session, max_per_hop);
                     return Ok(outcomes);
                 }
                 // A real answer from the hop stands.
@@ -61,10 +113,10 @@ impl SessionPool {
                 Err(_) => {}
             }
         }
-        let mut session = client::open(hop, settings).await?;
+        let mut session = client::open(target, settings).await?;
         let result = session.send(tx).await;
         if result.is_ok() {
-            self.put(key, session, max_idle);
+            self.put(key, session, max_per_hop);
         } else {
             session.quit().await;
         }
