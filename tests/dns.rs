@@ -55,10 +55,9 @@ fn answer(zone: &[Entry], query: &[u8]) -> Option<Vec<u8>> {
     let mut known = false;
     for entry in zone {
         let (owner, data) = match entry {
-            Entry::Mx(owner, preference, exchange) => (
-                owner,
-                Some(RData::MX(MX::new(*preference, name(exchange)))),
-            ),
+            Entry::Mx(owner, preference, exchange) => {
+                (owner, Some(RData::MX(MX::new(*preference, name(exchange)))))
+            }
             Entry::Ip(owner, IpAddr::V4(ip)) => (owner, Some(RData::A(A(*ip)))),
             Entry::Ip(owner, IpAddr::V6(ip)) => (owner, Some(RData::AAAA(AAAA(*ip)))),
             Entry::ServFail(owner) => (owner, None),

@@ -252,10 +252,16 @@ fn route(c: &mut Checker<'_>, r: &RawRoute, base_dir: &Path) -> Option<Route> {
         }
         "mx" => {
             if let Some(first) = r.next_hops.first() {
-                c.err(first, "an mx route finds its next hops in DNS; drop next_hops");
+                c.err(
+                    first,
+                    "an mx route finds its next hops in DNS; drop next_hops",
+                );
             }
             if r.auth.is_some() {
-                c.err(&r.kind, "an mx route cannot authenticate; use an smtp route to a smarthost");
+                c.err(
+                    &r.kind,
+                    "an mx route cannot authenticate; use an smtp route to a smarthost",
+                );
             }
             RouteAction::Mx {
                 port: r.port.as_ref().map_or(25, |p| *p.get_ref()),

@@ -333,7 +333,10 @@ dns_servers = ["{}"]
         "Final-Recipient: rfc822; five@nxdomain.test\r\nAction: failed\r\nStatus: 5.1.2\r\n",
         "Diagnostic-Code: smtp; 550 5.1.2 Host or domain name not found: nxdomain.test",
     ] {
-        assert!(bounce.contains(expected), "missing {expected:?} in\n{bounce}");
+        assert!(
+            bounce.contains(expected),
+            "missing {expected:?} in\n{bounce}"
+        );
     }
     let states = wait_for_state(&h, "4.4.3").await.to_string();
     assert!(

@@ -30,10 +30,10 @@ use tracing::{info, warn, Instrument};
 pub use client::{HopError, RecipientOutcome};
 
 use crate::metric;
-use mx::{MxError, MxResolver};
-use pool::Target;
 use crate::server::Worker;
 use crate::tracking::TrackingEvent;
+use mx::{MxError, MxResolver};
+use pool::Target;
 
 /// Attempts running at once.
 const CONCURRENT_ATTEMPTS: usize = 64;
@@ -386,7 +386,11 @@ impl Deliverer {
         let max_per_hop = config.delivery.max_connections_per_hop as usize;
         for target in targets {
             let hop = target.label();
-            match self.sessions.deliver(target, settings, max_per_hop, &tx).await {
+            match self
+                .sessions
+                .deliver(target, settings, max_per_hop, &tx)
+                .await
+            {
                 Ok(outcomes) => {
                     return recipients
                         .iter()
@@ -632,7 +636,10 @@ fn reported(
 fn by_domain(recipients: &[String]) -> Vec<(String, Vec<String>)> {
     let mut groups: Vec<(String, Vec<String>)> = Vec::new();
     for r in recipients {
-        let domain = r.rsplit_once('@').map_or("", |(_, d)| d).to_ascii_lowercase();
+        let domain = r
+            .rsplit_once('@')
+            .map_or("", |(_, d)| d)
+            .to_ascii_lowercase();
         match groups.iter_mut().find(|(d, _)| *d == domain) {
             Some((_, list)) => list.push(r.clone()),
             None => groups.push((domain, vec![r.clone()])),
