@@ -38,7 +38,14 @@ pub struct WorkerProcess {
 
 impl WorkerProcess {
     /// Starts `ferry worker` and waits (bounded) until it says it is ready.
+    /// Its log (stderr) goes to `worker.log` in the data directory.
     pub fn start(config: &Path, listen: &str, data: &Path) -> Self {
+        std::fs::create_dir_all(data).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data.join("worker.log"))
+            .unwrap();
         let mut child = Command::new(ferry_bin())
             .args(["worker", "--config"])
             .arg(config)
@@ -46,7 +53,7 @@ impl WorkerProcess {
             .arg(data)
             .args(["--admin", "127.0.0.1:0", "--hostname", "relay.test"])
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("start ferry worker");
         let stdout = child.stdout.take().unwrap();

@@ -250,6 +250,12 @@ async fn worker_process_relays_reports_and_drains() {
     assert!(status.expect("worker did not exit").success());
     drop(w);
 
+    // The log file is plain text: one line per event, no terminal colours.
+    let log = std::fs::read_to_string(data.join("worker.log")).unwrap();
+    assert!(log.contains("INFO ferry::worker: worker started"), "{log}");
+    assert!(log.contains("message done"), "{log}");
+    assert!(!log.contains('\x1b'), "colour codes in the log file");
+
     // Mail for example.test was delivered to its folder; the scanner's
     // message for the outside world waits for its next hop, and is still
     // in the spool after a restart.
