@@ -25,6 +25,8 @@ pub struct SmtpSink {
     pub addr: SocketAddr,
     received: Arc<Mutex<Vec<SinkMessage>>>,
     accept_all: Arc<AtomicBool>,
+    /// The SIZE it advertises.
+    max_size: Arc<AtomicUsize>,
     /// Sessions open now, and the most ever open at once.
     sessions: Arc<(AtomicUsize, AtomicUsize)>,
 }
@@ -42,6 +44,7 @@ impl SmtpSink {
             received: Arc::default(),
             accept_all: Arc::default(),
             sessions: Arc::default(),
+            max_size: Arc::new(AtomicUsize::new(100_000_000)),
         };
         let s = sink.clone();
         tokio::spawn(async move {
@@ -61,6 +64,11 @@ impl SmtpSink {
     /// From now on `temp…` recipients are accepted too.
     pub fn accept_everything(&self) {
         self.accept_all.store(true, Ordering::SeqCst);
+    }
+
+    /// Advertises `SIZE max` from now on.
+    pub fn limit_size(&self, max: usize) {
+        self.max_size.store(max, Ordering::SeqCst);
     }
 
     /// Sessions open right now.
@@ -118,7 +126,10 @@ impl SmtpSink {
                 let line = String::from_utf8_lossy(&line).trim_end().to_string();
                 let upper = line.to_ascii_uppercase();
                 let reply: String = if upper.starts_with("EHLO") {
-                    "250-sink.test\r\n250-PIPELINING\r\n250-SIZE 100000000\r\n250 8BITMIME".into()
+                    format!(
+                        "250-sink.test\r\n250-PIPELINING\r\n250-SIZE {}\r\n250 8BITMIME",
+                        self.max_size.load(Ordering::SeqCst)
+                    )
                 } else if upper.starts_with("HELO")
                     || upper.starts_with("RSET")
                     || upper.starts_with("NOOP")

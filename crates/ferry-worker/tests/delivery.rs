@@ -369,3 +369,23 @@ async fn sessions_per_hop_are_capped_and_idle_ones_closed() {
     }
     assert_eq!(sink.open_sessions(), 0, "idle sessions were kept open");
 }
+
+/// A next hop whose SIZE is smaller than the message never gets it: the
+/// sender gets a bounce with `552 5.3.4`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_the_hops_size_is_bounced_unsent() {
+    let sink = SmtpSink::start().await;
+    sink.limit_size(100);
+    let extra = routes(&format!("\"{}\"", sink.addr), "none", "");
+    let h = Harness::start_with("{}", &extra, None).await;
+    relay(&h, &["ok@sink.test"]).await;
+    let bounces = wait_for_eml(&h.data().join("mailbox"), "Undeliverable").await;
+    assert_eq!(bounces.len(), 1);
+    assert!(
+        bounces[0].contains("Status: 5.3.4\r\n")
+            && bounces[0].contains("exceeds the limit 100 of 127.0.0.1:"),
+        "{}",
+        bounces[0]
+    );
+    assert!(sink.received().is_empty());
+}

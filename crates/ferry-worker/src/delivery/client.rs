@@ -39,13 +39,21 @@ pub enum HopError {
     Refused { hop: String, reply: Reply },
     #[error("{hop}: {reason}")]
     Protocol { hop: String, reason: String },
+    /// The hop cannot take this message (too big for its SIZE, or it needs
+    /// SMTPUTF8 the hop lacks); a reply in SMTP form for the DSN.
+    #[error("{reply}")]
+    Unsuitable { hop: String, reply: String },
 }
 
 impl HopError {
     /// A 5xx refusal is final for every recipient; anything else is worth
     /// trying again (elsewhere or later).
     pub fn is_permanent(&self) -> bool {
-        matches!(self, HopError::Refused { reply, .. } if reply.code() >= 500)
+        match self {
+            HopError::Refused { reply, .. } => reply.code() >= 500,
+            HopError::Unsuitable { .. } => true,
+            _ => false,
+        }
     }
 }
 
@@ -268,6 +276,25 @@ impl Session {
     /// (if this returned `Ok`).
     pub async fn send(&mut self, tx: &Transaction<'_>) -> Result<Vec<RecipientOutcome>, HopError> {
         let caps = self.caps.clone();
+        let size = tx.message.len() as u64;
+        if let Some(max) = caps.size.filter(|max| *max > 0 && size > *max) {
+            return Err(HopError::Unsuitable {
+                hop: self.hop.clone(),
+                reply: format!(
+                    "552 5.3.4 Message size {size} exceeds the limit {max} of {}",
+                    self.hop
+                ),
+            });
+        }
+        if tx.smtputf8 && !caps.smtputf8 {
+            return Err(HopError::Unsuitable {
+                hop: self.hop.clone(),
+                reply: format!(
+                    "553 5.6.7 SMTPUTF8 is required, but was not offered by {}",
+                    self.hop
+                ),
+            });
+        }
         let mut mail = format!("MAIL FROM:<{}>", tx.mail_from);
         if caps.size.is_some() {
             mail.push_str(&format!(" SIZE={}", tx.message.len()));

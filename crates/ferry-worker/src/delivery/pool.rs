@@ -108,7 +108,7 @@ impl SessionPool {
                     return Ok(outcomes);
                 }
                 // A real answer from the hop stands.
-                Err(e @ HopError::Refused { .. }) => return Err(e),
+                Err(e @ (HopError::Refused { .. } | HopError::Unsuitable { .. })) => return Err(e),
                 // The idle session went stale: try a fresh one.
                 Err(_) => {}
             }
