@@ -79,6 +79,15 @@ impl SmtpClient {
         }
     }
 
+    /// Closes the sending side (half-close); replies can still be read.
+    pub async fn shutdown_write(&mut self) {
+        let _ = match &mut self.conn {
+            Conn::Plain(s) => s.shutdown().await,
+            Conn::Tls(s) => s.shutdown().await,
+            Conn::Gone => Ok(()),
+        };
+    }
+
     async fn read_more(&mut self) -> std::io::Result<usize> {
         let mut chunk = [0u8; 8192];
         let n = match &mut self.conn {

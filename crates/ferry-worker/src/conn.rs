@@ -17,6 +17,7 @@ use tracing::{info, warn, Instrument};
 use crate::limits::OverLimit;
 use crate::metric;
 use crate::protolog::{LogEvent, SessionLog};
+use crate::proxy;
 use crate::runtime::Runtime;
 use crate::server::Worker;
 use crate::tracking::TrackingEvent;
@@ -62,13 +63,30 @@ async fn refuse(mut stream: TcpStream, reply: Reply) {
 }
 
 /// Serves one accepted connection.
-pub(crate) async fn handle(worker: Arc<Worker>, stream: TcpStream, peer: SocketAddr) {
+pub(crate) async fn handle(worker: Arc<Worker>, mut stream: TcpStream, peer: SocketAddr) {
     let Ok(local) = stream.local_addr() else {
         return;
     };
-    let client = peer.ip().to_canonical();
     let runtime = worker.runtime();
     let session_id = worker.next_session_id();
+    // Only a trusted proxy may say who the client is.
+    let proxied = if runtime.config.is_trusted_proxy(peer.ip()) {
+        match proxy::read_header(&mut stream).await {
+            Ok(p) => Some(p),
+            Err(e) => {
+                counter!(metric::CONNECTIONS_REFUSED, "reason" => "proxy_header").increment(1);
+                warn!(%session_id, %peer, error = %e, "bad PROXY header from a trusted proxy; closed");
+                return;
+            }
+        }
+    } else {
+        None
+    };
+    let (remote, proxy_session, early) = match proxied {
+        Some(p) => (p.source.unwrap_or(peer), p.session_id, p.early),
+        None => (peer, None, Vec::new()),
+    };
+    let client = remote.ip().to_canonical();
     let Some(selection) = runtime.config.select(local.ip(), local.port(), client) else {
         counter!(metric::CONNECTIONS_REFUSED, "reason" => "no_connector").increment(1);
         info!(%session_id, %peer, %client, port = local.port(), "no connector for client; refused");
@@ -107,7 +125,8 @@ pub(crate) async fn handle(worker: Arc<Worker>, stream: TcpStream, peer: SocketA
         session_id = %session_id,
         peer = %peer,
         client = %client,
-        connector = %connector.name
+        connector = %connector.name,
+        proxy_session = proxy_session.as_deref().unwrap_or("-")
     );
     let logger =
         (connector.protocol_log == ProtocolLog::Verbose).then(|| Arc::clone(&worker.protolog));
@@ -116,8 +135,14 @@ pub(crate) async fn handle(worker: Arc<Worker>, stream: TcpStream, peer: SocketA
         &connector.name,
         &session_id,
         local,
-        SocketAddr::new(client, peer.port()),
+        SocketAddr::new(client, remote.port()),
     );
+    let proxy_note = (remote != peer || proxy_session.is_some()).then(|| {
+        format!(
+            "proxied by {peer}, session {}",
+            proxy_session.as_deref().unwrap_or("-")
+        )
+    });
     let conn = Connection {
         session: ServerSession::new(session_config(&worker, &runtime, &connector)),
         worker,
@@ -128,6 +153,8 @@ pub(crate) async fn handle(worker: Arc<Worker>, stream: TcpStream, peer: SocketA
         log,
         user: None,
         out: Vec::new(),
+        early,
+        proxy_note,
     };
     conn.run(Stream::Plain(stream)).instrument(span).await;
     drop(slot);
@@ -162,6 +189,10 @@ struct Connection {
     log: SessionLog,
     user: Option<Arc<User>>,
     out: Vec<u8>,
+    /// Octets that came with the PROXY header, before any read.
+    early: Vec<u8>,
+    /// For the protocol log: which proxy, which balancer session.
+    proxy_note: Option<String>,
 }
 
 /// How a session ended, for the log.
@@ -221,6 +252,9 @@ impl Connection {
         counter!(metric::SESSIONS, "connector" => name.clone()).increment(1);
         gauge!(metric::SESSIONS_ACTIVE, "connector" => name.clone()).increment(1.0);
         self.log.log(LogEvent::Connect, "", "");
+        if let Some(note) = self.proxy_note.take() {
+            self.log.log(LogEvent::Info, &note, "PROXY");
+        }
         let p = self.connector.permissions;
         let perms = [
             (p.anonymous, "AcceptRoutingHeaders AnonymousSubmit"),
@@ -261,6 +295,10 @@ impl Connection {
     async fn serve(&mut self, stream: &mut Stream) -> End {
         let banner = Reply::new(220, self.connector.banner.clone());
         self.send(&banner);
+        let early = std::mem::take(&mut self.early);
+        if !early.is_empty() {
+            self.session.push(&early);
+        }
         let limits = self.connector.limits.clone();
         let deadline = Instant::now() + limits.connection_timeout;
         let mut buf = vec![0u8; READ_BUFFER];

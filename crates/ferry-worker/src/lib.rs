@@ -10,7 +10,8 @@
 //! Modules: [`server`] (accept loops, connection caps, graceful shutdown),
 //! [`delivery`] (routes, the SMTP client, retries, bounces),
 //! `conn` (one SMTP connection), [`runtime`] (config snapshot and TLS
-//! acceptors), `auth` (password checks and tarpit), [`protolog`]
+//! acceptors), [`proxy`] (PROXY headers from trusted balancers), `auth`
+//! (password checks and tarpit), [`protolog`]
 //! (Exchange-format protocol logs), [`tracking`] (message tracking log), `limits` (per-source caps), `metric`
 //! (metric names). Balancing is not done here.
 #![forbid(unsafe_code)]
@@ -22,6 +23,7 @@ pub mod delivery;
 mod limits;
 mod metric;
 pub mod protolog;
+pub mod proxy;
 pub mod runtime;
 pub mod server;
 pub mod tracking;

@@ -18,6 +18,8 @@ use tokio::net::TcpListener;
 pub use ferry_tests::{plain, spool_leftovers, spooled, SmtpClient};
 
 pub const PASSWORD: &str = "s3cret";
+/// The one peer allowed to send PROXY headers (a balancer).
+pub const PROXY: &str = "127.0.0.99";
 
 pub struct Harness {
     pub dir: tempfile::TempDir,
@@ -81,6 +83,7 @@ impl Harness {
         let text = format!(
             r#"
 accepted_domains = [{{ domain = "example.test", kind = "authoritative" }}]
+trusted_proxies = ["{PROXY}"]
 
 [[connectors]]
 name = "Default Frontend"
