@@ -9,11 +9,14 @@
 //! [`explain`] renders both for `ferry config explain`.
 //!
 //! Modules: `raw` (the file's shape, as serde sees it), [`model`] (the
-//! validated types), [`select`], [`policy`], [`explain`], [`error`].
+//! validated types), [`select`], [`policy`], [`routes`], [`balancer`]
+//! (listeners, backends, access list and probes of balancer nodes),
+//! [`explain`], [`error`].
 //! This crate does no I/O beyond reading the config file: certificates are
 //! loaded by the nodes that use them.
 #![forbid(unsafe_code)]
 
+pub mod balancer;
 pub mod error;
 pub mod explain;
 pub mod model;
@@ -23,6 +26,7 @@ pub mod routes;
 pub mod select;
 mod validate;
 
+pub use balancer::{AccessList, Backend, BalancerConfig, BalancerListener, ProbeSettings};
 pub use error::{ConfigError, Located};
 pub use model::{
     AcceptedDomain, AuthSettings, ClusterConfig, Connector, DomainKind, Limits, Permissions,

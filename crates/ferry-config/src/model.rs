@@ -21,6 +21,8 @@ pub struct ClusterConfig {
     /// Below this much free space in the data directory, new mail gets
     /// `452 4.3.1` and the node reports not ready (back-pressure).
     pub min_free_space: u64,
+    /// The `[balancer]` section, read by balancer nodes.
+    pub balancer: Option<crate::balancer::BalancerConfig>,
 }
 
 /// The default floor of free space for the spool.

@@ -21,6 +21,51 @@ pub(crate) struct RawConfig {
     pub delivery: RawDelivery,
     #[serde(default)]
     pub spool: RawSpool,
+    pub balancer: Option<Spanned<RawBalancer>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawBalancer {
+    #[serde(default)]
+    pub allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub deny: Vec<Spanned<String>>,
+    pub max_connections_per_source: Option<Spanned<u32>>,
+    pub handoff_timeout: Option<Spanned<String>>,
+    pub idle_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    pub probe: RawProbe,
+    #[serde(default)]
+    pub listeners: Vec<Spanned<RawBalancerListener>>,
+    #[serde(default)]
+    pub backends: Vec<Spanned<RawBackend>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawProbe {
+    pub interval: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
+    pub rise: Option<Spanned<u32>>,
+    pub fall: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawBalancerListener {
+    pub name: Spanned<String>,
+    pub port: Spanned<u16>,
+    pub backend_port: Option<u16>,
+    pub proxy_protocol: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawBackend {
+    pub name: Spanned<String>,
+    pub address: Spanned<String>,
+    pub weight: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

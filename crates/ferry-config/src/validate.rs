@@ -9,6 +9,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use toml::Spanned;
 
+use crate::balancer::*;
 use crate::error::{ConfigError, LineIndex, Located};
 use crate::model::*;
 use crate::raw::*;
@@ -185,6 +186,7 @@ pub(crate) fn parse(file: &str, text: &str, base_dir: &Path) -> Result<ClusterCo
         .collect();
     let delivery = delivery(&mut c, &raw.delivery);
     let min_free_space = c.size(&raw.spool.min_free_space, DEFAULT_MIN_FREE_SPACE);
+    let balancer = raw.balancer.as_ref().map(|b| balancer(&mut c, b));
 
     if !c.errors.is_empty() {
         c.errors.sort_by_key(|e| (e.line, e.column));
@@ -201,7 +203,76 @@ pub(crate) fn parse(file: &str, text: &str, base_dir: &Path) -> Result<ClusterCo
         routes,
         delivery,
         min_free_space,
+        balancer,
     })
+}
+
+fn balancer(c: &mut Checker<'_>, raw: &Spanned<RawBalancer>) -> BalancerConfig {
+    let b = raw.get_ref();
+    let allow = c.ranges(&b.allow);
+    let deny = c.ranges(&b.deny);
+    if b.allow.is_empty() {
+        c.err(
+            raw,
+            "balancer.allow is empty: every client would be refused",
+        );
+    }
+    let mut listeners: Vec<BalancerListener> = Vec::new();
+    for l in &b.listeners {
+        let l = l.get_ref();
+        if listeners.iter().any(|o| o.port == *l.port.get_ref()) {
+            c.err(
+                &l.port,
+                format!("port {} has two balancer listeners", l.port.get_ref()),
+            );
+        }
+        listeners.push(BalancerListener {
+            name: l.name.get_ref().clone(),
+            port: *l.port.get_ref(),
+            backend_port: l.backend_port.unwrap_or(*l.port.get_ref()),
+            proxy_protocol: l.proxy_protocol.unwrap_or(true),
+        });
+    }
+    if listeners.is_empty() {
+        c.err(raw, "a balancer needs at least one [[balancer.listeners]]");
+    }
+    let mut backends: Vec<Backend> = Vec::new();
+    for r in &b.backends {
+        let r = r.get_ref();
+        let Ok(address) = r.address.get_ref().parse::<IpAddr>() else {
+            c.err(
+                &r.address,
+                format!("'{}' is not an IP address", r.address.get_ref()),
+            );
+            continue;
+        };
+        if backends.iter().any(|o| o.name == *r.name.get_ref()) {
+            c.err(
+                &r.name,
+                format!("backend '{}' is defined twice", r.name.get_ref()),
+            );
+        }
+        backends.push(Backend {
+            name: r.name.get_ref().clone(),
+            address,
+            weight: c.count(&r.weight, 1),
+        });
+    }
+    let def = ProbeSettings::default();
+    BalancerConfig {
+        listeners,
+        backends,
+        access: AccessList::new(&allow, &deny),
+        max_connections_per_source: c.count(&b.max_connections_per_source, 20),
+        handoff_timeout: c.duration(&b.handoff_timeout, Duration::from_secs(5)),
+        idle_timeout: c.duration(&b.idle_timeout, Duration::from_secs(10 * 60)),
+        probe: ProbeSettings {
+            interval: c.duration(&b.probe.interval, def.interval),
+            timeout: c.duration(&b.probe.timeout, def.timeout),
+            rise: c.count(&b.probe.rise, def.rise),
+            fall: c.count(&b.probe.fall, def.fall),
+        },
+    }
 }
 
 fn route(c: &mut Checker<'_>, r: &RawRoute, base_dir: &Path) -> Option<Route> {

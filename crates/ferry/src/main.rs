@@ -2,6 +2,7 @@
 //! the logic lives in the library crates, this crate only wires it up.
 #![forbid(unsafe_code)]
 
+mod balancer;
 mod config_cmd;
 mod queue;
 mod up;
@@ -53,6 +54,18 @@ enum Command {
         #[arg(long)]
         hostname: Option<String>,
     },
+    /// Run a balancer in front of the workers (the config's [balancer]).
+    Balancer {
+        /// The cluster config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// The address every balancer listener is bound on.
+        #[arg(long)]
+        listen: IpAddr,
+        /// The admin HTTP endpoint (/metrics, /readyz, /backends); port 0 picks one.
+        #[arg(long)]
+        admin: SocketAddr,
+    },
     /// Validate or explain a cluster config.
     Config {
         #[command(subcommand)]
@@ -93,6 +106,17 @@ fn main() -> std::process::ExitCode {
                 data,
                 admin,
                 hostname,
+            }))
+        }),
+        Command::Balancer {
+            config,
+            listen,
+            admin,
+        } => runtime().and_then(|rt| {
+            rt.block_on(balancer::run(balancer::Args {
+                config,
+                listen,
+                admin,
             }))
         }),
         Command::Up { data } => runtime().and_then(|rt| rt.block_on(up::run(data))),

@@ -1,0 +1,91 @@
+//! Handing a client to a worker: connect, send the PROXY v2 header (the
+//! client's addresses and a UNIQUE_ID TLV with the balancer's session id),
+//! and wait for a `220` greeting. Anything else and the worker is skipped.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ferry_smtp::client::ReplyReader;
+use proxy_header::{ProxiedAddress, ProxyHeader, Tlv};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::probe::read_reply;
+
+/// Why a worker was skipped; `reason` is the metric label.
+#[derive(Debug, thiserror::Error)]
+#[error("{detail}")]
+pub struct HandoffError {
+    pub reason: &'static str,
+    pub detail: String,
+}
+
+fn skip(reason: &'static str, detail: impl Into<String>) -> HandoffError {
+    HandoffError {
+        reason,
+        detail: detail.into(),
+    }
+}
+
+/// The PROXY v2 header for a client: its address, the address it reached
+/// the balancer on, and the session id.
+pub fn proxy_header(client: SocketAddr, local: SocketAddr, session_id: &str) -> Vec<u8> {
+    // Both addresses of one family, as the protocol wants.
+    let (client, local) = match (client, local) {
+        (SocketAddr::V4(_), SocketAddr::V6(l)) => match l.ip().to_ipv4_mapped() {
+            Some(ip) => (client, SocketAddr::new(ip.into(), l.port())),
+            None => (client, SocketAddr::new([0, 0, 0, 0].into(), l.port())),
+        },
+        (SocketAddr::V6(c), SocketAddr::V4(l)) => (
+            SocketAddr::V6(c),
+            SocketAddr::new(l.ip().to_ipv6_mapped().into(), l.port()),
+        ),
+        other => other,
+    };
+    let header = ProxyHeader::with_tlvs(
+        Some(ProxiedAddress::stream(client, local)),
+        [Tlv::UniqueId(session_id.as_bytes().into())],
+    );
+    let mut out = Vec::with_capacity(64);
+    // Same-family addresses and a short TLV: encoding cannot fail.
+    let _ = header.encode_v2(&mut out);
+    out
+}
+
+/// Connects to `worker`, sends `header` (if any) and returns the stream
+/// with the worker's `220` greeting, as received.
+pub async fn handoff(
+    worker: SocketAddr,
+    header: Option<&[u8]>,
+    limit: Duration,
+) -> Result<(TcpStream, Vec<u8>), HandoffError> {
+    let connect = tokio::time::timeout(limit, TcpStream::connect(worker));
+    let mut stream = match connect.await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(skip("connect", e.to_string())),
+        Err(_) => return Err(skip("timeout", "connect timed out")),
+    };
+    let _ = stream.set_nodelay(true);
+    let greet = async {
+        if let Some(h) = header {
+            stream
+                .write_all(h)
+                .await
+                .map_err(|e| skip("connect", e.to_string()))?;
+        }
+        let mut raw = Vec::new();
+        let reply = read_reply(&mut stream, &mut ReplyReader::new(), &mut raw)
+            .await
+            .map_err(|e| skip("greeting", e))?;
+        if reply.code() == 220 {
+            Ok(raw)
+        } else {
+            Err(skip("greeting", format!("greeted with {}", reply.code())))
+        }
+    };
+    match tokio::time::timeout(limit, greet).await {
+        Ok(Ok(raw)) => Ok((stream, raw)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(skip("timeout", format!("no greeting within {limit:?}"))),
+    }
+}

@@ -1,0 +1,20 @@
+//! Metric names of the balancer. Labels come from small fixed sets:
+//! listener and backend names from the config, result, stage and reason.
+
+/// Connections by `listener` and `result`: `accepted`, `denied` (access
+/// list), `over_limit` (per-source cap), `no_backend`.
+pub const CONNECTIONS: &str = "ferry_balancer_connections_total";
+/// Relayed connections open now, by `listener`.
+pub const ACTIVE: &str = "ferry_balancer_active_connections";
+/// 1 while a worker takes new sessions, by `listener` and `backend`.
+pub const BACKEND_UP: &str = "ferry_balancer_backend_up";
+/// 1 while a worker is drained (by its probe answer or an admin call).
+pub const BACKEND_DRAINING: &str = "ferry_balancer_backend_draining";
+/// Probe duration in seconds, by `backend`.
+pub const PROBE_DURATION: &str = "ferry_balancer_probe_duration_seconds";
+/// Failed probes by `backend` and `stage`: `connect`, `greeting`, `ehlo`,
+/// `timeout`.
+pub const PROBE_FAILURES: &str = "ferry_balancer_probe_failures_total";
+/// Handoffs that moved on to another worker, by `listener` and `reason`:
+/// `connect`, `greeting`, `timeout`.
+pub const HANDOFF_RETRIES: &str = "ferry_balancer_handoff_retries_total";

@@ -1,0 +1,120 @@
+//! Bytes both ways between client and worker. When one side stops sending
+//! (EOF), the other side's write half is shut down and the opposite
+//! direction goes on until it ends too (half-close). With no byte in
+//! either direction for `idle`, both are closed.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+const BUFFER: usize = 16 * 1024;
+
+/// How a relayed connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayEnd {
+    /// Both sides finished sending.
+    Closed,
+    /// Nothing moved for the idle timeout.
+    Idle,
+    /// A read or write failed (reset, broken pipe).
+    Error,
+}
+
+/// Octets moved and how it ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Relayed {
+    pub to_worker: u64,
+    pub to_client: u64,
+    pub end: RelayEnd,
+}
+
+struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn idle_for(&self) -> Duration {
+        let now = self.start.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
+    }
+}
+
+async fn pipe(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    activity: Arc<Activity>,
+    idle: Duration,
+) -> (u64, RelayEnd) {
+    let mut buf = vec![0u8; BUFFER];
+    let mut moved = 0u64;
+    loop {
+        let wait = idle
+            .saturating_sub(activity.idle_for())
+            .max(Duration::from_millis(10));
+        let n = match tokio::time::timeout(wait, from.read(&mut buf)).await {
+            Ok(Ok(0)) => {
+                let _ = to.shutdown().await;
+                return (moved, RelayEnd::Closed);
+            }
+            Ok(Ok(n)) => n,
+            Ok(Err(_)) => return (moved, RelayEnd::Error),
+            Err(_) if activity.idle_for() >= idle => return (moved, RelayEnd::Idle),
+            Err(_) => continue,
+        };
+        activity.touch();
+        if to
+            .write_all(buf.get(..n).unwrap_or_default())
+            .await
+            .is_err()
+        {
+            return (moved, RelayEnd::Error);
+        }
+        moved += n as u64;
+    }
+}
+
+/// Relays until both directions end, either fails, or `idle` passes with
+/// no traffic.
+pub async fn relay(client: TcpStream, worker: TcpStream, idle: Duration) -> Relayed {
+    let activity = Arc::new(Activity {
+        start: Instant::now(),
+        last_ms: AtomicU64::new(0),
+    });
+    let (cr, cw) = client.into_split();
+    let (wr, ww) = worker.into_split();
+    let up = pipe(cr, ww, Arc::clone(&activity), idle);
+    let down = pipe(wr, cw, activity, idle);
+    tokio::pin!(up, down);
+    let (to_worker, to_client, end) = tokio::select! {
+        (n, end) = &mut up => match end {
+            RelayEnd::Closed => {
+                let (m, end) = down.await;
+                (n, m, end)
+            }
+            other => (n, 0, other),
+        },
+        (m, end) = &mut down => match end {
+            RelayEnd::Closed => {
+                let (n, end) = up.await;
+                (n, m, end)
+            }
+            other => (0, m, other),
+        },
+    };
+    Relayed {
+        to_worker,
+        to_client,
+        end,
+    }
+}
