@@ -28,7 +28,7 @@ pub fn ferry_bin() -> PathBuf {
     bin
 }
 
-/// A running `ferry worker` process.
+/// A running Ferry node process (`ferry worker` or `ferry balancer`).
 pub struct WorkerProcess {
     child: Child,
     pub smtp: Vec<SocketAddr>,
@@ -40,6 +40,11 @@ impl WorkerProcess {
     /// Starts `ferry worker` and waits (bounded) until it says it is ready.
     /// Its log (stderr) goes to `worker.log` in the data directory.
     pub fn start(config: &Path, listen: &str, data: &Path) -> Self {
+        Self::start_as(config, listen, data, "relay.test")
+    }
+
+    /// The same, with a host name of its own (EHLO answers with it).
+    pub fn start_as(config: &Path, listen: &str, data: &Path, hostname: &str) -> Self {
         std::fs::create_dir_all(data).unwrap();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -51,11 +56,17 @@ impl WorkerProcess {
             .arg(config)
             .args(["--listen", listen, "--data"])
             .arg(data)
-            .args(["--admin", "127.0.0.1:0", "--hostname", "relay.test"])
+            .args(["--admin", "127.0.0.1:0", "--hostname", hostname])
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
             .expect("start ferry worker");
+        Self::ready(child, "worker")
+    }
+
+    /// Reads the node's address lines (`ROLE smtp ADDR`, `ROLE admin URL`)
+    /// until `ROLE ready`, bounded.
+    fn ready(mut child: Child, role: &str) -> Self {
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -76,16 +87,43 @@ impl WorkerProcess {
             let line = w
                 .lines
                 .recv_timeout(Duration::from_secs(30))
-                .expect("worker did not report ready in time");
+                .unwrap_or_else(|_| panic!("{role} did not report ready in time"));
             let words: Vec<&str> = line.split_whitespace().collect();
             match words.as_slice() {
-                ["worker", "smtp", addr] => w.smtp.push(addr.parse().unwrap()),
-                ["worker", "admin", url] => w.admin = url.trim_end_matches("/metrics").to_string(),
-                ["worker", "ready"] => break,
+                [r, "smtp", addr] if *r == role => w.smtp.push(addr.parse().unwrap()),
+                [r, "admin", url] if *r == role => {
+                    w.admin = url.trim_end_matches("/metrics").to_string()
+                }
+                [r, "ready"] if *r == role => break,
                 _ => {}
             }
         }
         w
+    }
+
+    /// Starts `ferry balancer` (its log goes to `balancer.log` in `logs`).
+    pub fn balancer(config: &Path, listen: &str, logs: &Path) -> Self {
+        std::fs::create_dir_all(logs).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(logs.join("balancer.log"))
+            .unwrap();
+        let child = Command::new(ferry_bin())
+            .args(["balancer", "--config"])
+            .arg(config)
+            .args(["--listen", listen, "--admin", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("start ferry balancer");
+        Self::ready(child, "balancer")
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     pub fn pid(&self) -> i32 {
@@ -113,4 +151,26 @@ impl Drop for WorkerProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// One HTTP/1.1 request to an admin endpoint (`http://ADDR`); the status
+/// and the body.
+pub fn http(base: &str, method: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let addr = base.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
 }

@@ -3,12 +3,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use std::io::{Read, Write};
 use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use ferry_tests::binary::{ferry_bin, WorkerProcess};
+use ferry_tests::binary::{ferry_bin, http, WorkerProcess};
 use ferry_tests::{free_port, make_certificate, plain, spooled, SmtpClient};
 
 const LISTEN: &str = "127.0.0.1";
@@ -92,22 +91,7 @@ fn hash(password: &str) -> String {
 
 /// GET over plain HTTP/1.1; returns (status, body).
 fn http_get(base: &str, path: &str) -> (u16, String) {
-    let addr = base.trim_start_matches("http://");
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    http(base, "GET", path)
 }
 
 fn metric(body: &str, name_and_labels: &str) -> f64 {

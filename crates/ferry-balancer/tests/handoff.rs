@@ -1,0 +1,191 @@
+//! The balancer in-process against scripted backends on loopback: a
+//! worker that hangs, one that greets with `421`, one that refuses
+//! connections; the client only ever sees the good one. Also the probe's
+//! view of each, and the relay's half-close.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_balancer::probe::{probe, ProbeResult};
+use ferry_balancer::Balancer;
+use ferry_config::ClusterConfig;
+use ferry_tests::SmtpClient;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+#[derive(Clone, Copy)]
+enum Script {
+    /// Reads the PROXY header, greets, answers EHLO and QUIT, and echoes
+    /// what it got in a `250` reply to `SHOW`.
+    Good,
+    /// Accepts and never says anything.
+    Hang,
+    /// Greets with 421 (draining).
+    Busy,
+}
+
+async fn backend(addr: SocketAddr, script: Script) -> SocketAddr {
+    let l = TcpListener::bind(addr).await.unwrap();
+    let bound = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                match script {
+                    Script::Hang => {
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                    }
+                    Script::Busy => {
+                        let _ = s.write_all(b"421 4.3.2 draining\r\n").await;
+                    }
+                    Script::Good => {
+                        let mut got = Vec::new();
+                        let mut buf = [0u8; 1024];
+                        // The PROXY header comes first: 16 octets and more.
+                        let _ = s.read(&mut buf).await;
+                        let _ = s.write_all(b"220-good backend\r\n220 ready\r\n").await;
+                        loop {
+                            let n = match s.read(&mut buf).await {
+                                Ok(0) | Err(_) => {
+                                    // The client half-closed: answer, then close.
+                                    let _ = s.write_all(b"250 bye after EOF\r\n").await;
+                                    return;
+                                }
+                                Ok(n) => n,
+                            };
+                            got.extend_from_slice(&buf[..n]);
+                            let text = String::from_utf8_lossy(&got).to_string();
+                            if text.ends_with("QUIT\r\n") {
+                                let _ = s.write_all(b"221 bye\r\n").await;
+                                return;
+                            }
+                            if text.ends_with("\r\n") {
+                                let _ = s.write_all(b"250 ok\r\n").await;
+                                got.clear();
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    bound
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// A balancer whose backends, in order, are `addrs` (all on `port`).
+async fn balancer(addrs: &[&str], port: u16) -> (Arc<Balancer>, SocketAddr) {
+    let backends: String = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("[[balancer.backends]]\nname = \"b{i}\"\naddress = \"{a}\"\n"))
+        .collect();
+    let text = format!(
+        r#"
+[balancer]
+allow = ["127.0.0.0/8"]
+handoff_timeout = "500ms"
+probe = {{ interval = "1h", timeout = "500ms" }}
+
+[[balancer.listeners]]
+name = "smtp"
+port = 0
+backend_port = {port}
+
+{backends}
+"#
+    );
+    let config = ClusterConfig::parse("b.toml", &text, std::path::Path::new(".")).unwrap();
+    let b = Balancer::new(config.balancer.unwrap(), ip("127.0.0.1"));
+    let listeners = b.bind().await.unwrap();
+    let addr = listeners[0].local_addr().unwrap();
+    tokio::spawn(Arc::clone(&b).run(listeners, Duration::from_secs(1)));
+    (b, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_workers_are_skipped_and_the_client_never_sees_them() {
+    let good = backend("127.0.0.23:0".parse().unwrap(), Script::Good).await;
+    let port = good.port();
+    backend(SocketAddr::new(ip("127.0.0.21"), port), Script::Hang).await;
+    backend(SocketAddr::new(ip("127.0.0.22"), port), Script::Busy).await;
+    // 127.0.0.24 has nothing listening: refused.
+    let (b, front) = balancer(
+        &["127.0.0.21", "127.0.0.22", "127.0.0.24", "127.0.0.23"],
+        port,
+    )
+    .await;
+    let started = Instant::now();
+    let (mut c, greeting) = SmtpClient::connect(front, None).await;
+    assert_eq!(greeting, "220-good backend\r\n220 ready");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(c.cmd("NOOP").await, "250 ok");
+    // Half-close: the client stops sending, the backend's last words
+    // still arrive.
+    c.shutdown_write().await;
+    assert_eq!(c.reply().await, "250 bye after EOF");
+    assert!(c.is_closed().await);
+
+    // The skipped ones are suspect now: the next client goes straight to
+    // the good one.
+    let started = Instant::now();
+    let (_c, greeting) = SmtpClient::connect(front, None).await;
+    assert_eq!(greeting, "220-good backend\r\n220 ready");
+    assert!(started.elapsed() < Duration::from_millis(400));
+    let busy: Vec<_> = b.frontends[0]
+        .targets
+        .iter()
+        .map(|t| t.is_eligible())
+        .collect();
+    assert_eq!(busy, [false, false, false, true]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_tell_up_draining_and_each_failure_stage() {
+    let good = backend("127.0.0.25:0".parse().unwrap(), Script::Good).await;
+    let port = good.port();
+    let hang = backend(SocketAddr::new(ip("127.0.0.26"), port), Script::Hang).await;
+    let busy = backend(SocketAddr::new(ip("127.0.0.27"), port), Script::Busy).await;
+    let limit = Duration::from_millis(300);
+    assert_eq!(probe(good, true, limit).await, ProbeResult::Up);
+    assert_eq!(probe(busy, true, limit).await, ProbeResult::Draining);
+    assert!(matches!(
+        probe(hang, true, limit).await,
+        ProbeResult::Failed {
+            stage: "timeout",
+            ..
+        }
+    ));
+    assert!(matches!(
+        probe(SocketAddr::new(ip("127.0.0.28"), port), true, limit).await,
+        ProbeResult::Failed {
+            stage: "connect",
+            ..
+        }
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_over_the_per_source_cap_get_421() {
+    let good = backend("127.0.0.29:0".parse().unwrap(), Script::Good).await;
+    let (_b, front) = balancer(&["127.0.0.29"], good.port()).await;
+    let mut open = Vec::new();
+    for _ in 0..20 {
+        let (c, greeting) = SmtpClient::connect(front, Some(ip("127.0.0.35"))).await;
+        assert_eq!(greeting, "220-good backend\r\n220 ready");
+        open.push(c);
+    }
+    let (mut c, refused) = SmtpClient::connect(front, Some(ip("127.0.0.35"))).await;
+    assert_eq!(
+        refused,
+        "421 4.3.2 Too many connections from your address, try again later"
+    );
+    assert!(c.is_closed().await);
+    let (_c, greeting) = SmtpClient::connect(front, Some(ip("127.0.0.36"))).await;
+    assert_eq!(greeting, "220-good backend\r\n220 ready");
+}

@@ -1,0 +1,293 @@
+//! End to end through the real `ferry balancer` in front of two real
+//! `ferry worker` processes on 127.0.0.11 and 127.0.0.12: the client's IP
+//! survives (PROXY v2), the balancer's access list, failover when a worker
+//! dies, drain, and no worker at all.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ferry_tests::binary::{http, WorkerProcess};
+use ferry_tests::{free_port, SmtpClient};
+
+const WORKERS: [&str; 2] = ["127.0.0.11", "127.0.0.12"];
+
+struct Cluster {
+    _dir: tempfile::TempDir,
+    balancer: WorkerProcess,
+    workers: Vec<WorkerProcess>,
+    front: SocketAddr,
+}
+
+fn ip(s: &str) -> Option<IpAddr> {
+    Some(s.parse().unwrap())
+}
+
+/// A port free on both worker addresses and the balancer's.
+fn shared_port() -> u16 {
+    loop {
+        let p = free_port(ip("127.0.0.11").unwrap());
+        let free_on = |a: &str| std::net::TcpListener::bind((a, p)).is_ok();
+        if free_on("127.0.0.12") && free_on("127.0.0.1") {
+            return p;
+        }
+    }
+}
+
+fn write_config(dir: &Path, worker_port: u16, balancer_port: u16) -> PathBuf {
+    let text = format!(
+        r#"
+accepted_domains = [{{ domain = "example.test", kind = "authoritative" }}]
+trusted_proxies = ["127.0.0.1/32"]
+
+[[connectors]]
+name = "Default Frontend"
+port = {worker_port}
+remote_ranges = ["0.0.0.0/0"]
+permissions = ["anonymous"]
+banner = "Default Frontend ready"
+
+[[connectors]]
+name = "Anon Relay"
+port = {worker_port}
+remote_ranges = ["127.0.0.30/32"]
+permissions = ["anonymous", "accept_any_recipient"]
+banner = "Anon Relay ready"
+
+[[routes]]
+domains = ["*"]
+type = "directory"
+path = "mail"
+
+[balancer]
+allow = ["127.0.0.0/8"]
+deny = ["127.0.0.66/32"]
+handoff_timeout = "2s"
+probe = {{ interval = "200ms", timeout = "1s", rise = 2, fall = 2 }}
+
+[[balancer.listeners]]
+name = "smtp"
+port = {balancer_port}
+backend_port = {worker_port}
+
+[[balancer.backends]]
+name = "w1"
+address = "127.0.0.11"
+
+[[balancer.backends]]
+name = "w2"
+address = "127.0.0.12"
+"#
+    );
+    let path = dir.join("ferry.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let worker_port = shared_port();
+        let balancer_port = free_port(ip("127.0.0.1").unwrap());
+        let config = write_config(dir.path(), worker_port, balancer_port);
+        let workers = WORKERS
+            .iter()
+            .enumerate()
+            .map(|(i, addr)| {
+                let data = dir.path().join(format!("w{}", i + 1));
+                WorkerProcess::start_as(&config, addr, &data, &format!("w{}.test", i + 1))
+            })
+            .collect();
+        let balancer = WorkerProcess::balancer(&config, "127.0.0.1", dir.path());
+        let front = balancer.smtp[0];
+        Cluster {
+            _dir: dir,
+            balancer,
+            workers,
+            front,
+        }
+    }
+
+    /// The worker that serves a session, from its EHLO reply.
+    async fn ehlo_name(c: &mut SmtpClient) -> String {
+        let r = c.cmd("EHLO device").await;
+        r.get(4..)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    }
+
+    /// Waits (bounded) until the balancer's view of `backend` satisfies
+    /// `want`; returns its JSON and how long that took.
+    fn wait_backend(&self, backend: &str, want: impl Fn(&serde_json::Value) -> bool) -> Duration {
+        let started = Instant::now();
+        loop {
+            let (_, body) = http(&self.balancer.admin, "GET", "/backends");
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let b = v["backends"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|b| b["backend"] == backend)
+                .unwrap()
+                .clone();
+            if want(&b) {
+                return started.elapsed();
+            }
+            assert!(started.elapsed() < Duration::from_secs(20), "{b}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_ip_survives_the_balancer() {
+    let cl = Cluster::start();
+    // 127.0.0.30 gets the Anon Relay connector and may relay.
+    let (mut c, banner) = SmtpClient::connect(cl.front, ip("127.0.0.30")).await;
+    assert_eq!(banner, "220 Anon Relay ready");
+    c.cmd("EHLO app").await;
+    c.cmd("MAIL FROM:<app@example.test>").await;
+    assert_eq!(
+        c.cmd("RCPT TO:<x@elsewhere.test>").await,
+        "250 2.1.5 Recipient OK"
+    );
+    // Any other client gets the Default Frontend, which may not.
+    let (mut c, banner) = SmtpClient::connect(cl.front, ip("127.0.0.31")).await;
+    assert_eq!(banner, "220 Default Frontend ready");
+    c.cmd("EHLO app").await;
+    c.cmd("MAIL FROM:<app@example.test>").await;
+    assert_eq!(
+        c.cmd("RCPT TO:<x@elsewhere.test>").await,
+        "550 5.7.54 SMTP; Unable to relay recipient in non-accepted domain"
+    );
+    // A client the balancer's access list denies never reaches a worker.
+    let (mut c, refused) = SmtpClient::connect(cl.front, ip("127.0.0.66")).await;
+    assert_eq!(refused, "554 5.7.1 Access denied");
+    assert!(c.is_closed().await);
+    // Sessions spread over both workers.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        let (mut c, _) = SmtpClient::connect(cl.front, ip("127.0.0.31")).await;
+        seen.insert(Cluster::ehlo_name(&mut c).await);
+    }
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["w1.test", "w2.test"]);
+    let (_, metrics) = http(&cl.balancer.admin, "GET", "/metrics");
+    assert!(
+        metrics.contains(r#"ferry_balancer_connections_total{listener="smtp",result="denied"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_worker_costs_no_client_a_connection() {
+    let mut cl = Cluster::start();
+    // Four clients keep connecting, 40 sessions each; the first worker
+    // dies (SIGKILL) while they do.
+    let front = cl.front;
+    let clients: Vec<_> = (0..4)
+        .map(|k| {
+            tokio::spawn(async move {
+                let mut cut = 0;
+                for i in 0..40 {
+                    let (mut c, banner) = SmtpClient::connect(front, ip("127.0.0.31")).await;
+                    assert_eq!(
+                        banner, "220 Default Frontend ready",
+                        "client {k} session {i}"
+                    );
+                    // A session open on the worker as it dies dies with it.
+                    match c.cmd("QUIT").await.as_str() {
+                        "221 2.0.0 Service closing transmission channel" => {}
+                        "" => cut += 1,
+                        other => panic!("{other}"),
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                cut
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    cl.workers[0].kill();
+    let killed_at = Some(Instant::now());
+    let mut cut = 0;
+    for c in clients {
+        cut += c.await.expect("a client connection failed");
+    }
+    assert!(
+        cut <= 4,
+        "{cut} sessions cut: more than the ones open at the kill"
+    );
+    // Probes mark it down within fall × interval plus one probe timeout.
+    cl.wait_backend("w1", |b| b["up"] == false);
+    let down_after = killed_at.unwrap().elapsed();
+    assert!(down_after < Duration::from_secs(10), "{down_after:?}");
+    let (_, metrics) = http(&cl.balancer.admin, "GET", "/metrics");
+    assert!(metrics.contains(r#"ferry_balancer_backend_up{listener="smtp",backend="w1"} 0"#));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_worker_finishes_its_session_and_gets_no_new_ones() {
+    let cl = Cluster::start();
+    let (mut open, banner) = SmtpClient::connect(cl.front, ip("127.0.0.31")).await;
+    assert_eq!(banner, "220 Default Frontend ready");
+    let name = Cluster::ehlo_name(&mut open).await;
+    let backend = name.trim_end_matches(".test").to_string();
+    let (status, _) = http(
+        &cl.balancer.admin,
+        "POST",
+        &format!("/backends/{backend}/drain"),
+    );
+    assert_eq!(status, 200);
+    for _ in 0..8 {
+        let (mut c, _) = SmtpClient::connect(cl.front, ip("127.0.0.31")).await;
+        assert_ne!(Cluster::ehlo_name(&mut c).await, name);
+    }
+    // The open session on the drained worker completes a message.
+    assert_eq!(
+        open.cmd("MAIL FROM:<a@example.test>").await,
+        "250 2.1.0 Sender OK"
+    );
+    assert_eq!(
+        open.cmd("RCPT TO:<b@example.test>").await,
+        "250 2.1.5 Recipient OK"
+    );
+    assert!(open.cmd("DATA").await.starts_with("354"));
+    open.send(b"Subject: drained\r\n\r\nstill here\r\n.\r\n")
+        .await
+        .unwrap();
+    assert!(open.reply().await.starts_with("250 2.6.0"));
+    let (status, _) = http(&cl.balancer.admin, "POST", "/backends/nope/drain");
+    assert_eq!(status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_healthy_worker_means_an_immediate_421() {
+    let mut cl = Cluster::start();
+    for w in &mut cl.workers {
+        w.kill();
+    }
+    // Before the probes notice, the handoff fails over and gives up; after,
+    // no worker is even tried. Either way: 421 at once, never silence.
+    for _ in 0..2 {
+        let started = Instant::now();
+        let (mut c, reply) = SmtpClient::connect(cl.front, ip("127.0.0.31")).await;
+        assert_eq!(
+            reply,
+            "421 4.3.2 Service not available, closing transmission channel"
+        );
+        assert!(c.is_closed().await);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        cl.wait_backend("w2", |b| b["up"] == false);
+    }
+    let (status, _) = http(&cl.balancer.admin, "GET", "/readyz");
+    assert_eq!(status, 503);
+}
