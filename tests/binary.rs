@@ -51,7 +51,7 @@ impl WorkerProcess {
             .append(true)
             .open(data.join("worker.log"))
             .unwrap();
-        let mut child = Command::new(ferry_bin())
+        let child = Command::new(ferry_bin())
             .args(["worker", "--config"])
             .arg(config)
             .args(["--listen", listen, "--data"])
