@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+use std::io::Write;
 use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
