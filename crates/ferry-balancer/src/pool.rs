@@ -140,17 +140,18 @@ impl Drop for SessionGuard {
 }
 
 /// Picks the eligible target with the fewest sessions per unit of weight,
-/// skipping those already tried for this client.
-pub fn choose(targets: &[Arc<Target>], tried: &[usize]) -> Option<usize> {
+/// skipping those already tried for this client. Ties go round-robin:
+/// the first in order from `start`.
+pub fn choose(targets: &[Arc<Target>], tried: &[usize], start: usize) -> Option<usize> {
+    let n = targets.len().max(1);
     targets
         .iter()
         .enumerate()
         .filter(|(i, t)| !tried.contains(i) && t.is_eligible())
         .min_by_key(|(i, t)| {
-            // Cross-multiplied to compare active/weight without division;
-            // the index breaks ties so that choices spread in order.
+            // Sessions per unit of weight, in millionths.
             let load = (t.active() as u64 + 1) * 1_000_000 / u64::from(t.backend.weight.max(1));
-            (load, *i)
+            (load, (i + n - start % n) % n)
         })
         .map(|(i, _)| i)
 }
@@ -176,16 +177,21 @@ mod tests {
         let mut held = Vec::new();
         let mut picks = String::new();
         for _ in 0..5 {
-            let i = choose(&ts, &[]).unwrap();
+            let i = choose(&ts, &[], 0).unwrap();
             picks.push_str(&ts[i].backend.name);
             held.push(ts[i].session());
         }
         assert_eq!(picks, "bbabb");
-        assert_eq!(choose(&ts, &[0, 1]), None);
+        assert_eq!(choose(&ts, &[0, 1], 0), None);
+        drop(held);
+        // Idle and equal: round-robin from the start offset.
+        let even = vec![target("a", 1), target("b", 1), target("c", 1)];
+        let order: Vec<usize> = (0..4).map(|k| choose(&even, &[], k).unwrap()).collect();
+        assert_eq!(order, [0, 1, 2, 0]);
         ts[1].mark_suspect(Duration::from_secs(60));
-        assert_eq!(choose(&ts, &[]), Some(0));
+        assert_eq!(choose(&ts, &[], 0), Some(0));
         ts[0].admin_drain.store(true, Ordering::Relaxed);
-        assert_eq!(choose(&ts, &[]), None);
+        assert_eq!(choose(&ts, &[], 0), None);
     }
 
     #[test]

@@ -30,6 +30,8 @@ const REFUSAL_WRITE: Duration = Duration::from_secs(2);
 pub struct Frontend {
     pub listener: BalancerListener,
     pub targets: Vec<Arc<Target>>,
+    /// Where round-robin among equally loaded workers starts next.
+    rotation: AtomicU64,
 }
 
 /// A balancer node.
@@ -89,6 +91,7 @@ impl Balancer {
                         Arc::new(Target::new(b.clone(), &l.name, l.backend_port, drain))
                     })
                     .collect(),
+                rotation: AtomicU64::new(0),
             })
             .collect();
         let session_base = std::time::SystemTime::now()
@@ -262,8 +265,9 @@ impl Balancer {
             (false, _) => None,
         };
         let mut tried = Vec::new();
+        let start = f.rotation.fetch_add(1, Ordering::Relaxed) as usize;
         let (worker, greeting, target) = loop {
-            let Some(i) = choose(&f.targets, &tried) else {
+            let Some(i) = choose(&f.targets, &tried, start) else {
                 counter!(metric::CONNECTIONS, "listener" => name.clone(), "result" => "no_backend")
                     .increment(1);
                 warn!(

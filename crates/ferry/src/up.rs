@@ -13,6 +13,10 @@ use tokio::process::{Child, Command};
 
 const EXAMPLE_CONFIG: &str = include_str!("../../../deploy/examples/ferry.toml");
 
+/// The demo's workers and their addresses (as in the example config's
+/// `[[balancer.backends]]`).
+const WORKERS: [(&str, &str); 2] = [("worker-1", "127.0.0.11"), ("worker-2", "127.0.0.12")];
+
 /// A child node and what it printed at start.
 struct Node {
     name: String,
@@ -28,25 +32,36 @@ pub async fn run(data: PathBuf) -> anyhow::Result<ExitCode> {
     std::fs::write(&config, EXAMPLE_CONFIG).context("writing the example config")?;
     throwaway_certificate(&data.join("certs"))?;
 
-    let mut nodes = vec![
-        start_node(
-            "worker-1",
-            &[
-                "worker",
-                "--config",
-                &config.display().to_string(),
-                "--listen",
-                "127.0.0.1",
-                "--data",
-                &data.join("worker-1").display().to_string(),
-                "--admin",
-                "127.0.0.1:0",
-                "--hostname",
-                "worker-1.ferry.test",
-            ],
-        )
-        .await?,
+    let config_arg = config.display().to_string();
+    let mut nodes = Vec::new();
+    for (name, address) in WORKERS {
+        let data_dir = data.join(name).display().to_string();
+        let hostname = format!("{name}.ferry.test");
+        let args = [
+            "worker",
+            "--config",
+            &config_arg,
+            "--listen",
+            address,
+            "--data",
+            &data_dir,
+            "--admin",
+            "127.0.0.1:0",
+            "--hostname",
+            &hostname,
+        ];
+        nodes.push(start_node(name, &args).await?);
+    }
+    let args = [
+        "balancer",
+        "--config",
+        &config_arg,
+        "--listen",
+        "127.0.0.1",
+        "--admin",
+        "127.0.0.1:0",
     ];
+    nodes.push(start_node("balancer", &args).await?);
 
     println!();
     println!(
@@ -55,23 +70,36 @@ pub async fn run(data: PathBuf) -> anyhow::Result<ExitCode> {
     );
     for n in &nodes {
         println!(
-            "  {:<10} pid {:<7} smtp {}  metrics {}",
+            "  {:<10} pid {:<7} smtp {}  admin {}  metrics {}",
             n.name,
             n.child.id().unwrap_or(0),
             n.smtp.join(", "),
+            n.admin.trim_end_matches("/metrics"),
             n.admin
         );
     }
+    println!("Through the balancer (the workers are reachable directly too):");
     println!("  internal relay:      127.0.0.1:2525 (anonymous, to @example.test)");
     println!("  authenticated relay: 127.0.0.1:2587 (STARTTLS, then AUTH as scanner / ferry-demo)");
     println!("  anonymous relay:     127.0.0.1:2525 from source address 127.0.0.30 (to anywhere)");
     println!("Press Ctrl-C to stop.");
 
-    let stopped_by_user = tokio::select! {
-        _ = tokio::signal::ctrl_c() => true,
-        (name, status) = first_exit(&mut nodes) => {
-            eprintln!("ferry up: {name} exited ({status}); stopping the others");
-            false
+    // A worker that dies leaves the others serving (that is the point of
+    // the balancer); the balancer dying ends the demo.
+    let stopped_by_user = loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break true,
+            (name, status) = first_exit(&mut nodes) => {
+                nodes.retain(|n| n.name != name);
+                if name == "balancer" {
+                    eprintln!("ferry up: the balancer exited ({status}); stopping the workers");
+                    break false;
+                }
+                eprintln!("ferry up: {name} exited ({status}); the balancer sends its sessions to the other worker");
+                if nodes.len() == 1 {
+                    eprintln!("ferry up: no worker left; the balancer answers 421 until you stop it");
+                }
+            }
         }
     };
     for n in &mut nodes {
@@ -177,6 +205,9 @@ fn throwaway_certificate(dir: &Path) -> anyhow::Result<()> {
         "localhost".to_string(),
         "127.0.0.1".to_string(),
         "worker-1.ferry.test".to_string(),
+        "worker-2.ferry.test".to_string(),
+        "127.0.0.11".to_string(),
+        "127.0.0.12".to_string(),
     ];
     let cert = rcgen::generate_simple_self_signed(names).context("making a certificate")?;
     std::fs::write(&crt, cert.cert.pem())?;
