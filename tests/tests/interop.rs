@@ -104,7 +104,9 @@ impl Postfix {
             .lines()
             .filter(|l| {
                 let first = l.split_whitespace().next().unwrap_or("");
-                !(first == "smtp" && l.contains(" inet ")) && !first.contains(':')
+                let usual_smtpd = first == "smtp" && l.contains(" inet ");
+                let other_listener = first.contains(':');
+                !(usual_smtpd || other_listener)
             })
             .map(String::from)
             .collect();
