@@ -4,7 +4,6 @@
 //! either direction for `idle`, both are closed.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -53,24 +52,18 @@ impl Activity {
 async fn pipe(
     mut from: OwnedReadHalf,
     mut to: OwnedWriteHalf,
-    activity: Arc<Activity>,
-    idle: Duration,
+    activity: &Activity,
 ) -> (u64, RelayEnd) {
     let mut buf = vec![0u8; BUFFER];
     let mut moved = 0u64;
     loop {
-        let wait = idle
-            .saturating_sub(activity.idle_for())
-            .max(Duration::from_millis(10));
-        let n = match tokio::time::timeout(wait, from.read(&mut buf)).await {
-            Ok(Ok(0)) => {
+        let n = match from.read(&mut buf).await {
+            Ok(0) => {
                 let _ = to.shutdown().await;
                 return (moved, RelayEnd::Closed);
             }
-            Ok(Ok(n)) => n,
-            Ok(Err(_)) => return (moved, RelayEnd::Error),
-            Err(_) if activity.idle_for() >= idle => return (moved, RelayEnd::Idle),
-            Err(_) => continue,
+            Ok(n) => n,
+            Err(_) => return (moved, RelayEnd::Error),
         };
         activity.touch();
         if to
@@ -84,33 +77,47 @@ async fn pipe(
     }
 }
 
+/// Resolves once nothing has moved for `idle`. One timer for the whole
+/// connection, re-armed only when it fires, rather than one per read.
+async fn idle_watch(activity: &Activity, idle: Duration) {
+    loop {
+        let quiet = activity.idle_for();
+        if quiet >= idle {
+            return;
+        }
+        tokio::time::sleep(idle - quiet).await;
+    }
+}
+
 /// Relays until both directions end, either fails, or `idle` passes with
 /// no traffic.
 pub async fn relay(client: TcpStream, worker: TcpStream, idle: Duration) -> Relayed {
-    let activity = Arc::new(Activity {
+    let activity = Activity {
         start: Instant::now(),
         last_ms: AtomicU64::new(0),
-    });
+    };
     let (cr, cw) = client.into_split();
     let (wr, ww) = worker.into_split();
-    let up = pipe(cr, ww, Arc::clone(&activity), idle);
-    let down = pipe(wr, cw, activity, idle);
-    tokio::pin!(up, down);
+    let up = pipe(cr, ww, &activity);
+    let down = pipe(wr, cw, &activity);
+    let idle_out = idle_watch(&activity, idle);
+    tokio::pin!(up, down, idle_out);
     let (to_worker, to_client, end) = tokio::select! {
         (n, end) = &mut up => match end {
-            RelayEnd::Closed => {
-                let (m, end) = down.await;
-                (n, m, end)
-            }
+            RelayEnd::Closed => tokio::select! {
+                (m, end) = &mut down => (n, m, end),
+                _ = &mut idle_out => (n, 0, RelayEnd::Idle),
+            },
             other => (n, 0, other),
         },
         (m, end) = &mut down => match end {
-            RelayEnd::Closed => {
-                let (n, end) = up.await;
-                (n, m, end)
-            }
+            RelayEnd::Closed => tokio::select! {
+                (n, end) = &mut up => (n, m, end),
+                _ = &mut idle_out => (0, m, RelayEnd::Idle),
+            },
             other => (0, m, other),
         },
+        _ = &mut idle_out => (0, 0, RelayEnd::Idle),
     };
     Relayed {
         to_worker,

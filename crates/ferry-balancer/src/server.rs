@@ -8,12 +8,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_config::{BalancerConfig, BalancerListener};
-use metrics::{counter, gauge};
+use metrics::{counter, Counter, Gauge};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn, Instrument};
+use tracing::{info, warn};
 
 use crate::handoff::{handoff, proxy_header};
 use crate::metric;
@@ -32,6 +32,30 @@ pub struct Frontend {
     pub targets: Vec<Arc<Target>>,
     /// Where round-robin among equally loaded workers starts next.
     rotation: AtomicU64,
+    metrics: FrontendMetrics,
+}
+
+/// The listener's metric handles, registered once (the per-connection
+/// path only touches atomics).
+struct FrontendMetrics {
+    accepted: Counter,
+    denied: Counter,
+    over_limit: Counter,
+    no_backend: Counter,
+    active: Gauge,
+}
+
+impl FrontendMetrics {
+    fn new(listener: &str) -> Self {
+        let result = |r: &'static str| metrics::counter!(metric::CONNECTIONS, "listener" => listener.to_string(), "result" => r);
+        Self {
+            accepted: result("accepted"),
+            denied: result("denied"),
+            over_limit: result("over_limit"),
+            no_backend: result("no_backend"),
+            active: metrics::gauge!(metric::ACTIVE, "listener" => listener.to_string()),
+        }
+    }
 }
 
 /// A balancer node.
@@ -92,6 +116,7 @@ impl Balancer {
                     })
                     .collect(),
                 rotation: AtomicU64::new(0),
+                metrics: FrontendMetrics::new(&l.name),
             })
             .collect();
         let session_base = std::time::SystemTime::now()
@@ -233,28 +258,21 @@ impl Balancer {
         let Some(f) = self.frontends.get(frontend) else {
             return;
         };
-        let name = f.listener.name.clone();
         let ip = peer.ip().to_canonical();
-        let result = |r: &'static str| {
-            counter!(metric::CONNECTIONS, "listener" => name.clone(), "result" => r).increment(1)
-        };
         if !self.config.access.allows(ip) {
-            result("denied");
-            info!(listener = %name, client = %ip, "client denied by the access list");
+            f.metrics.denied.increment(1);
+            info!(listener = %f.listener.name, client = %ip, "client denied by the access list");
             refuse(client, DENIED).await;
             return;
         }
         let Some(_slot) = self.take_source_slot(ip) else {
-            result("over_limit");
-            info!(listener = %name, client = %ip, "too many connections from one client");
+            f.metrics.over_limit.increment(1);
+            info!(listener = %f.listener.name, client = %ip, "too many connections from one client");
             refuse(client, OVER_LIMIT).await;
             return;
         };
         let session_id = self.next_session_id();
-        let span = tracing::info_span!("session", session_id = %session_id, client = %peer, listener = %name);
-        self.serve(f, client, peer, &session_id)
-            .instrument(span)
-            .await;
+        self.serve(f, client, peer, &session_id).await;
     }
 
     async fn serve(&self, f: &Frontend, mut client: TcpStream, peer: SocketAddr, session_id: &str) {
@@ -268,12 +286,8 @@ impl Balancer {
         let start = f.rotation.fetch_add(1, Ordering::Relaxed) as usize;
         let (worker, greeting, target) = loop {
             let Some(i) = choose(&f.targets, &tried, start) else {
-                counter!(metric::CONNECTIONS, "listener" => name.clone(), "result" => "no_backend")
-                    .increment(1);
-                warn!(
-                    tried = tried.len(),
-                    "no worker available; 421 to the client"
-                );
+                f.metrics.no_backend.increment(1);
+                warn!(session_id, client = %peer, listener = %name, tried = tried.len(), "no worker available; 421 to the client");
                 refuse(client, NO_BACKEND).await;
                 return;
             };
@@ -284,19 +298,18 @@ impl Balancer {
                 Err(e) => {
                     counter!(metric::HANDOFF_RETRIES, "listener" => name.clone(), "reason" => e.reason)
                         .increment(1);
-                    warn!(backend = %t.backend.name, error = %e, "worker skipped");
+                    warn!(session_id, client = %peer, listener = %name, backend = %t.backend.name, error = %e, "worker skipped");
                     t.mark_suspect(self.config.probe.interval);
                 }
             }
         };
-        counter!(metric::CONNECTIONS, "listener" => name.clone(), "result" => "accepted")
-            .increment(1);
+        f.metrics.accepted.increment(1);
         let _session = target.session();
-        gauge!(metric::ACTIVE, "listener" => name.clone()).increment(1.0);
+        f.metrics.active.increment(1.0);
         if client.write_all(&greeting).await.is_ok() {
             let r = relay(client, worker, self.config.idle_timeout).await;
-            info!(backend = %target.backend.name, to_worker = r.to_worker, to_client = r.to_client, end = ?r.end, "session relayed");
+            info!(session_id, client = %peer, listener = %name, backend = %target.backend.name, to_worker = r.to_worker, to_client = r.to_client, end = ?r.end, "session relayed");
         }
-        gauge!(metric::ACTIVE, "listener" => name.clone()).decrement(1.0);
+        f.metrics.active.decrement(1.0);
     }
 }

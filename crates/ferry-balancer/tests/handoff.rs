@@ -90,6 +90,7 @@ async fn balancer(addrs: &[&str], port: u16) -> (Arc<Balancer>, SocketAddr) {
 [balancer]
 allow = ["127.0.0.0/8"]
 handoff_timeout = "500ms"
+idle_timeout = "600ms"
 probe = {{ interval = "1h", timeout = "500ms" }}
 
 [[balancer.listeners]]
@@ -188,4 +189,24 @@ async fn clients_over_the_per_source_cap_get_421() {
     assert!(c.is_closed().await);
     let (_c, greeting) = SmtpClient::connect(front, Some(ip("127.0.0.36"))).await;
     assert_eq!(greeting, "220-good backend\r\n220 ready");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sessions_are_closed_and_traffic_keeps_them_open() {
+    let good = backend("127.0.0.37:0".parse().unwrap(), Script::Good).await;
+    let (_b, front) = balancer(&["127.0.0.37"], good.port()).await;
+    let (mut c, _) = SmtpClient::connect(front, None).await;
+    // A command every 300 ms keeps the session for well past the timeout.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(c.cmd("NOOP").await, "250 ok");
+    }
+    // Then silence: both sides are closed after about 600 ms.
+    let started = Instant::now();
+    assert!(c.is_closed().await);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(550) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
 }

@@ -31,6 +31,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             args.config.display()
         );
     };
+    // The recorder first: the balancer registers its metric handles once.
+    let metrics = ferry_telemetry::metrics_handle();
     let balancer = Balancer::new(settings, args.listen);
     let listeners = balancer.bind().await?;
     let admin = TcpListener::bind(args.admin)
@@ -40,7 +42,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let shutdown = balancer.shutdown_token();
     let state = ferry_telemetry::admin::AdminState {
         api: Some(Arc::new(BalancerAdmin(Arc::clone(&balancer)))),
-        metrics: ferry_telemetry::metrics_handle(),
+        metrics,
         ready: {
             let b = Arc::clone(&balancer);
             Arc::new(move || b.is_ready())
