@@ -307,11 +307,7 @@ impl Balancer {
         let _session = target.session();
         f.metrics.active.increment(1.0);
         if client.write_all(&greeting).await.is_ok() {
-            let r = if std::env::var_os("FERRY_RELAY_SPLICE").is_some() {
-                crate::relay::relay_splice(client, worker, self.config.idle_timeout).await
-            } else {
-                relay(client, worker, self.config.idle_timeout).await
-            };
+            let r = relay(client, worker, self.config.idle_timeout).await;
             info!(session_id, client = %peer, listener = %name, backend = %target.backend.name, to_worker = r.to_worker, to_client = r.to_client, end = ?r.end, "session relayed");
         }
         f.metrics.active.decrement(1.0);
