@@ -291,3 +291,50 @@ async fn no_healthy_worker_means_an_immediate_421() {
     let (status, _) = http(&cl.balancer.admin, "GET", "/readyz");
     assert_eq!(status, 503);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_open_sessions_finish() {
+    let cl = Cluster::start();
+    let front = cl.front;
+    let (mut open, banner) = SmtpClient::connect(front, ip("127.0.0.31")).await;
+    assert_eq!(banner, "220 Default Frontend ready");
+    let Cluster {
+        mut balancer,
+        _dir,
+        workers,
+        ..
+    } = cl;
+    let exited = tokio::task::spawn_blocking(move || balancer.terminate());
+    // New clients are no longer accepted...
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while SmtpClient::connect_from(front, ip("127.0.0.31"))
+        .await
+        .is_ok()
+    {
+        assert!(Instant::now() < deadline, "still accepting after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ...while the open session completes a message.
+    open.cmd("EHLO device").await;
+    assert_eq!(
+        open.cmd("MAIL FROM:<a@example.test>").await,
+        "250 2.1.0 Sender OK"
+    );
+    assert_eq!(
+        open.cmd("RCPT TO:<b@example.test>").await,
+        "250 2.1.5 Recipient OK"
+    );
+    assert!(open.cmd("DATA").await.starts_with("354"));
+    open.send(b"Subject: last\r\n\r\nbefore the end\r\n.\r\n")
+        .await
+        .unwrap();
+    assert!(open.reply().await.starts_with("250 2.6.0"));
+    assert_eq!(
+        open.cmd("QUIT").await,
+        "221 2.0.0 Service closing transmission channel"
+    );
+    drop(open);
+    let status = exited.await.unwrap().expect("balancer did not exit");
+    assert!(status.success());
+    drop(workers);
+}

@@ -1,7 +1,8 @@
 //! Bytes both ways between client and worker. When one side stops sending
 //! (EOF), the other side's write half is shut down and the opposite
-//! direction goes on until it ends too (half-close). With no byte in
-//! either direction for `idle`, both are closed.
+//! direction goes on until it ends too (half-close), as long as it is not
+//! silent for 30 s. With no byte in either direction for `idle`, both are
+//! closed.
 //!
 //! A read/write loop through a 16 KiB buffer. `splice(2)` through a pipe
 //! per direction was measured against it (commit 84285fc, two balancers
@@ -20,6 +21,9 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 const BUFFER: usize = 16 * 1024;
+/// Once one side has closed, the other has this long of silence to
+/// finish (HAProxy's `timeout client-fin` / `server-fin`).
+const FIN_IDLE: Duration = Duration::from_secs(30);
 
 /// How a relayed connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,19 +113,20 @@ pub async fn relay(client: TcpStream, worker: TcpStream, idle: Duration) -> Rela
     let up = pipe(cr, ww, &activity);
     let down = pipe(wr, cw, &activity);
     let idle_out = idle_watch(&activity, idle);
-    tokio::pin!(up, down, idle_out);
+    let fin_idle = idle_watch(&activity, idle.min(FIN_IDLE));
+    tokio::pin!(up, down, idle_out, fin_idle);
     let (to_worker, to_client, end) = tokio::select! {
         (n, end) = &mut up => match end {
             RelayEnd::Closed => tokio::select! {
                 (m, end) = &mut down => (n, m, end),
-                _ = &mut idle_out => (n, 0, RelayEnd::Idle),
+                _ = &mut fin_idle => (n, 0, RelayEnd::Idle),
             },
             other => (n, 0, other),
         },
         (m, end) = &mut down => match end {
             RelayEnd::Closed => tokio::select! {
                 (n, end) = &mut up => (n, m, end),
-                _ = &mut idle_out => (0, m, RelayEnd::Idle),
+                _ = &mut fin_idle => (0, m, RelayEnd::Idle),
             },
             other => (0, m, other),
         },
