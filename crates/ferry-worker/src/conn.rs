@@ -12,7 +12,7 @@ use metrics::{counter, gauge};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
-use tracing::{info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::limits::OverLimit;
 use crate::metric;
@@ -82,6 +82,8 @@ pub(crate) async fn handle(worker: Arc<Worker>, mut stream: TcpStream, peer: Soc
     } else {
         None
     };
+    // LOCAL: the balancer's own health probe, not a client.
+    let probe = proxied.as_ref().is_some_and(|p| p.source.is_none());
     let (remote, proxy_session, early) = match proxied {
         Some(p) => (p.source.unwrap_or(peer), p.session_id, p.early),
         None => (peer, None, Vec::new()),
@@ -128,8 +130,9 @@ pub(crate) async fn handle(worker: Arc<Worker>, mut stream: TcpStream, peer: Soc
         connector = %connector.name,
         proxy_session = proxy_session.as_deref().unwrap_or("-")
     );
-    let logger =
-        (connector.protocol_log == ProtocolLog::Verbose).then(|| Arc::clone(&worker.protolog));
+    // Health probes stay out of the protocol log.
+    let logger = (connector.protocol_log == ProtocolLog::Verbose && !probe)
+        .then(|| Arc::clone(&worker.protolog));
     let log = SessionLog::new(
         logger,
         &connector.name,
@@ -155,6 +158,7 @@ pub(crate) async fn handle(worker: Arc<Worker>, mut stream: TcpStream, peer: Soc
         out: Vec::new(),
         early,
         proxy_note,
+        probe,
     };
     conn.run(Stream::Plain(stream)).instrument(span).await;
     drop(slot);
@@ -193,6 +197,8 @@ struct Connection {
     early: Vec<u8>,
     /// For the protocol log: which proxy, which balancer session.
     proxy_note: Option<String>,
+    /// A balancer's health probe (PROXY LOCAL): logged at debug level only.
+    probe: bool,
 }
 
 /// How a session ended, for the log.
@@ -268,7 +274,11 @@ impl Connection {
         .join(" ");
         self.log
             .log(LogEvent::Info, &perms, "Set Session Permissions");
-        info!("session started");
+        if self.probe {
+            debug!("probe session started");
+        } else {
+            info!("session started");
+        }
 
         let end = self.serve(&mut stream).await;
         let why = match &end {
@@ -285,7 +295,11 @@ impl Connection {
             info!(reason = %why, "session ended mid-transaction; nothing was queued");
         }
         self.log.log(LogEvent::Disconnect, "", &why);
-        info!(reason = %why, "session ended");
+        if self.probe {
+            debug!(reason = %why, "probe session ended");
+        } else {
+            info!(reason = %why, "session ended");
+        }
         gauge!(metric::SESSIONS_ACTIVE, "connector" => name).decrement(1.0);
         if let Stream::Tls(mut s) = stream {
             let _ = timeout(REFUSAL_WRITE, s.shutdown()).await;
