@@ -176,6 +176,11 @@ async fn the_client_ip_survives_the_balancer() {
         seen.insert(Cluster::ehlo_name(&mut c).await);
     }
     assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["w1.test", "w2.test"]);
+    let (_, status) = http(&cl.balancer.admin, "GET", "/status");
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(v["role"], "balancer");
+    assert_eq!(v["ready"], true);
+    assert_eq!(v["listeners"][0]["eligible_backends"], 2);
     let (_, metrics) = http(&cl.balancer.admin, "GET", "/metrics");
     assert!(
         metrics.contains(r#"ferry_balancer_connections_total{listener="smtp",result="denied"} 1"#),

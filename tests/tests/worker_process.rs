@@ -358,6 +358,16 @@ async fn queue_administration_through_the_admin_endpoint() {
         .map(String::from)
         .collect();
     assert_eq!(ids.len(), 2);
+    // The node at a glance.
+    let (status, body) = http_get(&w.admin, "/status");
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["role"], "worker");
+    assert_eq!(v["ready"], true);
+    assert_eq!(
+        v["queue"],
+        serde_json::json!({ "messages": 2, "deferred": 2 })
+    );
 
     let (ok, shown) = queue_cmd(&admin, &["show", &ids[0]]);
     assert!(ok);

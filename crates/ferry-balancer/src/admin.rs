@@ -1,6 +1,6 @@
-//! Balancer operations on the admin endpoint: `GET /backends` (state and
-//! load of every worker per listener), `POST /backends/NAME/drain` and
-//! `POST /backends/NAME/undrain`.
+//! The balancer's part of the admin endpoint: `GET /status`,
+//! `GET /backends` (state and load of every worker per listener),
+//! `POST /backends/NAME/drain` and `POST /backends/NAME/undrain`.
 
 use std::sync::Arc;
 
@@ -12,8 +12,36 @@ pub struct BalancerAdmin(pub Arc<Balancer>);
 
 impl BalancerAdmin {
     fn backends(&self) -> String {
-        let list: Vec<serde_json::Value> = self
+        serde_json::json!({ "backends": self.backend_list() }).to_string()
+    }
+
+    fn status(&self) -> String {
+        let listeners: Vec<serde_json::Value> = self
             .0
+            .frontends
+            .iter()
+            .map(|f| {
+                serde_json::json!({
+                    "name": f.listener.name,
+                    "port": f.listener.port,
+                    "backend_port": f.listener.backend_port,
+                    "proxy_protocol": f.listener.proxy_protocol,
+                    "eligible_backends": f.targets.iter().filter(|t| t.is_eligible()).count(),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "role": "balancer",
+            "version": env!("CARGO_PKG_VERSION"),
+            "ready": self.0.is_ready(),
+            "listeners": listeners,
+            "backends": self.backend_list(),
+        })
+        .to_string()
+    }
+
+    fn backend_list(&self) -> Vec<serde_json::Value> {
+        self.0
             .frontends
             .iter()
             .flat_map(|f| {
@@ -30,16 +58,17 @@ impl BalancerAdmin {
                     })
                 })
             })
-            .collect();
-        serde_json::json!({ "backends": list }).to_string()
+            .collect()
     }
 }
 
 impl AdminApi for BalancerAdmin {
     fn handle<'a>(&'a self, method: &'a str, path: &'a str) -> AdminAnswer<'a> {
         Box::pin(async move {
-            if (method, path) == ("GET", "/backends") {
-                return Some((200, self.backends()));
+            match (method, path) {
+                ("GET", "/backends") => return Some((200, self.backends())),
+                ("GET", "/status") => return Some((200, self.status())),
+                _ => {}
             }
             let rest = path.strip_prefix("/backends/")?;
             let (name, action) = rest.rsplit_once('/')?;

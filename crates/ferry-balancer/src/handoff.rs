@@ -89,3 +89,32 @@ pub async fn handoff(
         Err(_) => Err(skip("timeout", format!("no greeting within {limit:?}"))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn parsed(raw: &[u8]) -> (SocketAddr, SocketAddr, Vec<u8>) {
+        let (h, _) = ProxyHeader::parse(raw, proxy_header::ParseConfig::default()).unwrap();
+        let a = h.proxied_address().unwrap();
+        (a.source, a.destination, h.unique_id().unwrap().to_vec())
+    }
+
+    #[test]
+    fn headers_carry_both_addresses_in_one_family() {
+        let v4: SocketAddr = "192.0.2.7:40000".parse().unwrap();
+        let v6: SocketAddr = "[2001:db8::7]:40000".parse().unwrap();
+        let local4: SocketAddr = "198.51.100.1:25".parse().unwrap();
+        let local6: SocketAddr = "[2001:db8::1]:25".parse().unwrap();
+        assert_eq!(
+            parsed(&proxy_header(v4, local4, "S1")),
+            (v4, local4, b"S1".to_vec())
+        );
+        assert_eq!(parsed(&proxy_header(v6, local6, "S2")).0, v6);
+        // A v6 client on a v4 listener (and the reverse) keeps its address.
+        assert_eq!(parsed(&proxy_header(v6, local4, "S3")).0, v6);
+        let mapped_local: SocketAddr = "[::ffff:198.51.100.1]:25".parse().unwrap();
+        assert_eq!(parsed(&proxy_header(v4, mapped_local, "S4")).0, v4);
+    }
+}

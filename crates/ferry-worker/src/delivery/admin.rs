@@ -1,6 +1,6 @@
-//! Queue administration over the admin endpoint:
-//! `GET /queue`, `GET /queue/ID`, `POST /queue/ID/retry`,
-//! `POST /queue/ID/bounce`, `DELETE /queue/ID`. Answers are JSON.
+//! The worker's part of the admin endpoint: `GET /status` and queue
+//! administration (`GET /queue`, `GET /queue/ID`, `POST /queue/ID/retry`,
+//! `POST /queue/ID/bounce`, `DELETE /queue/ID`). Answers are JSON.
 
 use std::sync::Arc;
 
@@ -35,7 +35,26 @@ fn error(status: u16, text: &str) -> Option<(u16, String)> {
 pub struct QueueAdmin(pub Arc<Deliverer>);
 
 impl QueueAdmin {
+    /// The node at a glance.
+    fn status(&self) -> String {
+        let d = &self.0;
+        let messages = d.journal.messages();
+        let deferred = messages.iter().filter(|m| m.state.attempts > 0).count();
+        json!({
+            "role": "worker",
+            "version": env!("CARGO_PKG_VERSION"),
+            "hostname": d.worker.options.hostname,
+            "ready": d.worker.is_ready(),
+            "low_on_space": d.worker.is_low_on_space(),
+            "queue": { "messages": messages.len(), "deferred": deferred },
+        })
+        .to_string()
+    }
+
     async fn answer(&self, method: &str, path: &str) -> Option<(u16, String)> {
+        if (method, path) == ("GET", "/status") {
+            return Some((200, self.status()));
+        }
         let rest = path.strip_prefix("/queue")?;
         let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
         let d = &self.0;
