@@ -22,6 +22,7 @@ use crate::relay::relay;
 
 const DENIED: &[u8] = b"554 5.7.1 Access denied\r\n";
 const OVER_LIMIT: &[u8] = b"421 4.3.2 Too many connections from your address, try again later\r\n";
+const OVER_TOTAL: &[u8] = b"421 4.3.2 Too many connections, try again later\r\n";
 const NO_BACKEND: &[u8] = b"421 4.3.2 Service not available, closing transmission channel\r\n";
 /// How long a refusal may take to write before we just close.
 const REFUSAL_WRITE: Duration = Duration::from_secs(2);
@@ -64,11 +65,22 @@ pub struct Balancer {
     listen: IpAddr,
     pub frontends: Vec<Frontend>,
     per_source: Mutex<HashMap<IpAddr, u32>>,
+    /// Client connections open now, over all listeners.
+    open: AtomicU64,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     listening: AtomicBool,
     session_base: u64,
     session_seq: AtomicU64,
+}
+
+/// A connection's place under the total cap; freed when dropped.
+struct OpenSlot<'a>(&'a Balancer);
+
+impl Drop for OpenSlot<'_> {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A client's place under the per-source cap; freed when dropped.
@@ -128,6 +140,7 @@ impl Balancer {
             listen,
             frontends,
             per_source: Mutex::default(),
+            open: AtomicU64::new(0),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             listening: AtomicBool::new(false),
@@ -244,6 +257,12 @@ impl Balancer {
         format!("{:016X}", self.session_base.wrapping_add(n))
     }
 
+    fn take_open_slot(&self) -> Option<OpenSlot<'_>> {
+        let before = self.open.fetch_add(1, Ordering::Relaxed);
+        let slot = OpenSlot(self);
+        (before < u64::from(self.config.max_connections)).then_some(slot)
+    }
+
     fn take_source_slot(&self, client: IpAddr) -> Option<SourceSlot<'_>> {
         let mut map = self.per_source.lock().unwrap_or_else(|p| p.into_inner());
         let n = map.entry(client).or_insert(0);
@@ -265,6 +284,12 @@ impl Balancer {
             refuse(client, DENIED).await;
             return;
         }
+        let Some(_open) = self.take_open_slot() else {
+            f.metrics.over_limit.increment(1);
+            warn!(listener = %f.listener.name, client = %ip, max = self.config.max_connections, "connection limit reached");
+            refuse(client, OVER_TOTAL).await;
+            return;
+        };
         let Some(_slot) = self.take_source_slot(ip) else {
             f.metrics.over_limit.increment(1);
             info!(listener = %f.listener.name, client = %ip, "too many connections from one client");

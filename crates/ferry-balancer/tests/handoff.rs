@@ -80,6 +80,11 @@ fn ip(s: &str) -> IpAddr {
 
 /// A balancer whose backends, in order, are `addrs` (all on `port`).
 async fn balancer(addrs: &[&str], port: u16) -> (Arc<Balancer>, SocketAddr) {
+    balancer_with(addrs, port, "").await
+}
+
+/// The same, with `extra` lines in its `[balancer]` section.
+async fn balancer_with(addrs: &[&str], port: u16, extra: &str) -> (Arc<Balancer>, SocketAddr) {
     let backends: String = addrs
         .iter()
         .enumerate()
@@ -92,6 +97,7 @@ allow = ["127.0.0.0/8"]
 handoff_timeout = "500ms"
 idle_timeout = "600ms"
 probe = {{ interval = "1h", timeout = "500ms" }}
+{extra}
 
 [[balancer.listeners]]
 name = "smtp"
@@ -189,6 +195,32 @@ async fn clients_over_the_per_source_cap_get_421() {
     assert!(c.is_closed().await);
     let (_c, greeting) = SmtpClient::connect(front, Some(ip("127.0.0.36"))).await;
     assert_eq!(greeting, "220-good backend\r\n220 ready");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_total_cap_get_421() {
+    let good = backend("127.0.0.38:0".parse().unwrap(), Script::Good).await;
+    let (_b, front) = balancer_with(&["127.0.0.38"], good.port(), "max_connections = 3").await;
+    let mut open = Vec::new();
+    for k in 0..3 {
+        let (c, greeting) = SmtpClient::connect(front, Some(ip(&format!("127.0.0.4{k}")))).await;
+        assert_eq!(greeting, "220-good backend\r\n220 ready");
+        open.push(c);
+    }
+    let (mut c, refused) = SmtpClient::connect(front, Some(ip("127.0.0.45"))).await;
+    assert_eq!(refused, "421 4.3.2 Too many connections, try again later");
+    assert!(c.is_closed().await);
+    // A place freed is a place taken.
+    drop(open.pop());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_c, greeting) = SmtpClient::connect(front, Some(ip("127.0.0.45"))).await;
+        if greeting.starts_with("220") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the freed place was not reused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,6 +11,8 @@ pub struct BalancerConfig {
     pub listeners: Vec<BalancerListener>,
     pub backends: Vec<Backend>,
     pub access: AccessList,
+    /// Client connections at once over all listeners (`421 4.3.2` beyond).
+    pub max_connections: u32,
     /// Connections at once from one client address (`421 4.3.2` beyond).
     pub max_connections_per_source: u32,
     /// How long a worker has to greet with `220` after the PROXY header.

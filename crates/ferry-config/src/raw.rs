@@ -31,6 +31,7 @@ pub(crate) struct RawBalancer {
     pub allow: Vec<Spanned<String>>,
     #[serde(default)]
     pub deny: Vec<Spanned<String>>,
+    pub max_connections: Option<Spanned<u32>>,
     pub max_connections_per_source: Option<Spanned<u32>>,
     pub handoff_timeout: Option<Spanned<String>>,
     pub idle_timeout: Option<Spanned<String>>,

@@ -263,6 +263,7 @@ fn balancer(c: &mut Checker<'_>, raw: &Spanned<RawBalancer>) -> BalancerConfig {
         listeners,
         backends,
         access: AccessList::new(&allow, &deny),
+        max_connections: c.count(&b.max_connections, 10_000),
         max_connections_per_source: c.count(&b.max_connections_per_source, 20),
         handoff_timeout: c.duration(&b.handoff_timeout, Duration::from_secs(5)),
         idle_timeout: c.duration(&b.idle_timeout, Duration::from_secs(10 * 60)),
