@@ -37,13 +37,21 @@ pub fn run(cmd: ConfigCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         ConfigCommand::Check { file } => match ClusterConfig::load(&file) {
             Ok(c) => {
+                let balancer = c.balancer.as_ref().map_or(String::new(), |b| {
+                    format!(
+                        "; balancer: {} listeners, {} backends",
+                        b.listeners.len(),
+                        b.backends.len()
+                    )
+                });
                 println!(
-                    "{}: ok ({} connectors on ports {:?}, {} accepted domains, {} users)",
+                    "{}: ok ({} connectors on ports {:?}, {} accepted domains, {} users, {} routes{balancer})",
                     file.display(),
                     c.connectors.len(),
                     c.ports(),
                     c.accepted_domains.len(),
-                    c.users.len()
+                    c.users.len(),
+                    c.routes.len(),
                 );
                 Ok(ExitCode::SUCCESS)
             }

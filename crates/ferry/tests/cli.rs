@@ -27,7 +27,7 @@ fn example_config_checks_ok() {
     let (ok, out, err) = ferry(&["config", "check", EXAMPLE]);
     assert!(ok, "{err}");
     assert!(
-        out.contains("ok (3 connectors on ports [2525, 2587], 1 accepted domains, 1 users)"),
+        out.contains("ok (3 connectors on ports [2525, 2587], 1 accepted domains, 1 users, 2 routes; balancer: 2 listeners, 2 backends)"),
         "{out}"
     );
 }
