@@ -77,12 +77,17 @@ impl AccessList {
     }
 
     pub fn allows(&self, client: IpAddr) -> bool {
+        self.rule_for(client).is_some_and(|(_, allow)| allow)
+    }
+
+    /// The range that decides for `client` and whether it allows.
+    pub fn rule_for(&self, client: IpAddr) -> Option<(IpNet, bool)> {
         let client = client.to_canonical();
         self.rules
             .iter()
             .filter(|(net, _)| net.contains(&client))
             .max_by_key(|(net, allow)| (net.prefix_len(), !allow))
-            .is_some_and(|(_, allow)| *allow)
+            .copied()
     }
 }
 

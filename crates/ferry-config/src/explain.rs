@@ -21,6 +21,21 @@ pub struct Question {
 /// Renders the explanation as text for a person.
 pub fn explain(config: &ClusterConfig, q: &Question) -> String {
     let mut out = String::new();
+    if let Some(b) = &config.balancer {
+        let _ = match b.access.rule_for(q.client) {
+            Some((net, true)) => writeln!(out, "balancer: client {} allowed (allow {net})", q.client),
+            Some((net, false)) => writeln!(
+                out,
+                "balancer: client {} denied (deny {net}); the connection gets: 554 5.7.1 Access denied",
+                q.client
+            ),
+            None => writeln!(
+                out,
+                "balancer: client {} denied (no allow range holds it); the connection gets: 554 5.7.1 Access denied",
+                q.client
+            ),
+        };
+    }
     let local = q.local.unwrap_or(IpAddr::from([0, 0, 0, 0]));
     let Some(sel) = config.select(local, q.port, q.client) else {
         let _ = writeln!(

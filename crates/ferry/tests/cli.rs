@@ -69,6 +69,10 @@ fn explain_names_connector_rule_and_decisions() {
         "2525",
     ]);
     assert!(ok);
+    assert!(
+        out.starts_with("balancer: client 127.0.0.30 allowed (allow 127.0.0.0/8)\n"),
+        "{out}"
+    );
     assert!(out.contains("connector \"Anon Relay\""), "{out}");
     assert!(
         out.contains("remote range 127.0.0.30/32 is the most specific"),
@@ -92,6 +96,7 @@ fn explain_names_connector_rule_and_decisions() {
         "--port",
         "2525",
     ]);
+    assert!(out.contains("balancer: client 192.0.2.7 denied (no allow range holds it); the connection gets: 554 5.7.1 Access denied"), "{out}");
     assert!(out.contains("connector \"Default Frontend\""), "{out}");
     assert!(out.contains(
         "RCPT TO:<someone@outside.invalid> -> 550 5.7.54 SMTP; Unable to relay recipient in non-accepted domain"
