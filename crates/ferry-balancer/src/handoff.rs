@@ -53,20 +53,17 @@ pub fn proxy_header(client: SocketAddr, local: SocketAddr, session_id: &str) -> 
 }
 
 /// Connects to `worker`, sends `header` (if any) and returns the stream
-/// with the worker's `220` greeting, as received.
+/// with the worker's `220` greeting, as received; all within `limit`.
 pub async fn handoff(
     worker: SocketAddr,
     header: Option<&[u8]>,
     limit: Duration,
 ) -> Result<(TcpStream, Vec<u8>), HandoffError> {
-    let connect = tokio::time::timeout(limit, TcpStream::connect(worker));
-    let mut stream = match connect.await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(skip("connect", e.to_string())),
-        Err(_) => return Err(skip("timeout", "connect timed out")),
-    };
-    let _ = stream.set_nodelay(true);
-    let greet = async {
+    let attempt = async {
+        let mut stream = TcpStream::connect(worker)
+            .await
+            .map_err(|e| skip("connect", e.to_string()))?;
+        let _ = stream.set_nodelay(true);
         if let Some(h) = header {
             stream
                 .write_all(h)
@@ -78,14 +75,13 @@ pub async fn handoff(
             .await
             .map_err(|e| skip("greeting", e))?;
         if reply.code() == 220 {
-            Ok(raw)
+            Ok((stream, raw))
         } else {
             Err(skip("greeting", format!("greeted with {}", reply.code())))
         }
     };
-    match tokio::time::timeout(limit, greet).await {
-        Ok(Ok(raw)) => Ok((stream, raw)),
-        Ok(Err(e)) => Err(e),
+    match tokio::time::timeout(limit, attempt).await {
+        Ok(result) => result,
         Err(_) => Err(skip("timeout", format!("no greeting within {limit:?}"))),
     }
 }
