@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 
 N=${N:-5000}
 ROUNDS=${ROUNDS:-1}
-LATENCY_N=${LATENCY_N:-500}
+LATENCY_N=${LATENCY_N:-2000}
 SIZE=4096
 SINK=2610 WORKER=2611 FERRY_SINK=2620 FERRY_WORKER=2621 HAPROXY_SINK=2630 HAPROXY_WORKER=2631
 LIMIT=300
@@ -176,8 +176,7 @@ echo "(ratios: Ferry/HAProxy; for CPU, lower is better for Ferry)"
 
 echo
 printf "%-22s %10s %10s\n" "connect to banner" "p50 us" "p99 us"
-for target in "direct:$SINK" "via HAProxy:$HAPROXY_SINK" "via Ferry:$FERRY_SINK" \
-              "worker, via HAProxy:$HAPROXY_WORKER" "worker, via Ferry:$FERRY_WORKER"; do
-  read -r p50 p99 < <(python3 bench/banner_latency.py 127.0.0.1 "${target##*:}" "$LATENCY_N")
-  printf "%-22s %10s %10s\n" "${target%:*}" "$p50" "$p99"
-done
+# Interleaved: every round connects once to each, in turn.
+python3 bench/banner_latency.py "$LATENCY_N" \
+  "direct=127.0.0.1:$SINK" "via HAProxy=127.0.0.1:$HAPROXY_SINK" "via Ferry=127.0.0.1:$FERRY_SINK" \
+  "worker, via HAProxy=127.0.0.1:$HAPROXY_WORKER" "worker, via Ferry=127.0.0.1:$FERRY_WORKER"
