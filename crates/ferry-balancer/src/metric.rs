@@ -18,3 +18,23 @@ pub const PROBE_FAILURES: &str = "ferry_balancer_probe_failures_total";
 /// Handoffs that moved on to another worker, by `listener` and `reason`:
 /// `connect`, `greeting`, `timeout`.
 pub const HANDOFF_RETRIES: &str = "ferry_balancer_handoff_retries_total";
+
+/// Registers each metric's help text and unit with the recorder (call once
+/// it is installed).
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(CONNECTIONS, "Client connections, by listener and result");
+    describe_gauge!(ACTIVE, "Relayed connections open now, by listener");
+    describe_gauge!(BACKEND_UP, "1 while a worker passes its probes");
+    describe_gauge!(BACKEND_DRAINING, "1 while a worker is drained");
+    describe_histogram!(
+        PROBE_DURATION,
+        Unit::Seconds,
+        "Duration of one SMTP probe, by backend"
+    );
+    describe_counter!(PROBE_FAILURES, "Failed probes, by backend and stage");
+    describe_counter!(
+        HANDOFF_RETRIES,
+        "Handoffs that moved on to another worker, by listener and reason"
+    );
+}

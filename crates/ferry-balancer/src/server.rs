@@ -109,6 +109,7 @@ async fn refuse(mut stream: TcpStream, reply: &[u8]) {
 impl Balancer {
     /// A balancer for `config` listening on `listen`.
     pub fn new(config: BalancerConfig, listen: IpAddr) -> Arc<Self> {
+        metric::describe();
         let drains: HashMap<String, Arc<AtomicBool>> = config
             .backends
             .iter()

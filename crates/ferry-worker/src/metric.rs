@@ -17,3 +17,53 @@ pub const QUEUE_MESSAGES: &str = "ferry_queue_messages";
 pub const QUEUE_OLDEST_AGE: &str = "ferry_queue_oldest_message_age_seconds";
 pub const DELIVERY_ATTEMPTS: &str = "ferry_delivery_attempts_total";
 pub const DELIVERY_DURATION: &str = "ferry_delivery_duration_seconds";
+
+/// Registers each metric's help text and unit with the recorder (call once
+/// it is installed).
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(SESSIONS, "SMTP sessions started, by connector");
+    describe_gauge!(SESSIONS_ACTIVE, "SMTP sessions open now, by connector");
+    describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Connections closed before a session, by reason"
+    );
+    describe_counter!(
+        MESSAGES_ACCEPTED,
+        "Messages acknowledged with 250 after DATA (durable in the spool)"
+    );
+    describe_counter!(
+        MESSAGES_REJECTED,
+        "Messages refused at the end of DATA, by reason"
+    );
+    describe_counter!(RECIPIENTS_REJECTED, "RCPT commands refused, by reason");
+    describe_counter!(SENDERS_REJECTED, "MAIL commands refused, by reason");
+    describe_counter!(TLS_HANDSHAKES, "STARTTLS handshakes, by result");
+    describe_counter!(AUTH_FAILURES, "Failed AUTH attempts, by connector");
+    describe_counter!(AUTH_SUCCESSES, "Successful AUTH, by connector");
+    describe_counter!(
+        RECEIVED_BYTES,
+        Unit::Bytes,
+        "Octets of accepted messages, by connector"
+    );
+    describe_gauge!(
+        SPOOL_FREE_BYTES,
+        Unit::Bytes,
+        "Free space in the data directory"
+    );
+    describe_gauge!(QUEUE_MESSAGES, "Messages in the queue, by state");
+    describe_gauge!(
+        QUEUE_OLDEST_AGE,
+        Unit::Seconds,
+        "Age of the oldest message in the queue"
+    );
+    describe_counter!(
+        DELIVERY_ATTEMPTS,
+        "Delivery attempts per recipient, by result"
+    );
+    describe_histogram!(
+        DELIVERY_DURATION,
+        Unit::Seconds,
+        "Duration of one delivery attempt of a message"
+    );
+}

@@ -60,6 +60,7 @@ impl Worker {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_micros() as u64)
             << 8;
+        crate::metric::describe();
         Arc::new(Self {
             options,
             runtime: ArcSwap::from_pointee(runtime),

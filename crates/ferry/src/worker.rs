@@ -26,6 +26,8 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(60);
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let config = ClusterConfig::load(&args.config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // The recorder first: the worker describes its metrics when created.
+    let metrics = ferry_telemetry::metrics_handle();
     let runtime = Runtime::new(config).context("putting the config into service")?;
     std::fs::create_dir_all(&args.data)
         .with_context(|| format!("creating data directory {}", args.data.display()))?;
@@ -50,7 +52,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let shutdown = worker.shutdown_token();
     let state = ferry_telemetry::admin::AdminState {
         api: Some(Arc::new(QueueAdmin(Arc::clone(&deliverer)))),
-        metrics: ferry_telemetry::metrics_handle(),
+        metrics,
         ready: {
             let w = Arc::clone(&worker);
             Arc::new(move || w.is_ready())
