@@ -25,6 +25,9 @@ enum Script {
     Hang,
     /// Greets with 421 (draining).
     Busy,
+    /// Greets at once and answers the first thing it reads with a `250`
+    /// reply quoting its first octets.
+    Plain,
 }
 
 async fn backend(addr: SocketAddr, script: Script) -> SocketAddr {
@@ -39,6 +42,24 @@ async fn backend(addr: SocketAddr, script: Script) -> SocketAddr {
                     }
                     Script::Busy => {
                         let _ = s.write_all(b"421 4.3.2 draining\r\n").await;
+                    }
+                    Script::Plain => {
+                        let _ = s.write_all(b"220 plain\r\n").await;
+                        let mut buf = [0u8; 64];
+                        let n = s.read(&mut buf).await.unwrap_or(0);
+                        let first: String = buf[..n.min(4)]
+                            .iter()
+                            .map(|b| {
+                                if b.is_ascii_graphic() {
+                                    *b as char
+                                } else {
+                                    '?'
+                                }
+                            })
+                            .collect();
+                        let _ = s
+                            .write_all(format!("250 first {first}\r\n").as_bytes())
+                            .await;
                     }
                     Script::Good => {
                         let mut got = Vec::new();
@@ -85,6 +106,16 @@ async fn balancer(addrs: &[&str], port: u16) -> (Arc<Balancer>, SocketAddr) {
 
 /// The same, with `extra` lines in its `[balancer]` section.
 async fn balancer_with(addrs: &[&str], port: u16, extra: &str) -> (Arc<Balancer>, SocketAddr) {
+    balancer_full(addrs, port, extra, true).await
+}
+
+/// The same, with the listener's PROXY switch.
+async fn balancer_full(
+    addrs: &[&str],
+    port: u16,
+    extra: &str,
+    proxy: bool,
+) -> (Arc<Balancer>, SocketAddr) {
     let backends: String = addrs
         .iter()
         .enumerate()
@@ -103,6 +134,7 @@ probe = {{ interval = "1h", timeout = "500ms" }}
 name = "smtp"
 port = 0
 backend_port = {port}
+proxy_protocol = {proxy}
 
 {backends}
 "#
@@ -241,4 +273,19 @@ async fn idle_sessions_are_closed_and_traffic_keeps_them_open() {
         waited >= Duration::from_millis(550) && waited < Duration::from_secs(3),
         "{waited:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_without_proxy_sends_the_client_bytes_only() {
+    let plain = backend("127.0.0.39:0".parse().unwrap(), Script::Plain).await;
+    let (_b, front) = balancer_full(&["127.0.0.39"], plain.port(), "", false).await;
+    let (mut c, greeting) = SmtpClient::connect(front, None).await;
+    assert_eq!(greeting, "220 plain");
+    assert_eq!(c.cmd("EHLO device").await, "250 first EHLO");
+    // With PROXY on, the backend's first octets are the v2 signature.
+    let (_b, front) = balancer_full(&["127.0.0.39"], plain.port(), "", true).await;
+    let (mut c, greeting) = SmtpClient::connect(front, None).await;
+    assert_eq!(greeting, "220 plain");
+    c.send(b"EHLO device\r\n").await.unwrap();
+    assert_eq!(c.reply().await, "250 first ????");
 }
