@@ -2,7 +2,7 @@
 //! listener and backend names from the config, result, stage and reason.
 
 /// Connections by `listener` and `result`: `accepted`, `denied` (access
-/// list), `over_limit` (per-source cap), `no_backend`.
+/// list), `over_limit` (the total or the per-source cap), `no_backend`.
 pub const CONNECTIONS: &str = "ferry_balancer_connections_total";
 /// Relayed connections open now, by `listener`.
 pub const ACTIVE: &str = "ferry_balancer_active_connections";
