@@ -300,6 +300,7 @@ dns_servers = ["{}"]
             "five@nxdomain.test",
             "six@broken.test",
             "seven@order.test",
+            "perm@pref.test",
         ],
     )
     .await;
@@ -332,6 +333,8 @@ dns_servers = ["{}"]
         "Diagnostic-Code: smtp; 556 5.1.10 Domain nullmx.test does not accept mail (null MX)",
         "Final-Recipient: rfc822; five@nxdomain.test\r\nAction: failed\r\nStatus: 5.1.2\r\n",
         "Diagnostic-Code: smtp; 550 5.1.2 Host or domain name not found: nxdomain.test",
+        // Refused by an exchanger: named by its MX host name.
+        "Final-Recipient: rfc822; perm@pref.test\r\nAction: failed\r\nStatus: 5.1.1\r\nRemote-MTA: dns; a.pref.test\r\n",
     ] {
         assert!(
             bounce.contains(expected),

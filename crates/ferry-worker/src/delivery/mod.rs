@@ -623,9 +623,13 @@ fn reported(
                 address: r.address.clone(),
                 status,
                 diagnostic: reply,
+                // `host:port`, or `name[address]:port` for MX: the name.
                 remote_mta: hop.map(|h| {
-                    h.rsplit_once(':')
-                        .map_or(h.clone(), |(host, _)| host.to_string())
+                    let host = h.rsplit_once(':').map_or(h.as_str(), |(host, _)| host);
+                    match host.split_once('[') {
+                        Some((name, _)) if !name.is_empty() => name.to_string(),
+                        _ => host.to_string(),
+                    }
                 }),
             }
         })
