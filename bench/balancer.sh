@@ -82,7 +82,9 @@ backend_port = $WORKER
 name = "local"
 address = "127.0.0.1"
 TOML
+echo "bench-admin-token-$$-$RANDOM" >"$work/admin.token"
 target/release/ferry worker --config "$work/ferry.toml" --listen 127.0.0.1 \
+  --admin-token-file "$work/admin.token" \
   --data "$work/worker" --admin 127.0.0.1:0 --hostname bench.test \
   >"$work/worker.out" 2>"$work/worker.log" &
 pids+=($!)
@@ -145,7 +147,7 @@ run() {
 worker_admin=$(sed -n 's|^worker admin http://\([^/]*\)/metrics|\1|p' "$work/worker.out")
 settle() {
   for _ in $(seq "$LIMIT"); do
-    target/release/ferry queue --admin "$worker_admin" list 2>/dev/null | tail -1 | grep -q '^0 messages' && return
+    target/release/ferry queue --admin "$worker_admin" --token-file "$work/admin.token" list 2>/dev/null | tail -1 | grep -q '^0 messages' && return
     sleep 1
   done
 }

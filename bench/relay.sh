@@ -57,7 +57,9 @@ tls = "none"
 [delivery]
 retry_interval = "1s"
 TOML
+echo "bench-admin-token-$$-$RANDOM" >"$work/admin.token"
 target/release/ferry worker --config "$work/ferry.toml" --listen 127.0.0.1 \
+  --admin-token-file "$work/admin.token" \
   --data "$work/ferry-data" --admin 127.0.0.1:0 --hostname bench.test \
   >"$work/ferry.out" 2>"$work/ferry.log" &
 pids+=($!)
@@ -100,7 +102,7 @@ cpu_of() {
 }
 
 # Waits (bounded) until the given queue is empty.
-ferry_idle() { target/release/ferry queue --admin "$ferry_admin" list 2>/dev/null | tail -1 | grep -q '^0 messages'; }
+ferry_idle() { target/release/ferry queue --admin "$ferry_admin" --token-file "$work/admin.token" list 2>/dev/null | tail -1 | grep -q '^0 messages'; }
 postfix_idle() { postqueue -p 2>/dev/null | grep -q "Mail queue is empty"; }
 settle() { for _ in $(seq "$LIMIT"); do "$1" && return 0; sleep 1; done; echo "queue of $1 never emptied" >&2; }
 

@@ -33,7 +33,18 @@ pub struct WorkerProcess {
     child: Child,
     pub smtp: Vec<SocketAddr>,
     pub admin: String,
+    /// The admin bearer token it was started with, and its file.
+    pub token: String,
+    pub token_file: std::path::PathBuf,
     lines: mpsc::Receiver<String>,
+}
+
+/// Writes a fresh admin token into `dir`; returns it and its file.
+fn token_in(dir: &Path) -> (String, std::path::PathBuf) {
+    let token = format!("test-token-{:016x}", std::process::id() as u64 * 7919 + 17);
+    let file = dir.join("admin.token");
+    std::fs::write(&file, format!("{token}\n")).unwrap();
+    (token, file)
 }
 
 impl WorkerProcess {
@@ -51,22 +62,25 @@ impl WorkerProcess {
             .append(true)
             .open(data.join("worker.log"))
             .unwrap();
+        let (token, token_file) = token_in(data);
         let child = Command::new(ferry_bin())
             .args(["worker", "--config"])
             .arg(config)
             .args(["--listen", listen, "--data"])
             .arg(data)
             .args(["--admin", "127.0.0.1:0", "--hostname", hostname])
+            .arg("--admin-token-file")
+            .arg(&token_file)
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
             .expect("start ferry worker");
-        Self::ready(child, "worker")
+        Self::ready(child, "worker", token, token_file)
     }
 
     /// Reads the node's address lines (`ROLE smtp ADDR`, `ROLE admin URL`)
     /// until `ROLE ready`, bounded.
-    fn ready(mut child: Child, role: &str) -> Self {
+    fn ready(mut child: Child, role: &str, token: String, token_file: std::path::PathBuf) -> Self {
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -81,6 +95,8 @@ impl WorkerProcess {
             child,
             smtp: Vec::new(),
             admin: String::new(),
+            token,
+            token_file,
             lines: rx,
         };
         loop {
@@ -109,15 +125,23 @@ impl WorkerProcess {
             .append(true)
             .open(logs.join("balancer.log"))
             .unwrap();
+        let (token, token_file) = token_in(logs);
         let child = Command::new(ferry_bin())
             .args(["balancer", "--config"])
             .arg(config)
             .args(["--listen", listen, "--admin", "127.0.0.1:0"])
+            .arg("--admin-token-file")
+            .arg(&token_file)
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
             .expect("start ferry balancer");
-        Self::ready(child, "balancer")
+        Self::ready(child, "balancer", token, token_file)
+    }
+
+    /// An admin request with this node's token.
+    pub fn admin_call(&self, method: &str, path: &str) -> (u16, String) {
+        http_with(&self.admin, method, path, Some(&self.token))
     }
 
     /// SIGKILL, and reap.
@@ -156,13 +180,19 @@ impl Drop for WorkerProcess {
 /// One HTTP/1.1 request to an admin endpoint (`http://ADDR`); the status
 /// and the body.
 pub fn http(base: &str, method: &str, path: &str) -> (u16, String) {
+    http_with(base, method, path, None)
+}
+
+/// The same, with a bearer token if given.
+pub fn http_with(base: &str, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
     use std::io::{Read, Write};
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     let addr = base.trim_start_matches("http://");
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
     let mut text = String::new();

@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ferry_tests::binary::{http, WorkerProcess};
+use ferry_tests::binary::{http, http_with, WorkerProcess};
 use ferry_tests::{free_port, SmtpClient};
 
 const WORKERS: [&str; 2] = ["127.0.0.11", "127.0.0.12"];
@@ -126,7 +126,7 @@ impl Cluster {
     fn wait_backend(&self, backend: &str, want: impl Fn(&serde_json::Value) -> bool) -> Duration {
         let started = Instant::now();
         loop {
-            let (_, body) = http(&self.balancer.admin, "GET", "/backends");
+            let (_, body) = self.balancer.admin_call("GET", "/backends");
             let v: serde_json::Value = serde_json::from_str(&body).unwrap();
             let b = v["backends"]
                 .as_array()
@@ -242,11 +242,18 @@ async fn a_drained_worker_finishes_its_session_and_gets_no_new_ones() {
     assert_eq!(banner, "220 Default Frontend ready");
     let name = Cluster::ehlo_name(&mut open).await;
     let backend = name.trim_end_matches(".test").to_string();
-    let (status, _) = http(
+    // Operations need the balancer's token.
+    let drain = format!("/backends/{backend}/drain");
+    let (status, _) = http(&cl.balancer.admin, "POST", &drain);
+    assert_eq!(status, 401);
+    let (status, _) = http_with(
         &cl.balancer.admin,
         "POST",
-        &format!("/backends/{backend}/drain"),
+        &drain,
+        Some("not-the-token-at-all"),
     );
+    assert_eq!(status, 401);
+    let (status, _) = cl.balancer.admin_call("POST", &drain);
     assert_eq!(status, 200);
     for _ in 0..8 {
         let (mut c, _) = SmtpClient::connect(cl.front, ip("127.0.0.31")).await;
@@ -266,7 +273,7 @@ async fn a_drained_worker_finishes_its_session_and_gets_no_new_ones() {
         .await
         .unwrap();
     assert!(open.reply().await.starts_with("250 2.6.0"));
-    let (status, _) = http(&cl.balancer.admin, "POST", "/backends/nope/drain");
+    let (status, _) = cl.balancer.admin_call("POST", "/backends/nope/drain");
     assert_eq!(status, 404);
 }
 

@@ -191,7 +191,7 @@ address = "127.0.0.1"
     });
     // The balancer's probes (PROXY v2 LOCAL, EHLO, QUIT) keep Postfix up.
     std::thread::sleep(Duration::from_millis(1000));
-    let (_, backends) = http(&balancer.admin, "GET", "/backends");
+    let (_, backends) = balancer.admin_call("GET", "/backends");
     assert!(backends.contains(r#""up":true"#), "{backends}");
     let (_, metrics) = http(&balancer.admin, "GET", "/metrics");
     assert!(

@@ -299,10 +299,13 @@ fn worker_fails_to_start(config: &Path, dir: &Path) -> String {
     String::from_utf8_lossy(&out.stderr).to_string()
 }
 
-/// Runs `ferry queue ...`; returns (success, stdout).
-fn queue_cmd(admin: &str, args: &[&str]) -> (bool, String) {
+/// Runs `ferry queue ...` with the worker's token; returns (success,
+/// stdout).
+fn queue_cmd(w: &WorkerProcess, args: &[&str]) -> (bool, String) {
+    let admin = w.admin.trim_start_matches("http://");
     let out = std::process::Command::new(ferry_bin())
-        .args(["queue", "--admin", admin])
+        .args(["queue", "--admin", admin, "--token-file"])
+        .arg(&w.token_file)
         .args(args)
         .output()
         .unwrap();
@@ -333,10 +336,9 @@ async fn queue_administration_through_the_admin_endpoint() {
         assert!(c.reply().await.starts_with("250 2.6.0"));
         c.cmd("QUIT").await;
     }
-    let admin = w.admin.trim_start_matches("http://").to_string();
     let listing = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
-            let (ok, out) = queue_cmd(&admin, &["list"]);
+            let (ok, out) = queue_cmd(&w, &["list"]);
             assert!(ok, "{out}");
             if out.matches("(deferred)").count() == 2 {
                 return out;
@@ -358,7 +360,20 @@ async fn queue_administration_through_the_admin_endpoint() {
         .map(String::from)
         .collect();
     assert_eq!(ids.len(), 2);
-    // The node at a glance.
+    // Without the token, the queue stays closed.
+    let out = std::process::Command::new(ferry_bin())
+        .args([
+            "queue",
+            "--admin",
+            w.admin.trim_start_matches("http://"),
+            "list",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("401") && err.contains("bearer token"), "{err}");
+    // The node at a glance (open to monitoring, no token).
     let (status, body) = http_get(&w.admin, "/status");
     assert_eq!(status, 200);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -369,7 +384,7 @@ async fn queue_administration_through_the_admin_endpoint() {
         serde_json::json!({ "messages": 2, "deferred": 2 })
     );
 
-    let (ok, shown) = queue_cmd(&admin, &["show", &ids[0]]);
+    let (ok, shown) = queue_cmd(&w, &["show", &ids[0]]);
     assert!(ok);
     let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
     assert_eq!(shown["client_ip"], "127.0.0.30");
@@ -379,11 +394,11 @@ async fn queue_administration_through_the_admin_endpoint() {
         .unwrap()
         .starts_with("451 4.4.0 connection to 127.0.0.1:"));
 
-    assert!(queue_cmd(&admin, &["retry", &ids[0]]).0);
+    assert!(queue_cmd(&w, &["retry", &ids[0]]).0);
     // Bounce the first: the sender hears of it; delete the second quietly.
-    assert!(queue_cmd(&admin, &["bounce", &ids[0]]).0);
-    assert!(queue_cmd(&admin, &["delete", &ids[1]]).0);
-    let (ok, out) = queue_cmd(&admin, &["show", &ids[1]]);
+    assert!(queue_cmd(&w, &["bounce", &ids[0]]).0);
+    assert!(queue_cmd(&w, &["delete", &ids[1]]).0);
+    let (ok, out) = queue_cmd(&w, &["show", &ids[1]]);
     assert!(!ok && out.is_empty());
     let bounce = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
@@ -405,7 +420,7 @@ async fn queue_administration_through_the_admin_endpoint() {
         bounce.contains("Diagnostic-Code: smtp; 5.0.0 Bounced by an administrator"),
         "{bounce}"
     );
-    let (_, out) = queue_cmd(&admin, &["list"]);
+    let (_, out) = queue_cmd(&w, &["list"]);
     assert!(out.ends_with("0 messages\n"), "{out}");
     drop(w);
 }

@@ -1,4 +1,6 @@
-//! The admin HTTP endpoint: `/metrics`, `/livez`, `/readyz`.
+//! The admin HTTP endpoint: `/metrics`, `/livez`, `/readyz` and `/status`
+//! for anyone; every other path (the node's operations) only with the
+//! node's bearer token.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -33,6 +35,48 @@ pub struct AdminState {
     pub metrics: PrometheusHandle,
     /// Ready to take traffic (listeners up, not draining, room to work).
     pub ready: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// The bearer token operations need; `None` turns operations off.
+    pub token: Option<Arc<str>>,
+}
+
+/// Paths anyone may read: monitoring.
+fn is_open(path: &str) -> bool {
+    matches!(path, "/metrics" | "/livez" | "/readyz" | "/status")
+}
+
+/// Equal, in time that does not depend on where they differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Why a request for an operation is refused, if it is.
+fn refusal(state: &AdminState, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+    let Some(token) = &state.token else {
+        return Some(respond(
+            StatusCode::FORBIDDEN,
+            "application/json",
+            r#"{"error":"operations are off: start the node with --admin-token-file"}"#,
+        ));
+    };
+    let given = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if same(given.trim().as_bytes(), token.as_bytes()) {
+        return None;
+    }
+    let mut resp = respond(
+        StatusCode::UNAUTHORIZED,
+        "application/json",
+        r#"{"error":"missing or wrong bearer token"}"#,
+    );
+    if let Ok(v) = "Bearer".parse() {
+        resp.headers_mut()
+            .insert(hyper::header::WWW_AUTHENTICATE, v);
+    }
+    Some(resp)
 }
 
 fn respond(
@@ -50,6 +94,11 @@ fn respond(
 
 async fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
+    if !is_open(path) {
+        if let Some(refused) = refusal(state, req) {
+            return refused;
+        }
+    }
     if !matches!(path, "/metrics" | "/livez" | "/readyz") {
         if let Some(api) = &state.api {
             if let Some((status, body)) = api.handle(req.method().as_str(), path).await {

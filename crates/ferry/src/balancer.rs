@@ -18,6 +18,7 @@ pub struct Args {
     pub config: PathBuf,
     pub listen: IpAddr,
     pub admin: SocketAddr,
+    pub admin_token_file: Option<PathBuf>,
 }
 
 /// How long shutdown waits for relayed sessions.
@@ -25,6 +26,11 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(60);
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let config = ClusterConfig::load(&args.config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let token = args
+        .admin_token_file
+        .as_deref()
+        .map(crate::token::read)
+        .transpose()?;
     let Some(settings) = config.balancer else {
         anyhow::bail!(
             "{} has no [balancer] section: nothing to balance",
@@ -47,6 +53,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             let b = Arc::clone(&balancer);
             Arc::new(move || b.is_ready())
         },
+        token,
     };
     let admin_shutdown = shutdown.clone();
     tokio::spawn(ferry_telemetry::admin::serve(admin, state, async move {

@@ -5,6 +5,7 @@
 mod balancer;
 mod config_cmd;
 mod queue;
+mod token;
 mod up;
 mod user;
 mod worker;
@@ -53,6 +54,10 @@ enum Command {
         /// Our name in SMTP replies and Received headers.
         #[arg(long)]
         hostname: Option<String>,
+        /// A file holding the bearer token for admin operations (the
+        /// queue); without it they are off.
+        #[arg(long)]
+        admin_token_file: Option<PathBuf>,
     },
     /// Run a balancer in front of the workers (the config's [balancer]).
     Balancer {
@@ -65,6 +70,10 @@ enum Command {
         /// The admin HTTP endpoint (/metrics, /readyz, /backends); port 0 picks one.
         #[arg(long)]
         admin: SocketAddr,
+        /// A file holding the bearer token for admin operations (backends,
+        /// drain); without it they are off.
+        #[arg(long)]
+        admin_token_file: Option<PathBuf>,
     },
     /// Validate or explain a cluster config.
     Config {
@@ -76,6 +85,9 @@ enum Command {
         /// The worker's admin address (as `ferry worker` printed it).
         #[arg(long)]
         admin: String,
+        /// The file with the worker's admin token (`--admin-token-file`).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
         #[command(subcommand)]
         command: queue::QueueCommand,
     },
@@ -92,13 +104,18 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Config { command } => config_cmd::run(command),
         Command::User { command } => user::run(command),
-        Command::Queue { admin, command } => queue::run(&admin, command),
+        Command::Queue {
+            admin,
+            token_file,
+            command,
+        } => queue::run(&admin, token_file.as_deref(), command),
         Command::Worker {
             config,
             listen,
             data,
             admin,
             hostname,
+            admin_token_file,
         } => runtime().and_then(|rt| {
             rt.block_on(worker::run(worker::Args {
                 config,
@@ -106,17 +123,20 @@ fn main() -> std::process::ExitCode {
                 data,
                 admin,
                 hostname,
+                admin_token_file,
             }))
         }),
         Command::Balancer {
             config,
             listen,
             admin,
+            admin_token_file,
         } => runtime().and_then(|rt| {
             rt.block_on(balancer::run(balancer::Args {
                 config,
                 listen,
                 admin,
+                admin_token_file,
             }))
         }),
         Command::Up { data } => runtime().and_then(|rt| rt.block_on(up::run(data))),

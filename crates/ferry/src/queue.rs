@@ -24,7 +24,12 @@ pub enum QueueCommand {
 }
 
 /// One HTTP/1.1 request to the admin endpoint; returns status and body.
-fn request(admin: &str, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
+fn request(
+    admin: &str,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+) -> anyhow::Result<(u16, String)> {
     let addr = admin
         .trim_start_matches("http://")
         .trim_end_matches("/metrics")
@@ -32,7 +37,8 @@ fn request(admin: &str, method: &str, path: &str) -> anyhow::Result<(u16, String
     let mut s = TcpStream::connect(addr)
         .with_context(|| format!("connecting to the admin endpoint {addr}"))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n")?;
     let mut text = String::new();
     s.read_to_string(&mut text)?;
     let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
@@ -43,7 +49,12 @@ fn request(admin: &str, method: &str, path: &str) -> anyhow::Result<(u16, String
     Ok((status, body))
 }
 
-pub fn run(admin: &str, cmd: QueueCommand) -> anyhow::Result<ExitCode> {
+pub fn run(
+    admin: &str,
+    token_file: Option<&std::path::Path>,
+    cmd: QueueCommand,
+) -> anyhow::Result<ExitCode> {
+    let token = token_file.map(crate::token::read).transpose()?;
     let (method, path) = match &cmd {
         QueueCommand::List => ("GET", "/queue".to_string()),
         QueueCommand::Show { id } => ("GET", format!("/queue/{id}")),
@@ -51,7 +62,7 @@ pub fn run(admin: &str, cmd: QueueCommand) -> anyhow::Result<ExitCode> {
         QueueCommand::Bounce { id } => ("POST", format!("/queue/{id}/bounce")),
         QueueCommand::Delete { id } => ("DELETE", format!("/queue/{id}")),
     };
-    let (status, body) = request(admin, method, &path)?;
+    let (status, body) = request(admin, token.as_deref(), method, &path)?;
     if status != 200 {
         eprintln!("ferry queue: {status} {body}");
         return Ok(ExitCode::FAILURE);

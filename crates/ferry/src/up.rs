@@ -31,6 +31,9 @@ pub async fn run(data: PathBuf) -> anyhow::Result<ExitCode> {
     let config = data.join("ferry.toml");
     std::fs::write(&config, EXAMPLE_CONFIG).context("writing the example config")?;
     throwaway_certificate(&data.join("certs"))?;
+    let token_file = data.join("admin.token");
+    crate::token::ensure(&token_file)?;
+    let token_arg = token_file.display().to_string();
 
     let config_arg = config.display().to_string();
     let mut nodes = Vec::new();
@@ -49,6 +52,8 @@ pub async fn run(data: PathBuf) -> anyhow::Result<ExitCode> {
             "127.0.0.1:0",
             "--hostname",
             &hostname,
+            "--admin-token-file",
+            &token_arg,
         ];
         nodes.push(start_node(name, &args).await?);
     }
@@ -60,6 +65,8 @@ pub async fn run(data: PathBuf) -> anyhow::Result<ExitCode> {
         "127.0.0.1",
         "--admin",
         "127.0.0.1:0",
+        "--admin-token-file",
+        &token_arg,
     ];
     nodes.push(start_node("balancer", &args).await?);
 
@@ -78,6 +85,7 @@ pub async fn run(data: PathBuf) -> anyhow::Result<ExitCode> {
             n.admin
         );
     }
+    println!("Admin operations (queue, drain) need the bearer token in {token_arg}");
     println!("Through the balancer (the workers are reachable directly too):");
     println!("  internal relay:      127.0.0.1:2525 (anonymous, to @example.test)");
     println!("  authenticated relay: 127.0.0.1:2587 (STARTTLS, then AUTH as scanner / ferry-demo)");

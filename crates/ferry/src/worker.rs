@@ -18,6 +18,7 @@ pub struct Args {
     pub listen: IpAddr,
     pub data: PathBuf,
     pub admin: SocketAddr,
+    pub admin_token_file: Option<PathBuf>,
     pub hostname: Option<String>,
 }
 
@@ -26,6 +27,11 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(60);
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let config = ClusterConfig::load(&args.config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let token = args
+        .admin_token_file
+        .as_deref()
+        .map(crate::token::read)
+        .transpose()?;
     // The recorder first: the worker describes its metrics when created.
     let metrics = ferry_telemetry::metrics_handle();
     let runtime = Runtime::new(config).context("putting the config into service")?;
@@ -57,6 +63,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             let w = Arc::clone(&worker);
             Arc::new(move || w.is_ready())
         },
+        token,
     };
     let admin_shutdown = shutdown.clone();
     tokio::spawn(ferry_telemetry::admin::serve(admin, state, async move {
