@@ -73,6 +73,7 @@ pub(crate) struct RawBackend {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawSpool {
     pub min_free_space: Option<Spanned<RawSize>>,
+    pub max_data_in_memory: Option<Spanned<RawSize>>,
 }
 
 #[derive(Debug, Deserialize)]

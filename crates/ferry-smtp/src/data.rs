@@ -17,6 +17,8 @@ pub struct DataReader {
     body: Vec<u8>,
     received: usize,
     max: usize,
+    /// The node ran short of memory for DATA: read to the end, keep nothing.
+    shed: bool,
 }
 
 /// A finished DATA phase.
@@ -26,6 +28,8 @@ pub enum DataOutcome {
     Message(Vec<u8>),
     /// More than the limit arrived; the content was discarded.
     TooLarge { received: usize },
+    /// The node could not hold the message in memory; it was discarded.
+    Shed,
 }
 
 impl DataReader {
@@ -41,6 +45,7 @@ impl DataReader {
             body: Vec::new(),
             received: 0,
             max,
+            shed: false,
         }
     }
 
@@ -53,11 +58,23 @@ impl DataReader {
         let done = self.receiver.ingest(&mut iter, &mut self.body);
         let consumed = input.len() - iter.as_slice().len();
         self.received += self.body.len().saturating_sub(before);
-        if self.received > self.max {
+        if self.received > self.max || self.shed {
             // Keep nothing over the limit in memory; keep reading to the end.
             self.body = Vec::new();
         }
         (consumed, done)
+    }
+
+    /// Octets of memory the message holds now.
+    pub fn in_memory(&self) -> usize {
+        self.body.capacity()
+    }
+
+    /// Drops what was read and keeps nothing more; the outcome will be
+    /// [`DataOutcome::Shed`].
+    pub fn shed(&mut self) {
+        self.shed = true;
+        self.body = Vec::new();
     }
 
     /// Octets of content received so far.
@@ -66,6 +83,9 @@ impl DataReader {
     }
 
     pub fn finish(self) -> DataOutcome {
+        if self.shed {
+            return DataOutcome::Shed;
+        }
         if self.received > self.max {
             return DataOutcome::TooLarge {
                 received: self.received,

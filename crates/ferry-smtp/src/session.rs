@@ -502,6 +502,22 @@ impl ServerSession {
         Event::Reply(r(354, "Start mail input; end with <CRLF>.<CRLF>"))
     }
 
+    /// Octets of message content held in memory now (0 outside DATA).
+    pub fn data_in_memory(&self) -> usize {
+        match &self.phase {
+            Phase::Data(reader) => reader.in_memory(),
+            _ => 0,
+        }
+    }
+
+    /// The node cannot hold this message: discard it while reading on to
+    /// the end of data, then answer `452 4.3.1`.
+    pub fn shed_data(&mut self) {
+        if let Phase::Data(reader) = &mut self.phase {
+            reader.shed();
+        }
+    }
+
     fn finish_data(&mut self, outcome: DataOutcome) -> Event {
         let refuse = |s: &mut Self, code, text| {
             s.reset_transaction();
@@ -513,6 +529,7 @@ impl ServerSession {
                 552,
                 "5.3.4 Message size exceeds fixed maximum message size",
             ),
+            DataOutcome::Shed => refuse(self, 452, "4.3.1 Insufficient system resources"),
             DataOutcome::Message(m) if header_len(&m) > self.config.max_header_size => {
                 refuse(self, 552, "5.3.4 Message header size exceeds limit")
             }

@@ -23,6 +23,8 @@ use crate::server::Worker;
 use crate::tracking::TrackingEvent;
 
 const READ_BUFFER: usize = 16 * 1024;
+/// DATA memory is reserved from the worker's budget in steps this big.
+const DATA_STEP: u64 = 64 * 1024;
 /// How long a refusal may take to write before we just close.
 const REFUSAL_WRITE: Duration = Duration::from_secs(2);
 
@@ -159,6 +161,7 @@ pub(crate) async fn handle(worker: Arc<Worker>, mut stream: TcpStream, peer: Soc
         early,
         proxy_note,
         probe,
+        data_held: 0,
     };
     conn.run(Stream::Plain(stream)).instrument(span).await;
     drop(slot);
@@ -199,6 +202,8 @@ struct Connection {
     proxy_note: Option<String>,
     /// A balancer's health probe (PROXY LOCAL): logged at debug level only.
     probe: bool,
+    /// Octets of the worker's DATA budget this session holds.
+    data_held: u64,
 }
 
 /// How a session ended, for the log.
@@ -281,6 +286,7 @@ impl Connection {
         }
 
         let end = self.serve(&mut stream).await;
+        self.release_data();
         let why = match &end {
             End::Quit => "Remote quit".to_string(),
             End::ClientGone => "Remote closed the connection".to_string(),
@@ -326,6 +332,7 @@ impl Connection {
                     return end;
                 }
             }
+            self.hold_data();
             if let Err(end) = self.flush(stream).await {
                 return end;
             }
@@ -360,6 +367,42 @@ impl Connection {
                 Ok(Ok(n)) => self.session.push(buf.get(..n).unwrap_or_default()),
                 Ok(Err(e)) => return End::Error(format!("read failed: {e}")),
             }
+        }
+    }
+
+    /// Keeps this session's share of the worker's DATA budget in step with
+    /// what its message holds in memory; a message that would go over the
+    /// budget is discarded as it arrives and answered `452 4.3.1`.
+    fn hold_data(&mut self) {
+        let now = self.session.data_in_memory() as u64;
+        if now > self.data_held {
+            let want = now.div_ceil(DATA_STEP) * DATA_STEP;
+            let limit = self.runtime.config.max_data_in_memory;
+            if self
+                .worker
+                .data_budget
+                .reserve(want - self.data_held, limit)
+            {
+                self.data_held = want;
+                return;
+            }
+            self.session.shed_data();
+            counter!(metric::MESSAGES_REJECTED, "connector" => self.label(), "reason" => "memory")
+                .increment(1);
+            warn!(
+                held = now,
+                limit, "DATA over the worker's memory budget; discarding it, 452 at the end"
+            );
+        }
+        if self.session.data_in_memory() == 0 {
+            self.release_data();
+        }
+    }
+
+    fn release_data(&mut self) {
+        if self.data_held > 0 {
+            self.worker.data_budget.release(self.data_held);
+            self.data_held = 0;
         }
     }
 

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::conn;
-use crate::limits::ConnectionLimits;
+use crate::limits::{ConnectionLimits, DataBudget};
 use crate::protolog::ProtocolLogger;
 use crate::runtime::Runtime;
 use crate::tracking::TrackingLog;
@@ -42,6 +42,8 @@ pub struct Worker {
     pub(crate) protolog: Arc<ProtocolLogger>,
     pub(crate) tracking: Arc<TrackingLog>,
     pub(crate) limits: ConnectionLimits,
+    /// DATA held in memory by all sessions.
+    pub(crate) data_budget: DataBudget,
     session_base: u64,
     session_seq: AtomicU64,
     shutdown: CancellationToken,
@@ -68,6 +70,7 @@ impl Worker {
             protolog,
             tracking,
             limits: ConnectionLimits::default(),
+            data_budget: DataBudget::default(),
             session_base,
             session_seq: AtomicU64::new(0),
             shutdown: CancellationToken::new(),

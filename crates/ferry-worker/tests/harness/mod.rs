@@ -53,6 +53,11 @@ impl Harness {
         Self::launch(limits, "", None, false).await
     }
 
+    /// Like [`Harness::start`], with `extra` config appended.
+    pub async fn start_extra(limits: &str, extra: &str) -> Harness {
+        Self::launch(limits, extra, None, false).await
+    }
+
     /// Starts a worker that also delivers, with `extra` config (routes,
     /// delivery) appended, in `dir` if given (a restart on the same data
     /// directory).
