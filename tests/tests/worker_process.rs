@@ -237,7 +237,7 @@ async fn worker_process_relays_reports_and_drains() {
 
     // The log file is plain text: one line per event, no terminal colours.
     let log = std::fs::read_to_string(data.join("worker.log")).unwrap();
-    assert!(log.contains("INFO ferry::worker: worker started"), "{log}");
+    assert!(log.contains("INFO ferry::node: worker started"), "{log}");
     assert!(log.contains("message done"), "{log}");
     assert!(!log.contains('\x1b'), "colour codes in the log file");
 

@@ -4,6 +4,7 @@
 
 mod balancer;
 mod config_cmd;
+mod node;
 mod queue;
 mod token;
 mod up;

@@ -11,7 +11,6 @@ use ferry_config::ClusterConfig;
 use ferry_queue::Journal;
 use ferry_worker::delivery::QueueAdmin;
 use ferry_worker::{Deliverer, Runtime, Worker, WorkerOptions};
-use tokio::net::TcpListener;
 
 pub struct Args {
     pub config: PathBuf,
@@ -33,7 +32,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         .map(crate::token::read)
         .transpose()?;
     // The recorder first: the worker describes its metrics when created.
-    let metrics = ferry_telemetry::metrics_handle();
+    ferry_telemetry::metrics_handle();
     let runtime = Runtime::new(config).context("putting the config into service")?;
     std::fs::create_dir_all(&args.data)
         .with_context(|| format!("creating data directory {}", args.data.display()))?;
@@ -51,58 +50,28 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     );
     let deliverer = Deliverer::new(Arc::clone(&worker), spool);
     let listeners = worker.bind().await?;
-    let admin = TcpListener::bind(args.admin)
-        .await
-        .with_context(|| format!("cannot listen on admin address {}", args.admin))?;
-    let admin_addr = admin.local_addr()?;
     let shutdown = worker.shutdown_token();
-    let state = ferry_telemetry::admin::AdminState {
-        api: Some(Arc::new(QueueAdmin(Arc::clone(&deliverer)))),
-        metrics,
+    let admin = crate::node::Admin {
+        api: Arc::new(QueueAdmin(Arc::clone(&deliverer))),
         ready: {
             let w = Arc::clone(&worker);
             Arc::new(move || w.is_ready())
         },
         token,
     };
-    let admin_shutdown = shutdown.clone();
-    tokio::spawn(ferry_telemetry::admin::serve(admin, state, async move {
-        admin_shutdown.cancelled().await
-    }));
-    // These lines are read by `ferry up` and the end-to-end tests.
-    for l in &listeners {
-        println!("worker smtp {}", l.local_addr()?);
-    }
-    println!("worker admin http://{admin_addr}/metrics");
-    println!("worker ready");
-    tracing::info!(listen = %args.listen, admin = %admin_addr, "worker started");
-
+    crate::node::start(
+        "worker",
+        args.listen,
+        &listeners,
+        args.admin,
+        admin,
+        &shutdown,
+    )
+    .await?;
     tokio::spawn(deliverer.run(shutdown.clone()));
-    let signals = shutdown.clone();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("signal received; draining");
-        signals.cancel();
-    });
     worker.run(listeners, DRAIN_LIMIT).await;
     tracing::info!("worker stopped");
     Ok(ExitCode::SUCCESS)
-}
-
-pub async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers the process still stops on SIGTERM (default action).
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }
 
 fn system_hostname() -> String {

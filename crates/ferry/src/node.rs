@@ -1,0 +1,74 @@
+//! What every node process does around its role: the admin endpoint, the
+//! address lines that `ferry up` and the tests read, and SIGTERM/SIGINT
+//! starting a graceful shutdown.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use anyhow::Context;
+use ferry_telemetry::admin::{AdminApi, AdminState};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// The role's part of the admin endpoint.
+pub struct Admin {
+    pub api: Arc<dyn AdminApi>,
+    pub ready: Arc<dyn Fn() -> bool + Send + Sync>,
+    pub token: Option<Arc<str>>,
+}
+
+/// Serves the admin endpoint on `admin_addr` until `shutdown`, prints
+/// `ROLE smtp ADDR` for each listener, `ROLE admin URL` and `ROLE ready`,
+/// and cancels `shutdown` on SIGTERM or SIGINT.
+pub async fn start(
+    role: &str,
+    listen: IpAddr,
+    listeners: &[TcpListener],
+    admin_addr: SocketAddr,
+    admin: Admin,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let endpoint = TcpListener::bind(admin_addr)
+        .await
+        .with_context(|| format!("cannot listen on admin address {admin_addr}"))?;
+    let bound = endpoint.local_addr()?;
+    let state = AdminState {
+        api: Some(admin.api),
+        metrics: ferry_telemetry::metrics_handle(),
+        ready: admin.ready,
+        token: admin.token,
+    };
+    let admin_shutdown = shutdown.clone();
+    tokio::spawn(ferry_telemetry::admin::serve(endpoint, state, async move {
+        admin_shutdown.cancelled().await
+    }));
+    for l in listeners {
+        println!("{role} smtp {}", l.local_addr()?);
+    }
+    println!("{role} admin http://{bound}/metrics");
+    println!("{role} ready");
+    tracing::info!(%listen, admin = %bound, "{role} started");
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received; draining");
+        signals.cancel();
+    });
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the process still stops on SIGTERM (default action).
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
