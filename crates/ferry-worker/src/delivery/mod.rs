@@ -217,18 +217,15 @@ impl Deliverer {
         recipients: &[String],
         message: &[u8],
     ) -> Vec<(String, RecipientState)> {
-        let all = |state: RecipientState| {
-            recipients
-                .iter()
-                .map(|r| (r.clone(), state.clone()))
-                .collect::<Vec<_>>()
-        };
         let Some(route) = route else {
             counter!(metric::DELIVERY_ATTEMPTS, "result" => "no_route").increment(1);
-            return all(RecipientState::Failed {
-                reply: "550 5.4.4 No route for the recipient's domain".into(),
-                next_hop: None,
-            });
+            return each(
+                recipients,
+                RecipientState::Failed {
+                    reply: "550 5.4.4 No route for the recipient's domain".into(),
+                    next_hop: None,
+                },
+            );
         };
         match &route.action {
             RouteAction::Directory(dir) => {
@@ -248,21 +245,30 @@ impl Deliverer {
                     Ok(Ok(name)) => {
                         counter!(metric::DELIVERY_ATTEMPTS, "result" => "delivered").increment(1);
                         info!(next_hop = %hop, file = %name, recipients = recipients.len(), "delivered");
-                        all(RecipientState::Delivered {
-                            next_hop: hop,
-                            reply: format!("250 2.0.0 written as {name}"),
-                        })
+                        each(
+                            recipients,
+                            RecipientState::Delivered {
+                                next_hop: hop,
+                                reply: format!("250 2.0.0 written as {name}"),
+                            },
+                        )
                     }
                     Ok(Err(e)) => {
                         counter!(metric::DELIVERY_ATTEMPTS, "result" => "deferred").increment(1);
                         warn!(next_hop = %hop, error = %e, "directory delivery failed; deferred");
-                        all(RecipientState::Deferred {
-                            reply: format!("451 4.3.0 cannot write to {hop}: {e}"),
-                        })
+                        each(
+                            recipients,
+                            RecipientState::Deferred {
+                                reply: format!("451 4.3.0 cannot write to {hop}: {e}"),
+                            },
+                        )
                     }
-                    Err(e) => all(RecipientState::Deferred {
-                        reply: format!("451 4.3.0 delivery task failed: {e}"),
-                    }),
+                    Err(e) => each(
+                        recipients,
+                        RecipientState::Deferred {
+                            reply: format!("451 4.3.0 delivery task failed: {e}"),
+                        },
+                    ),
                 }
             }
             RouteAction::Smtp {
@@ -308,7 +314,7 @@ impl Deliverer {
                             };
                             counter!(metric::DELIVERY_ATTEMPTS, "result" => result).increment(1);
                             info!(%domain, ?state, "no mail exchanger");
-                            results.extend(recipients.into_iter().map(|r| (r, state.clone())));
+                            results.extend(each(&recipients, state));
                             continue;
                         }
                     };
@@ -369,12 +375,6 @@ impl Deliverer {
         recipients: &[String],
         message: &[u8],
     ) -> Vec<(String, RecipientState)> {
-        let all = |state: RecipientState| {
-            recipients
-                .iter()
-                .map(|r| (r.clone(), state.clone()))
-                .collect::<Vec<_>>()
-        };
         let tx = client::Transaction {
             mail_from: &m.envelope.mail_from,
             recipients,
@@ -416,10 +416,13 @@ impl Deliverer {
                         HopError::Refused { reply, .. } => reply.to_string(),
                         other => other.to_string(),
                     };
-                    return all(RecipientState::Failed {
-                        reply,
-                        next_hop: Some(hop),
-                    });
+                    return each(
+                        recipients,
+                        RecipientState::Failed {
+                            reply,
+                            next_hop: Some(hop),
+                        },
+                    );
                 }
                 Err(e) => {
                     info!(next_hop = %hop, error = %e, "next hop failed; trying the next one");
@@ -428,9 +431,12 @@ impl Deliverer {
             }
         }
         counter!(metric::DELIVERY_ATTEMPTS, "result" => "deferred").increment(1);
-        all(RecipientState::Deferred {
-            reply: format!("451 4.4.0 {last_error}"),
-        })
+        each(
+            recipients,
+            RecipientState::Deferred {
+                reply: format!("451 4.4.0 {last_error}"),
+            },
+        )
     }
 
     fn track(&self, m: &SpooledMessage, address: &str, state: &RecipientState, attempt: u32) {
@@ -633,6 +639,14 @@ fn reported(
                 }),
             }
         })
+        .collect()
+}
+
+/// The same state for each of `recipients`.
+fn each(recipients: &[String], state: RecipientState) -> Vec<(String, RecipientState)> {
+    recipients
+        .iter()
+        .map(|r| (r.clone(), state.clone()))
         .collect()
 }
 
