@@ -111,12 +111,13 @@ pub fn explain(config: &ClusterConfig, q: &Question) -> String {
         .as_ref()
         .and_then(|u| u.allowed_senders.first())
         .map_or(format!("device@{inside}"), |p| match p {
-            crate::model::SenderPattern::Address(a) => a.clone(),
+            crate::model::SenderPattern::Address(a) => a.to_string(),
             crate::model::SenderPattern::Domain(d) => format!("device@{d}"),
             crate::model::SenderPattern::Any => format!("device@{inside}"),
         });
     let _ = writeln!(out, "  relay decisions ({who}, sender <{sender}>):");
-    match config.check_sender(c, user.as_deref(), q.client, &sender) {
+    let sender_path = ferry_smtp::ReversePath::parse(&sender).unwrap_or_default();
+    match config.check_sender(c, user.as_deref(), q.client, &sender_path) {
         Err(refusal) => {
             let _ = writeln!(out, "    MAIL FROM:<{sender}> -> {refusal}");
         }
@@ -126,9 +127,12 @@ pub fn explain(config: &ClusterConfig, q: &Question) -> String {
                 format!("someone@{inside}"),
                 "someone@outside.invalid".to_string(),
             ] {
-                let verdict = match config.check_recipient(c, user.as_deref(), &rcpt) {
-                    Ok(()) => "250 accepted".to_string(),
-                    Err(r) => r.to_string(),
+                let verdict = match ferry_smtp::ForwardPath::parse(&rcpt) {
+                    Err(e) => format!("501 5.1.3 Invalid address: {e}"),
+                    Ok(path) => match config.check_recipient(c, user.as_deref(), &path, local) {
+                        Ok(()) => "250 accepted".to_string(),
+                        Err(r) => r.to_string(),
+                    },
                 };
                 let _ = writeln!(out, "    RCPT TO:<{rcpt}> -> {verdict}");
             }

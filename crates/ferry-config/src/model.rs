@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_smtp::{Domain, Mailbox, ReversePath};
 use ipnet::IpNet;
 
 /// The whole cluster config, valid by construction.
@@ -26,6 +27,11 @@ pub struct ClusterConfig {
     pub max_data_in_memory: u64,
     /// The `[balancer]` section, read by balancer nodes.
     pub balancer: Option<crate::balancer::BalancerConfig>,
+    /// Where mail to the bare `<Postmaster>` goes (RFC 5321 §4.5.1): the
+    /// `postmaster` key, by default `postmaster@` the first authoritative
+    /// domain; `None` when there is neither (the worker then uses
+    /// `postmaster@` its host name).
+    pub postmaster: Option<Mailbox>,
 }
 
 /// The default floor of free space for the spool.
@@ -81,6 +87,9 @@ pub struct Connector {
     pub banner: String,
     pub limits: Limits,
     pub protocol_log: ProtocolLog,
+    /// Add `Message-ID` and `Date` to a message that lacks them, as
+    /// Exchange does (RFC 5322 §3.6 requires Date and asks for Message-ID).
+    pub add_missing_headers: bool,
 }
 
 /// Exchange's permission groups, as far as a relay needs them.
@@ -170,19 +179,28 @@ pub struct User {
 /// An allowed sender: one address, every address of a domain, or anyone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SenderPattern {
-    Address(String),
+    Address(Mailbox),
+    /// Lower case.
     Domain(String),
     Any,
 }
 
 impl SenderPattern {
-    pub fn matches(&self, sender: &str) -> bool {
+    /// Does this pattern allow `sender`? Local parts compare by their text
+    /// (quoting aside) and without case, domains by [`Domain::normalized`];
+    /// the null sender `<>` only matches `*`.
+    pub fn matches(&self, sender: &ReversePath) -> bool {
+        let Some(sender) = sender.mailbox() else {
+            return *self == SenderPattern::Any;
+        };
         match self {
             SenderPattern::Any => true,
-            SenderPattern::Address(a) => a.eq_ignore_ascii_case(sender),
-            SenderPattern::Domain(d) => sender
-                .rsplit_once('@')
-                .is_some_and(|(_, dom)| dom.eq_ignore_ascii_case(d)),
+            SenderPattern::Address(a) => {
+                a.local_part_text()
+                    .eq_ignore_ascii_case(&sender.local_part_text())
+                    && a.domain().normalized() == sender.domain().normalized()
+            }
+            SenderPattern::Domain(d) => sender.domain().normalized() == *d,
         }
     }
 }
@@ -191,7 +209,7 @@ impl std::fmt::Display for SenderPattern {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             SenderPattern::Any => f.write_str("*"),
-            SenderPattern::Address(a) => f.write_str(a),
+            SenderPattern::Address(a) => a.fmt(f),
             SenderPattern::Domain(d) => write!(f, "*@{d}"),
         }
     }
@@ -205,6 +223,17 @@ impl ClusterConfig {
     /// Is `domain` one of ours?
     pub fn accepted_domain(&self, domain: &str) -> Option<&AcceptedDomain> {
         self.accepted_domains.iter().find(|d| d.matches(domain))
+    }
+
+    /// Is mail to `domain` ours to accept from anyone? A name must be an
+    /// accepted domain; an address literal only when it names `local`, the
+    /// address this node was reached at (RFC 5321 §4.1.3: a literal is the
+    /// host itself, and a literal of another host is relaying).
+    pub fn accepts_domain(&self, domain: &Domain, local: IpAddr) -> bool {
+        match domain.literal() {
+            Some(ip) => ip.to_canonical() == local.to_canonical(),
+            None => self.accepted_domain(&domain.normalized()).is_some(),
+        }
     }
 
     /// The ports some connector listens on, each once.

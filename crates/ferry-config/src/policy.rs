@@ -10,6 +10,8 @@
 use std::fmt;
 use std::net::IpAddr;
 
+use ferry_smtp::{ForwardPath, ReversePath};
+
 use crate::model::{ClusterConfig, Connector, User};
 
 /// Why a sender or recipient was refused; gives the SMTP reply.
@@ -83,18 +85,6 @@ impl fmt::Display for Refusal {
     }
 }
 
-/// The part of an address after the last `@`, and the part before.
-pub fn split_address(address: &str) -> Option<(&str, &str)> {
-    address.rsplit_once('@')
-}
-
-fn has_sender_routing(address: &str) -> bool {
-    match split_address(address) {
-        Some((local, _)) => local.contains(['%', '!', '@']),
-        None => address.contains(['%', '!']),
-    }
-}
-
 impl ClusterConfig {
     /// MAIL FROM: may this session start a transaction with this sender?
     pub fn check_sender(
@@ -102,7 +92,7 @@ impl ClusterConfig {
         connector: &Connector,
         user: Option<&User>,
         client: IpAddr,
-        sender: &str,
+        sender: &ReversePath,
     ) -> Result<(), Refusal> {
         let Some(user) = user else {
             return match connector.permissions.anonymous {
@@ -117,10 +107,7 @@ impl ClusterConfig {
                 client,
             });
         }
-        let allowed = user.allowed_senders.iter().any(|p| {
-            p.matches(sender) || (sender.is_empty() && *p == crate::model::SenderPattern::Any)
-        });
-        if !allowed {
+        if !user.allowed_senders.iter().any(|p| p.matches(sender)) {
             return Err(Refusal::SenderNotAllowed {
                 user: user.name.clone(),
                 sender: sender.to_string(),
@@ -130,13 +117,22 @@ impl ClusterConfig {
     }
 
     /// RCPT TO: may this session send to this recipient? (The sender was
-    /// checked at MAIL.)
+    /// checked at MAIL.) `local` is the address the client reached this
+    /// node at: an address literal naming it is local mail.
+    ///
+    /// `<Postmaster>` is always accepted (RFC 5321 §4.5.1), whatever the
+    /// connector's permissions.
     pub fn check_recipient(
         &self,
         connector: &Connector,
         user: Option<&User>,
-        recipient: &str,
+        recipient: &ForwardPath,
+        local: IpAddr,
     ) -> Result<(), Refusal> {
+        let recipient = match recipient {
+            ForwardPath::Postmaster => return Ok(()),
+            ForwardPath::Mailbox(m) => m,
+        };
         if user.is_some() {
             return Ok(());
         }
@@ -146,12 +142,12 @@ impl ClusterConfig {
         if connector.permissions.accept_any_recipient {
             return Ok(());
         }
-        if has_sender_routing(recipient) {
+        if recipient.has_sender_routing() {
             return Err(Refusal::SenderSpecifiedRouting);
         }
-        match split_address(recipient) {
-            Some((_, domain)) if self.accepted_domain(domain).is_some() => Ok(()),
-            _ => Err(Refusal::RelayDenied),
+        match self.accepts_domain(recipient.domain(), local) {
+            true => Ok(()),
+            false => Err(Refusal::RelayDenied),
         }
     }
 }
@@ -204,30 +200,37 @@ allowed_ranges = ["192.0.2.0/24"]
             .clone()
     }
 
+    fn rp(s: &str) -> ReversePath {
+        ReversePath::parse(s).unwrap()
+    }
+
+    fn fp(s: &str) -> ForwardPath {
+        ForwardPath::parse(s).unwrap()
+    }
+
+    const LOCAL: &str = "192.0.2.1";
+
     #[test]
     fn anonymous_internal_relay() {
         let c = conf();
         let k = conn(&c, "Internal");
+        let local = LOCAL.parse().unwrap();
+        let rcpt = |a: &str| c.check_recipient(&k, None, &fp(a), local);
         assert_eq!(
-            c.check_sender(&k, None, "1.2.3.4".parse().unwrap(), "a@x.test"),
+            c.check_sender(&k, None, "1.2.3.4".parse().unwrap(), &rp("a@x.test")),
             Ok(())
         );
-        assert_eq!(c.check_recipient(&k, None, "bob@EXAMPLE.test"), Ok(()));
-        assert_eq!(c.check_recipient(&k, None, "bob@a.corp.test"), Ok(()));
+        assert_eq!(rcpt("bob@EXAMPLE.test"), Ok(()));
+        assert_eq!(rcpt("bob@example.test."), Ok(()));
+        assert_eq!(rcpt("bob@a.corp.test"), Ok(()));
+        assert_eq!(rcpt("bob@corp.test"), Err(Refusal::RelayDenied));
+        assert_eq!(rcpt("bob@elsewhere.test"), Err(Refusal::RelayDenied));
         assert_eq!(
-            c.check_recipient(&k, None, "bob@corp.test"),
-            Err(Refusal::RelayDenied)
-        );
-        assert_eq!(
-            c.check_recipient(&k, None, "bob@elsewhere.test"),
-            Err(Refusal::RelayDenied)
-        );
-        assert_eq!(
-            c.check_recipient(&k, None, "bob%elsewhere.test@example.test"),
+            rcpt("bob%elsewhere.test@example.test"),
             Err(Refusal::SenderSpecifiedRouting)
         );
         assert_eq!(
-            c.check_recipient(&k, None, "bob@elsewhere.test@example.test"),
+            rcpt("\"bob@elsewhere.test\"@example.test"),
             Err(Refusal::SenderSpecifiedRouting)
         );
         assert_eq!(
@@ -236,11 +239,53 @@ allowed_ranges = ["192.0.2.0/24"]
         );
     }
 
+    /// RFC 5321 §4.5.1 and §4.1.3: Postmaster always; an address literal
+    /// is ours only when it names the address the client reached.
+    #[test]
+    fn postmaster_and_address_literals() {
+        let c = conf();
+        let k = conn(&c, "Internal");
+        let local = LOCAL.parse().unwrap();
+        assert_eq!(
+            c.check_recipient(&k, None, &fp("Postmaster"), local),
+            Ok(())
+        );
+        let client = conn(&c, "Client");
+        assert_eq!(
+            c.check_recipient(&client, None, &fp("postmaster"), local),
+            Ok(())
+        );
+        assert_eq!(
+            c.check_recipient(&k, None, &fp("ops@[192.0.2.1]"), local),
+            Ok(())
+        );
+        assert_eq!(
+            c.check_recipient(&k, None, &fp("ops@[192.0.2.25]"), local),
+            Err(Refusal::RelayDenied)
+        );
+        assert_eq!(
+            c.check_recipient(&k, None, &fp("ops@[IPv6:2001:db8::25]"), local),
+            Err(Refusal::RelayDenied)
+        );
+        let anon = conn(&c, "Anon relay");
+        assert_eq!(
+            c.check_recipient(&anon, None, &fp("ops@[IPv6:2001:db8::25]"), local),
+            Ok(())
+        );
+        assert_eq!(
+            c.postmaster.as_ref().map(|m| m.to_string()).as_deref(),
+            Some("postmaster@example.test")
+        );
+    }
+
     #[test]
     fn anonymous_relay_accepts_any_recipient() {
         let c = conf();
         let k = conn(&c, "Anon relay");
-        assert_eq!(c.check_recipient(&k, None, "bob@elsewhere.test"), Ok(()));
+        assert_eq!(
+            c.check_recipient(&k, None, &fp("bob@elsewhere.test"), LOCAL.parse().unwrap()),
+            Ok(())
+        );
     }
 
     #[test]
@@ -249,7 +294,7 @@ allowed_ranges = ["192.0.2.0/24"]
         let k = conn(&c, "Client");
         let ip = "192.0.2.9".parse().unwrap();
         assert_eq!(
-            c.check_sender(&k, None, ip, "a@x"),
+            c.check_sender(&k, None, ip, &rp("a@x")),
             Err(Refusal::NotAuthenticated)
         );
         assert_eq!(
@@ -257,30 +302,28 @@ allowed_ranges = ["192.0.2.0/24"]
             "530 5.7.1 Client was not authenticated"
         );
         let u = c.user("SCANNER").unwrap().clone();
-        assert_eq!(
-            c.check_sender(&k, Some(&u), ip, "scanner@example.test"),
-            Ok(())
-        );
-        assert_eq!(c.check_sender(&k, Some(&u), ip, "x@corp.test"), Ok(()));
+        let sender = |a: &str| c.check_sender(&k, Some(&u), ip, &rp(a));
+        assert_eq!(sender("scanner@example.test"), Ok(()));
+        assert_eq!(sender("Scanner@EXAMPLE.test."), Ok(()));
+        assert_eq!(sender("\"scanner\"@example.test"), Ok(()));
+        assert_eq!(sender("x@corp.test"), Ok(()));
+        assert_eq!(sender("x@Corp.Test"), Ok(()));
         assert!(matches!(
-            c.check_sender(&k, Some(&u), ip, "boss@example.test"),
+            sender("boss@example.test"),
             Err(Refusal::SenderNotAllowed { .. })
         ));
-        assert!(matches!(
-            c.check_sender(&k, Some(&u), ip, ""),
-            Err(Refusal::SenderNotAllowed { .. })
-        ));
+        assert!(matches!(sender(""), Err(Refusal::SenderNotAllowed { .. })));
         assert!(matches!(
             c.check_sender(
                 &k,
                 Some(&u),
                 "198.51.100.1".parse().unwrap(),
-                "scanner@example.test"
+                &rp("scanner@example.test")
             ),
             Err(Refusal::SourceNotAllowed { .. })
         ));
         assert_eq!(
-            c.check_recipient(&k, Some(&u), "anyone@elsewhere.test"),
+            c.check_recipient(&k, Some(&u), &fp("anyone@elsewhere.test"), ip),
             Ok(())
         );
     }

@@ -22,6 +22,7 @@ pub(crate) struct RawConfig {
     #[serde(default)]
     pub spool: RawSpool,
     pub balancer: Option<Spanned<RawBalancer>>,
+    pub postmaster: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -133,6 +134,7 @@ pub(crate) struct RawConnector {
     #[serde(default)]
     pub limits: RawLimits,
     pub protocol_log: Option<Spanned<String>>,
+    pub add_missing_headers: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,22 +1,33 @@
 //! Routes: where mail for a recipient domain goes next, and the delivery
 //! schedule.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+
+use ferry_smtp::Domain;
 use std::path::PathBuf;
 use std::time::Duration;
 
 /// Matches recipient domains: `example.test`, `*.example.test` (any
-/// subdomain), or `*` (everything).
+/// subdomain), an address literal (`[192.0.2.25]`, `[IPv6:2001:db8::25]`),
+/// or `*` (everything).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DomainPattern {
     Exact(String),
     Subdomains(String),
+    Literal(IpAddr),
     Any,
 }
 
 impl DomainPattern {
     pub fn parse(s: &str) -> Option<Self> {
-        let s = s.trim().trim_end_matches('.').to_ascii_lowercase();
+        let s = s.trim();
+        if s.starts_with('[') {
+            return Domain::parse(s)
+                .ok()
+                .and_then(|d| d.literal())
+                .map(|ip| DomainPattern::Literal(ip.to_canonical()));
+        }
+        let s = s.trim_end_matches('.').to_ascii_lowercase();
         let valid = |d: &str| {
             !d.is_empty()
                 && d.split('.').all(|l| {
@@ -31,10 +42,19 @@ impl DomainPattern {
         }
     }
 
-    /// How specific a match is (higher wins), or `None` for no match.
-    pub fn rank(&self, domain: &str) -> Option<usize> {
-        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+    /// How specific a match is (higher wins), or `None` for no match. A
+    /// literal only matches its own address; names compare without case.
+    pub fn rank(&self, domain: &Domain) -> Option<usize> {
+        if let Some(ip) = domain.literal() {
+            return match self {
+                DomainPattern::Literal(p) => (*p == ip.to_canonical()).then_some(usize::MAX),
+                DomainPattern::Any => Some(0),
+                _ => None,
+            };
+        }
+        let domain = domain.normalized();
         match self {
+            DomainPattern::Literal(_) => None,
             DomainPattern::Exact(d) => (*d == domain).then_some(usize::MAX),
             DomainPattern::Subdomains(d) => domain
                 .strip_suffix(d.as_str())
@@ -169,7 +189,7 @@ impl Default for Delivery {
 
 impl crate::ClusterConfig {
     /// The most specific route for a recipient domain.
-    pub fn route_for(&self, domain: &str) -> Option<&Route> {
+    pub fn route_for(&self, domain: &Domain) -> Option<&Route> {
         self.routes
             .iter()
             .filter_map(|r| {
@@ -221,9 +241,19 @@ mod tests {
         let exact = DomainPattern::parse("example.test").unwrap();
         let sub = DomainPattern::parse("*.example.test").unwrap();
         let any = DomainPattern::parse("*").unwrap();
-        assert_eq!(exact.rank("EXAMPLE.test"), Some(usize::MAX));
-        assert_eq!(sub.rank("example.test"), None);
-        assert!(sub.rank("a.example.test").unwrap() > any.rank("a.example.test").unwrap());
+        let d = |s: &str| Domain::parse(s).unwrap();
+        assert_eq!(exact.rank(&d("EXAMPLE.test")), Some(usize::MAX));
+        assert_eq!(exact.rank(&d("example.test.")), Some(usize::MAX));
+        assert_eq!(sub.rank(&d("example.test")), None);
+        assert!(sub.rank(&d("a.example.test")).unwrap() > any.rank(&d("a.example.test")).unwrap());
         assert_eq!(DomainPattern::parse("*.*"), None);
+        let v4 = DomainPattern::parse("[192.0.2.25]").unwrap();
+        let v6 = DomainPattern::parse("[IPv6:2001:DB8::25]").unwrap();
+        assert_eq!(v4.rank(&d("[192.0.2.25]")), Some(usize::MAX));
+        assert_eq!(v4.rank(&d("[192.0.2.26]")), None);
+        assert_eq!(v6.rank(&d("[ipv6:2001:db8:0::25]")), Some(usize::MAX));
+        assert_eq!(any.rank(&d("[192.0.2.26]")), Some(0));
+        assert_eq!(exact.rank(&d("[192.0.2.25]")), None);
+        assert_eq!(DomainPattern::parse("[192.0.2]"), None);
     }
 }

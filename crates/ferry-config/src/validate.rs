@@ -144,7 +144,7 @@ pub(crate) fn parse(file: &str, text: &str, base_dir: &Path) -> Result<ClusterCo
         }
     };
 
-    let accepted_domains = raw
+    let accepted_domains: Vec<AcceptedDomain> = raw
         .accepted_domains
         .iter()
         .filter_map(|d| domain(&mut c, d.get_ref()))
@@ -188,6 +188,7 @@ pub(crate) fn parse(file: &str, text: &str, base_dir: &Path) -> Result<ClusterCo
     let min_free_space = c.size(&raw.spool.min_free_space, DEFAULT_MIN_FREE_SPACE);
     let max_data_in_memory = c.size(&raw.spool.max_data_in_memory, DEFAULT_MAX_DATA_IN_MEMORY);
     let balancer = raw.balancer.as_ref().map(|b| balancer(&mut c, b));
+    let postmaster = postmaster(&mut c, raw.postmaster.as_ref(), &accepted_domains);
 
     if !c.errors.is_empty() {
         c.errors.sort_by_key(|e| (e.line, e.column));
@@ -206,7 +207,30 @@ pub(crate) fn parse(file: &str, text: &str, base_dir: &Path) -> Result<ClusterCo
         min_free_space,
         max_data_in_memory,
         balancer,
+        postmaster,
     })
+}
+
+/// The `postmaster` key, or `postmaster@` the first authoritative domain
+/// (the first accepted domain when none is authoritative).
+fn postmaster(
+    c: &mut Checker<'_>,
+    raw: Option<&Spanned<String>>,
+    domains: &[AcceptedDomain],
+) -> Option<ferry_smtp::Mailbox> {
+    if let Some(s) = raw {
+        let text = s.get_ref().trim();
+        return ferry_smtp::Mailbox::parse(text).ok().or_else(|| {
+            c.err(s, format!("postmaster '{text}' is not an address"));
+            None
+        });
+    }
+    let domain = domains
+        .iter()
+        .filter(|d| !d.subdomains)
+        .find(|d| d.kind == DomainKind::Authoritative)
+        .or_else(|| domains.iter().find(|d| !d.subdomains))?;
+    ferry_smtp::Mailbox::parse(&format!("postmaster@{}", domain.domain)).ok()
 }
 
 fn balancer(c: &mut Checker<'_>, raw: &Spanned<RawBalancer>) -> BalancerConfig {
@@ -469,9 +493,9 @@ fn user(c: &mut Checker<'_>, u: &RawUser) -> User {
             (!d.is_empty() && !d.contains('@'))
                 .then(|| SenderPattern::Domain(d.to_ascii_lowercase()))
         } else {
-            t.rsplit_once('@')
-                .filter(|(l, d)| !l.is_empty() && !d.is_empty())
-                .map(|_| SenderPattern::Address(t.to_string()))
+            ferry_smtp::Mailbox::parse(t)
+                .ok()
+                .map(SenderPattern::Address)
         };
         match pattern {
             Some(p) => allowed_senders.push(p),
@@ -665,6 +689,7 @@ fn connector(c: &mut Checker<'_>, r: &RawConnector, base_dir: &Path) -> Connecto
         banner,
         limits,
         protocol_log,
+        add_missing_headers: r.add_missing_headers.unwrap_or(true),
     }
 }
 

@@ -89,7 +89,7 @@ permissions = ["anonymous"]
 fn unknown_keys_and_syntax_errors_are_located() {
     assert_eq!(
         errors("[[connectors]]\nname = \"A\"\nport = 25\nremote_ranges = []\nprots = 1\n"),
-        ["5:1: unknown field `prots`, expected one of `name`, `port`, `local_address`, `remote_ranges`, `permissions`, `auth`, `tls`, `banner`, `limits`, `protocol_log`"]
+        ["5:1: unknown field `prots`, expected one of `name`, `port`, `local_address`, `remote_ranges`, `permissions`, `auth`, `tls`, `banner`, `limits`, `protocol_log`, `add_missing_headers`"]
     );
     assert_eq!(errors("x = [").len(), 1);
 }

@@ -1,12 +1,14 @@
 //! Delivery status notifications (RFC 3464): the bounce and the delay
 //! notice sent to a message's envelope sender.
 
+use ferry_smtp::Mailbox;
+
 use crate::envelope::StoredEnvelope;
 
 /// One recipient's line in a report.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReportedRecipient {
-    pub address: String,
+    pub address: Mailbox,
     /// The enhanced status code, e.g. `5.1.1`.
     pub status: String,
     /// The remote reply (or our own reason), e.g. `550 5.1.1 no such user`.

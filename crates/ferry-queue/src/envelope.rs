@@ -3,6 +3,7 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use ferry_smtp::{Mailbox, ReversePath};
 use serde::{Deserialize, Serialize};
 
 /// A queue id: 20 hex digits, unique per node, and in the order the ids
@@ -53,9 +54,11 @@ impl fmt::Display for QueueId {
 /// Who sent what to whom, and how it reached us.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredEnvelope {
-    /// Empty for the null sender.
-    pub mail_from: String,
-    pub rcpt_to: Vec<String>,
+    /// As the client wrote it (stored in its wire form).
+    pub mail_from: ReversePath,
+    /// As the client wrote them; a bare `<Postmaster>` is stored as the
+    /// cluster's postmaster address it was delivered to.
+    pub rcpt_to: Vec<Mailbox>,
     /// The original client IP (from the PROXY header where there was one).
     pub client_ip: String,
     pub helo: String,

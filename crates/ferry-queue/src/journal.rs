@@ -105,7 +105,7 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 enum Record {
     Message {
         id: QueueId,
-        envelope: StoredEnvelope,
+        envelope: Box<StoredEnvelope>,
         body_offset: u64,
         body_len: u64,
     },
@@ -410,7 +410,7 @@ impl Index {
                     id.clone(),
                     SpooledMessage {
                         id,
-                        envelope,
+                        envelope: *envelope,
                         state,
                         location,
                     },
@@ -581,8 +581,8 @@ mod tests {
 
     fn envelope(n: usize) -> StoredEnvelope {
         StoredEnvelope {
-            mail_from: format!("a{n}@x.test"),
-            rcpt_to: vec!["b@y.test".into()],
+            mail_from: format!("a{n}@x.test").parse().unwrap(),
+            rcpt_to: vec!["b@y.test".parse().unwrap()],
             client_ip: "127.0.0.1".into(),
             helo: "dev".into(),
             connector: "Default".into(),
@@ -614,7 +614,7 @@ mod tests {
         assert_eq!(all.len(), 200);
         for m in &all {
             let body = j.body(m).unwrap();
-            let n: usize = m.envelope.mail_from[1..]
+            let n: usize = m.envelope.mail_from.to_string()[1..]
                 .split('@')
                 .next()
                 .unwrap()
@@ -701,7 +701,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::open(dir.path()).unwrap();
         let mut env = envelope(1);
-        env.rcpt_to = vec!["a@y.test".into(), "b@y.test".into()];
+        env.rcpt_to = vec!["a@y.test".parse().unwrap(), "b@y.test".parse().unwrap()];
         let id = j
             .store(QueueId::new(), env, b"m\r\n".to_vec())
             .await
@@ -724,7 +724,7 @@ mod tests {
         assert_eq!(m.state, state);
         let pending: Vec<&RecipientStatus> = m.state.pending().collect();
         assert_eq!(pending.len(), 1);
-        assert_eq!(pending[0].address, "b@y.test");
+        assert_eq!(pending[0].address.to_string(), "b@y.test");
     }
 
     #[tokio::test]

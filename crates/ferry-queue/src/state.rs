@@ -1,5 +1,6 @@
 //! Per-recipient delivery state, kept in the spool next to each message.
 
+use ferry_smtp::Mailbox;
 use serde::{Deserialize, Serialize};
 
 /// Where one recipient stands.
@@ -34,7 +35,7 @@ impl RecipientState {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecipientStatus {
-    pub address: String,
+    pub address: Mailbox,
     #[serde(flatten)]
     pub state: RecipientState,
 }
@@ -52,7 +53,7 @@ pub struct DeliveryState {
 
 impl DeliveryState {
     /// The state of a message nobody has tried yet.
-    pub fn new(recipients: &[String]) -> Self {
+    pub fn new(recipients: &[Mailbox]) -> Self {
         Self {
             recipients: recipients
                 .iter()

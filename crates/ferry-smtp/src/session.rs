@@ -10,6 +10,8 @@ use std::mem;
 
 use smtp_proto::{Error as ParseError, Request, AUTH_LOGIN, AUTH_PLAIN};
 
+use crate::address::{ForwardPath, ReversePath};
+use crate::command::{self, CommandError, Verb};
 use crate::data::{header_len, received_count, DataOutcome, DataReader};
 use crate::reply::Reply;
 use crate::sasl;
@@ -47,8 +49,7 @@ pub struct SessionConfig {
 /// The reverse path and its parameters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MailFrom {
-    /// Empty for the null sender `<>`.
-    pub address: String,
+    pub address: ReversePath,
     /// The SIZE= the client declared, 0 when absent.
     pub size: usize,
     pub body_8bit: bool,
@@ -59,7 +60,7 @@ pub struct MailFrom {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Envelope {
     pub mail_from: Option<MailFrom>,
-    pub rcpt_to: Vec<String>,
+    pub rcpt_to: Vec<ForwardPath>,
 }
 
 /// Credentials from AUTH PLAIN or LOGIN.
@@ -90,7 +91,7 @@ pub enum Event {
     /// Decide on this sender: answer with [`ServerSession::decide`].
     Mail(MailFrom),
     /// Decide on this recipient.
-    Rcpt(String),
+    Rcpt(ForwardPath),
     /// A complete message for the envelope in [`ServerSession::envelope`]:
     /// spool it and decide. The transaction ends whatever the answer.
     Message(Vec<u8>),
@@ -103,7 +104,7 @@ pub enum Event {
 
 enum Pending {
     Mail(MailFrom),
-    Rcpt(String),
+    Rcpt(ForwardPath),
     Message,
     StartTls,
     Auth(String),
@@ -338,6 +339,11 @@ impl ServerSession {
             };
             self.note(shown);
         }
+        match command::verb(line) {
+            Some(Verb::Mail) => return self.mail(line),
+            Some(Verb::Rcpt) => return self.rcpt(line),
+            None => {}
+        }
         let request = match Request::parse(&mut line.iter()) {
             Ok(request) => request,
             Err(e) => return self.parse_error(e),
@@ -346,8 +352,10 @@ impl ServerSession {
             Request::Ehlo { host } => self.greet(host, true),
             Request::Helo { host } => self.greet(host, false),
             Request::Lhlo { .. } => self.error(500, "5.5.1 Command unrecognized"),
-            Request::Mail { from } => self.mail(from),
-            Request::Rcpt { to } => self.rcpt(to.address.into_owned()),
+            // Never reached: MAIL and RCPT lines are ours (command.rs).
+            Request::Mail { .. } | Request::Rcpt { .. } => {
+                self.error(500, "5.5.1 Command unrecognized")
+            }
             Request::Data => self.data(),
             Request::Rset => {
                 self.reset_transaction();
@@ -385,8 +393,9 @@ impl ServerSession {
     fn parse_error(&mut self, e: ParseError) -> Event {
         match e {
             ParseError::UnknownCommand => self.error(500, "5.5.1 Command unrecognized"),
-            ParseError::InvalidSenderAddress => self.error(501, "5.1.7 Invalid address"),
-            ParseError::InvalidRecipientAddress => self.error(501, "5.1.3 Invalid address"),
+            ParseError::InvalidSenderAddress | ParseError::InvalidRecipientAddress => {
+                self.error(501, "5.5.4 Invalid address")
+            }
             ParseError::SyntaxError { syntax } => {
                 let text = format!("5.5.4 Syntax: {syntax}");
                 self.error(501, &text)
@@ -443,52 +452,64 @@ impl ServerSession {
         }
     }
 
-    fn mail(&mut self, from: smtp_proto::MailFrom<Cow<'_, str>>) -> Event {
+    fn mail(&mut self, line: &[u8]) -> Event {
         match self.phase {
             Phase::Connected => return self.error(503, "5.5.1 Send hello first"),
             Phase::Transaction => return self.error(503, "5.5.1 Sender already specified"),
             _ => {}
         }
-        let allowed =
-            smtp_proto::MAIL_BODY_7BIT | smtp_proto::MAIL_BODY_8BITMIME | smtp_proto::MAIL_SMTPUTF8;
-        if from.flags & !allowed != 0
-            || from.env_id.is_some()
-            || from.trans_id.is_some()
-            || from.mtrk.is_some()
-            || from.by != 0
-            || from.hold_for != 0
-            || from.hold_until != 0
-        {
-            return self.error(555, "5.5.4 Unsupported MAIL FROM parameter");
-        }
+        let from = match command::parse_mail(line) {
+            Ok(from) => from,
+            Err(e) => return self.command_error(&e, Verb::Mail),
+        };
         if from.size > self.config.max_message_size {
             return Event::Reply(r(
                 552,
                 "5.3.4 Message size exceeds fixed maximum message size",
             ));
         }
+        // RFC 6531 §3.4: a non-ASCII address only in an SMTPUTF8 transaction.
+        if !from.smtputf8 && from.path.mailbox().is_some_and(|m| !m.is_ascii()) {
+            return Event::Reply(r(
+                553,
+                "5.6.7 Non-ASCII addresses not permitted for that sender without SMTPUTF8",
+            ));
+        }
         let mail = MailFrom {
-            address: from.address.into_owned(),
+            address: from.path,
             size: from.size,
-            body_8bit: from.flags & smtp_proto::MAIL_BODY_8BITMIME != 0,
-            smtputf8: from.flags & smtp_proto::MAIL_SMTPUTF8 != 0,
+            body_8bit: from.body_8bit,
+            smtputf8: from.smtputf8,
         };
         self.pending = Some(Pending::Mail(mail.clone()));
         Event::Mail(mail)
     }
 
-    fn rcpt(&mut self, to: String) -> Event {
+    fn rcpt(&mut self, line: &[u8]) -> Event {
         if !matches!(self.phase, Phase::Transaction) {
             return self.error(503, "5.5.1 Need MAIL before RCPT");
         }
-        if to.is_empty() {
-            return self.error(501, "5.1.3 Invalid address");
+        let to = match command::parse_rcpt(line) {
+            Ok(to) => to,
+            Err(e) => return self.command_error(&e, Verb::Rcpt),
+        };
+        let smtputf8 = self.envelope.mail_from.as_ref().is_some_and(|m| m.smtputf8);
+        if !smtputf8 && matches!(&to, ForwardPath::Mailbox(m) if !m.is_ascii()) {
+            return Event::Reply(r(
+                553,
+                "5.6.7 Non-ASCII addresses not permitted for that recipient without SMTPUTF8",
+            ));
         }
         if self.envelope.rcpt_to.len() >= self.config.max_recipients {
             return Event::Reply(r(452, "4.5.3 Too many recipients"));
         }
         self.pending = Some(Pending::Rcpt(to.clone()));
         Event::Rcpt(to)
+    }
+
+    fn command_error(&mut self, e: &CommandError, verb: Verb) -> Event {
+        let (code, text) = e.reply(verb);
+        self.error(code, &text)
     }
 
     fn data(&mut self) -> Event {

@@ -192,7 +192,9 @@ fn recipient_cap_and_hop_count_and_header_size() {
 fn unadvertised_mail_parameters_are_refused() {
     let mut s = ServerSession::new(config());
     let (out, _) = run(&mut s, b"EHLO d\r\nMAIL FROM:<a@x> BODY=BINARYMIME\r\n");
-    assert!(out.ends_with("555 5.5.4 Unsupported MAIL FROM parameter\r\n"));
+    assert!(out.ends_with("555 5.5.4 Unsupported parameter BODY=BINARYMIME\r\n"));
+    let (out, _) = run(&mut s, b"MAIL FROM:<a@x> RET=HDRS\r\n");
+    assert!(out.ends_with("555 5.5.4 Unsupported parameter RET=HDRS\r\n"));
     let (out, _) = run(&mut s, b"MAIL FROM:<a@x> BODY=8BITMIME SMTPUTF8\r\n");
     assert!(out.ends_with("250 2.1.0 Sender OK\r\n"));
     assert!(s.envelope().mail_from.as_ref().unwrap().body_8bit);
@@ -203,4 +205,97 @@ fn vrfy_help_rset() {
     let mut s = ServerSession::new(config());
     let (out, _) = run(&mut s, b"VRFY bob\r\nHELP\r\nRSET\r\n");
     assert_eq!(codes(&out), ["252", "214", "250"]);
+}
+
+/// Every RFC 5321 §4.1.2 path form: kept as written, in the envelope.
+#[test]
+fn every_path_form_is_taken_and_kept_as_written() {
+    let mut c = config();
+    c.max_recipients = 10;
+    let mut s = ServerSession::new(c);
+    let (out, _) = run(
+        &mut s,
+        b"EHLO d\r\nMAIL FROM:<scanner@[127.0.0.30]>\r\nRCPT TO:<Postmaster>\r\n\
+          RCPT TO:<\"odd user\"@example.test>\r\nRCPT TO:<\"a>x\"@example.test>\r\n\
+          RCPT TO:<ops@[192.0.2.25]>\r\nRCPT TO:<ops@[IPv6:2001:db8::25]>\r\n\
+          RCPT TO:<@relay.test:user@Example.TEST.>\r\n",
+    );
+    assert_eq!(
+        codes(&out),
+        ["250", "250", "250", "250", "250", "250", "250", "250"]
+    );
+    let env = s.envelope();
+    assert_eq!(
+        env.mail_from.as_ref().unwrap().address.to_string(),
+        "scanner@[127.0.0.30]"
+    );
+    let written: Vec<String> = env.rcpt_to.iter().map(|r| r.to_string()).collect();
+    assert_eq!(
+        written,
+        [
+            "Postmaster",
+            "\"odd user\"@example.test",
+            "\"a>x\"@example.test",
+            "ops@[192.0.2.25]",
+            "ops@[IPv6:2001:db8::25]",
+            "user@Example.TEST",
+        ]
+    );
+}
+
+/// RFC 6531 §3.4: non-ASCII addresses only with SMTPUTF8 on MAIL.
+#[test]
+fn non_ascii_addresses_need_smtputf8() {
+    let mut s = ServerSession::new(config());
+    let (out, _) = run(
+        &mut s,
+        b"EHLO d\r\nMAIL FROM:<j\xc3\xbcrgen@example.test>\r\n",
+    );
+    assert!(
+        out.ends_with(
+            "553 5.6.7 Non-ASCII addresses not permitted for that sender without SMTPUTF8\r\n"
+        ),
+        "{out}"
+    );
+    let (out, _) = run(
+        &mut s,
+        b"MAIL FROM:<a@example.test>\r\nRCPT TO:<b@b\xc3\xbccher.test>\r\n",
+    );
+    assert!(
+        out.ends_with(
+            "553 5.6.7 Non-ASCII addresses not permitted for that recipient without SMTPUTF8\r\n"
+        ),
+        "{out}"
+    );
+    let (out, _) = run(&mut s, b"RSET\r\nMAIL FROM:<j\xc3\xbcrgen@example.test> SMTPUTF8\r\nRCPT TO:<b@b\xc3\xbccher.test>\r\n");
+    assert_eq!(codes(&out), ["250", "250", "250"]);
+}
+
+#[test]
+fn malformed_paths_get_501_with_the_reason() {
+    let mut s = ServerSession::new(config());
+    let (out, _) = run(&mut s, b"EHLO d\r\nMAIL FROM:<a b@x.test>\r\nMAIL FROM:<>\r\nRCPT TO:<a@[300.1.1.1]>\r\nRCPT TO:<Postmaster@>\r\nRCPT TO:<a@x.test> NOTIFY=NEVER\r\n");
+    let lines: Vec<&str> = out.lines().filter(|l| !l.starts_with("250")).collect();
+    assert_eq!(
+        lines,
+        [
+            "501 5.1.7 Invalid address: invalid local part",
+            "501 5.1.3 Invalid address: invalid address literal",
+            "501 5.1.3 Invalid address: invalid domain",
+            "555 5.5.4 Unsupported parameter NOTIFY=NEVER",
+        ]
+    );
+}
+
+/// RFC 4954 §4: `=` is an empty initial response, not bad base64.
+#[test]
+fn auth_plain_with_an_empty_initial_response() {
+    let mut c = config();
+    c.auth = AuthOffer::Always;
+    let mut s = ServerSession::new(c);
+    let (out, _) = run(&mut s, b"EHLO d\r\nAUTH PLAIN =\r\n");
+    assert!(
+        out.ends_with("501 5.5.2 malformed PLAIN response\r\n"),
+        "{out}"
+    );
 }

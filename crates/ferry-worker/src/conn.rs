@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use ferry_config::{Connector, ProtocolLog, User};
 use ferry_queue::{QueueId, SpoolError, StoredEnvelope};
-use ferry_smtp::{AuthOffer, Event, Reply, ServerSession, SessionConfig};
+use ferry_smtp::{AuthOffer, Event, ForwardPath, Reply, ServerSession, SessionConfig};
 use metrics::{counter, gauge};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -154,6 +154,7 @@ pub(crate) async fn handle(worker: Arc<Worker>, mut stream: TcpStream, peer: Soc
         runtime,
         connector,
         client,
+        local: local.ip(),
         session_id,
         log,
         user: None,
@@ -191,6 +192,9 @@ struct Connection {
     runtime: Arc<Runtime>,
     connector: Arc<Connector>,
     client: IpAddr,
+    /// The address the client reached (an address literal naming it is
+    /// local mail).
+    local: IpAddr,
     session_id: String,
     session: ServerSession,
     log: SessionLog,
@@ -457,6 +461,7 @@ impl Connection {
                     &self.connector,
                     self.user.as_deref(),
                     &to,
+                    self.local,
                 ) {
                     Ok(()) => Reply::new(250, "2.1.5 Recipient OK"),
                     Err(refusal) => {
@@ -570,17 +575,47 @@ impl Connection {
             self.worker.options.hostname,
             now.to_rfc2822()
         );
-        let mut message = Vec::with_capacity(received.len() + body.len());
+        let mut message_id = ferry_smtp::data::header_value(&body, "Message-ID");
+        let mut added = String::new();
+        if self.connector.add_missing_headers {
+            // As Exchange does: receivers refuse or penalise mail without
+            // them, and the tracking log needs the Message-ID.
+            if message_id.is_none() {
+                let made = format!("<{id}@{}>", self.worker.options.hostname);
+                added.push_str(&format!("Message-ID: {made}\r\n"));
+                message_id = Some(made);
+            }
+            if ferry_smtp::data::header_value(&body, "Date").is_none() {
+                added.push_str(&format!("Date: {}\r\n", now.to_rfc2822()));
+            }
+        }
+        let mut message = Vec::with_capacity(received.len() + added.len() + body.len());
         message.extend_from_slice(received.as_bytes());
+        message.extend_from_slice(added.as_bytes());
         message.extend_from_slice(&body);
         let size = message.len();
         let mail_from = env.mail_from.clone();
+        let postmaster = || {
+            self.runtime.config.postmaster.clone().unwrap_or_else(|| {
+                let host = &self.worker.options.hostname;
+                let domain = ferry_smtp::Domain::parse(host)
+                    .unwrap_or_else(|_| ferry_smtp::Domain::Name("localhost".into()));
+                ferry_smtp::Mailbox::postmaster(domain)
+            })
+        };
         let stored = StoredEnvelope {
             mail_from: mail_from
                 .as_ref()
                 .map(|m| m.address.clone())
                 .unwrap_or_default(),
-            rcpt_to: env.rcpt_to.clone(),
+            rcpt_to: env
+                .rcpt_to
+                .iter()
+                .map(|r| match r {
+                    ForwardPath::Postmaster => postmaster(),
+                    ForwardPath::Mailbox(m) => m.clone(),
+                })
+                .collect(),
             client_ip: self.client.to_string(),
             helo,
             connector: self.connector.name.clone(),
@@ -589,7 +624,7 @@ impl Connection {
             body_8bit: mail_from.as_ref().is_some_and(|m| m.body_8bit),
             smtputf8: mail_from.as_ref().is_some_and(|m| m.smtputf8),
             session_id: self.session_id.clone(),
-            message_id: ferry_smtp::data::header_value(&body, "Message-ID"),
+            message_id,
         };
         let rcpts = stored.rcpt_to.len();
         let tracked = stored.clone();

@@ -7,6 +7,7 @@
 use std::path::Path;
 
 use ferry_queue::{QueueId, StoredEnvelope};
+use ferry_smtp::{Mailbox, ReversePath};
 use serde::Serialize;
 
 use crate::daily::DailyFile;
@@ -22,8 +23,8 @@ pub struct TrackingEvent<'a> {
     pub connector: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user: Option<&'a str>,
-    pub sender: &'a str,
-    pub recipients: Vec<&'a str>,
+    pub sender: &'a ReversePath,
+    pub recipients: Vec<&'a Mailbox>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -50,7 +51,7 @@ impl<'a> TrackingEvent<'a> {
             connector: &env.connector,
             user: env.user.as_deref(),
             sender: &env.mail_from,
-            recipients: env.rcpt_to.iter().map(String::as_str).collect(),
+            recipients: env.rcpt_to.iter().collect(),
             size: None,
             next_hop: None,
             reply: None,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use ferry_config::TlsPolicy;
 use ferry_smtp::client::{Capabilities, ReplyReader};
 use ferry_smtp::data::dot_stuff;
-use ferry_smtp::Reply;
+use ferry_smtp::{Mailbox, Reply, ReversePath};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -59,8 +59,8 @@ impl HopError {
 
 /// The message to send.
 pub struct Transaction<'a> {
-    pub mail_from: &'a str,
-    pub recipients: &'a [String],
+    pub mail_from: &'a ReversePath,
+    pub recipients: &'a [Mailbox],
     pub message: &'a [u8],
     pub body_8bit: bool,
     pub smtputf8: bool,

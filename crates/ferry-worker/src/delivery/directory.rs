@@ -6,6 +6,7 @@ use std::io::{self, Write};
 use std::path::Path;
 
 use ferry_queue::{QueueId, StoredEnvelope};
+use ferry_smtp::Mailbox;
 
 /// Writes the message for `recipients` into `dir`, durably, under a name
 /// made of the queue id and a sequence number (a message may reach one
@@ -14,7 +15,7 @@ pub fn write_eml(
     dir: &Path,
     id: &QueueId,
     envelope: &StoredEnvelope,
-    recipients: &[String],
+    recipients: &[Mailbox],
     message: &[u8],
 ) -> io::Result<String> {
     fs::create_dir_all(dir)?;

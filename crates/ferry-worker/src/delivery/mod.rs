@@ -22,6 +22,7 @@ use ferry_queue::dsn::{self, Report, ReportKind, ReportedRecipient};
 use ferry_queue::{
     DeliveryState, Journal, QueueId, RecipientState, Spool, SpooledMessage, StoredEnvelope,
 };
+use ferry_smtp::{Domain, Mailbox, ReversePath};
 use metrics::counter;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -183,11 +184,10 @@ impl Deliverer {
         state.attempts += 1;
 
         // Recipients grouped by the route that takes them.
-        let mut groups: Vec<(Option<usize>, Vec<String>)> = Vec::new();
+        let mut groups: Vec<(Option<usize>, Vec<Mailbox>)> = Vec::new();
         for r in state.pending() {
-            let domain = r.address.rsplit_once('@').map_or("", |(_, d)| d);
             let route = config
-                .route_for(domain)
+                .route_for(r.address.domain())
                 .and_then(|route| config.routes.iter().position(|x| std::ptr::eq(x, route)));
             match groups.iter_mut().find(|(k, _)| *k == route) {
                 Some((_, list)) => list.push(r.address.clone()),
@@ -214,9 +214,9 @@ impl Deliverer {
         config: &ClusterConfig,
         route: Option<&Route>,
         m: &SpooledMessage,
-        recipients: &[String],
+        recipients: &[Mailbox],
         message: &[u8],
-    ) -> Vec<(String, RecipientState)> {
+    ) -> Vec<(Mailbox, RecipientState)> {
         let Some(route) = route else {
             counter!(metric::DELIVERY_ATTEMPTS, "result" => "no_route").increment(1);
             return each(
@@ -293,10 +293,18 @@ impl Deliverer {
                 let settings = self.hop_settings(config, *tls, *verify_certificates, None);
                 let mut results = Vec::new();
                 for (domain, recipients) in by_domain(recipients) {
-                    let found = self
-                        .resolver
-                        .exchangers(&config.delivery.dns_servers, &domain)
-                        .await;
+                    let found = match domain.literal() {
+                        // RFC 5321 §5.1: an address literal is the host.
+                        Some(ip) => Ok(vec![mx::Exchanger {
+                            name: ip.to_string(),
+                            addresses: vec![ip],
+                        }]),
+                        None => {
+                            self.resolver
+                                .exchangers(&config.delivery.dns_servers, &domain.normalized())
+                                .await
+                        }
+                    };
                     let exchangers = match found {
                         Ok(x) => x,
                         Err(e) => {
@@ -372,9 +380,9 @@ impl Deliverer {
         targets: &[Target<'_>],
         settings: &client::HopSettings<'_>,
         m: &SpooledMessage,
-        recipients: &[String],
+        recipients: &[Mailbox],
         message: &[u8],
-    ) -> Vec<(String, RecipientState)> {
+    ) -> Vec<(Mailbox, RecipientState)> {
         let tx = client::Transaction {
             mail_from: &m.envelope.mail_from,
             recipients,
@@ -439,7 +447,7 @@ impl Deliverer {
         )
     }
 
-    fn track(&self, m: &SpooledMessage, address: &str, state: &RecipientState, attempt: u32) {
+    fn track(&self, m: &SpooledMessage, address: &Mailbox, state: &RecipientState, attempt: u32) {
         let (event, next_hop, reply) = match state {
             RecipientState::Delivered { next_hop, reply } => {
                 ("delivered", Some(next_hop.as_str()), Some(reply.as_str()))
@@ -480,11 +488,11 @@ impl Deliverer {
                     next_hop: None,
                 };
                 let mut e = TrackingEvent::new("expired", &m.id, &m.envelope);
-                e.recipients = vec![r.address.as_str()];
+                e.recipients = vec![&r.address];
                 self.worker.tracking.record(&e);
             }
         }
-        let sender = m.envelope.mail_from.as_str();
+        let has_sender = !m.envelope.mail_from.is_null();
         // Recipients that failed in this attempt are reported now, not when
         // the last deferred one is settled (as Exchange does).
         let failed_now = reported(&state, |s| matches!(s, RecipientState::Failed { .. }))
@@ -496,7 +504,7 @@ impl Deliverer {
                     .any(|before| before.address == r.address && before.state.is_pending())
             })
             .collect::<Vec<_>>();
-        if !failed_now.is_empty() && !sender.is_empty() {
+        if !failed_now.is_empty() && has_sender {
             self.report(ReportKind::Failed, m, &failed_now, message)
                 .await;
         }
@@ -507,7 +515,7 @@ impl Deliverer {
             info!(attempts = state.attempts, "message done");
             return None;
         }
-        if !state.delay_notified && age >= d.delay_notice_after && !sender.is_empty() {
+        if !state.delay_notified && age >= d.delay_notice_after && has_sender {
             let delayed = reported(&state, RecipientState::is_pending);
             self.report(ReportKind::Delayed, m, &delayed, message).await;
             state.delay_notified = true;
@@ -529,6 +537,9 @@ impl Deliverer {
         recipients: &[ReportedRecipient],
         message: &[u8],
     ) {
+        let Some(sender) = m.envelope.mail_from.mailbox() else {
+            return;
+        };
         let hostname = &self.worker.options.hostname;
         let id = QueueId::new();
         let now = chrono::Utc::now();
@@ -543,8 +554,8 @@ impl Deliverer {
             unique: id.as_str(),
         });
         let envelope = StoredEnvelope {
-            mail_from: String::new(),
-            rcpt_to: vec![m.envelope.mail_from.clone()],
+            mail_from: ReversePath::Null,
+            rcpt_to: vec![sender.clone()],
             client_ip: "127.0.0.1".into(),
             helo: hostname.clone(),
             connector: "(delivery status notification)".into(),
@@ -567,7 +578,7 @@ impl Deliverer {
                     ReportKind::Delayed => "delay_notified",
                 };
                 let mut e = TrackingEvent::new(event, &m.id, &m.envelope);
-                e.recipients = recipients.iter().map(|r| r.address.as_str()).collect();
+                e.recipients = recipients.iter().map(|r| &r.address).collect();
                 e.dsn_queue_id = Some(id.as_str());
                 self.worker.tracking.record(&e);
             }
@@ -643,24 +654,25 @@ fn reported(
 }
 
 /// The same state for each of `recipients`.
-fn each(recipients: &[String], state: RecipientState) -> Vec<(String, RecipientState)> {
+fn each(recipients: &[Mailbox], state: RecipientState) -> Vec<(Mailbox, RecipientState)> {
     recipients
         .iter()
         .map(|r| (r.clone(), state.clone()))
         .collect()
 }
 
-/// Recipients grouped by domain (case-insensitive), in first-seen order.
-fn by_domain(recipients: &[String]) -> Vec<(String, Vec<String>)> {
-    let mut groups: Vec<(String, Vec<String>)> = Vec::new();
+/// Recipients grouped by domain (compared as [`Domain::normalized`]), in
+/// first-seen order.
+fn by_domain(recipients: &[Mailbox]) -> Vec<(Domain, Vec<Mailbox>)> {
+    let mut groups: Vec<(Domain, Vec<Mailbox>)> = Vec::new();
     for r in recipients {
-        let domain = r
-            .rsplit_once('@')
-            .map_or("", |(_, d)| d)
-            .to_ascii_lowercase();
-        match groups.iter_mut().find(|(d, _)| *d == domain) {
+        let domain = r.domain();
+        match groups
+            .iter_mut()
+            .find(|(d, _)| d.normalized() == domain.normalized())
+        {
             Some((_, list)) => list.push(r.clone()),
-            None => groups.push((domain, vec![r.clone()])),
+            None => groups.push((domain.clone(), vec![r.clone()])),
         }
     }
     groups
