@@ -141,10 +141,11 @@ impl SmtpSink {
                     "250 2.1.0 OK".into()
                 } else if upper.starts_with("RCPT TO:") {
                     let to = addr_of(&line);
+                    let local = to.trim_start_matches('"');
                     let accept_all = self.accept_all.load(Ordering::SeqCst);
-                    if to.starts_with("perm") {
+                    if local.starts_with("perm") {
                         "550 5.1.1 no such user".into()
-                    } else if to.starts_with("temp") && !accept_all {
+                    } else if local.starts_with("temp") && !accept_all {
                         "450 4.2.0 mailbox busy".into()
                     } else {
                         rcpts.push(to);
@@ -171,9 +172,21 @@ impl SmtpSink {
     }
 }
 
+/// The path between `<` and its `>`, exactly as sent; a quoted local part
+/// may hold `>` (RFC 5321 §4.1.2), so quotes are followed.
 fn addr_of(line: &str) -> String {
-    line.split_once('<')
-        .and_then(|(_, rest)| rest.split_once('>'))
-        .map(|(a, _)| a.to_string())
-        .unwrap_or_default()
+    let Some((_, rest)) = line.split_once('<') else {
+        return String::new();
+    };
+    let (mut quoted, mut escaped) = (false, false);
+    for (i, c) in rest.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            '>' if !quoted => return rest[..i].to_string(),
+            _ => {}
+        }
+    }
+    rest.to_string()
 }
