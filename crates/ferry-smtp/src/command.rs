@@ -95,6 +95,10 @@ pub fn parse_mail(line: &[u8]) -> Result<MailCommand, CommandError> {
             ("BODY", v) if v.eq_ignore_ascii_case("8BITMIME") => mail.body_8bit = true,
             ("BODY", v) if v.eq_ignore_ascii_case("7BIT") => mail.body_8bit = false,
             ("SMTPUTF8", "") => mail.smtputf8 = true,
+            // RFC 4954 §5: a server that offers AUTH must take AUTH= on
+            // MAIL; it may ignore it, as we do (the session's own
+            // authentication is what counts).
+            ("AUTH", v) if !v.is_empty() => {}
             _ => return Err(CommandError::Parameter(param.to_string())),
         }
     }
@@ -174,6 +178,8 @@ mod tests {
         let m = parse_mail(b"MAIL FROM:<a@b.test> SIZE=100 BODY=8BITMIME SMTPUTF8\r\n").unwrap();
         assert_eq!(m.path.to_string(), "a@b.test");
         assert_eq!((m.size, m.body_8bit, m.smtputf8), (100, true, true));
+        let m = parse_mail(b"MAIL FROM:<a@b.test> AUTH=<> BODY=7BIT\r\n").unwrap();
+        assert!(!m.body_8bit);
         let m = parse_mail(b"mail from: <> \r\n").unwrap();
         assert!(m.path.is_null());
         assert_eq!(
