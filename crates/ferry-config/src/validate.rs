@@ -490,8 +490,9 @@ fn user(c: &mut Checker<'_>, u: &RawUser) -> User {
         let pattern = if t == "*" {
             Some(SenderPattern::Any)
         } else if let Some(d) = t.strip_prefix("*@") {
-            (!d.is_empty() && !d.contains('@'))
-                .then(|| SenderPattern::Domain(d.to_ascii_lowercase()))
+            ferry_smtp::Domain::parse(d)
+                .ok()
+                .map(|d| SenderPattern::Domain(d.normalized()))
         } else {
             ferry_smtp::Mailbox::parse(t)
                 .ok()
