@@ -425,17 +425,18 @@ impl Serialize for Mailbox {
 impl<'de> Deserialize<'de> for Mailbox {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
-        Mailbox::parse(&text)
-            .or_else(|_| stored_before_quoting(&text))
-            .map_err(serde::de::Error::custom)
+        stored_mailbox(&text).map_err(serde::de::Error::custom)
     }
 }
 
-/// Spools written before addresses kept their quotes hold the unquoted
-/// text (`odd user@example.test`): re-quote it rather than lose the mail.
-fn stored_before_quoting(text: &str) -> Result<Mailbox, AddressError> {
-    let (local, domain) = text.rsplit_once('@').ok_or(AddressError::MissingAt)?;
-    Mailbox::from_parts(local, Domain::parse(domain)?)
+/// A mailbox read back from storage. Spools written before addresses kept
+/// their quotes hold the unquoted text (`odd user@example.test`): that is
+/// re-quoted rather than the mail lost.
+fn stored_mailbox(text: &str) -> Result<Mailbox, AddressError> {
+    Mailbox::parse(text).or_else(|_| {
+        let (local, domain) = text.rsplit_once('@').ok_or(AddressError::MissingAt)?;
+        Mailbox::from_parts(local, Domain::parse(domain)?)
+    })
 }
 
 impl Serialize for ReversePath {
@@ -450,8 +451,7 @@ impl<'de> Deserialize<'de> for ReversePath {
         if text.is_empty() {
             return Ok(ReversePath::Null);
         }
-        Mailbox::parse(&text)
-            .or_else(|_| stored_before_quoting(&text))
+        stored_mailbox(&text)
             .map(ReversePath::Mailbox)
             .map_err(serde::de::Error::custom)
     }
