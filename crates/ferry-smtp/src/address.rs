@@ -245,7 +245,11 @@ impl Mailbox {
 
     /// Any octet outside ASCII: such an address needs SMTPUTF8 (RFC 6531).
     pub fn is_ascii(&self) -> bool {
-        self.local_part.is_ascii() && self.domain.to_string().is_ascii()
+        self.local_part.is_ascii()
+            && match &self.domain {
+                Domain::Name(n) => n.is_ascii(),
+                Domain::Literal { .. } => true,
+            }
     }
 
     /// Sender-specified routing in the local part (`user%elsewhere`,
