@@ -29,6 +29,7 @@ pub(crate) struct RawBalancer {
     pub max_connections_per_source: Option<Spanned<u32>>,
     pub handoff_timeout: Option<Spanned<String>>,
     pub idle_timeout: Option<Spanned<String>>,
+    pub source: Option<Spanned<String>>,
     pub probe: RawProbe,
     pub listeners: Vec<Spanned<RawBalancerListener>>,
     pub backends: Vec<Spanned<RawBackend>>,
@@ -204,6 +205,7 @@ impl RawBalancer {
             max_connections_per_source: t.opt(r, "max_connections_per_source"),
             handoff_timeout: t.opt(r, "handoff_timeout"),
             idle_timeout: t.opt(r, "idle_timeout"),
+            source: t.opt(r, "source"),
             probe: t
                 .table(r, "probe", |r, t| RawProbe {
                     interval: t.opt(r, "interval"),

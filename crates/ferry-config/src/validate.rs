@@ -268,8 +268,29 @@ fn balancer(c: &mut Checker<'_>, raw: &Spanned<RawBalancer>) -> BalancerConfig {
             weight: c.count(&r.weight, 1),
         });
     }
+    let source = b.source.as_ref().and_then(|s| {
+        let Ok(ip) = s.get_ref().trim().parse::<IpAddr>() else {
+            c.err(s, format!("'{}' is not an IP address", s.get_ref()));
+            return None;
+        };
+        let ip = ip.to_canonical();
+        if let Some(other) = backends
+            .iter()
+            .find(|w| w.address.is_ipv4() != ip.is_ipv4())
+        {
+            c.err(
+                s,
+                format!(
+                    "source {ip} and backend '{}' ({}) are of different IP families",
+                    other.name, other.address
+                ),
+            );
+        }
+        Some(ip)
+    });
     let def = ProbeSettings::default();
     BalancerConfig {
+        source,
         listeners,
         backends,
         access: AccessList::new(&allow, &deny),

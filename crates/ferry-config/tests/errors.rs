@@ -263,3 +263,29 @@ dns_servers = ["127.0.0.1", "[::1]:5353"]
         ]
     );
 }
+
+#[test]
+fn balancer_source_is_an_address_of_the_backends_family() {
+    let text = r#"
+[balancer]
+allow = ["127.0.0.0/8"]
+source = "balancer.local"
+listeners = [{ name = "smtp", port = 25 }]
+backends = [{ name = "w1", address = "127.0.0.11" }]
+"#;
+    assert_eq!(
+        errors(text),
+        ["4:10: 'balancer.local' is not an IP address"]
+    );
+    let text = text.replace("balancer.local", "::1");
+    assert_eq!(
+        errors(&text),
+        ["4:10: source ::1 and backend 'w1' (127.0.0.11) are of different IP families"]
+    );
+    let text = text.replace("::1", "127.0.0.2");
+    let config = ClusterConfig::parse("ok.toml", &text, Path::new(".")).unwrap();
+    assert_eq!(
+        config.balancer.unwrap().source,
+        Some("127.0.0.2".parse().unwrap())
+    );
+}
