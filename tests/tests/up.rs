@@ -314,6 +314,40 @@ async fn the_demo_serves_directly_and_through_the_balancer_and_sigterm_stops_eve
         .mode();
     assert_eq!(mode & 0o777, 0o600);
 
+    // ferry queue pointed at the balancer says it is not a worker's.
+    let balancer_line = up
+        .startup
+        .lines()
+        .find(|l| l.contains("balancer   pid"))
+        .unwrap();
+    let balancer_admin = balancer_line
+        .split("admin ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
+    let out = Command::new(ferry_bin())
+        .args(["queue", "--admin", balancer_admin, "--token-file"])
+        .arg(data.join("admin.token"))
+        .arg("list")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("that is a balancer's admin endpoint, not a worker's"),
+        "{err}"
+    );
+    let out = Command::new(ferry_bin())
+        .args(["queue", "--admin", admin, "--token-file"])
+        .arg(data.join("admin.token"))
+        .arg("list")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).ends_with("\n0 messages\n"));
+
     // A worker dies: the message names the worker that is left.
     let (_, w2) = up.pids[1].clone();
     signal(w2, "KILL");
