@@ -262,17 +262,20 @@ async fn the_demo_serves_directly_and_through_the_balancer_and_sigterm_stops_eve
 
     // A client on the balancer's own host (127.0.0.1) reaches a worker
     // directly: only the balancer's source address is a trusted proxy.
-    let (mut c, greeting) = SmtpClient::connect(up.worker_smtp(0), Some(ip("127.0.0.1"))).await;
+    let (mut direct, greeting) =
+        SmtpClient::connect(up.worker_smtp(0), Some(ip("127.0.0.1"))).await;
     assert_eq!(greeting, "220 Ferry Default Frontend ready", "direct");
-    assert!(c
+    assert!(direct
         .cmd("EHLO direct")
         .await
         .starts_with("250-worker-1.ferry.test"));
+    direct.cmd("QUIT").await;
     // Through the balancer too.
     let front = SocketAddr::new(up.balancer, up.ports.0);
-    let (mut c, greeting) = SmtpClient::connect(front, Some(ip("127.0.0.1"))).await;
+    let (mut via, greeting) = SmtpClient::connect(front, Some(ip("127.0.0.1"))).await;
     assert_eq!(greeting, "220 Ferry Default Frontend ready", "balancer");
-    c.cmd("QUIT").await;
+    via.cmd("QUIT").await;
+    drop((direct, via));
 
     // From the trusted address without a PROXY header: closed, and the
     // worker's log says why and what to do.
@@ -364,6 +367,9 @@ async fn the_demo_serves_directly_and_through_the_balancer_and_sigterm_stops_eve
     signal(up.pid(), "TERM");
     let status = up.wait_exit();
     assert!(status.success(), "{status}");
+    // Every node drained and stopped by itself, none had to be killed.
+    let err = up.stderr.lock().unwrap().clone();
+    assert!(!err.contains("did not stop in time"), "{err}");
     for (name, pid) in &up.pids {
         assert!(is_gone(*pid), "{name} ({pid}) still runs after SIGTERM");
     }
@@ -383,11 +389,14 @@ async fn children_log_json_and_exit_when_ferry_up_is_killed() {
                 .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
                 .collect()
         };
-        wait_until(&format!("{name} to log that it started"), || {
-            json(&read(&path))
-                .iter()
-                .any(|v| v["fields"]["message"].as_str() == Some(&format!("{role} started")))
-        });
+        wait_until(
+            &format!("{name} to log that it started ({})", path.display()),
+            || {
+                json(&read(&path))
+                    .iter()
+                    .any(|v| v["fields"]["message"].as_str() == Some(&format!("{role} started")))
+            },
+        );
         // Only the address lines are not JSON.
         let log = read(&path);
         assert!(

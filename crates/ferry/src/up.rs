@@ -328,7 +328,7 @@ async fn start_node(
     };
     let ready = tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(line) = lines.next_line().await? {
-            let _ = writeln!(log, "{line}");
+            copy_line(&mut log, &line);
             let mut words = line.split_whitespace().skip(1);
             match (words.next(), words.next()) {
                 (Some("smtp"), Some(addr)) => node.smtp.push(addr.to_string()),
@@ -355,10 +355,17 @@ async fn start_node(
     // Keep its stdout flowing into the log so it never blocks on a full pipe.
     tokio::spawn(async move {
         while let Ok(Some(line)) = lines.next_line().await {
-            let _ = writeln!(log, "{line}");
+            copy_line(&mut log, &line);
         }
     });
     Ok(node)
+}
+
+/// Appends one of the child's stdout lines to its log. One write call for
+/// the line and its newline: the child's own log lines go to the same
+/// file (O_APPEND) and must not land between the two.
+fn copy_line(log: &mut File, line: &str) {
+    let _ = log.write_all(format!("{line}\n").as_bytes());
 }
 
 async fn first_exit(nodes: &mut [Node]) -> (String, String) {
