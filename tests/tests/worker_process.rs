@@ -373,6 +373,7 @@ async fn queue_administration_through_the_admin_endpoint() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("401") && err.contains("bearer token"), "{err}");
+    assert!(err.contains("pass its file with --token-file"), "{err}");
     // The node at a glance (open to monitoring, no token).
     let (status, body) = http_get(&w.admin, "/status");
     assert_eq!(status, 200);
@@ -384,9 +385,16 @@ async fn queue_administration_through_the_admin_endpoint() {
         serde_json::json!({ "messages": 2, "deferred": 2 })
     );
 
-    let (ok, shown) = queue_cmd(&w, &["show", &ids[0]]);
-    assert!(ok);
+    // Ids in any case; times in RFC 3339.
+    let (ok, shown) = queue_cmd(&w, &["show", &ids[0].to_ascii_lowercase()]);
+    assert!(ok, "{shown}");
     let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(shown["id"], ids[0].as_str());
+    let received = shown["received_at"].as_str().unwrap();
+    assert!(
+        received.len() == 20 && received.as_bytes()[10] == b'T' && received.ends_with('Z'),
+        "{received}"
+    );
     assert_eq!(shown["client_ip"], "127.0.0.30");
     assert_eq!(shown["recipients"][0]["state"], "deferred");
     assert!(shown["recipients"][0]["reply"]

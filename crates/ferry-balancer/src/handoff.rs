@@ -2,13 +2,13 @@
 //! client's addresses and a UNIQUE_ID TLV with the balancer's session id),
 //! and wait for a `220` greeting. Anything else and the worker is skipped.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use ferry_smtp::client::ReplyReader;
 use proxy_header::{ProxiedAddress, ProxyHeader, Tlv};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 use crate::probe::read_reply;
 
@@ -52,15 +52,43 @@ pub fn proxy_header(client: SocketAddr, local: SocketAddr, session_id: &str) -> 
     out
 }
 
-/// Connects to `worker`, sends `header` (if any) and returns the stream
-/// with the worker's `220` greeting, as received; all within `limit`.
+/// Connects to `worker` from `source` (any port), or from the address the
+/// system picks when `source` is `None`. Workers trust PROXY headers by
+/// the peer address, so the balancer's own address is part of the setup
+/// (`[balancer] source`).
+///
+/// # Errors
+/// Binding `source` (not a local address, another family than `worker`)
+/// or connecting failed.
+pub async fn connect(worker: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(source) = source else {
+        return TcpStream::connect(worker).await;
+    };
+    let socket = if worker.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(source, 0)).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot bind source address {source}: {e}"),
+        )
+    })?;
+    socket.connect(worker).await
+}
+
+/// Connects to `worker` (from `source`, see [`connect`]), sends `header`
+/// (if any) and returns the stream with the worker's `220` greeting, as
+/// received; all within `limit`.
 pub async fn handoff(
     worker: SocketAddr,
+    source: Option<IpAddr>,
     header: Option<&[u8]>,
     limit: Duration,
 ) -> Result<(TcpStream, Vec<u8>), HandoffError> {
     let attempt = async {
-        let mut stream = TcpStream::connect(worker)
+        let mut stream = connect(worker, source)
             .await
             .map_err(|e| skip("connect", e.to_string()))?;
         let _ = stream.set_nodelay(true);

@@ -3,7 +3,7 @@
 //! probe within the configured timeout. A `421` greeting means the worker
 //! is draining.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -68,16 +68,22 @@ pub fn local_header() -> Vec<u8> {
     out
 }
 
-/// One probe of `addr`.
-pub async fn probe(addr: SocketAddr, proxy: bool, limit: Duration) -> ProbeResult {
-    match tokio::time::timeout(limit, probe_inner(addr, proxy)).await {
+/// One probe of `addr`, connecting from `source` like sessions do (see
+/// [`crate::handoff::connect`]).
+pub async fn probe(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    proxy: bool,
+    limit: Duration,
+) -> ProbeResult {
+    match tokio::time::timeout(limit, probe_inner(addr, source, proxy)).await {
         Ok(result) => result,
         Err(_) => failed("timeout", format!("no answer within {limit:?}")),
     }
 }
 
-async fn probe_inner(addr: SocketAddr, proxy: bool) -> ProbeResult {
-    let mut s = match TcpStream::connect(addr).await {
+async fn probe_inner(addr: SocketAddr, source: Option<IpAddr>, proxy: bool) -> ProbeResult {
+    let mut s = match crate::handoff::connect(addr, source).await {
         Ok(s) => s,
         Err(e) => return failed("connect", e.to_string()),
     };
@@ -111,6 +117,7 @@ async fn probe_inner(addr: SocketAddr, proxy: bool) -> ProbeResult {
 /// Probes `target` every interval until `shutdown`.
 pub async fn run(
     target: Arc<Target>,
+    source: Option<IpAddr>,
     proxy: bool,
     settings: ProbeSettings,
     shutdown: CancellationToken,
@@ -123,7 +130,7 @@ pub async fn run(
             _ = ticks.tick() => {}
         }
         let started = Instant::now();
-        let result = probe(target.addr, proxy, settings.timeout).await;
+        let result = probe(target.addr, source, proxy, settings.timeout).await;
         let backend = target.backend.name.clone();
         metrics::histogram!(metric::PROBE_DURATION, "backend" => backend.clone())
             .record(started.elapsed().as_secs_f64());

@@ -207,6 +207,7 @@ impl Balancer {
             for t in &f.targets {
                 tokio::spawn(crate::probe::run(
                     Arc::clone(t),
+                    self.config.source,
                     f.listener.proxy_protocol,
                     self.config.probe,
                     probes.clone(),
@@ -319,7 +320,14 @@ impl Balancer {
             };
             tried.push(i);
             let Some(t) = f.targets.get(i) else { return };
-            match handoff(t.addr, header.as_deref(), self.config.handoff_timeout).await {
+            match handoff(
+                t.addr,
+                self.config.source,
+                header.as_deref(),
+                self.config.handoff_timeout,
+            )
+            .await
+            {
                 Ok((worker, greeting)) => break (worker, greeting, Arc::clone(t)),
                 Err(e) => {
                     counter!(metric::HANDOFF_RETRIES, "listener" => name.clone(), "reason" => e.reason)

@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_balancer::probe::{probe, ProbeResult};
@@ -31,10 +31,21 @@ enum Script {
 }
 
 async fn backend(addr: SocketAddr, script: Script) -> SocketAddr {
+    recording_backend(addr, script).await.0
+}
+
+/// A backend that also keeps the address each connection came from.
+async fn recording_backend(
+    addr: SocketAddr,
+    script: Script,
+) -> (SocketAddr, Arc<Mutex<Vec<IpAddr>>>) {
     let l = TcpListener::bind(addr).await.unwrap();
     let bound = l.local_addr().unwrap();
+    let peers = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&peers);
     tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
+        while let Ok((mut s, peer)) = l.accept().await {
+            seen.lock().unwrap().push(peer.ip());
             tokio::spawn(async move {
                 match script {
                     Script::Hang => {
@@ -92,7 +103,7 @@ async fn backend(addr: SocketAddr, script: Script) -> SocketAddr {
             });
         }
     });
-    bound
+    (bound, peers)
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -191,17 +202,17 @@ async fn probes_tell_up_draining_and_each_failure_stage() {
     let hang = backend(SocketAddr::new(ip("127.0.0.26"), port), Script::Hang).await;
     let busy = backend(SocketAddr::new(ip("127.0.0.27"), port), Script::Busy).await;
     let limit = Duration::from_millis(300);
-    assert_eq!(probe(good, true, limit).await, ProbeResult::Up);
-    assert_eq!(probe(busy, true, limit).await, ProbeResult::Draining);
+    assert_eq!(probe(good, None, true, limit).await, ProbeResult::Up);
+    assert_eq!(probe(busy, None, true, limit).await, ProbeResult::Draining);
     assert!(matches!(
-        probe(hang, true, limit).await,
+        probe(hang, None, true, limit).await,
         ProbeResult::Failed {
             stage: "timeout",
             ..
         }
     ));
     assert!(matches!(
-        probe(SocketAddr::new(ip("127.0.0.28"), port), true, limit).await,
+        probe(SocketAddr::new(ip("127.0.0.28"), port), None, true, limit).await,
         ProbeResult::Failed {
             stage: "connect",
             ..
@@ -288,4 +299,30 @@ async fn a_listener_without_proxy_sends_the_client_bytes_only() {
     assert_eq!(greeting, "220 plain");
     c.send(b"EHLO device\r\n").await.unwrap();
     assert_eq!(c.reply().await, "250 first ????");
+}
+
+/// Workers trust PROXY headers by the peer address: sessions and probes
+/// both come from `[balancer] source`, whatever address the client used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_to_workers_come_from_the_configured_source() {
+    let (good, peers) = recording_backend("127.0.0.51:0".parse().unwrap(), Script::Good).await;
+    let (_b, front) = balancer_with(&["127.0.0.51"], good.port(), "source = \"127.0.0.50\"").await;
+    let (mut c, greeting) = SmtpClient::connect(front, Some(ip("127.0.0.52"))).await;
+    assert_eq!(greeting, "220-good backend\r\n220 ready");
+    assert_eq!(c.cmd("NOOP").await, "250 ok");
+    // The first probe runs at start; wait for it and the session.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while peers.lock().unwrap().len() < 2 {
+        assert!(Instant::now() < deadline, "{:?}", peers.lock().unwrap());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seen = peers.lock().unwrap().clone();
+    assert!(seen.iter().all(|p| *p == ip("127.0.0.50")), "{seen:?}");
+
+    // Without the key the system picks (127.0.0.1 on loopback).
+    let (plain, peers) = recording_backend("127.0.0.53:0".parse().unwrap(), Script::Good).await;
+    let (_b, front) = balancer(&["127.0.0.53"], plain.port()).await;
+    let (_c, greeting) = SmtpClient::connect(front, Some(ip("127.0.0.52"))).await;
+    assert_eq!(greeting, "220-good backend\r\n220 ready");
+    assert!(peers.lock().unwrap().contains(&ip("127.0.0.1")));
 }

@@ -20,6 +20,11 @@ pub struct BalancerConfig {
     /// A relayed connection with no byte either way for this long is closed.
     pub idle_timeout: Duration,
     pub probe: ProbeSettings,
+    /// The local address the balancer's connections to workers (sessions
+    /// and probes) come from, as HAProxy's `source`; `None` lets the
+    /// system choose. Workers list it in `trusted_proxies`; a dedicated
+    /// address keeps other local clients from being taken for the balancer.
+    pub source: Option<IpAddr>,
 }
 
 /// A port the balancer listens on, and the workers' port it forwards to.

@@ -22,14 +22,32 @@ pub struct Question {
 pub fn explain(config: &ClusterConfig, q: &Question) -> String {
     let mut out = String::new();
     if let Some(b) = &config.balancer {
-        let _ = match b.access.rule_for(q.client) {
-            Some((net, true)) => writeln!(out, "balancer: client {} allowed (allow {net})", q.client),
-            Some((net, false)) => writeln!(
+        let listener = b.listeners.iter().find(|l| l.port == q.port);
+        let _ = match (listener, b.access.rule_for(q.client)) {
+            (None, _) => writeln!(
+                out,
+                "balancer: no listener on port {}; a client connecting to the balancer there is refused \
+                 (what follows holds for a client connecting to a worker directly)",
+                q.port
+            ),
+            (Some(l), Some((net, true))) => {
+                let forward = if l.backend_port == l.port {
+                    String::new()
+                } else {
+                    format!(", to the workers' port {}", l.backend_port)
+                };
+                writeln!(
+                    out,
+                    "balancer: client {} allowed (allow {net}) on listener \"{}\"{forward}",
+                    q.client, l.name
+                )
+            }
+            (Some(_), Some((net, false))) => writeln!(
                 out,
                 "balancer: client {} denied (deny {net}); the connection gets: 554 5.7.1 Access denied",
                 q.client
             ),
-            None => writeln!(
+            (Some(_), None) => writeln!(
                 out,
                 "balancer: client {} denied (no allow range holds it); the connection gets: 554 5.7.1 Access denied",
                 q.client
@@ -68,13 +86,16 @@ pub fn explain(config: &ClusterConfig, q: &Question) -> String {
         let _ = writeln!(out, "  shadows: \"{}\" (range {net})", other.name);
     }
     let _ = writeln!(out, "  banner: 220 {}", c.banner);
+    // After TLS is up, EHLO no longer lists STARTTLS (RFC 3207 §4.2).
     let _ = writeln!(
         out,
         "  STARTTLS: {}",
-        if c.auth.starttls {
-            "offered"
-        } else {
-            "not offered"
+        match (c.auth.starttls, q.tls) {
+            (true, false) => "offered",
+            (true, true) => "done (the session is TLS; not offered again, RFC 3207 §4.2)",
+            (false, false) => "not offered",
+            (false, true) =>
+                "not offered: a session on this connector cannot be TLS, so --tls does not apply",
         }
     );
     let _ = writeln!(out, "  AUTH: {}", auth_state(c, q.tls));

@@ -8,7 +8,8 @@
 //! where a recipient's mail goes next ([`routes`]).
 //! [`explain`] renders both for `ferry config explain`.
 //!
-//! Modules: `raw` (the file's shape, as serde sees it), [`model`] (the
+//! Modules: `raw` (the file's shape) read key by key by `read` (so every
+//! unknown key and wrong type is reported, not only the first), [`model`] (the
 //! validated types), [`select`], [`policy`], [`routes`], [`balancer`]
 //! (listeners, backends, access list and probes of balancer nodes),
 //! [`explain`], [`error`].
@@ -22,6 +23,7 @@ pub mod explain;
 pub mod model;
 pub mod policy;
 mod raw;
+mod read;
 pub mod routes;
 pub mod select;
 mod validate;

@@ -13,6 +13,7 @@ use crate::balancer::*;
 use crate::error::{ConfigError, LineIndex, Located};
 use crate::model::*;
 use crate::raw::*;
+use crate::read::Reader;
 use crate::routes::{Delivery, DomainPattern, NextHop, Route, RouteAction, TlsPolicy};
 
 struct Checker<'a> {
@@ -22,6 +23,11 @@ struct Checker<'a> {
 
 impl Checker<'_> {
     fn err<T>(&mut self, at: &Spanned<T>, message: impl Into<String>) {
+        // A placeholder for a missing or unreadable key: its error is
+        // already recorded, anything about its stand-in value is noise.
+        if at.span().is_empty() {
+            return;
+        }
         let located = self.index.locate(at.span().start, message);
         self.errors.push(located);
     }
@@ -132,16 +138,18 @@ pub(crate) fn parse(file: &str, text: &str, base_dir: &Path) -> Result<ClusterCo
         index: LineIndex::new(text),
         errors: Vec::new(),
     };
-    let raw: RawConfig = match toml::from_str(text) {
-        Ok(raw) => raw,
-        Err(e) => {
-            let at = e.span().map_or(0, |s| s.start);
-            let message = e.message().trim().to_string();
-            return Err(ConfigError::Invalid {
-                file: file.into(),
-                errors: vec![c.index.locate(at, message)],
-            });
-        }
+    let mut reader = Reader::default();
+    let raw = RawConfig::read(&mut reader, text);
+    for (at, message) in reader.errors {
+        let located = c.index.locate(at.start, message);
+        c.errors.push(located);
+    }
+    let Some(raw) = raw else {
+        c.errors.sort_by_key(|e| (e.line, e.column));
+        return Err(ConfigError::Invalid {
+            file: file.into(),
+            errors: c.errors,
+        });
     };
 
     let accepted_domains: Vec<AcceptedDomain> = raw
@@ -284,8 +292,29 @@ fn balancer(c: &mut Checker<'_>, raw: &Spanned<RawBalancer>) -> BalancerConfig {
             weight: c.count(&r.weight, 1),
         });
     }
+    let source = b.source.as_ref().and_then(|s| {
+        let Ok(ip) = s.get_ref().trim().parse::<IpAddr>() else {
+            c.err(s, format!("'{}' is not an IP address", s.get_ref()));
+            return None;
+        };
+        let ip = ip.to_canonical();
+        if let Some(other) = backends
+            .iter()
+            .find(|w| w.address.is_ipv4() != ip.is_ipv4())
+        {
+            c.err(
+                s,
+                format!(
+                    "source {ip} and backend '{}' ({}) are of different IP families",
+                    other.name, other.address
+                ),
+            );
+        }
+        Some(ip)
+    });
     let def = ProbeSettings::default();
     BalancerConfig {
+        source,
         listeners,
         backends,
         access: AccessList::new(&allow, &deny),

@@ -88,10 +88,90 @@ permissions = ["anonymous"]
 #[test]
 fn unknown_keys_and_syntax_errors_are_located() {
     assert_eq!(
-        errors("[[connectors]]\nname = \"A\"\nport = 25\nremote_ranges = []\nprots = 1\n"),
-        ["5:1: unknown field `prots`, expected one of `name`, `port`, `local_address`, `remote_ranges`, `permissions`, `auth`, `tls`, `banner`, `limits`, `protocol_log`, `add_missing_headers`"]
+        errors("[[connectors]]\nname = \"A\"\nport = 25\nremote_ranges = [\"10.0.0.0/8\"]\npermissions = [\"anonymous\"]\nprots = 1\n"),
+        ["6:1: unknown key `prots` in [[connectors]]; expected one of `name`, `port`, `local_address`, `remote_ranges`, `permissions`, `auth`, `tls`, `banner`, `limits`, `protocol_log`, `add_missing_headers`"]
     );
     assert_eq!(errors("x = [").len(), 1);
+    // Every syntax error, not only the first.
+    assert_eq!(
+        errors("name = \"A\nport = 25\nbanner = }\n"),
+        [
+            "1:10: invalid basic string, expected `\"`",
+            "3:10: missing inline table opening, expected `{`",
+        ]
+    );
+}
+
+/// Unknown keys and wrong types used to end the reading, hiding every
+/// other mistake until they were fixed: six mistakes of six kinds, one pass.
+#[test]
+fn six_mistakes_of_different_kinds_are_reported_in_one_pass() {
+    let text = r#"trusted_proxys = ["127.0.0.1"]
+
+[[connectors]]
+name = "Default"
+port = "2525"
+remote_ranges = ["0.0.0.0/0", "10.0.0.0/33"]
+permissions = ["anonymous"]
+
+[[routes]]
+domains = ["*"]
+next_hops = ["relay.example.test"]
+
+[delivery]
+retry_interval = "soon"
+
+[balancer]
+allow = ["0.0.0.0/0"]
+
+[[balancer.listeners]]
+name = "smtp"
+port = 70000
+"#;
+    assert_eq!(
+        errors(text),
+        [
+            "1:1: unknown key `trusted_proxys` in the top level; expected one of \
+             `accepted_domains`, `trusted_proxies`, `connectors`, `users`, `routes`, \
+             `delivery`, `spool`, `balancer`, `postmaster`",
+            "5:8: port: invalid type: string \"2525\", expected u16",
+            "6:31: '10.0.0.0/33' is not an IP address or CIDR range",
+            "9:1: [[routes]] needs the key `type`",
+            "14:18: 'soon' is not a duration such as \"30s\" or \"5m\"",
+            "21:8: port: invalid value: integer `70000`, expected u16",
+        ]
+    );
+}
+
+/// Nested tables name their place and keep reading after a bad key.
+#[test]
+fn nested_tables_report_unknown_keys_and_types_together() {
+    let text = r#"
+[[connectors]]
+name = "A"
+port = 25
+remote_ranges = ["0.0.0.0/0"]
+permissions = ["anonymous"]
+limits = { max_recipients = "many", max_size = 1 }
+
+[balancer]
+allow = ["0.0.0.0/0"]
+listeners = [{ name = "smtp", port = 25 }]
+probe = { rise = -1, fal = 2 }
+"#;
+    assert_eq!(
+        errors(text),
+        [
+            "7:29: max_recipients: invalid type: string \"many\", expected u32",
+            "7:37: unknown key `max_size` in [connectors.limits]; expected one of \
+             `max_message_size`, `max_header_size`, `max_recipients`, `max_connections`, \
+             `max_connections_per_source`, `connection_timeout`, `command_timeout`, \
+             `data_timeout`, `max_protocol_errors`, `tarpit`, `max_hop_count`",
+            "12:18: rise: invalid value: integer `-1`, expected u32",
+            "12:22: unknown key `fal` in [balancer.probe]; expected one of `interval`, \
+             `timeout`, `rise`, `fall`",
+        ]
+    );
 }
 
 #[test]
@@ -181,5 +261,56 @@ dns_servers = ["127.0.0.1", "[::1]:5353"]
             "127.0.0.1:53".parse().unwrap(),
             "[::1]:5353".parse().unwrap()
         ]
+    );
+}
+
+#[test]
+fn balancer_source_is_an_address_of_the_backends_family() {
+    let text = r#"
+[balancer]
+allow = ["127.0.0.0/8"]
+source = "balancer.local"
+listeners = [{ name = "smtp", port = 25 }]
+backends = [{ name = "w1", address = "127.0.0.11" }]
+"#;
+    assert_eq!(
+        errors(text),
+        ["4:10: 'balancer.local' is not an IP address"]
+    );
+    let text = text.replace("balancer.local", "::1");
+    assert_eq!(
+        errors(&text),
+        ["4:10: source ::1 and backend 'w1' (127.0.0.11) are of different IP families"]
+    );
+    let text = text.replace("::1", "127.0.0.2");
+    let config = ClusterConfig::parse("ok.toml", &text, Path::new(".")).unwrap();
+    assert_eq!(
+        config.balancer.unwrap().source,
+        Some("127.0.0.2".parse().unwrap())
+    );
+}
+
+#[test]
+fn postmaster_must_be_a_mailbox_and_allowed_senders_addresses() {
+    let text = r#"postmaster = "not an address"
+
+[[users]]
+name = "u"
+password_hash = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$9sTbSlTio3Biev89thdrlKKiCaYsjjYVJxGAL3swxpQ"
+allowed_senders = ["a b@example.test", "*@bad_domain", "\"odd user\"@example.test", "*@[192.0.2.1]"]
+"#;
+    assert_eq!(
+        errors(text),
+        [
+            "1:14: postmaster 'not an address' is not an address",
+            "6:20: 'a b@example.test' is not an address, *@domain or *",
+            "6:40: '*@bad_domain' is not an address, *@domain or *",
+        ]
+    );
+    let ok = "postmaster = \"\\\"mail admins\\\"@example.test\"\n";
+    let config = ClusterConfig::parse("ok.toml", ok, Path::new(".")).unwrap();
+    assert_eq!(
+        config.postmaster.unwrap().to_string(),
+        "\"mail admins\"@example.test"
     );
 }

@@ -29,9 +29,11 @@ impl QueueId {
         QueueId(format!("{stamp:016X}{:04X}", rand::random::<u16>()))
     }
 
-    /// Accepts only what `new` makes, so an id can name a file safely.
+    /// Accepts only what `new` makes, so an id can name a file safely; in
+    /// any case, since people type and copy ids (`new` makes upper case).
     pub fn parse(s: &str) -> Option<Self> {
-        (s.len() == 20 && s.bytes().all(|b| b.is_ascii_hexdigit())).then(|| QueueId(s.to_string()))
+        (s.len() == 20 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| QueueId(s.to_ascii_uppercase()))
     }
 
     pub fn as_str(&self) -> &str {

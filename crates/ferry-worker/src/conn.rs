@@ -77,7 +77,13 @@ pub(crate) async fn handle(worker: Arc<Worker>, mut stream: TcpStream, peer: Soc
             Ok(p) => Some(p),
             Err(e) => {
                 counter!(metric::CONNECTIONS_REFUSED, "reason" => "proxy_header").increment(1);
-                warn!(%session_id, %peer, error = %e, "bad PROXY header from a trusted proxy; closed");
+                // Most often a client on the proxy's own address (a local
+                // test on the balancer's host), not a broken proxy.
+                warn!(
+                    %session_id, %peer, error = %e,
+                    hint = "peer is in trusted_proxies, so it must send a PROXY header; a client that connects directly from this address must not be trusted (give the balancer its own [balancer] source address and trust only that)",
+                    "bad PROXY header from a trusted proxy; closed"
+                );
                 return;
             }
         }

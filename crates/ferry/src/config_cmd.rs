@@ -11,9 +11,13 @@ use ferry_config::ClusterConfig;
 #[derive(Subcommand)]
 pub enum ConfigCommand {
     /// Validate a config file; prints every error with its line and column.
-    Check { file: PathBuf },
+    Check {
+        /// The cluster config file to check.
+        file: PathBuf,
+    },
     /// Say which connector and which rule decide for a client.
     Explain {
+        /// The cluster config file to ask.
         file: PathBuf,
         /// The client's IP address.
         #[arg(long)]

@@ -4,6 +4,7 @@
 
 mod balancer;
 mod config_cmd;
+mod demo_certs;
 mod node;
 mod queue;
 mod token;
@@ -34,9 +35,17 @@ struct Cli {
 enum Command {
     /// Run a demo cluster on loopback with the example config.
     Up {
-        /// Where the demo keeps its config, certificates, spool and logs.
+        /// Where the demo keeps its config, certificates, spools and logs
+        /// (each node's output goes to DATA/logs/NAME.log).
         #[arg(long, default_value = "ferry-data")]
         data: PathBuf,
+        /// Run this cluster config instead of the example (copied into
+        /// DATA; its [[balancer.backends]] are the workers started).
+        #[arg(long, hide = true)]
+        config: Option<PathBuf>,
+        /// The balancer's address.
+        #[arg(long, hide = true, default_value = "127.0.0.1")]
+        listen: IpAddr,
     },
     /// Run a relay worker.
     Worker {
@@ -100,6 +109,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    up::exit_with_parent();
     let cli = Cli::parse();
     ferry_telemetry::init_logging(cli.log_json);
     let result = match cli.command {
@@ -140,7 +150,20 @@ fn main() -> std::process::ExitCode {
                 admin_token_file,
             }))
         }),
-        Command::Up { data } => runtime().and_then(|rt| rt.block_on(up::run(data))),
+        // Polled on this thread, which outlives the children: the parent
+        // death signal follows the thread that started them.
+        Command::Up {
+            data,
+            config,
+            listen,
+        } => runtime().and_then(|rt| {
+            rt.block_on(up::run(up::Args {
+                data,
+                config,
+                listen,
+                log_json: cli.log_json,
+            }))
+        }),
     };
     match result {
         Ok(code) => code,
@@ -163,5 +186,30 @@ mod tests {
     fn command_line_is_well_formed() {
         use clap::CommandFactory;
         super::Cli::command().debug_assert();
+    }
+
+    /// `ferry config check --help` once showed a bare `<FILE>`: every
+    /// command and every argument says what it is.
+    #[test]
+    fn every_command_and_argument_has_help() {
+        use clap::CommandFactory;
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            let path = format!("{path} {}", cmd.get_name());
+            if cmd.get_about().is_none() {
+                missing.push(path.clone());
+            }
+            for arg in cmd.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if arg.get_help().is_none() && !builtin && !arg.is_hide_set() {
+                    missing.push(format!("{path} {}", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &path, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "", &mut missing);
+        assert!(missing.is_empty(), "without help: {missing:?}");
     }
 }

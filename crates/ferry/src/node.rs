@@ -18,7 +18,8 @@ pub struct Admin {
 }
 
 /// Serves the admin endpoint on `admin_addr` until `shutdown`, prints
-/// `ROLE smtp ADDR` for each listener, `ROLE admin URL` and `ROLE ready`,
+/// `ROLE smtp ADDR` for each listener, `ROLE admin URL`, `ROLE metrics
+/// URL` and `ROLE ready`,
 /// and cancels `shutdown` on SIGTERM or SIGINT.
 pub async fn start(
     role: &str,
@@ -45,7 +46,8 @@ pub async fn start(
     for l in listeners {
         println!("{role} smtp {}", l.local_addr()?);
     }
-    println!("{role} admin http://{bound}/metrics");
+    println!("{role} admin http://{bound}");
+    println!("{role} metrics http://{bound}/metrics");
     println!("{role} ready");
     tracing::info!(%listen, admin = %bound, "{role} started");
     let signals = shutdown.clone();

@@ -1,118 +1,197 @@
 //! `ferry up`: the demo cluster on loopback, each role its own child
-//! process, with the example config and a throwaway certificate.
+//! process, with the example config and a throwaway CA and certificate.
+//!
+//! The children's output goes to `DATA/logs/NAME.log`, not to our
+//! terminal, so the startup text stays readable. SIGTERM and SIGINT stop
+//! every child; if `ferry up` itself dies (SIGKILL, a crash), each child
+//! gets SIGTERM from the kernel (`PR_SET_PDEATHSIG`, see [`exit_with_parent`]).
 
+use std::fs::File;
+use std::io::Write;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use ferry_config::ClusterConfig;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::demo_certs;
 
 const EXAMPLE_CONFIG: &str = include_str!("../../../deploy/examples/ferry.toml");
 
-/// The demo's workers and their addresses (as in the example config's
-/// `[[balancer.backends]]`).
-const WORKERS: [(&str, &str); 2] = [("worker-1", "127.0.0.11"), ("worker-2", "127.0.0.12")];
+/// Set in the environment of `ferry up`'s children: the pid of the
+/// `ferry up` that started them (see [`exit_with_parent`]).
+pub const PARENT_ENV: &str = "FERRY_UP_PID";
+
+/// How long stopping waits for the children's graceful drain before
+/// SIGKILL.
+const STOP_LIMIT: Duration = Duration::from_secs(10);
+
+/// What `ferry up` was asked to run.
+pub struct Args {
+    /// Config, certificates, token, spools and logs.
+    pub data: PathBuf,
+    /// A cluster config to run instead of the example (its
+    /// `[[balancer.backends]]` are the workers started).
+    pub config: Option<PathBuf>,
+    /// The balancer's address.
+    pub listen: IpAddr,
+    /// Children log JSON lines.
+    pub log_json: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Worker,
+    Balancer,
+}
 
 /// A child node and what it printed at start.
 struct Node {
     name: String,
+    role: Role,
     child: Child,
     smtp: Vec<String>,
     admin: String,
 }
 
-pub async fn run(data: PathBuf) -> anyhow::Result<ExitCode> {
-    std::fs::create_dir_all(data.join("certs"))
-        .with_context(|| format!("creating {}", data.display()))?;
-    let config = data.join("ferry.toml");
-    std::fs::write(&config, EXAMPLE_CONFIG).context("writing the example config")?;
-    throwaway_certificate(&data.join("certs"))?;
+/// Makes the child exit with the `ferry up` that started it: called first
+/// thing in `main`. When [`PARENT_ENV`] is set, asks the kernel for SIGTERM
+/// (a graceful drain) once the parent is gone, then checks that the parent
+/// did not die before that request (then it exits at once). A no-op for a
+/// process that `ferry up` did not start.
+pub fn exit_with_parent() {
+    let Some(parent) = std::env::var(PARENT_ENV)
+        .ok()
+        .and_then(|p| p.parse::<i32>().ok())
+    else {
+        return;
+    };
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM) {
+        eprintln!(
+            "ferry: cannot ask to be stopped with ferry up ({e}); stop this process yourself"
+        );
+        return;
+    }
+    if nix::unistd::getppid() != Pid::from_raw(parent) {
+        eprintln!("ferry: the ferry up that started this process (pid {parent}) is gone; exiting");
+        std::process::exit(1);
+    }
+}
+
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    // Before any child exists: a signal from now on stops them all.
+    let mut term = signal(SignalKind::terminate()).context("handling SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("handling SIGINT")?;
+    let mut hup = signal(SignalKind::hangup()).context("handling SIGHUP")?;
+
+    let Args {
+        data,
+        config: config_file,
+        listen,
+        log_json,
+    } = args;
+    let logs = data.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    let text = match &config_file {
+        Some(path) => {
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+        }
+        None => EXAMPLE_CONFIG.to_string(),
+    };
+    let config_path = data.join("ferry.toml");
+    std::fs::write(&config_path, &text).context("writing the config")?;
+    let config = ClusterConfig::parse(&config_path.display().to_string(), &text, &data)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let Some(balancer) = &config.balancer else {
+        bail!("the config has no [balancer] section: nothing for ferry up to start");
+    };
+    let workers: Vec<(String, IpAddr)> = balancer
+        .backends
+        .iter()
+        .map(|b| (b.name.clone(), b.address))
+        .collect();
+    let mut names = vec!["localhost".to_string(), listen.to_string()];
+    for (name, address) in &workers {
+        names.push(hostname(name));
+        names.push(address.to_string());
+    }
+    names.dedup();
+    demo_certs::ensure(&data, &names)?;
     let token_file = data.join("admin.token");
     crate::token::ensure(&token_file)?;
-    let token_arg = token_file.display().to_string();
 
-    let config_arg = config.display().to_string();
+    let config_arg = config_path.display().to_string();
+    let token_arg = token_file.display().to_string();
     let mut nodes = Vec::new();
-    for (name, address) in WORKERS {
-        let data_dir = data.join(name).display().to_string();
-        let hostname = format!("{name}.ferry.test");
-        let args = [
+    for (name, address) in &workers {
+        let worker_args = [
             "worker",
             "--config",
             &config_arg,
             "--listen",
-            address,
+            &address.to_string(),
             "--data",
-            &data_dir,
+            &data.join(name).display().to_string(),
             "--admin",
             "127.0.0.1:0",
             "--hostname",
-            &hostname,
+            &hostname(name),
             "--admin-token-file",
             &token_arg,
-        ];
-        nodes.push(start_node(name, &args).await?);
+        ]
+        .map(String::from);
+        let node = start_node(name, Role::Worker, &worker_args, &logs, log_json).await;
+        let node = started(node, &mut nodes).await?;
+        nodes.push(node);
     }
-    let args = [
+    let balancer_args = [
         "balancer",
         "--config",
         &config_arg,
         "--listen",
-        "127.0.0.1",
+        &listen.to_string(),
         "--admin",
         "127.0.0.1:0",
         "--admin-token-file",
         &token_arg,
-    ];
-    nodes.push(start_node("balancer", &args).await?);
+    ]
+    .map(String::from);
+    let node = start_node("balancer", Role::Balancer, &balancer_args, &logs, log_json).await;
+    let node = started(node, &mut nodes).await?;
+    nodes.push(node);
 
-    println!();
-    println!(
-        "Ferry is up: a demo cluster on loopback (data in {})",
-        data.display()
-    );
-    for n in &nodes {
-        println!(
-            "  {:<10} pid {:<7} smtp {}  admin {}  metrics {}",
-            n.name,
-            n.child.id().unwrap_or(0),
-            n.smtp.join(", "),
-            n.admin.trim_end_matches("/metrics"),
-            n.admin
-        );
-    }
-    println!("Admin operations (queue, drain) need the bearer token in {token_arg}");
-    println!("Through the balancer (the workers are reachable directly too):");
-    println!("  internal relay:      127.0.0.1:2525 (anonymous, to @example.test)");
-    println!("  authenticated relay: 127.0.0.1:2587 (STARTTLS, then AUTH as scanner / ferry-demo)");
-    println!("  anonymous relay:     127.0.0.1:2525 from source address 127.0.0.30 (to anywhere)");
-    println!("Press Ctrl-C to stop.");
+    print_startup(&data, &nodes, balancer, &listen);
 
     // A worker that dies leaves the others serving (that is the point of
     // the balancer); the balancer dying ends the demo.
     let stopped_by_user = loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break true,
+            _ = term.recv() => break true,
+            _ = int.recv() => break true,
+            _ = hup.recv() => {
+                eprintln!("ferry up: SIGHUP ignored: the demo does not reload its config (stop with Ctrl-C or SIGTERM)");
+            }
             (name, status) = first_exit(&mut nodes) => {
+                let role = nodes.iter().find(|n| n.name == name).map(|n| n.role);
                 nodes.retain(|n| n.name != name);
-                if name == "balancer" {
-                    eprintln!("ferry up: the balancer exited ({status}); stopping the workers");
+                let log = logs.join(format!("{name}.log"));
+                if role == Some(Role::Balancer) {
+                    eprintln!("ferry up: the balancer exited ({status}; see {}); stopping the workers", log.display());
                     break false;
                 }
-                eprintln!("ferry up: {name} exited ({status}); the balancer sends its sessions to the other worker");
-                if nodes.len() == 1 {
-                    eprintln!("ferry up: no worker left; the balancer answers 421 until you stop it");
-                }
+                eprintln!("ferry up: {name} exited ({status}; see {}); {}", log.display(), after_worker_exit(&workers_left(&nodes)));
             }
         }
     };
-    for n in &mut nodes {
-        stop(n).await;
-    }
+    eprintln!("ferry up: stopping every node");
+    stop_all(&mut nodes).await;
     Ok(if stopped_by_user {
         ExitCode::SUCCESS
     } else {
@@ -120,11 +199,119 @@ pub async fn run(data: PathBuf) -> anyhow::Result<ExitCode> {
     })
 }
 
-async fn start_node(name: &str, args: &[&str]) -> anyhow::Result<Node> {
+/// The name a worker gives itself, and that its certificate holds.
+fn hostname(worker: &str) -> String {
+    format!("{worker}.ferry.test")
+}
+
+/// What the balancer does now that a worker is gone, given the workers
+/// still running.
+fn after_worker_exit(left: &[&str]) -> String {
+    match left {
+        [] => "no worker is left: the balancer answers 421 until you stop the demo".into(),
+        [one] => format!("the balancer sends new sessions to {one}, the one worker left"),
+        many => format!(
+            "the balancer sends new sessions to the other workers ({})",
+            many.join(", ")
+        ),
+    }
+}
+
+fn workers_left(nodes: &[Node]) -> Vec<&str> {
+    nodes
+        .iter()
+        .filter(|n| n.role == Role::Worker)
+        .map(|n| n.name.as_str())
+        .collect()
+}
+
+/// A node that failed to start stops the ones already running.
+async fn started(node: anyhow::Result<Node>, running: &mut [Node]) -> anyhow::Result<Node> {
+    match node {
+        Ok(n) => Ok(n),
+        Err(e) => {
+            stop_all(running).await;
+            Err(e)
+        }
+    }
+}
+
+fn print_startup(
+    data: &Path,
+    nodes: &[Node],
+    balancer: &ferry_config::BalancerConfig,
+    listen: &IpAddr,
+) {
+    println!();
+    println!(
+        "Ferry is up: a demo cluster on loopback (data in {})",
+        data.display()
+    );
+    for n in nodes {
+        println!(
+            "  {:<10} pid {:<7} smtp {}  admin {}  metrics {}/metrics",
+            n.name,
+            n.child.id().unwrap_or(0),
+            n.smtp.join(", "),
+            n.admin,
+            n.admin
+        );
+    }
+    println!("Each node's log: {}/NAME.log", data.join("logs").display());
+    println!(
+        "Admin operations (queue, drain) need the bearer token in {}",
+        data.join("admin.token").display()
+    );
+    println!(
+        "TLS clients can verify every node against the demo CA in {}",
+        data.join(demo_certs::CA_FILE).display()
+    );
+    let port = |i: usize| balancer.listeners.get(i).map_or(0, |l| l.port);
+    let (smtp, submission) = (port(0), port(1));
+    println!("Through the balancer:");
+    println!("  internal relay:      {listen}:{smtp} (anonymous, to @example.test)");
+    println!("  authenticated relay: {listen}:{submission} (STARTTLS, then AUTH as scanner / ferry-demo)");
+    println!("  anonymous relay:     {listen}:{smtp} from source address 127.0.0.30 (to anywhere)");
+    let direct: Vec<String> = nodes
+        .iter()
+        .filter(|n| n.role == Role::Worker)
+        .filter_map(|n| n.smtp.first().cloned())
+        .collect();
+    match balancer.source {
+        Some(source) => println!(
+            "Directly to a worker: {} (the balancer connects from {source}, the workers' only trusted proxy)",
+            direct.join(", ")
+        ),
+        None => println!("Directly to a worker: {}", direct.join(", ")),
+    }
+    println!("Press Ctrl-C to stop (SIGTERM stops it too).");
+}
+
+async fn start_node(
+    name: &str,
+    role: Role,
+    args: &[String],
+    logs: &Path,
+    log_json: bool,
+) -> anyhow::Result<Node> {
     let exe = std::env::current_exe().context("locating the ferry binary")?;
-    let mut child = Command::new(exe)
+    let log_path = logs.join(format!("{name}.log"));
+    let mut log = File::options()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let stderr = log.try_clone()?;
+    let mut command = Command::new(exe);
+    if log_json {
+        command.arg("--log-json");
+    }
+    let mut child = command
         .args(args)
+        .env(PARENT_ENV, std::process::id().to_string())
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
+        .stderr(Stdio::from(stderr))
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {name}"))?;
@@ -134,12 +321,14 @@ async fn start_node(name: &str, args: &[&str]) -> anyhow::Result<Node> {
     let mut lines = BufReader::new(stdout).lines();
     let mut node = Node {
         name: name.into(),
+        role,
         child,
         smtp: Vec::new(),
         admin: String::new(),
     };
     let ready = tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(line) = lines.next_line().await? {
+            copy_line(&mut log, &line);
             let mut words = line.split_whitespace().skip(1);
             match (words.next(), words.next()) {
                 (Some("smtp"), Some(addr)) => node.smtp.push(addr.to_string()),
@@ -151,16 +340,38 @@ async fn start_node(name: &str, args: &[&str]) -> anyhow::Result<Node> {
         Ok::<_, std::io::Error>(false)
     })
     .await;
-    match ready {
-        Ok(Ok(true)) => {}
-        _ => bail!("{name} did not start (see its log above)"),
+    if !matches!(ready, Ok(Ok(true))) {
+        let _ = node.child.start_kill();
+        let _ = node.child.wait().await;
+        let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let tail: Vec<&str> = tail.lines().rev().take(10).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        bail!(
+            "{name} did not start; the end of {}:\n{}",
+            log_path.display(),
+            tail.join("\n")
+        );
     }
-    // Keep draining its stdout so it never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    // Keep its stdout flowing into the log so it never blocks on a full pipe.
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            copy_line(&mut log, &line);
+        }
+    });
     Ok(node)
 }
 
+/// Appends one of the child's stdout lines to its log. One write call for
+/// the line and its newline: the child's own log lines go to the same
+/// file (O_APPEND) and must not land between the two.
+fn copy_line(log: &mut File, line: &str) {
+    let _ = log.write_all(format!("{line}\n").as_bytes());
+}
+
 async fn first_exit(nodes: &mut [Node]) -> (String, String) {
+    if nodes.is_empty() {
+        return std::future::pending().await;
+    }
     let waits = nodes.iter_mut().map(|n| {
         Box::pin(async move {
             let status = n.child.wait().await;
@@ -190,35 +401,43 @@ where
     .await
 }
 
-/// SIGTERM (graceful drain), then SIGKILL after a while.
-async fn stop(node: &mut Node) {
-    if let Some(pid) = node.child.id().and_then(|p| i32::try_from(p).ok()) {
-        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+/// SIGTERM to every node at once (a graceful drain), then SIGKILL to the
+/// ones still running after [`STOP_LIMIT`].
+async fn stop_all(nodes: &mut [Node]) {
+    for node in nodes.iter() {
+        if let Some(pid) = node.child.id().and_then(|p| i32::try_from(p).ok()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
     }
-    if tokio::time::timeout(Duration::from_secs(10), node.child.wait())
-        .await
-        .is_err()
-    {
-        let _ = node.child.kill().await;
+    let deadline = tokio::time::Instant::now() + STOP_LIMIT;
+    for node in nodes.iter_mut() {
+        if tokio::time::timeout_at(deadline, node.child.wait())
+            .await
+            .is_err()
+        {
+            eprintln!("ferry up: {} did not stop in time; killing it", node.name);
+            let _ = node.child.kill().await;
+        }
     }
 }
 
-/// A self-signed certificate for localhost, made once per data directory.
-fn throwaway_certificate(dir: &Path) -> anyhow::Result<()> {
-    let (crt, key) = (dir.join("ferry.crt"), dir.join("ferry.key"));
-    if crt.exists() && key.exists() {
-        return Ok(());
+#[cfg(test)]
+mod tests {
+    use super::after_worker_exit;
+
+    #[test]
+    fn a_worker_exit_names_the_workers_left_or_says_none_is() {
+        assert_eq!(
+            after_worker_exit(&["worker-1"]),
+            "the balancer sends new sessions to worker-1, the one worker left"
+        );
+        assert_eq!(
+            after_worker_exit(&["worker-1", "worker-3"]),
+            "the balancer sends new sessions to the other workers (worker-1, worker-3)"
+        );
+        assert_eq!(
+            after_worker_exit(&[]),
+            "no worker is left: the balancer answers 421 until you stop the demo"
+        );
     }
-    let names = vec![
-        "localhost".to_string(),
-        "127.0.0.1".to_string(),
-        "worker-1.ferry.test".to_string(),
-        "worker-2.ferry.test".to_string(),
-        "127.0.0.11".to_string(),
-        "127.0.0.12".to_string(),
-    ];
-    let cert = rcgen::generate_simple_self_signed(names).context("making a certificate")?;
-    std::fs::write(&crt, cert.cert.pem())?;
-    std::fs::write(&key, cert.signing_key.serialize_pem())?;
-    Ok(())
 }

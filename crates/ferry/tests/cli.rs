@@ -70,7 +70,9 @@ fn explain_names_connector_rule_and_decisions() {
     ]);
     assert!(ok);
     assert!(
-        out.starts_with("balancer: client 127.0.0.30 allowed (allow 127.0.0.0/8)\n"),
+        out.starts_with(
+            "balancer: client 127.0.0.30 allowed (allow 127.0.0.0/8) on listener \"smtp\"\n"
+        ),
         "{out}"
     );
     assert!(out.contains("connector \"Anon Relay\""), "{out}");
@@ -161,4 +163,46 @@ fn user_hash_makes_a_verifiable_argon2id_hash() {
     assert!(Argon2::default()
         .verify_password(b"other", &parsed)
         .is_err());
+}
+
+fn explain(args: &[&str]) -> String {
+    let mut all = vec!["config", "explain", EXAMPLE];
+    all.extend_from_slice(args);
+    let (ok, out, err) = ferry(&all);
+    assert!(ok, "{err}");
+    out
+}
+
+#[test]
+fn explain_says_starttls_is_done_once_the_session_is_tls() {
+    let plain = explain(&["--client", "192.0.2.7", "--port", "2587"]);
+    assert!(plain.contains("\n  STARTTLS: offered\n"), "{plain}");
+    let tls = explain(&["--client", "192.0.2.7", "--port", "2587", "--tls"]);
+    assert!(
+        tls.contains("\n  STARTTLS: done (the session is TLS; not offered again, RFC 3207 §4.2)\n"),
+        "{tls}"
+    );
+    // The Anon Relay connector has no TLS at all.
+    let none = explain(&["--client", "127.0.0.30", "--port", "2525", "--tls"]);
+    assert!(
+        none.contains("STARTTLS: not offered: a session on this connector cannot be TLS"),
+        "{none}"
+    );
+}
+
+#[test]
+fn explain_says_when_the_balancer_has_no_listener_on_the_port() {
+    let out = explain(&["--client", "127.0.0.5", "--port", "25"]);
+    assert!(
+        out.starts_with("balancer: no listener on port 25; a client connecting to the balancer there is refused"),
+        "{out}"
+    );
+    assert!(!out.contains("allowed"), "{out}");
+    let out = explain(&["--client", "127.0.0.5", "--port", "2587"]);
+    assert!(
+        out.starts_with(
+            "balancer: client 127.0.0.5 allowed (allow 127.0.0.0/8) on listener \"submission\"\n"
+        ),
+        "{out}"
+    );
 }
