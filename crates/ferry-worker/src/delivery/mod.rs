@@ -90,6 +90,7 @@ impl Deliverer {
             .into_iter()
             .map(|m| Reverse((m.state.next_attempt, m.id)))
             .collect();
+        self.remove_directory_leftovers().await;
         loop {
             let now = unix_now();
             while due.peek().is_some_and(|Reverse((t, _))| *t <= now) {
@@ -142,6 +143,28 @@ impl Deliverer {
         let _ = self.kicks.send(id);
     }
 
+    /// Removes the temp files a crash left in the folders of directory
+    /// routes (a re-delivery would replace them anyway; a message that is
+    /// never delivered again would leave them for good).
+    async fn remove_directory_leftovers(&self) {
+        let config = Arc::clone(&self.worker.runtime().config);
+        for route in &config.routes {
+            let RouteAction::Directory(dir) = &route.action else {
+                continue;
+            };
+            let dir = dir.clone();
+            let shown = dir.display().to_string();
+            match tokio::task::spawn_blocking(move || directory::remove_leftovers(&dir)).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => info!(folder = %shown, removed = n, "removed temp files a crash left"),
+                Ok(Err(e)) => {
+                    warn!(folder = %shown, error = %e, "cannot clear temp files a crash left")
+                }
+                Err(e) => warn!(folder = %shown, error = %e, "clearing temp files failed"),
+            }
+        }
+    }
+
     /// Messages by state and the oldest one's age.
     fn queue_gauges(&self, now: i64) {
         let messages = self.journal.messages();
@@ -166,10 +189,20 @@ impl Deliverer {
         next
     }
 
+    /// A message's bytes, read on the blocking pool (up to the size limit,
+    /// 36 MB by default: too long to hold a runtime thread).
+    pub(crate) async fn read_body(&self, m: &SpooledMessage) -> std::io::Result<Arc<Vec<u8>>> {
+        let (journal, m) = (self.journal.clone(), m.clone());
+        tokio::task::spawn_blocking(move || journal.body(&m))
+            .await
+            .map_err(std::io::Error::other)?
+            .map(Arc::new)
+    }
+
     async fn attempt_inner(&self, m: SpooledMessage) -> Option<i64> {
         let runtime = self.worker.runtime();
         let config = Arc::clone(&runtime.config);
-        let message = match self.journal.body(&m) {
+        let message = match self.read_body(&m).await {
             Ok(b) => b,
             Err(e) => {
                 warn!(error = %e, "cannot read the message from the spool; trying later");
@@ -215,7 +248,7 @@ impl Deliverer {
         route: Option<&Route>,
         m: &SpooledMessage,
         recipients: &[String],
-        message: &[u8],
+        message: &Arc<Vec<u8>>,
     ) -> Vec<(String, RecipientState)> {
         let Some(route) = route else {
             counter!(metric::DELIVERY_ATTEMPTS, "result" => "no_route").increment(1);
@@ -234,7 +267,7 @@ impl Deliverer {
                     m.id.clone(),
                     m.envelope.clone(),
                     recipients.to_vec(),
-                    message.to_vec(),
+                    Arc::clone(message),
                 );
                 let written = tokio::task::spawn_blocking(move || {
                     directory::write_eml(&dir, &id, &env, &rcpts, &msg)
