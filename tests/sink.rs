@@ -1,10 +1,13 @@
 //! A scripted SMTP next hop on loopback: records what it receives and
 //! answers recipients by their local part — `temp…` gets `450 4.2.0`,
 //! `perm…` gets `550 5.1.1`, anything else `250`; a message for a `slow…`
-//! recipient gets its final `250` after 300 ms.
+//! recipient gets its final `250` after 300 ms. Every RCPT can be made
+//! slow too ([`SmtpSink::delay_rcpt`]), and the RCPTs each address got are
+//! counted ([`SmtpSink::rcpt_count`]).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,6 +32,10 @@ pub struct SmtpSink {
     max_size: Arc<AtomicUsize>,
     /// Sessions open now, and the most ever open at once.
     sessions: Arc<(AtomicUsize, AtomicUsize)>,
+    /// Milliseconds before each RCPT reply.
+    rcpt_delay_ms: Arc<AtomicU64>,
+    /// RCPT commands per address, whatever the reply.
+    rcpts_seen: Arc<Mutex<HashMap<String, usize>>>,
 }
 
 impl SmtpSink {
@@ -45,6 +52,8 @@ impl SmtpSink {
             accept_all: Arc::default(),
             sessions: Arc::default(),
             max_size: Arc::new(AtomicUsize::new(100_000_000)),
+            rcpt_delay_ms: Arc::default(),
+            rcpts_seen: Arc::default(),
         };
         let s = sink.clone();
         tokio::spawn(async move {
@@ -69,6 +78,22 @@ impl SmtpSink {
     /// Advertises `SIZE max` from now on.
     pub fn limit_size(&self, max: usize) {
         self.max_size.store(max, Ordering::SeqCst);
+    }
+
+    /// Answers every RCPT after `delay` from now on (a slow next hop).
+    pub fn delay_rcpt(&self, delay: Duration) {
+        self.rcpt_delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// How many RCPT commands named `address`.
+    pub fn rcpt_count(&self, address: &str) -> usize {
+        self.rcpts_seen
+            .lock()
+            .unwrap()
+            .get(address)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Sessions open right now.
@@ -141,6 +166,16 @@ impl SmtpSink {
                     "250 2.1.0 OK".into()
                 } else if upper.starts_with("RCPT TO:") {
                     let to = addr_of(&line);
+                    *self
+                        .rcpts_seen
+                        .lock()
+                        .unwrap()
+                        .entry(to.clone())
+                        .or_default() += 1;
+                    let delay = self.rcpt_delay_ms.load(Ordering::SeqCst);
+                    if delay > 0 {
+                        tokio::time::sleep(Duration::from_millis(delay)).await;
+                    }
                     let local = to.trim_start_matches('"');
                     let accept_all = self.accept_all.load(Ordering::SeqCst);
                     if local.starts_with("perm") {

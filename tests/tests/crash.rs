@@ -1,12 +1,15 @@
 //! Nothing acknowledged is lost: clients send messages while the worker is
 //! killed with SIGKILL again and again and restarted on the same data
-//! directory; in the end every message that got a `250` has reached the
-//! next hop (a real SMTP sink on loopback).
+//! directory; in the end every message that got a `250` has reached its
+//! destination: half go to a next hop (a real SMTP sink on loopback), half
+//! to a directory route, where a re-delivery after a crash replaces its
+//! own file (no duplicates) and no temp file is left behind.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,6 +24,32 @@ const CLIENTS: usize = 8;
 const MAX_MESSAGES: usize = 20_000;
 const MAX_LOAD_TIME: Duration = Duration::from_secs(90);
 
+/// Where message `n` goes: odd ones to the directory route.
+fn to_directory(n: usize) -> bool {
+    n % 2 == 1
+}
+
+/// The message number in a `Subject: crash-N` line.
+fn number_in(text: &str) -> Option<usize> {
+    text.split("Subject: crash-")
+        .nth(1)
+        .and_then(|rest| rest.split("\r\n").next())
+        .and_then(|n| n.parse().ok())
+}
+
+/// The names of the files in `folder`: `.eml` files and temp files.
+fn folder_names(folder: &Path) -> (Vec<String>, Vec<String>) {
+    let names: Vec<String> = std::fs::read_dir(folder)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let (tmp, eml) = names.into_iter().partition(|n| n.ends_with(".tmp"));
+    (eml, tmp)
+}
+
 /// One SMTP session sending message `n`; true if it got a 250 after DATA.
 async fn send_one(addr: SocketAddr, n: usize) -> bool {
     let Ok(mut c) = SmtpClient::connect_from(addr, None).await else {
@@ -29,8 +58,13 @@ async fn send_one(addr: SocketAddr, n: usize) -> bool {
     if !c.reply().await.starts_with("220") {
         return false;
     }
+    let domain = if to_directory(n) {
+        "dir.test"
+    } else {
+        "sink.test"
+    };
     let body = format!(
-        "HELO crash\r\nMAIL FROM:<load@example.test>\r\nRCPT TO:<r{n}@sink.test>\r\nDATA\r\n"
+        "HELO crash\r\nMAIL FROM:<load@example.test>\r\nRCPT TO:<r{n}@{domain}>\r\nDATA\r\n"
     );
     if c.send(body.as_bytes()).await.is_err() {
         return false;
@@ -68,6 +102,11 @@ permissions = ["anonymous", "accept_any_recipient"]
 limits = {{ max_connections_per_source = 1000 }}
 
 [[routes]]
+domains = ["dir.test"]
+type = "directory"
+path = "folder"
+
+[[routes]]
 domains = ["*"]
 type = "smtp"
 next_hops = ["{}"]
@@ -81,6 +120,7 @@ retry_interval = "1s"
     )
     .unwrap();
     let data = dir.path().join("data");
+    let folder = dir.path().join("folder");
     let addr = SocketAddr::new(ip, port);
     let worker = Arc::new(Mutex::new(Some(WorkerProcess::start(
         &config,
@@ -138,37 +178,82 @@ retry_interval = "1s"
         acked.len()
     );
 
-    // Every acknowledged message reaches the sink.
+    // Every acknowledged message reaches the sink or the folder.
+    let acked_in_folder = acked.iter().filter(|n| to_directory(**n)).count();
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut counts: HashMap<usize, usize> = HashMap::new();
+    let mut folder_counts: HashMap<usize, usize> = HashMap::new();
     loop {
         counts.clear();
         for m in sink.received() {
-            let text = String::from_utf8_lossy(&m.data);
-            if let Some(n) = text
-                .split("Subject: crash-")
-                .nth(1)
-                .and_then(|rest| rest.split("\r\n").next())
-                .and_then(|n| n.parse().ok())
-            {
+            if let Some(n) = number_in(&String::from_utf8_lossy(&m.data)) {
                 *counts.entry(n).or_default() += 1;
             }
         }
-        if acked.iter().all(|n| counts.contains_key(n)) || Instant::now() > deadline {
+        // Reading every file only once there may be enough of them.
+        let (eml, _) = folder_names(&folder);
+        if eml.len() >= acked_in_folder {
+            folder_counts.clear();
+            for name in eml {
+                let text = std::fs::read_to_string(folder.join(name)).unwrap_or_default();
+                if let Some(n) = number_in(&text) {
+                    *folder_counts.entry(n).or_default() += 1;
+                }
+            }
+        }
+        let arrived = |n: &usize| {
+            if to_directory(*n) {
+                folder_counts.contains_key(n)
+            } else {
+                counts.contains_key(n)
+            }
+        };
+        if acked.iter().all(arrived) || Instant::now() > deadline {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let lost: Vec<&usize> = acked.iter().filter(|n| !counts.contains_key(n)).collect();
+    let lost: Vec<&usize> = acked
+        .iter()
+        .filter(|n| !counts.contains_key(n) && !folder_counts.contains_key(n))
+        .collect();
     let duplicates: usize = counts.values().map(|c| c - 1).sum();
-    let unacked_delivered = counts.keys().filter(|n| !acked.contains(n)).count();
+    let folder_duplicates: Vec<(&usize, &usize)> =
+        folder_counts.iter().filter(|(_, c)| **c > 1).collect();
+    let unacked_delivered = counts
+        .keys()
+        .chain(folder_counts.keys())
+        .filter(|n| !acked.contains(n))
+        .count();
+    // Once the queue is empty nothing writes to the folder any more.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = {
+            let guard = worker.lock().unwrap();
+            guard.as_ref().unwrap().admin_call("GET", "/queue")
+        };
+        if (status == 200 && body.contains("\"messages\":[]")) || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, leftovers) = folder_names(&folder);
     eprintln!(
         "crash test: {KILLS} SIGKILLs, {attempted} sessions tried, {} acknowledged, {} lost, \
-         {duplicates} duplicates, {unacked_delivered} delivered without an acknowledgement",
+         {duplicates} duplicates at the next hop, {} in the folder, \
+         {unacked_delivered} delivered without an acknowledgement, {} temp files left",
         acked.len(),
-        lost.len()
+        lost.len(),
+        folder_duplicates.len(),
+        leftovers.len()
     );
     assert!(lost.is_empty(), "acknowledged and lost: {lost:?}");
+    // A re-delivery after a crash replaces its own file.
+    assert!(
+        folder_duplicates.is_empty(),
+        "in the folder more than once: {folder_duplicates:?}"
+    );
+    assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
     drop(worker);
 }
 

@@ -1,14 +1,23 @@
 //! The worker's part of the admin endpoint: `GET /status` and queue
 //! administration (`GET /queue`, `GET /queue/ID`, `POST /queue/ID/retry`,
 //! `POST /queue/ID/bounce`, `DELETE /queue/ID`). Answers are JSON.
+//!
+//! A retry goes through the schedule (coalesced with an attempt under
+//! way). A bounce or delete takes the message over from the schedule
+//! first: an attempt under way is asked to stop at its next safe point and
+//! finishes its state update before the operation reads the message; the
+//! operation runs to its end even if the caller hangs up.
 
 use std::sync::Arc;
 
 use ferry_queue::{QueueId, RecipientState, SpooledMessage};
 use ferry_telemetry::admin::{AdminAnswer, AdminApi};
 use serde_json::{json, Value};
+use tracing::warn;
 
+use super::schedule::{Kick, Outcome};
 use super::Deliverer;
+use crate::tracking::TrackingEvent;
 
 fn describe(m: &SpooledMessage) -> Value {
     json!({
@@ -28,7 +37,74 @@ fn describe(m: &SpooledMessage) -> Value {
 }
 
 fn error(status: u16, text: &str) -> Option<(u16, String)> {
-    Some((status, json!({ "error": text }).to_string()))
+    Some(answer_error(status, text))
+}
+
+fn answer_error(status: u16, text: &str) -> (u16, String) {
+    (status, json!({ "error": text }).to_string())
+}
+
+fn not_queued(id: &QueueId) -> String {
+    format!("no message {id} in the queue")
+}
+
+fn done(id: &QueueId, action: &str) -> (u16, String) {
+    (
+        200,
+        json!({ "id": id.as_str(), "action": action }).to_string(),
+    )
+}
+
+impl Deliverer {
+    /// Fails every pending recipient of `id` and bounces them to the
+    /// sender, once the message is ours (an attempt under way stops first).
+    async fn bounce_now(self: Arc<Self>, id: QueueId) -> (u16, String) {
+        let lease = self.schedule.hold(&id, true).await;
+        // Read after the hold: the attempt's state update is in.
+        let Some(m) = self.journal.message(&id) else {
+            lease.release(Outcome::Done);
+            return answer_error(404, &not_queued(&id));
+        };
+        let message = match self.read_body(&m).await {
+            Ok(b) => b,
+            Err(e) => {
+                lease.release(Outcome::Unchanged);
+                return answer_error(500, &e.to_string());
+            }
+        };
+        let mut state = m.state.clone();
+        for r in state.recipients.iter_mut().filter(|r| r.state.is_pending()) {
+            r.state = RecipientState::Failed {
+                reply: "5.0.0 Bounced by an administrator".into(),
+                next_hop: None,
+            };
+        }
+        let config = Arc::clone(&self.worker.runtime().config);
+        let next = self.conclude(&config, &m, state, &message).await;
+        lease.release(next.map_or(Outcome::Done, Outcome::RetryAt));
+        done(&id, "bounce")
+    }
+
+    /// Removes `id` without a bounce, once the message is ours (an attempt
+    /// under way stops first), and says so in the tracking log.
+    async fn delete_now(self: Arc<Self>, id: QueueId) -> (u16, String) {
+        let lease = self.schedule.hold(&id, true).await;
+        let Some(m) = self.journal.message(&id) else {
+            lease.release(Outcome::Done);
+            return answer_error(404, &not_queued(&id));
+        };
+        if let Err(e) = self.journal.retire(&id).await {
+            lease.release(Outcome::Unchanged);
+            return answer_error(500, &e.to_string());
+        }
+        lease.release(Outcome::Done);
+        warn!(queue_id = %id, "message deleted by an administrator, without a bounce");
+        let mut e = TrackingEvent::new("deleted", &m.id, &m.envelope);
+        e.recipients = m.state.pending().map(|r| &r.address).collect();
+        e.attempt = Some(m.state.attempts);
+        self.worker.tracking.record(&e);
+        done(&id, "delete")
+    }
 }
 
 /// The queue, as the admin endpoint shows and changes it.
@@ -69,51 +145,31 @@ impl QueueAdmin {
             return error(400, "a queue id is 20 hex digits");
         };
         let Some(m) = d.journal.message(&id) else {
-            return error(404, &format!("no message {id} in the queue"));
+            return error(404, &not_queued(&id));
         };
         match (method, parts.get(1).copied()) {
             ("GET", None) => Some((200, describe(&m).to_string())),
             ("POST", Some("retry")) => {
-                let mut state = m.state.clone();
-                state.next_attempt = 0;
-                if let Err(e) = d.journal.record_state(&id, &state).await {
-                    return error(500, &e.to_string());
-                }
-                d.kick(id.clone());
+                let when = match d.kick(&id) {
+                    Kick::AfterCurrent => "after the current attempt",
+                    // Unknown: stored an instant ago, about to be tried.
+                    Kick::Now | Kick::Unknown => "now",
+                };
                 Some((
                     200,
-                    json!({ "id": id.as_str(), "action": "retry" }).to_string(),
+                    json!({ "id": id.as_str(), "action": "retry", "attempt": when }).to_string(),
                 ))
             }
             ("POST", Some("bounce")) => {
-                let mut state = m.state.clone();
-                for r in state.recipients.iter_mut().filter(|r| r.state.is_pending()) {
-                    r.state = RecipientState::Failed {
-                        reply: "5.0.0 Bounced by an administrator".into(),
-                        next_hop: None,
-                    };
-                }
-                let message = match d.journal.body(&m) {
-                    Ok(b) => b,
-                    Err(e) => return error(500, &e.to_string()),
-                };
-                let config = d.worker.runtime().config.clone();
-                d.conclude(&config, &m, state, &message).await;
-                Some((
-                    200,
-                    json!({ "id": id.as_str(), "action": "bounce" }).to_string(),
-                ))
+                let d = Arc::clone(d);
+                let done = tokio::spawn(async move { d.bounce_now(id).await }).await;
+                Some(done.unwrap_or_else(|e| (500, json!({ "error": e.to_string() }).to_string())))
             }
-            ("DELETE", None) => match d.journal.retire(&id).await {
-                Ok(()) => {
-                    tracing::warn!(queue_id = %id, "message deleted by an administrator, without a bounce");
-                    Some((
-                        200,
-                        json!({ "id": id.as_str(), "action": "delete" }).to_string(),
-                    ))
-                }
-                Err(e) => error(500, &e.to_string()),
-            },
+            ("DELETE", None) => {
+                let d = Arc::clone(d);
+                let done = tokio::spawn(async move { d.delete_now(id).await }).await;
+                Some(done.unwrap_or_else(|e| (500, json!({ "error": e.to_string() }).to_string())))
+            }
             _ => error(
                 405,
                 "GET /queue/ID, POST /queue/ID/retry, POST /queue/ID/bounce, DELETE /queue/ID",

@@ -2,19 +2,21 @@
 //! recipient's copy along its route, records a state per recipient,
 //! retries temporary failures on the configured schedule, and reports to
 //! the sender (a delay notice, then a bounce) as RFC 3464 DSNs.
+//!
+//! Which message is tried when is the [`schedule`]'s business: one
+//! attempt or one administrator's operation per message at a time.
 
 mod admin;
 mod client;
 mod directory;
 mod mx;
 mod pool;
+pub mod schedule;
 
 pub use admin::QueueAdmin;
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashSet};
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_config::{ClusterConfig, NextHop, Route, RouteAction, TlsPolicy};
@@ -35,6 +37,7 @@ use crate::server::Worker;
 use crate::tracking::TrackingEvent;
 use mx::{MxError, MxResolver};
 use pool::Target;
+use schedule::{Lease, Outcome, Schedule, ScheduleStats};
 
 /// Attempts running at once.
 const CONCURRENT_ATTEMPTS: usize = 64;
@@ -46,9 +49,9 @@ pub struct Deliverer {
     slots: Arc<Semaphore>,
     sessions: pool::SessionPool,
     resolver: MxResolver,
-    /// Messages an administrator wants tried now.
-    kicks: tokio::sync::mpsc::UnboundedSender<QueueId>,
-    kicked: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<QueueId>>>,
+    /// Where every queued message stands: waiting, or held by one attempt
+    /// or one administrator's operation.
+    schedule: Arc<Schedule>,
 }
 
 fn unix_now() -> i64 {
@@ -57,60 +60,47 @@ fn unix_now() -> i64 {
 
 impl Deliverer {
     pub fn new(worker: Arc<Worker>, journal: Journal) -> Arc<Self> {
-        let (kicks, kicked) = tokio::sync::mpsc::unbounded_channel();
         Arc::new(Self {
-            kicks,
-            kicked: Mutex::new(Some(kicked)),
             worker,
             journal,
             slots: Arc::new(Semaphore::new(CONCURRENT_ATTEMPTS)),
             sessions: pool::SessionPool::default(),
             resolver: MxResolver::default(),
+            schedule: Arc::default(),
         })
     }
 
-    /// Delivers until `shutdown` is cancelled. Messages wait in a heap by
-    /// the time of their next attempt; new ones arrive from the spool, and
-    /// each finished attempt puts its message back with its next time (or
-    /// not, once it is done).
+    /// Delivers until `shutdown` is cancelled. Every message in the spool
+    /// (and every one stored from now on) waits in the schedule for its
+    /// next attempt; an attempt starts when one is due and one of the
+    /// [`CONCURRENT_ATTEMPTS`] slots is free, and gives the message back
+    /// with its next time (or not, once it is done).
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let Some(mut arrivals) = self.journal.take_arrivals() else {
             warn!("a delivery agent already runs on this spool");
             return;
         };
-        let Some(mut kicked) = self.kicked.lock().unwrap_or_else(|p| p.into_inner()).take() else {
-            return;
-        };
-        let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel::<(QueueId, Option<i64>)>();
-        let mut in_flight: HashSet<QueueId> = HashSet::new();
+        for m in self.journal.messages() {
+            self.schedule.insert(m.id, m.state.next_attempt);
+        }
+        self.remove_directory_leftovers().await;
         let mut gauges_at = tokio::time::Instant::now();
         let mut sweeps = tokio::time::interval(pool::IDLE_FOR);
-        let mut due: BinaryHeap<Reverse<(i64, QueueId)>> = self
-            .journal
-            .messages()
-            .into_iter()
-            .map(|m| Reverse((m.state.next_attempt, m.id)))
-            .collect();
         loop {
             let now = unix_now();
-            while due.peek().is_some_and(|Reverse((t, _))| *t <= now) {
-                let Some(Reverse((_, id))) = due.pop() else {
+            // A slot first, then a message: one left waiting stays
+            // visible to retries and operations, never held for nothing.
+            while let Ok(permit) = Arc::clone(&self.slots).try_acquire_owned() {
+                let Some(lease) = self.schedule.take_due(now) else {
                     break;
                 };
-                let Some(m) = self.journal.message(&id) else {
-                    continue;
-                };
-                let Ok(permit) = Arc::clone(&self.slots).acquire_owned().await else {
-                    return;
-                };
                 let me = Arc::clone(&self);
-                let done_tx = done_tx.clone();
-                let span = tracing::info_span!("delivery", queue_id = %id);
+                let span = tracing::info_span!("delivery", queue_id = %lease.id());
                 tokio::spawn(
                     async move {
-                        let next = me.attempt(m).await;
+                        let outcome = me.attempt(&lease).await;
                         drop(permit);
-                        let _ = done_tx.send((id, next));
+                        lease.release(outcome);
                     }
                     .instrument(span),
                 );
@@ -119,28 +109,52 @@ impl Deliverer {
                 self.queue_gauges(now);
                 gauges_at = tokio::time::Instant::now();
             }
-            let wait = due
-                .peek()
-                .map_or(60, |Reverse((t, _))| (t - now).clamp(1, 60));
+            let wait = self
+                .schedule
+                .next_due()
+                .map_or(60, |t| (t - now).clamp(1, 60));
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                Some(id) = arrivals.recv() => due.push(Reverse((0, id))),
-                Some(id) = kicked.recv() => due.push(Reverse((0, id))),
+                Some(id) = arrivals.recv() => self.schedule.insert(id, 0),
+                // A retry, or an attempt given back (its slot is free).
+                _ = self.schedule.changed() => {}
                 _ = sweeps.tick() => self.sessions.sweep(),
-                Some((id, next)) = done.recv() => {
-                    in_flight.remove(&id);
-                    if let Some(t) = next {
-                        due.push(Reverse((t, id)));
-                    }
-                }
                 _ = tokio::time::sleep(Duration::from_secs(u64::try_from(wait).unwrap_or(1))) => {}
             }
         }
     }
 
-    /// Asks for an attempt now (queue administration).
-    pub fn kick(&self, id: QueueId) {
-        let _ = self.kicks.send(id);
+    /// Asks for an attempt now (queue administration); one already running
+    /// is followed by one more, however many retries arrive meanwhile.
+    pub fn kick(&self, id: &QueueId) -> schedule::Kick {
+        self.schedule.kick(id)
+    }
+
+    /// The schedule's counts (for tests and status).
+    pub fn schedule_stats(&self) -> ScheduleStats {
+        self.schedule.stats()
+    }
+
+    /// Removes the temp files a crash left in the folders of directory
+    /// routes (a re-delivery would replace them anyway; a message that is
+    /// never delivered again would leave them for good).
+    async fn remove_directory_leftovers(&self) {
+        let config = Arc::clone(&self.worker.runtime().config);
+        for route in &config.routes {
+            let RouteAction::Directory(dir) = &route.action else {
+                continue;
+            };
+            let dir = dir.clone();
+            let shown = dir.display().to_string();
+            match tokio::task::spawn_blocking(move || directory::remove_leftovers(&dir)).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => info!(folder = %shown, removed = n, "removed temp files a crash left"),
+                Ok(Err(e)) => {
+                    warn!(folder = %shown, error = %e, "cannot clear temp files a crash left")
+                }
+                Err(e) => warn!(folder = %shown, error = %e, "clearing temp files failed"),
+            }
+        }
     }
 
     /// Messages by state and the oldest one's age.
@@ -158,19 +172,38 @@ impl Deliverer {
         metrics::gauge!(metric::QUEUE_OLDEST_AGE).set((now - oldest).max(0) as f64);
     }
 
-    /// One delivery attempt for every pending recipient of `m`.
-    /// Returns when to try again, or `None` once the message is done.
-    async fn attempt(&self, m: SpooledMessage) -> Option<i64> {
+    /// One delivery attempt for every pending recipient of the message
+    /// `lease` holds. Returns what became of it.
+    async fn attempt(&self, lease: &Lease) -> Outcome {
+        let Some(m) = self.journal.message(lease.id()) else {
+            // Retired while it waited (deleted, or finished by an operation).
+            return Outcome::Done;
+        };
+        if lease.stop().is_cancelled() {
+            return Outcome::Unchanged;
+        }
         let started = std::time::Instant::now();
-        let next = self.attempt_inner(m).await;
+        let next = self.attempt_inner(m, lease.stop()).await;
         metrics::histogram!(metric::DELIVERY_DURATION).record(started.elapsed().as_secs_f64());
-        next
+        next.map_or(Outcome::Done, Outcome::RetryAt)
     }
 
-    async fn attempt_inner(&self, m: SpooledMessage) -> Option<i64> {
+    /// A message's bytes, read on the blocking pool (up to the size limit,
+    /// 36 MB by default: too long to hold a runtime thread).
+    pub(crate) async fn read_body(&self, m: &SpooledMessage) -> std::io::Result<Arc<Vec<u8>>> {
+        let (journal, m) = (self.journal.clone(), m.clone());
+        tokio::task::spawn_blocking(move || journal.body(&m))
+            .await
+            .map_err(std::io::Error::other)?
+            .map(Arc::new)
+    }
+
+    /// The attempt proper. `stop`: an operation wants the message; groups
+    /// not yet sent are left as they were.
+    async fn attempt_inner(&self, m: SpooledMessage, stop: &CancellationToken) -> Option<i64> {
         let runtime = self.worker.runtime();
         let config = Arc::clone(&runtime.config);
-        let message = match self.journal.body(&m) {
+        let message = match self.read_body(&m).await {
             Ok(b) => b,
             Err(e) => {
                 warn!(error = %e, "cannot read the message from the spool; trying later");
@@ -195,9 +228,16 @@ impl Deliverer {
             }
         }
         for (route, recipients) in groups {
+            if stop.is_cancelled() {
+                info!(
+                    attempt = state.attempts,
+                    "attempt stopped for an administrator's operation"
+                );
+                break;
+            }
             let route = route.and_then(|i| config.routes.get(i));
             let results = self
-                .send_group(&config, route, &m, &recipients, &message)
+                .send_group(&config, route, &m, &recipients, &message, stop)
                 .await;
             for (address, result) in results {
                 self.track(&m, &address, &result, state.attempts);
@@ -209,13 +249,16 @@ impl Deliverer {
         self.conclude(&config, &m, state, &message).await
     }
 
+    /// Sends one route's group; returns a state for each recipient that
+    /// has one (none for those not tried because `stop` came first).
     async fn send_group(
         &self,
         config: &ClusterConfig,
         route: Option<&Route>,
         m: &SpooledMessage,
         recipients: &[Mailbox],
-        message: &[u8],
+        message: &Arc<Vec<u8>>,
+        stop: &CancellationToken,
     ) -> Vec<(Mailbox, RecipientState)> {
         let Some(route) = route else {
             counter!(metric::DELIVERY_ATTEMPTS, "result" => "no_route").increment(1);
@@ -234,7 +277,7 @@ impl Deliverer {
                     m.id.clone(),
                     m.envelope.clone(),
                     recipients.to_vec(),
-                    message.to_vec(),
+                    Arc::clone(message),
                 );
                 let written = tokio::task::spawn_blocking(move || {
                     directory::write_eml(&dir, &id, &env, &rcpts, &msg)
@@ -282,7 +325,7 @@ impl Deliverer {
                     .iter()
                     .map(|hop| Target { hop, address: None })
                     .collect();
-                self.relay(config, &targets, &settings, m, recipients, message)
+                self.relay(config, &targets, &settings, m, recipients, message, stop)
                     .await
             }
             RouteAction::Mx {
@@ -293,6 +336,9 @@ impl Deliverer {
                 let settings = self.hop_settings(config, *tls, *verify_certificates, None);
                 let mut results = Vec::new();
                 for (domain, recipients) in by_domain(recipients) {
+                    if stop.is_cancelled() {
+                        break;
+                    }
                     let found = match domain.literal() {
                         // RFC 5321 §5.1: an address literal is the host.
                         Some(ip) => Ok(vec![mx::Exchanger {
@@ -346,7 +392,7 @@ impl Deliverer {
                         })
                         .collect();
                     results.extend(
-                        self.relay(config, &targets, &settings, m, &recipients, message)
+                        self.relay(config, &targets, &settings, m, &recipients, message, stop)
                             .await,
                     );
                 }
@@ -374,6 +420,10 @@ impl Deliverer {
 
     /// One transaction with the first of `targets` that answers; the next
     /// one is tried only when a hop cannot be reached or fails mid-session.
+    /// `stop` ends it before the next target, or while waiting for or
+    /// connecting to one (the recipients get no new state), never once
+    /// the message is on its way.
+    #[allow(clippy::too_many_arguments)]
     async fn relay(
         &self,
         config: &ClusterConfig,
@@ -382,6 +432,7 @@ impl Deliverer {
         m: &SpooledMessage,
         recipients: &[Mailbox],
         message: &[u8],
+        stop: &CancellationToken,
     ) -> Vec<(Mailbox, RecipientState)> {
         let tx = client::Transaction {
             mail_from: &m.envelope.mail_from,
@@ -396,10 +447,14 @@ impl Deliverer {
             let hop = target.label();
             match self
                 .sessions
-                .deliver(target, settings, max_per_hop, &tx)
+                .deliver(target, settings, max_per_hop, &tx, stop)
                 .await
             {
-                Ok(outcomes) => {
+                Ok(None) => {
+                    info!(next_hop = %hop, "stopped before sending, for an administrator's operation");
+                    return Vec::new();
+                }
+                Ok(Some(outcomes)) => {
                     return recipients
                         .iter()
                         .cloned()

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use ferry_config::NextHop;
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 use super::client::{self, HopError, HopSettings, RecipientOutcome, Session, Transaction};
 
@@ -84,17 +85,25 @@ impl SessionPool {
     }
 
     /// Sends `tx` to `target`, on an idle session if there is one, waiting
-    /// while `max_per_hop` transactions already run towards it.
+    /// while `max_per_hop` transactions already run towards it. `Ok(None)`:
+    /// `stop` came while waiting for the hop or connecting to it, before
+    /// anything of the message was sent; once sending began, it finishes
+    /// (stopping then could leave the hop with a copy we do not know of).
     pub async fn deliver(
         &self,
         target: &Target<'_>,
         settings: &HopSettings<'_>,
         max_per_hop: usize,
         tx: &Transaction<'_>,
-    ) -> Result<Vec<RecipientOutcome>, HopError> {
+        stop: &CancellationToken,
+    ) -> Result<Option<Vec<RecipientOutcome>>, HopError> {
         let hop_key = target.label();
         let slots = self.slots(&hop_key, max_per_hop);
-        let _slot = slots.acquire().await.ok();
+        let _slot = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return Ok(None),
+            slot = slots.acquire() => slot.ok(),
+        };
         let key = format!(
             "{hop_key}|{:?}|{}|{}",
             settings.tls,
@@ -105,7 +114,7 @@ impl SessionPool {
             match session.send(tx).await {
                 Ok(outcomes) => {
                     self.put(key, session, max_per_hop);
-                    return Ok(outcomes);
+                    return Ok(Some(outcomes));
                 }
                 // A real answer from the hop stands.
                 Err(e @ (HopError::Refused { .. } | HopError::Unsuitable { .. })) => return Err(e),
@@ -113,13 +122,17 @@ impl SessionPool {
                 Err(_) => {}
             }
         }
-        let mut session = client::open(target, settings).await?;
+        let mut session = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return Ok(None),
+            opened = client::open(target, settings) => opened?,
+        };
         let result = session.send(tx).await;
         if result.is_ok() {
             self.put(key, session, max_per_hop);
         } else {
             session.quit().await;
         }
-        result
+        result.map(Some)
     }
 }

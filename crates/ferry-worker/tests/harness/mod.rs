@@ -32,6 +32,8 @@ pub struct Harness {
     /// IPv6 listener on ::1.
     pub v6: SocketAddr,
     pub task: tokio::task::JoinHandle<()>,
+    /// The delivery agent, when the worker delivers.
+    pub deliverer: Option<Arc<Deliverer>>,
 }
 
 pub fn ip(s: &str) -> Option<IpAddr> {
@@ -172,10 +174,11 @@ allowed_ranges = ["127.0.0.40/32"]
             runtime,
             Arc::new(spool),
         );
-        if delivery {
+        let deliverer = delivery.then(|| {
             let deliverer = Deliverer::new(Arc::clone(&worker), journal);
-            tokio::spawn(deliverer.run(worker.shutdown_token()));
-        }
+            tokio::spawn(Arc::clone(&deliverer).run(worker.shutdown_token()));
+            deliverer
+        });
         let task = tokio::spawn(
             Arc::clone(&worker).run(vec![front_l, client_l, v6_l], Duration::from_secs(10)),
         );
@@ -187,6 +190,7 @@ allowed_ranges = ["127.0.0.40/32"]
             client,
             v6,
             task,
+            deliverer,
         }
     }
 
