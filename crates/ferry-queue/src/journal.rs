@@ -355,6 +355,7 @@ impl Spool for Journal {
             drop(message);
             let effect = Effect::Store {
                 id: id.clone(),
+                state: DeliveryState::new(&envelope.rcpt_to),
                 envelope,
                 body_at,
                 body_len,
