@@ -52,7 +52,12 @@ impl Index {
                 records,
                 good_end,
                 size,
-            } = read_segment(&path)?;
+            } = match read_segment(&path) {
+                // Deleted since the listing by the journal that runs (an
+                // inspection while it works): it held nothing live.
+                Err(e) if e.kind() == io::ErrorKind::NotFound && !repair => continue,
+                other => other?,
+            };
             let mut kept = size;
             if good_end < size && repair {
                 if Some(n) == newest {
