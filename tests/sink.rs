@@ -129,12 +129,22 @@ impl SmtpSink {
         let mut from = String::new();
         let mut rcpts = Vec::new();
         let mut in_data = false;
+        // Where the search for the end of data goes on: only new bytes are
+        // searched, so a large message costs one pass, not one per read.
+        let mut searched = 0;
         loop {
             if in_data {
-                if let Some(end) = buf.windows(5).position(|w| w == b"\r\n.\r\n") {
+                let start = searched.min(buf.len()).saturating_sub(4);
+                searched = buf.len();
+                if let Some(end) = buf[start..]
+                    .windows(5)
+                    .position(|w| w == b"\r\n.\r\n")
+                    .map(|at| start + at)
+                {
                     let data = buf[..end + 2].to_vec();
                     buf.drain(..end + 5);
                     in_data = false;
+                    searched = 0;
                     if rcpts.iter().any(|r: &String| r.starts_with("slow")) {
                         tokio::time::sleep(Duration::from_millis(300)).await;
                     }
@@ -188,6 +198,7 @@ impl SmtpSink {
                     }
                 } else if upper == "DATA" {
                     in_data = true;
+                    searched = 0;
                     "354 go ahead".into()
                 } else if upper == "QUIT" {
                     stream.write_all(b"221 2.0.0 bye\r\n").await?;

@@ -5,7 +5,10 @@
 //! may the worker answer `250`. [`Journal`] appends messages to segment
 //! files and makes many durable with one `fdatasync` (group commit), so a
 //! crash at any moment leaves each message whole or absent, and nothing
-//! acknowledged is lost.
+//! acknowledged is lost. It deletes segments once their messages are gone,
+//! and re-appends the few live messages of an old segment (compaction) so
+//! that a message deferred for days does not keep every later segment on
+//! disk.
 //!
 //! Modules: [`dsn`] (bounces and delay notices, RFC 3464), [`envelope`] (what is stored with a message), [`journal`] (the
 //! on-disk spool and its recovery), [`state`] (per-recipient delivery state). Delivery, retries and DSNs build on

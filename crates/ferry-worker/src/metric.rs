@@ -17,6 +17,7 @@ pub const QUEUE_MESSAGES: &str = "ferry_queue_messages";
 pub const QUEUE_OLDEST_AGE: &str = "ferry_queue_oldest_message_age_seconds";
 pub const DELIVERY_ATTEMPTS: &str = "ferry_delivery_attempts_total";
 pub const DELIVERY_DURATION: &str = "ferry_delivery_duration_seconds";
+pub const LOG_LINES_DROPPED: &str = "ferry_log_lines_dropped_total";
 
 /// Registers each metric's help text and unit with the recorder (call once
 /// it is installed).
@@ -60,6 +61,10 @@ pub fn describe() {
     describe_counter!(
         DELIVERY_ATTEMPTS,
         "Delivery attempts per recipient, by result"
+    );
+    describe_counter!(
+        LOG_LINES_DROPPED,
+        "Protocol log lines dropped because the log writer was behind, by log"
     );
     describe_histogram!(
         DELIVERY_DURATION,

@@ -9,12 +9,19 @@ use std::sync::Arc;
 
 use chrono::Utc;
 
-use crate::daily::DailyFile;
+use crate::daily::{DailyFile, Overflow};
+
+/// Lines that may wait for the writer thread (a few seconds of a busy
+/// node's sessions).
+const QUEUED_LINES: usize = 64 * 1024;
 
 const FIELDS: &str =
     "date-time,connector-id,session-id,sequence-number,local-endpoint,remote-endpoint,event,data,context";
 
-/// The shared writer of one node's protocol log.
+/// The shared writer of one node's protocol log. Lines are written by a
+/// thread of its own; when it is `QUEUED_LINES` behind, lines are dropped
+/// and counted (`ferry_log_lines_dropped_total{log="RECV"}`): a
+/// diagnostic log must never slow the sessions it describes.
 pub struct ProtocolLogger {
     file: DailyFile,
 }
@@ -31,7 +38,7 @@ impl ProtocolLogger {
     pub fn new(data_dir: &Path) -> Self {
         let dir = data_dir.join("logs").join("smtp-receive");
         Self {
-            file: DailyFile::new(dir, "RECV", "LOG", header),
+            file: DailyFile::new(dir, "RECV", "LOG", header, Overflow::Drop, QUEUED_LINES),
         }
     }
 
@@ -40,8 +47,13 @@ impl ProtocolLogger {
         self.file.path_for(day)
     }
 
-    fn write_line(&self, line: &str) -> std::io::Result<()> {
-        self.file.append(line)
+    fn write_line(&self, line: String) {
+        self.file.append(line);
+    }
+
+    /// Resolves once every line logged before is written.
+    pub async fn flush(&self) {
+        self.file.flush().await;
     }
 }
 
@@ -123,8 +135,6 @@ impl SessionLog {
             csv(context),
         );
         self.seq += 1;
-        if let Err(e) = logger.write_line(&line) {
-            tracing::warn!(error = %e, "protocol log write failed");
-        }
+        logger.write_line(line);
     }
 }

@@ -183,6 +183,14 @@ impl Worker {
         {
             tracing::warn!("sessions still open after {drain_limit:?}; closing them");
         }
+        self.flush_logs().await;
+    }
+
+    /// Resolves once every log line made so far (tracking and protocol
+    /// logs) is written to its file.
+    pub async fn flush_logs(&self) {
+        self.tracking.flush().await;
+        self.protolog.flush().await;
     }
 
     pub(crate) fn shutting_down(&self) -> &CancellationToken {

@@ -10,7 +10,11 @@ use ferry_queue::{QueueId, StoredEnvelope};
 use ferry_smtp::{Mailbox, ReversePath};
 use serde::Serialize;
 
-use crate::daily::DailyFile;
+use crate::daily::{DailyFile, Overflow};
+
+/// Lines that may wait for the writer thread (a few seconds of a busy
+/// node's events).
+const QUEUED_LINES: usize = 16 * 1024;
 
 /// One event; fields that do not apply are left out.
 #[derive(Debug, Serialize)]
@@ -62,6 +66,11 @@ impl<'a> TrackingEvent<'a> {
     }
 }
 
+/// The node's tracking log. Lines are written by a thread of its own; a
+/// record is never dropped: when the writer is `QUEUED_LINES` behind (a
+/// disk slower than the mail), the task recording waits for room, which
+/// slows the sessions and deliveries that log, rather than leave a
+/// message without its record.
 pub struct TrackingLog {
     file: DailyFile,
 }
@@ -74,6 +83,8 @@ impl TrackingLog {
                 "TRACK",
                 "jsonl",
                 String::new,
+                Overflow::Wait,
+                QUEUED_LINES,
             ),
         }
     }
@@ -87,8 +98,11 @@ impl TrackingLog {
         }
         let mut text = line.to_string();
         text.push('\n');
-        if let Err(e) = self.file.append(&text) {
-            tracing::warn!(error = %e, "tracking log write failed");
-        }
+        self.file.append(text);
+    }
+
+    /// Resolves once every record made before is written.
+    pub async fn flush(&self) {
+        self.file.flush().await;
     }
 }

@@ -73,6 +73,8 @@ async fn the_trusted_proxy_names_the_client() {
     assert!(c.is_closed().await);
 
     // The protocol log names the original client and the balancer session.
+    // Log lines are written by a thread of their own: wait for them.
+    h.worker.flush_logs().await;
     let dir = h.data().join("logs/smtp-receive");
     let file = std::fs::read_dir(&dir).unwrap().next().unwrap().unwrap();
     let text = std::fs::read_to_string(file.path()).unwrap();

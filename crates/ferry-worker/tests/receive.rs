@@ -370,6 +370,8 @@ async fn protocol_log_of_one_session() {
     .await;
     c.cmd("QUIT").await;
     assert!(c.is_closed().await);
+    // Log lines are written by a thread of their own: wait for them.
+    h.worker.flush_logs().await;
     let dir = h.data().join("logs/smtp-receive");
     let file = std::fs::read_dir(&dir)
         .unwrap()

@@ -1,0 +1,368 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::io::Write;
+
+use super::index::COMPACT_SPAN;
+use super::*;
+use crate::state::{RecipientState, RecipientStatus};
+
+/// An envelope, made from its stored (JSON) form so that these tests do
+/// not depend on how the address types are spelled in Rust.
+fn envelope_to(n: usize, rcpt_to: &[&str]) -> StoredEnvelope {
+    serde_json::from_value(serde_json::json!({
+        "mail_from": format!("a{n}@x.test"),
+        "rcpt_to": rcpt_to,
+        "client_ip": "127.0.0.1",
+        "helo": "dev",
+        "connector": "Default",
+        "user": null,
+        "received_at": 0,
+        "body_8bit": false,
+        "smtputf8": false,
+        "session_id": "S1",
+        "message_id": null,
+    }))
+    .unwrap()
+}
+
+fn envelope(n: usize) -> StoredEnvelope {
+    envelope_to(n, &["b@y.test"])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_stores_share_flushes_and_read_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Journal::open(dir.path()).unwrap();
+    let mut tasks = Vec::new();
+    for n in 0..200 {
+        let j = j.clone();
+        tasks.push(tokio::spawn(async move {
+            let body = format!("Subject: {n}\r\n\r\n{}\r\n", "x".repeat(n * 10)).into_bytes();
+            j.store(QueueId::new(), envelope(n), body).await.unwrap()
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let all = j.messages();
+    assert_eq!(all.len(), 200);
+    for m in &all {
+        let body = j.body(m).unwrap();
+        let n: usize = m.envelope.mail_from.to_string()[1..]
+            .split('@')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(
+            body,
+            format!("Subject: {n}\r\n\r\n{}\r\n", "x".repeat(n * 10)).into_bytes()
+        );
+    }
+}
+
+#[tokio::test]
+async fn recovery_keeps_live_drops_retired_and_cuts_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Journal::open(dir.path()).unwrap();
+    let a = j
+        .store(QueueId::new(), envelope(1), b"one\r\n".to_vec())
+        .await
+        .unwrap();
+    let b = j
+        .store(QueueId::new(), envelope(2), b"two\r\n".to_vec())
+        .await
+        .unwrap();
+    j.retire(&a).await.unwrap();
+    drop(j);
+    // A crash in the middle of a write leaves half a record.
+    let seg = segment_path(&dir.path().join("spool"), 0);
+    let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
+    f.write_all(&[200, 0, 0, 0, 1, 2, 3, 4, 1, 2]).unwrap();
+    drop(f);
+
+    let j = Journal::open(dir.path()).unwrap();
+    let live = j.messages();
+    assert_eq!(live.len(), 1);
+    assert_eq!(live[0].id, b);
+    assert_eq!(j.body(&live[0]).unwrap(), b"two\r\n");
+    // New writes land after the cut and are read back too.
+    let c = j
+        .store(QueueId::new(), envelope(3), b"three\r\n".to_vec())
+        .await
+        .unwrap();
+    drop(j);
+    let scanned: Vec<QueueId> = scan(dir.path())
+        .unwrap()
+        .into_iter()
+        .map(|(id, _, _)| id)
+        .collect();
+    assert_eq!(scanned, vec![b, c]);
+}
+
+#[tokio::test]
+async fn retired_segments_are_deleted_oldest_first_and_stay_retired() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let j = Journal::open_with(dir.path(), 1000).unwrap();
+    let mut ids = Vec::new();
+    for n in 0..6 {
+        ids.push(
+            j.store(QueueId::new(), envelope(n), vec![b'x'; 900])
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(segments(&spool).unwrap(), vec![0, 1, 2, 3, 4, 5]);
+    // Segments 1-2 empty out while 0 still holds a live message: they
+    // stay, since they come after it (and too little of the spool is dead
+    // yet for compaction).
+    for id in &ids[1..3] {
+        j.retire(id).await.unwrap();
+    }
+    j.settled().await;
+    // The done records went to a new segment 6.
+    assert_eq!(segments(&spool).unwrap(), vec![0, 1, 2, 3, 4, 5, 6]);
+    j.retire(&ids[0]).await.unwrap();
+    j.settled().await;
+    assert_eq!(segments(&spool).unwrap(), vec![3, 4, 5, 6]);
+    drop(j);
+    let j = Journal::open_with(dir.path(), 1000).unwrap();
+    let live: Vec<QueueId> = j.messages().into_iter().map(|m| m.id).collect();
+    assert_eq!(live, ids[3..].to_vec());
+}
+
+/// A state where one recipient is done and one waits.
+fn half_done(env: &StoredEnvelope) -> DeliveryState {
+    let mut state = DeliveryState::new(&env.rcpt_to);
+    state.recipients[0].state = RecipientState::Delivered {
+        next_hop: "127.0.0.1:25".into(),
+        reply: "250 ok".into(),
+    };
+    state.recipients[1].state = RecipientState::Deferred {
+        reply: "451 later".into(),
+    };
+    state.attempts = 1;
+    state.next_attempt = 1234;
+    state
+}
+
+fn two_recipients(n: usize) -> StoredEnvelope {
+    envelope_to(n, &["a@y.test", "b@y.test"])
+}
+
+#[tokio::test]
+async fn delivery_state_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Journal::open(dir.path()).unwrap();
+    let env = two_recipients(1);
+    let id = j
+        .store(QueueId::new(), env.clone(), b"m\r\n".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(j.message(&id).unwrap().state.pending().count(), 2);
+    let state = half_done(&env);
+    j.record_state(&id, &state).await.unwrap();
+    drop(j);
+    let j = Journal::open(dir.path()).unwrap();
+    let m = j.message(&id).unwrap();
+    assert_eq!(m.state, state);
+    let pending: Vec<&RecipientStatus> = m.state.pending().collect();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].address.to_string(), "b@y.test");
+}
+
+#[tokio::test]
+async fn corrupt_record_is_not_trusted() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Journal::open(dir.path()).unwrap();
+    j.store(QueueId::new(), envelope(1), b"one\r\n".to_vec())
+        .await
+        .unwrap();
+    drop(j);
+    let seg = segment_path(&dir.path().join("spool"), 0);
+    let mut bytes = fs::read(&seg).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    fs::write(&seg, bytes).unwrap();
+    assert!(Journal::open(dir.path()).unwrap().messages().is_empty());
+}
+
+/// Bytes of the segment files in `spool`.
+fn disk_bytes(spool: &Path) -> u64 {
+    segments(spool)
+        .unwrap()
+        .iter()
+        .map(|n| fs::metadata(segment_path(spool, *n)).map_or(0, |m| m.len()))
+        .sum()
+}
+
+#[tokio::test]
+async fn a_deferred_message_does_not_pin_the_spool() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let j = Journal::open_with(dir.path(), 1000).unwrap();
+    let env = two_recipients(0);
+    let body = b"Subject: stays\r\n\r\nstill here\r\n".to_vec();
+    let stays = j
+        .store(QueueId::new(), env.clone(), body.clone())
+        .await
+        .unwrap();
+    let state = half_done(&env);
+    j.record_state(&stays, &state).await.unwrap();
+    // As delivery holds it: taken before any compaction moves it.
+    let held = j.message(&stays).unwrap();
+    let mut peak = 0;
+    for n in 1..=300 {
+        let id = j
+            .store(QueueId::new(), envelope(n), vec![b'x'; 900])
+            .await
+            .unwrap();
+        j.retire(&id).await.unwrap();
+        j.settled().await;
+        peak = peak.max(disk_bytes(&spool));
+    }
+    // 300 segments went through; at most the span and a little more stay.
+    let bound = (COMPACT_SPAN + 3) * 1000;
+    assert!(peak <= bound, "spool grew to {peak} bytes (bound {bound})");
+    assert!(segments(&spool).unwrap()[0] > 250);
+    // The message moved, whole, with its state, and reads back from a
+    // location taken before it moved.
+    assert_ne!(j.message(&stays).unwrap().location, held.location);
+    assert_eq!(j.body(&held).unwrap(), body);
+    drop(j);
+    let j = Journal::open_with(dir.path(), 1000).unwrap();
+    let live = j.messages();
+    assert_eq!(live.len(), 1);
+    assert_eq!(live[0].id, stays);
+    assert_eq!(live[0].envelope, env);
+    assert_eq!(live[0].state, state);
+    assert_eq!(j.body(&live[0]).unwrap(), body);
+}
+
+/// Every file of a spool directory.
+fn snapshot(spool: &Path) -> BTreeMap<String, Vec<u8>> {
+    fs::read_dir(spool)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().to_string(),
+                fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The spool a crash leaves when the disk holds the files of `before`
+/// plus the first `cut` bytes that the run to `after` appended (segments
+/// only grow; new ones come after the old), and no deletion yet.
+fn crashed(
+    before: &BTreeMap<String, Vec<u8>>,
+    after: &BTreeMap<String, Vec<u8>>,
+    cut: usize,
+) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    fs::create_dir_all(&spool).unwrap();
+    let mut left = cut;
+    for (name, old) in before {
+        fs::write(spool.join(name), old).unwrap();
+    }
+    for (name, new) in after {
+        let old_len = before.get(name).map_or(0, Vec::len);
+        assert!(new.len() >= old_len, "{name} shrank");
+        let take = (new.len() - old_len).min(left);
+        left -= take;
+        if before.contains_key(name) || take > 0 {
+            fs::write(spool.join(name), &new[..old_len + take]).unwrap();
+        }
+    }
+    dir
+}
+
+#[tokio::test]
+async fn a_crash_at_any_point_of_a_compaction_recovers_each_message_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let j = Journal::open_with(dir.path(), 1000).unwrap();
+    let env = two_recipients(0);
+    let body = b"Subject: stays\r\n\r\nstill here\r\n".to_vec();
+    let stays = j
+        .store(QueueId::new(), env.clone(), body.clone())
+        .await
+        .unwrap();
+    let state = half_done(&env);
+    j.record_state(&stays, &state).await.unwrap();
+    j.settled().await;
+    // Until a store sets compaction off: what was on disk before it, and
+    // after it and the compaction step it caused.
+    let mut found = None;
+    for n in 1..50 {
+        let before = snapshot(&spool);
+        let first = j.message(&stays).unwrap().location;
+        let id = j
+            .store(QueueId::new(), envelope(n), vec![b'x'; 900])
+            .await
+            .unwrap();
+        j.settled().await;
+        if j.message(&stays).unwrap().location != first {
+            found = Some((before, snapshot(&spool), id));
+            break;
+        }
+        j.retire(&id).await.unwrap();
+    }
+    drop(j);
+    let (before, after, last) = found.expect("compaction never ran");
+    assert!(after.len() < before.len(), "no segment was deleted");
+    let appended: usize = after
+        .iter()
+        .map(|(name, new)| new.len() - before.get(name).map_or(0, Vec::len))
+        .sum();
+    // Crash points in what was appended (the store's record, then the
+    // copy), without the deletions: at, just before and just after every
+    // record boundary, and every 50th byte in between; then the end state
+    // with the deletions.
+    let mut cuts: Vec<usize> = (0..=appended).step_by(50).collect();
+    let mut at = 0;
+    for (name, new) in &after {
+        let mut offset = before.get(name).map_or(0, Vec::len);
+        while let Some((len, _)) = record::header(&new[offset..]) {
+            at += HEADER + len as usize;
+            offset += HEADER + len as usize;
+            cuts.extend([at - 1, at, at + 1]);
+        }
+    }
+    assert_eq!(at, appended);
+    cuts.sort_unstable();
+    cuts.dedup();
+    let mut states = Vec::new();
+    for cut in cuts.into_iter().filter(|c| *c <= appended) {
+        states.push((cut, crashed(&before, &after, cut)));
+    }
+    states.push((appended, crashed(&after, &after, 0)));
+    for (cut, dir) in states {
+        let j = Journal::open_with(dir.path(), 1000).unwrap();
+        let live = j.messages();
+        let ids: Vec<&QueueId> = live.iter().map(|m| &m.id).collect();
+        // The deferred message exactly once, its state and bytes intact;
+        // the last store's message there once it was whole.
+        assert!(ids.contains(&&stays), "cut {cut}: lost it");
+        assert!(ids.len() <= 2, "cut {cut}: {ids:?}");
+        assert!(ids.iter().all(|id| **id == stays || **id == last));
+        let m = j.message(&stays).unwrap();
+        assert_eq!(m.state, state, "cut {cut}");
+        assert_eq!(m.envelope, env, "cut {cut}");
+        assert_eq!(j.body(&m).unwrap(), body, "cut {cut}");
+        if cut == appended {
+            assert_eq!(ids.len(), 2, "cut {cut}");
+        }
+        // And it keeps working: the next restart reads the same.
+        drop(j);
+        let again = Journal::open_with(dir.path(), 1000).unwrap();
+        assert_eq!(again.messages().len(), live.len(), "cut {cut}");
+        assert_eq!(again.message(&stays).unwrap().state, state);
+    }
+}
