@@ -1,6 +1,6 @@
 //! The message tracking log: one JSON line per event in the life of a
 //! message (`received`, `delivered`, `deferred`, `failed`, `expired`,
-//! `bounced`, `delay_notified`), one file a day under
+//! `bounced`, `delay_notified`, `deleted`), one file a day under
 //! `DATA/logs/tracking/TRACKyyyymmdd.jsonl`. It answers "which device sent
 //! this message, and where did it go?".
 
