@@ -154,9 +154,17 @@ fn read_segment(path: &Path) -> io::Result<SegmentScan> {
         if crc32fast::hash(&payload) != crc {
             break;
         }
+        // A whole record (its CRC matched) that does not decode was
+        // written by a version that stored something this one cannot read:
+        // skip it, loudly, rather than take it for a torn tail and cut
+        // every acknowledged record after it.
         match record::decode(&payload, offset + HEADER as u64) {
             Some(r) => records.push((offset, end - offset, r)),
-            None => break,
+            None => tracing::error!(
+                segment = %path.display(),
+                offset,
+                "a spool record this version cannot read; skipped"
+            ),
         }
         offset = end;
     }

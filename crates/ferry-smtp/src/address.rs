@@ -433,14 +433,28 @@ impl<'de> Deserialize<'de> for Mailbox {
     }
 }
 
-/// A mailbox read back from storage. Spools written before addresses kept
-/// their quotes hold the unquoted text (`odd user@example.test`): that is
-/// re-quoted rather than the mail lost.
+/// A mailbox read back from storage, never refused for its syntax: mail
+/// that was acknowledged must not be lost because a later version parses
+/// more strictly. Spools written before addresses kept their quotes hold
+/// the unquoted text (`odd user@example.test`), which is re-quoted; a
+/// domain or local part the parser now refuses (the old parser took `_` in
+/// domains) is kept as it was stored.
+///
+/// # Errors
+/// [`AddressError::MissingAt`] for text without `@`, which no version
+/// stored as a mailbox.
 fn stored_mailbox(text: &str) -> Result<Mailbox, AddressError> {
-    Mailbox::parse(text).or_else(|_| {
-        let (local, domain) = text.rsplit_once('@').ok_or(AddressError::MissingAt)?;
-        Mailbox::from_parts(local, Domain::parse(domain)?)
-    })
+    if let Ok(m) = Mailbox::parse(text) {
+        return Ok(m);
+    }
+    let (local, domain) = text.rsplit_once('@').ok_or(AddressError::MissingAt)?;
+    let domain = Domain::parse(domain).unwrap_or_else(|_| Domain::Name(domain.to_string()));
+    Ok(
+        Mailbox::from_parts(local, domain.clone()).unwrap_or_else(|_| Mailbox {
+            local_part: local.to_string(),
+            domain,
+        }),
+    )
 }
 
 impl Serialize for ReversePath {
@@ -580,5 +594,9 @@ mod tests {
             serde_json::to_string(&m).unwrap(),
             r#""\"odd user\"@example.test""#
         );
+        // The old parser took `_` in domains: still read back, as stored.
+        let m: Mailbox = serde_json::from_str(r#""ops@mail_gw.corp.test""#).unwrap();
+        assert_eq!(m.to_string(), "ops@mail_gw.corp.test");
+        assert!(serde_json::from_str::<Mailbox>(r#""no-at-sign""#).is_err());
     }
 }

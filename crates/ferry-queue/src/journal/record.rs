@@ -149,8 +149,13 @@ pub(super) fn encode_message(
     body: &[u8],
 ) -> io::Result<Vec<u8>> {
     let env = serde_json::to_vec(envelope).map_err(io::Error::other)?;
+    encode_message_json(id, &env, body)
+}
+
+/// A new message's record from the envelope's stored (JSON) form.
+pub(super) fn encode_message_json(id: &QueueId, env: &[u8], body: &[u8]) -> io::Result<Vec<u8>> {
     let mut p = start(KIND_MESSAGE, id, 4 + env.len() + body.len());
-    push_field(&mut p, &env)?;
+    push_field(&mut p, env)?;
     p.extend_from_slice(body);
     Ok(p)
 }
