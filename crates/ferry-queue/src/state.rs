@@ -52,16 +52,20 @@ pub struct DeliveryState {
 }
 
 impl DeliveryState {
-    /// The state of a message nobody has tried yet.
+    /// The state of a message nobody has tried yet: one entry per mailbox
+    /// (a recipient given twice is delivered once).
     pub fn new(recipients: &[Mailbox]) -> Self {
-        Self {
-            recipients: recipients
-                .iter()
-                .map(|r| RecipientStatus {
+        let mut unique: Vec<RecipientStatus> = Vec::with_capacity(recipients.len());
+        for r in recipients {
+            if !unique.iter().any(|u| u.address.is_same_mailbox(r)) {
+                unique.push(RecipientStatus {
                     address: r.clone(),
                     state: RecipientState::Queued,
-                })
-                .collect(),
+                });
+            }
+        }
+        Self {
+            recipients: unique,
             attempts: 0,
             next_attempt: 0,
             delay_notified: false,

@@ -252,6 +252,14 @@ impl Mailbox {
             }
     }
 
+    /// The same mailbox, however it was written: the same local-part text
+    /// (quoting aside; case kept, RFC 5321 §2.4) at the same domain
+    /// ([`Domain::normalized`]). A message goes to each mailbox once.
+    pub fn is_same_mailbox(&self, other: &Mailbox) -> bool {
+        self.domain.normalized() == other.domain.normalized()
+            && self.local_part_text() == other.local_part_text()
+    }
+
     /// Sender-specified routing in the local part (`user%elsewhere`,
     /// `host!user`, `"user@elsewhere"`), which Postfix refuses by default
     /// from clients that may not relay.

@@ -350,3 +350,54 @@ async fn missing_message_id_and_date_are_added_and_tracked() {
         .unwrap();
     assert_eq!(received["message_id"], made.as_str());
 }
+
+/// `<Postmaster>` and `<postmaster@example.test>`, or one address given
+/// twice in another spelling, are one mailbox: one copy, delivered once,
+/// and the message is done (no retry, no bounce).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_mailbox_given_twice_is_delivered_once() {
+    let sink = SmtpSink::start().await;
+    let h = Harness::start_with("{}", &sink_route("\"example.test\"", &sink), None).await;
+    let (mut c, _) = h.front_from("127.0.0.1").await;
+    c.cmd("EHLO printer").await;
+    assert_eq!(
+        c.cmd("MAIL FROM:<printer@example.test>").await,
+        "250 2.1.0 Sender OK"
+    );
+    for rcpt in [
+        "Postmaster",
+        "postmaster@example.test",
+        "alice@example.test",
+        "\"alice\"@EXAMPLE.test",
+    ] {
+        assert_eq!(
+            c.cmd(&format!("RCPT TO:<{rcpt}>")).await,
+            "250 2.1.5 Recipient OK"
+        );
+    }
+    c.cmd("DATA").await;
+    c.send(b"Subject: twice\r\n\r\nonce\r\n.\r\n")
+        .await
+        .unwrap();
+    assert!(c.reply().await.starts_with("250 2.6.0"));
+    c.cmd("QUIT").await;
+    let got = sink.wait_for(1, WAIT).await;
+    assert_eq!(
+        got[0].rcpt_to,
+        ["postmaster@example.test", "alice@example.test"]
+    );
+    // The message is done: nothing left to retry (retry_interval is 1 s).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !ferry_queue::journal::scan_states(&h.data())
+        .unwrap()
+        .is_empty()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "message still queued"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(sink.received().len(), 1);
+}
