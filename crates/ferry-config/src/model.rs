@@ -226,12 +226,22 @@ impl ClusterConfig {
     }
 
     /// Is mail to `domain` ours to accept from anyone? A name must be an
-    /// accepted domain; an address literal only when it names `local`, the
-    /// address this node was reached at (RFC 5321 §4.1.3: a literal is the
-    /// host itself, and a literal of another host is relaying).
+    /// accepted domain. An address literal is the host itself (RFC 5321
+    /// §4.1.3), so one naming another host is relaying; one naming `local`,
+    /// the address this node was reached at, is ours only when a route
+    /// names that literal: the catch-all `*` route leads out, and would
+    /// send such mail back to this node in a loop.
     pub fn accepts_domain(&self, domain: &Domain, local: IpAddr) -> bool {
         match domain.literal() {
-            Some(ip) => ip.to_canonical() == local.to_canonical(),
+            Some(ip) => {
+                let ip = ip.to_canonical();
+                ip == local.to_canonical()
+                    && self.routes.iter().any(|r| {
+                        r.domains
+                            .iter()
+                            .any(|p| *p == crate::routes::DomainPattern::Literal(ip))
+                    })
+            }
             None => self.accepted_domain(&domain.normalized()).is_some(),
         }
     }

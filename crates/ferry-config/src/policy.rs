@@ -255,9 +255,29 @@ allowed_ranges = ["192.0.2.0/24"]
             c.check_recipient(&client, None, &fp("postmaster"), local),
             Ok(())
         );
+        // This node's own address, but no route names it: the `*` route
+        // would send it out and back here.
         assert_eq!(
             c.check_recipient(&k, None, &fp("ops@[192.0.2.1]"), local),
+            Err(Refusal::RelayDenied)
+        );
+        let routed = format!(
+            "{CONF}\n[[routes]]\ndomains = [\"[192.0.2.1]\"]\ntype = \"directory\"\npath = \"m\"\n"
+        );
+        let routed = ClusterConfig::parse("t.toml", &routed, Path::new(".")).unwrap();
+        let rk = conn(&routed, "Internal");
+        assert_eq!(
+            routed.check_recipient(&rk, None, &fp("ops@[192.0.2.1]"), local),
             Ok(())
+        );
+        assert_eq!(
+            routed.check_recipient(
+                &rk,
+                None,
+                &fp("ops@[192.0.2.1]"),
+                "192.0.2.2".parse().unwrap()
+            ),
+            Err(Refusal::RelayDenied)
         );
         assert_eq!(
             c.check_recipient(&k, None, &fp("ops@[192.0.2.25]"), local),

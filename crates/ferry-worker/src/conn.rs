@@ -92,9 +92,16 @@ pub(crate) async fn handle(worker: Arc<Worker>, mut stream: TcpStream, peer: Soc
     };
     // LOCAL: the balancer's own health probe, not a client.
     let probe = proxied.as_ref().is_some_and(|p| p.source.is_none());
-    let (remote, proxy_session, early) = match proxied {
-        Some(p) => (p.source.unwrap_or(peer), p.session_id, p.early),
-        None => (peer, None, Vec::new()),
+    // `reached`: the address the client connected to (the balancer's, when
+    // proxied), which an address literal must name to be local mail.
+    let (remote, reached, proxy_session, early) = match proxied {
+        Some(p) => (
+            p.source.unwrap_or(peer),
+            p.destination.map_or(local.ip(), |d| d.ip()),
+            p.session_id,
+            p.early,
+        ),
+        None => (peer, local.ip(), None, Vec::new()),
     };
     let client = remote.ip().to_canonical();
     let Some(selection) = runtime.config.select(local.ip(), local.port(), client) else {
@@ -160,7 +167,7 @@ pub(crate) async fn handle(worker: Arc<Worker>, mut stream: TcpStream, peer: Soc
         runtime,
         connector,
         client,
-        local: local.ip(),
+        local: reached,
         session_id,
         log,
         user: None,
@@ -198,8 +205,8 @@ struct Connection {
     runtime: Arc<Runtime>,
     connector: Arc<Connector>,
     client: IpAddr,
-    /// The address the client reached (an address literal naming it is
-    /// local mail).
+    /// The address the client reached, the balancer's when proxied (an
+    /// address literal naming it may be local mail).
     local: IpAddr,
     session_id: String,
     session: ServerSession,

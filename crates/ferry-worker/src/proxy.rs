@@ -27,6 +27,9 @@ const TLV_CRC32C: u8 = 0x03;
 pub struct Proxied {
     /// The original client; `None` for LOCAL (a health probe).
     pub source: Option<SocketAddr>,
+    /// The address the client connected to (the balancer's listener);
+    /// `None` for LOCAL.
+    pub destination: Option<SocketAddr>,
     /// The proxy's session id (UNIQUE_ID TLV), for log correlation.
     pub session_id: Option<String>,
     /// Octets that followed the header in the same reads: the start of the
@@ -122,6 +125,7 @@ pub fn parse(buf: &[u8]) -> Result<Option<Proxied>, ProxyError> {
             });
             Ok(Some(Proxied {
                 source: header.proxied_address().map(|a| a.source),
+                destination: header.proxied_address().map(|a| a.destination),
                 session_id,
                 early: buf.get(used..).unwrap_or_default().to_vec(),
             }))

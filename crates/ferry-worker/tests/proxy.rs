@@ -177,3 +177,29 @@ async fn bad_headers_from_the_proxy_close_the_connection() {
     let mut c = from(&h, PROXY, &good).await;
     assert_eq!(c.reply().await, "220 Anon Relay ready");
 }
+
+/// Behind the balancer, an address literal is local when it names the
+/// address the client reached (the PROXY header's destination) and a route
+/// names it; the worker's own address is not what the client reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_literal_is_local_when_it_names_the_address_the_client_reached() {
+    let routes = "[[routes]]\ndomains = [\"[192.0.2.80]\", \"[127.0.0.1]\"]\ntype = \"directory\"\npath = \"mail\"\n";
+    let h = Harness::start_extra(LIMITS, routes).await;
+    let balancer: SocketAddr = "192.0.2.80:25".parse().unwrap();
+    let mut c = from(&h, PROXY, &v2("127.0.0.1:40002", balancer, "BAL-2")).await;
+    assert_eq!(c.reply().await, "220 Default Frontend ready");
+    c.cmd("EHLO device").await;
+    assert_eq!(
+        c.cmd("MAIL FROM:<app@example.test>").await,
+        "250 2.1.0 Sender OK"
+    );
+    assert_eq!(
+        c.cmd("RCPT TO:<ops@[192.0.2.80]>").await,
+        "250 2.1.5 Recipient OK"
+    );
+    assert_eq!(
+        c.cmd("RCPT TO:<ops@[127.0.0.1]>").await,
+        "550 5.7.54 SMTP; Unable to relay recipient in non-accepted domain"
+    );
+    c.cmd("QUIT").await;
+}
