@@ -238,8 +238,7 @@ impl ClusterConfig {
                 ip == local.to_canonical()
                     && self.routes.iter().any(|r| {
                         r.domains
-                            .iter()
-                            .any(|p| *p == crate::routes::DomainPattern::Literal(ip))
+                            .contains(&crate::routes::DomainPattern::Literal(ip))
                     })
             }
             None => self.accepted_domain(&domain.normalized()).is_some(),
