@@ -30,8 +30,9 @@ const EXAMPLE_CONFIG: &str = include_str!("../../../deploy/examples/ferry.toml")
 pub const PARENT_ENV: &str = "FERRY_UP_PID";
 
 /// How long stopping waits for the children's graceful drain before
-/// SIGKILL.
-const STOP_LIMIT: Duration = Duration::from_secs(10);
+/// SIGKILL: longer than a worker's own drain, so a worker is never killed
+/// between a next hop's 250 and recording it (which would deliver twice).
+const STOP_LIMIT: Duration = Duration::from_secs(crate::worker::DRAIN_LIMIT.as_secs() + 5);
 
 /// What `ferry up` was asked to run.
 pub struct Args {

@@ -22,7 +22,7 @@ pub struct Args {
 }
 
 /// How long shutdown waits for open transactions.
-const DRAIN_LIMIT: Duration = Duration::from_secs(60);
+pub const DRAIN_LIMIT: Duration = Duration::from_secs(60);
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let config = ClusterConfig::load(&args.config).map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -183,9 +183,9 @@ impl Deliverer {
             return Outcome::Unchanged;
         }
         let started = std::time::Instant::now();
-        let next = self.attempt_inner(m, lease.stop()).await;
+        let outcome = self.attempt_inner(m, lease.stop()).await;
         metrics::histogram!(metric::DELIVERY_DURATION).record(started.elapsed().as_secs_f64());
-        next.map_or(Outcome::Done, Outcome::RetryAt)
+        outcome
     }
 
     /// A message's bytes, read on the blocking pool (up to the size limit,
@@ -199,8 +199,10 @@ impl Deliverer {
     }
 
     /// The attempt proper. `stop`: an operation wants the message; groups
-    /// not yet sent are left as they were.
-    async fn attempt_inner(&self, m: SpooledMessage, stop: &CancellationToken) -> Option<i64> {
+    /// not yet sent are left as they were, and an attempt stopped before
+    /// any recipient had an outcome leaves the message unchanged (it does
+    /// not count as an attempt).
+    async fn attempt_inner(&self, m: SpooledMessage, stop: &CancellationToken) -> Outcome {
         let runtime = self.worker.runtime();
         let config = Arc::clone(&runtime.config);
         let message = match self.read_body(&m).await {
@@ -210,11 +212,12 @@ impl Deliverer {
                 let mut state = m.state.clone();
                 state.next_attempt = unix_now() + config.delivery.retry_interval.as_secs() as i64;
                 let _ = self.journal.record_state(&m.id, &state).await;
-                return Some(state.next_attempt);
+                return Outcome::RetryAt(state.next_attempt);
             }
         };
         let mut state = m.state.clone();
         state.attempts += 1;
+        let mut tried = false;
 
         // Recipients grouped by the route that takes them.
         let mut groups: Vec<(Option<usize>, Vec<Mailbox>)> = Vec::new();
@@ -240,13 +243,19 @@ impl Deliverer {
                 .send_group(&config, route, &m, &recipients, &message, stop)
                 .await;
             for (address, result) in results {
+                tried = true;
                 self.track(&m, &address, &result, state.attempts);
                 if let Some(r) = state.recipients.iter_mut().find(|r| r.address == address) {
                     r.state = result;
                 }
             }
         }
-        self.conclude(&config, &m, state, &message).await
+        if !tried && stop.is_cancelled() {
+            return Outcome::Unchanged;
+        }
+        self.conclude(&config, &m, state, &message)
+            .await
+            .map_or(Outcome::Done, Outcome::RetryAt)
     }
 
     /// Sends one route's group; returns a state for each recipient that
