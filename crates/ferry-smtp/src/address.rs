@@ -106,11 +106,15 @@ impl Domain {
         Ok(Domain::Name(name.to_string()))
     }
 
-    /// The form policy and routing compare: a name in lower case; a
-    /// literal as `[192.0.2.1]` or `[IPv6:2001:db8::1]` (canonical text).
+    /// The form policy and routing compare: a name in lower case, and a
+    /// name with UTF-8 labels as its A-labels after UTS #46 mapping (what
+    /// DNS resolves, so `bücher.test` is `xn--bcher-kva.test` to routes and
+    /// accepted domains too); a literal as `[192.0.2.1]` or
+    /// `[IPv6:2001:db8::1]` (canonical text).
     pub fn normalized(&self) -> String {
         match self {
-            Domain::Name(n) => n.to_lowercase(),
+            Domain::Name(n) if n.is_ascii() => n.to_ascii_lowercase(),
+            Domain::Name(n) => idna::domain_to_ascii(n).unwrap_or_else(|_| n.to_lowercase()),
             Domain::Literal { ip, .. } => literal_text(*ip),
         }
     }
@@ -570,6 +574,17 @@ mod tests {
     fn utf8_addresses_parse_and_say_so() {
         let m = mb("jürgen@bücher.test");
         assert!(!m.is_ascii());
+        assert_eq!(m.domain().normalized(), "xn--bcher-kva.test");
+        // UTS #46 maps case and drops a soft hyphen, as DNS lookups do.
+        assert_eq!(
+            mb("a@BÜCHER.test").domain().normalized(),
+            "xn--bcher-kva.test"
+        );
+        assert_eq!(
+            mb("a@ex\u{ad}ample.test").domain().normalized(),
+            "example.test"
+        );
+        assert_eq!(m.to_string(), "jürgen@bücher.test");
         assert!(mb("a@b.test").is_ascii());
     }
 
