@@ -15,13 +15,10 @@ pub enum SaslError {
     Utf8,
 }
 
-/// Decodes one base64 response line. A lone `=` is an empty response
-/// (RFC 4954 §4: how a client sends a zero-length initial response).
+/// Decodes one base64 response line (an empty line is an empty response;
+/// the `=` of an empty *initial* response is the session's business).
 pub fn decode(line: &str) -> Result<Vec<u8>, SaslError> {
-    match line.trim() {
-        "=" => Ok(Vec::new()),
-        text => STANDARD.decode(text).map_err(|_| SaslError::Base64),
-    }
+    STANDARD.decode(line.trim()).map_err(|_| SaslError::Base64)
 }
 
 /// Decodes a base64 line into UTF-8 text (LOGIN's username and password).
@@ -67,7 +64,7 @@ mod tests {
         assert_eq!(parse_plain(b"scanner\0pw"), Err(SaslError::Plain));
         assert_eq!(parse_plain(b"\0\0pw"), Err(SaslError::Plain));
         assert_eq!(decode("***"), Err(SaslError::Base64));
-        assert_eq!(decode("="), Ok(Vec::new()));
-        assert_eq!(parse_plain(&decode("=").unwrap()), Err(SaslError::Plain));
+        assert_eq!(decode(""), Ok(Vec::new()));
+        assert_eq!(parse_plain(&decode("").unwrap()), Err(SaslError::Plain));
     }
 }

@@ -328,7 +328,7 @@ impl ServerSession {
 
     fn command(&mut self, line: &[u8]) -> Event {
         if self.config.transcript {
-            let text = String::from_utf8_lossy(line).trim_end().to_string();
+            let text = printable(String::from_utf8_lossy(line).trim_end());
             let shown = if starts_with_ignore_case(line, b"AUTH ") {
                 text.split_whitespace()
                     .take(2)
@@ -370,13 +370,7 @@ impl ServerSession {
                 252,
                 "2.1.5 Cannot VRFY user, but will accept message and attempt delivery",
             )),
-            Request::Help { .. } => Event::Reply(Reply::multi(
-                214,
-                vec![
-                    "2.0.0 Commands supported:".into(),
-                    "2.0.0 HELO EHLO STARTTLS AUTH MAIL RCPT DATA RSET NOOP QUIT HELP VRFY".into(),
-                ],
-            )),
+            Request::Help { .. } => Event::Reply(self.help()),
             Request::StartTls => self.starttls(),
             Request::Auth {
                 mechanism,
@@ -415,7 +409,38 @@ impl ServerSession {
         }
     }
 
+    /// The commands this connector takes, as `HELP` lists them.
+    fn help(&self) -> Reply {
+        let mut commands = vec!["HELO", "EHLO"];
+        if self.config.starttls {
+            commands.push("STARTTLS");
+        }
+        if !matches!(self.config.auth, AuthOffer::Never) {
+            commands.push("AUTH");
+        }
+        commands.extend([
+            "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "HELP", "VRFY",
+        ]);
+        Reply::multi(
+            214,
+            vec![
+                "2.0.0 Commands supported:".into(),
+                format!("2.0.0 {}", commands.join(" ")),
+            ],
+        )
+    }
+
     fn greet(&mut self, host: Cow<'_, str>, extended: bool) -> Event {
+        // RFC 5321 §4.1.1.1: a domain or an address literal. Names that are
+        // not quite domains (underscores, bare IPs) are common on devices
+        // and taken; control characters and undecodable octets are not,
+        // since the name goes into the Received header and the logs.
+        if host
+            .chars()
+            .any(|c| c.is_control() || c == char::REPLACEMENT_CHARACTER)
+        {
+            return self.error(501, "5.5.4 Invalid domain name");
+        }
         let host = host.into_owned();
         self.reset_transaction();
         self.phase = Phase::Ready;
@@ -595,6 +620,13 @@ impl ServerSession {
             return self.error(503, "5.5.1 AUTH not allowed in a mail transaction");
         }
         match (mechanism, initial.as_ref()) {
+            // RFC 4954 §4: `=` is an empty initial response (no response at
+            // all asks for a challenge instead).
+            (AUTH_PLAIN, "=") => self.plain(""),
+            (AUTH_LOGIN, "=") => {
+                self.phase = Phase::AuthLoginPass(String::new());
+                Event::Reply(r(334, &sasl::encode("Password:")))
+            }
             (AUTH_PLAIN, "") => {
                 self.phase = Phase::AuthPlain;
                 Event::Reply(r(334, ""))
@@ -671,6 +703,20 @@ impl ServerSession {
         self.pending = Some(Pending::Auth(c.username.clone()));
         Event::Auth(c)
     }
+}
+
+/// Control characters as `\xNN`, so a client cannot put terminal escapes
+/// or line breaks into the protocol log.
+fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.push_str(&format!("\\x{:02x}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn starts_with_ignore_case(haystack: &[u8], prefix: &[u8]) -> bool {

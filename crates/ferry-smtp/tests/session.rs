@@ -205,6 +205,37 @@ fn vrfy_help_rset() {
     let mut s = ServerSession::new(config());
     let (out, _) = run(&mut s, b"VRFY bob\r\nHELP\r\nRSET\r\n");
     assert_eq!(codes(&out), ["252", "214", "250"]);
+    // HELP names only what this connector offers.
+    assert!(
+        out.contains("214 2.0.0 HELO EHLO STARTTLS AUTH MAIL"),
+        "{out}"
+    );
+    let mut c = config();
+    c.starttls = false;
+    c.auth = AuthOffer::Never;
+    let mut s = ServerSession::new(c);
+    let (out, _) = run(&mut s, b"HELP\r\n");
+    assert!(out.contains("214 2.0.0 HELO EHLO MAIL RCPT"), "{out}");
+}
+
+/// RFC 5321 §4.1.1.1: the greeting names a domain; control characters and
+/// undecodable octets never reach the Received header or the logs.
+#[test]
+fn helo_names_with_control_characters_are_refused() {
+    let mut s = ServerSession::new(config());
+    let (out, _) = run(
+        &mut s,
+        b"EHLO a\x00b\r\nHELO a\x1b[31mred\r\nEHLO \xc3\xa4\xff\r\nEHLO my_printer\r\n",
+    );
+    assert_eq!(codes(&out), ["501", "501", "501", "250"]);
+    assert!(
+        out.starts_with("501 5.5.4 Invalid domain name\r\n"),
+        "{out}"
+    );
+    assert_eq!(s.helo(), Some("my_printer"));
+    // The transcript for the protocol log shows control characters escaped.
+    let lines = s.take_transcript();
+    assert_eq!(lines[1], "HELO a\\x1b[31mred");
 }
 
 /// Every RFC 5321 §4.1.2 path form: kept as written, in the envelope.
@@ -298,4 +329,14 @@ fn auth_plain_with_an_empty_initial_response() {
         out.ends_with("501 5.5.2 malformed PLAIN response\r\n"),
         "{out}"
     );
+    // `=` is special only in an initial response; after a challenge it is
+    // not base64.
+    let (out, _) = run(&mut s, b"AUTH PLAIN\r\n=\r\n");
+    assert!(
+        out.ends_with("501 5.5.2 invalid base64 in SASL response\r\n"),
+        "{out}"
+    );
+    // LOGIN with an empty initial response goes on to the password.
+    let (out, _) = run(&mut s, b"AUTH LOGIN =\r\n");
+    assert!(out.ends_with("334 UGFzc3dvcmQ6\r\n"), "{out}");
 }
