@@ -570,16 +570,23 @@ impl Connection {
         let env = self.session.envelope();
         let id = QueueId::new();
         let helo = self.session.helo().unwrap_or("unknown").to_string();
+        // RFC 3848, and RFC 6531 §3.7.3 for SMTPUTF8 transactions.
+        let utf8 = env.mail_from.as_ref().is_some_and(|m| m.smtputf8);
         let protocol = match (
             self.session.is_esmtp(),
+            utf8,
             self.session.is_tls(),
             self.user.is_some(),
         ) {
-            (false, _, _) => "SMTP",
-            (true, false, false) => "ESMTP",
-            (true, true, false) => "ESMTPS",
-            (true, false, true) => "ESMTPA",
-            (true, true, true) => "ESMTPSA",
+            (false, _, _, _) => "SMTP",
+            (true, false, false, false) => "ESMTP",
+            (true, false, true, false) => "ESMTPS",
+            (true, false, false, true) => "ESMTPA",
+            (true, false, true, true) => "ESMTPSA",
+            (true, true, false, false) => "UTF8SMTP",
+            (true, true, true, false) => "UTF8SMTPS",
+            (true, true, false, true) => "UTF8SMTPA",
+            (true, true, true, true) => "UTF8SMTPSA",
         };
         let now = chrono::Utc::now();
         let received = format!(
@@ -588,12 +595,15 @@ impl Connection {
             self.worker.options.hostname,
             now.to_rfc2822()
         );
-        let mut message_id = ferry_smtp::data::header_value(&body, "Message-ID");
+        let found_id = ferry_smtp::data::header_value(&body, "Message-ID");
+        // An empty field is kept (a second one would make the header
+        // invalid, RFC 5322 §3.6) but not logged as an id.
+        let mut message_id = found_id.clone().filter(|v| !v.is_empty());
         let mut added = String::new();
         if self.connector.add_missing_headers {
             // As Exchange does: receivers refuse or penalise mail without
             // them, and the tracking log needs the Message-ID.
-            if message_id.is_none() {
+            if found_id.is_none() {
                 let made = format!("<{id}@{}>", self.worker.options.hostname);
                 added.push_str(&format!("Message-ID: {made}\r\n"));
                 message_id = Some(made);

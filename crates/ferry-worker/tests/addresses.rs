@@ -190,6 +190,29 @@ async fn quoted_local_parts_are_kept_everywhere_they_are_written() {
         failed["recipients"],
         serde_json::json!(["\"perm user\"@sink.test"])
     );
+    // The bounce's own events carry the Message-ID it was written with.
+    let bounced = lines.iter().find(|l| l["event"] == "bounced").unwrap();
+    let dsn_id = bounced["dsn_queue_id"].as_str().unwrap().to_string();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let dsn_delivered = loop {
+        let lines = tracking(&h.data());
+        if let Some(l) = lines
+            .into_iter()
+            .find(|l| l["event"] == "delivered" && l["queue_id"] == dsn_id.as_str())
+        {
+            break l;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no delivered event for the DSN"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let dsn_message_id = dsn_delivered["message_id"].as_str().unwrap();
+    assert!(
+        dsn.contains(&format!("Message-ID: {dsn_message_id}\r\n")),
+        "{dsn}"
+    );
 }
 
 /// Address literals (RFC 5321 §4.1.3) are mailboxes: accepted in MAIL and
@@ -270,7 +293,12 @@ tls = "none"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn domain_case_trailing_dot_and_smtputf8() {
     let sink = SmtpSink::start().await;
-    let h = Harness::start_with("{}", &sink_route("\"example.test\"", &sink), None).await;
+    // The sink offers no SMTPUTF8, so UTF-8 mail goes to a folder.
+    let routes = format!(
+        "{}\n[[routes]]\ndomains = [\"utf8.test\"]\ntype = \"directory\"\npath = \"mailbox\"\n",
+        sink_route("\"example.test\"", &sink)
+    );
+    let h = Harness::start_with("{}", &routes, None).await;
     let (mut c, _) = h.front_from("127.0.0.1").await;
     c.cmd("EHLO printer").await;
     assert_eq!(
@@ -293,8 +321,49 @@ async fn domain_case_trailing_dot_and_smtputf8() {
     c.send(b"Subject: case\r\n\r\nhi\r\n.\r\n").await.unwrap();
     assert!(c.reply().await.starts_with("250 2.6.0"));
     c.cmd("QUIT").await;
+    // With SMTPUTF8, UTF-8 addresses are taken, and the Received header
+    // names the protocol RFC 6531 §3.7.3 gives it (from the Anon Relay,
+    // which may send to utf8.test).
+    let (mut c, _) = h.front_from("127.0.0.30").await;
+    c.cmd("EHLO app").await;
+    assert_eq!(
+        c.cmd("MAIL FROM:<j\u{fc}rgen@example.test> SMTPUTF8").await,
+        "250 2.1.0 Sender OK"
+    );
+    assert_eq!(
+        c.cmd("RCPT TO:<b\u{f6}b@utf8.test>").await,
+        "250 2.1.5 Recipient OK"
+    );
+    c.cmd("DATA").await;
+    c.send(b"Subject: utf8\r\n\r\nhi\r\n.\r\n").await.unwrap();
+    assert!(c.reply().await.starts_with("250 2.6.0"));
+    c.cmd("QUIT").await;
     let got = sink.wait_for(1, WAIT).await;
     assert_eq!(got[0].rcpt_to, ["Alice@EXAMPLE.Test"]);
+    assert!(String::from_utf8_lossy(&got[0].data).contains(" with ESMTP id "));
+    let dir = h.data().join("mailbox");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let eml = loop {
+        let found = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .find(|e| e.file_name().to_string_lossy().ends_with(".eml"));
+        if let Some(e) = found {
+            break std::fs::read_to_string(e.path()).unwrap();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no .eml in {dir:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        eml.contains("X-Ferry-Mail-From: <j\u{fc}rgen@example.test>\r\n"),
+        "{eml}"
+    );
+    assert!(
+        eml.contains("X-Ferry-Rcpt-To: <b\u{f6}b@utf8.test>\r\n"),
+        "{eml}"
+    );
+    assert!(eml.contains(" with UTF8SMTP id "), "{eml}");
 }
 
 /// Devices often send neither Message-ID nor Date: both are added (with
@@ -321,9 +390,25 @@ async fn missing_message_id_and_date_are_added_and_tracked() {
         .await
         .unwrap();
     assert!(c.reply().await.starts_with("250 2.6.0"));
+    // An empty Message-ID field is kept (a second one would be invalid),
+    // but it is no id for the tracking log.
+    c.cmd("MAIL FROM:<printer@example.test>").await;
+    c.cmd("RCPT TO:<carol@example.test>").await;
+    c.cmd("DATA").await;
+    c.send(b"Message-ID:\r\nSubject: empty id\r\n\r\nx\r\n.\r\n")
+        .await
+        .unwrap();
+    let empty = c.reply().await;
+    let empty_id = empty.split_whitespace().nth(2).unwrap().to_string();
     c.cmd("QUIT").await;
 
-    let got = sink.wait_for(2, WAIT).await;
+    let got = sink.wait_for(3, WAIT).await;
+    let third = got
+        .iter()
+        .find(|m| m.rcpt_to == ["carol@example.test"])
+        .unwrap();
+    let data = String::from_utf8_lossy(&third.data);
+    assert_eq!(data.matches("Message-ID:").count(), 1, "{data}");
     let first = got
         .iter()
         .find(|m| m.rcpt_to == ["alice@example.test"])
@@ -349,6 +434,11 @@ async fn missing_message_id_and_date_are_added_and_tracked() {
         .find(|l| l["event"] == "received" && l["queue_id"] == id.as_str())
         .unwrap();
     assert_eq!(received["message_id"], made.as_str());
+    let received = lines
+        .iter()
+        .find(|l| l["event"] == "received" && l["queue_id"] == empty_id.as_str())
+        .unwrap();
+    assert!(received.get("message_id").is_none(), "{received}");
 }
 
 /// `<Postmaster>` and `<postmaster@example.test>`, or one address given

@@ -38,6 +38,11 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("creating data directory {}", args.data.display()))?;
     let spool = Journal::open(&args.data)
         .with_context(|| format!("opening the spool in {}", args.data.display()))?;
+    // After a crash, the first thing an admin asks: what came back?
+    tracing::info!(
+        messages = spool.messages().len(),
+        "spool recovered: messages still to deliver"
+    );
     let hostname = args.hostname.unwrap_or_else(system_hostname);
     let worker = Worker::new(
         WorkerOptions {

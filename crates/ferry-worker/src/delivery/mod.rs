@@ -628,7 +628,9 @@ impl Deliverer {
             body_8bit: false,
             smtputf8: m.envelope.smtputf8,
             session_id: String::new(),
-            message_id: None,
+            // As dsn::render writes it, so the DSN's own tracking events
+            // carry it too.
+            message_id: Some(format!("<{id}@{hostname}>")),
         };
         let what = match kind {
             ReportKind::Failed => "bounce",
