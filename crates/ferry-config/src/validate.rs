@@ -254,6 +254,9 @@ fn balancer(c: &mut Checker<'_>, raw: &Spanned<RawBalancer>) -> BalancerConfig {
     let mut listeners: Vec<BalancerListener> = Vec::new();
     for l in &b.listeners {
         let l = l.get_ref();
+        if *l.port.get_ref() == 0 {
+            c.err(&l.port, "port 0 is not a port to listen on");
+        }
         if listeners.iter().any(|o| o.port == *l.port.get_ref()) {
             c.err(
                 &l.port,
@@ -280,6 +283,12 @@ fn balancer(c: &mut Checker<'_>, raw: &Spanned<RawBalancer>) -> BalancerConfig {
             );
             continue;
         };
+        if backends.iter().any(|o| o.address == address) {
+            c.err(
+                &r.address,
+                format!("backend address {address} is listed twice"),
+            );
+        }
         if backends.iter().any(|o| o.name == *r.name.get_ref()) {
             c.err(
                 &r.name,
@@ -397,6 +406,10 @@ fn route(c: &mut Checker<'_>, r: &RawRoute, base_dir: &Path) -> Option<Route> {
             }
         }
         "directory" => match &r.path {
+            Some(p) if p.get_ref().trim().is_empty() => {
+                c.err(p, "a directory route needs a path, not an empty one");
+                return None;
+            }
             Some(p) => RouteAction::Directory(base_dir.join(p.get_ref())),
             None => {
                 c.err(&r.kind, "a directory route needs a path");

@@ -314,3 +314,35 @@ allowed_senders = ["a b@example.test", "*@bad_domain", "\"odd user\"@example.tes
         "\"mail admins\"@example.test"
     );
 }
+
+#[test]
+fn listener_port_0_duplicate_backends_and_empty_paths_are_refused() {
+    let text = r#"[[routes]]
+domains = ["*"]
+type = "directory"
+path = ""
+
+[balancer]
+allow = ["0.0.0.0/0"]
+
+[[balancer.listeners]]
+name = "smtp"
+port = 0
+
+[[balancer.backends]]
+name = "a"
+address = "127.0.0.11"
+
+[[balancer.backends]]
+name = "b"
+address = "127.0.0.11"
+"#;
+    assert_eq!(
+        errors(text),
+        [
+            "4:8: a directory route needs a path, not an empty one",
+            "11:8: port 0 is not a port to listen on",
+            "19:11: backend address 127.0.0.11 is listed twice",
+        ]
+    );
+}
