@@ -44,15 +44,25 @@ pub fn explain(config: &ClusterConfig, q: &Question) -> String {
             }
             (Some(_), Some((net, false))) => writeln!(
                 out,
-                "balancer: client {} denied (deny {net}); the connection gets: 554 5.7.1 Access denied",
+                "balancer: client {} denied (deny {net}); the connection gets: 554 5.7.1 Access denied \
+                 (what follows holds for a client connecting to a worker directly)",
                 q.client
             ),
             (Some(_), None) => writeln!(
                 out,
-                "balancer: client {} denied (no allow range holds it); the connection gets: 554 5.7.1 Access denied",
+                "balancer: client {} denied (no allow range holds it); the connection gets: 554 5.7.1 Access denied \
+                 (what follows holds for a client connecting to a worker directly)",
                 q.client
             ),
         };
+    }
+    if config.is_trusted_proxy(q.client) {
+        let _ = writeln!(
+            out,
+            "client {} is a trusted proxy: a connection from it to a worker must start with a PROXY header, \
+             which names the client the rest applies to",
+            q.client
+        );
     }
     let local = q.local.unwrap_or(IpAddr::from([0, 0, 0, 0]));
     let Some(sel) = config.select(local, q.port, q.client) else {

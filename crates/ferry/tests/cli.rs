@@ -206,3 +206,19 @@ fn explain_says_when_the_balancer_has_no_listener_on_the_port() {
         "{out}"
     );
 }
+
+#[test]
+fn explain_says_what_holds_for_a_denied_client_and_for_the_trusted_proxy() {
+    let out = explain(&["--client", "192.0.2.7", "--port", "2587"]);
+    assert!(
+        out.starts_with("balancer: client 192.0.2.7 denied (no allow range holds it); the connection gets: 554 5.7.1 Access denied (what follows holds for a client connecting to a worker directly)\n"),
+        "{out}"
+    );
+    let out = explain(&["--client", "127.0.0.2", "--port", "2525"]);
+    assert!(
+        out.contains("client 127.0.0.2 is a trusted proxy: a connection from it to a worker must start with a PROXY header"),
+        "{out}"
+    );
+    let out = explain(&["--client", "127.0.0.5", "--port", "2525"]);
+    assert!(!out.contains("trusted proxy"), "{out}");
+}
