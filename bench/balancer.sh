@@ -144,7 +144,7 @@ run() {
 
 # Waits (bounded) until the worker's queue is empty, so that its delivery
 # does not run into the next measurement.
-worker_admin=$(sed -n 's|^worker admin http://\([^/]*\)/metrics|\1|p' "$work/worker.out")
+worker_admin=$(sed -n 's|^worker admin http://\([^/ ]*\).*|\1|p' "$work/worker.out")
 settle() {
   for _ in $(seq "$LIMIT"); do
     target/release/ferry queue --admin "$worker_admin" --token-file "$work/admin.token" list 2>/dev/null | tail -1 | grep -q '^0 messages' && return

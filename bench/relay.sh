@@ -7,6 +7,7 @@
 #
 #   bench/relay.sh                 # N=5000 messages per run, 16 and 100 sessions
 #   N=20000 ROUNDS=3 bench/relay.sh
+#   FERRY_BIN=../old/target/release/ferry bench/relay.sh   # another build
 #
 # Installs postfix from Debian's packages if smtp-source is missing, and
 # reconfigures the local Postfix to listen on 127.0.0.1:2701 only, relaying
@@ -27,7 +28,10 @@ if ! command -v smtp-source >/dev/null; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix >/dev/null
 fi
-cargo build --release -q
+# FERRY_BIN: another build to measure (e.g. an older commit's, for a
+# before/after comparison in one run); by default this tree's.
+FERRY_BIN=${FERRY_BIN:-target/release/ferry}
+[ "$FERRY_BIN" = target/release/ferry ] && cargo build --release -q
 work=$(mktemp -d)
 pids=()
 cleanup() {
@@ -58,7 +62,7 @@ tls = "none"
 retry_interval = "1s"
 TOML
 echo "bench-admin-token-$$-$RANDOM" >"$work/admin.token"
-target/release/ferry worker --config "$work/ferry.toml" --listen 127.0.0.1 \
+"$FERRY_BIN" worker --config "$work/ferry.toml" --listen 127.0.0.1 \
   --admin-token-file "$work/admin.token" \
   --data "$work/ferry-data" --admin 127.0.0.1:0 --hostname bench.test \
   >"$work/ferry.out" 2>"$work/ferry.log" &
@@ -102,7 +106,7 @@ cpu_of() {
 }
 
 # Waits (bounded) until the given queue is empty.
-ferry_idle() { target/release/ferry queue --admin "$ferry_admin" --token-file "$work/admin.token" list 2>/dev/null | tail -1 | grep -q '^0 messages'; }
+ferry_idle() { "$FERRY_BIN" queue --admin "$ferry_admin" --token-file "$work/admin.token" list 2>/dev/null | tail -1 | grep -q '^0 messages'; }
 postfix_idle() { postqueue -p 2>/dev/null | grep -q "Mail queue is empty"; }
 settle() { for _ in $(seq "$LIMIT"); do "$1" && return 0; sleep 1; done; echo "queue of $1 never emptied" >&2; }
 
@@ -132,7 +136,7 @@ run() {
 }
 
 ferry_pid=${pids[0]}
-ferry_admin=$(sed -n 's|^worker admin http://\([^/]*\)/metrics|\1|p' "$work/ferry.out")
+ferry_admin=$(sed -n 's|^worker admin http://\([^/ ]*\).*|\1|p' "$work/ferry.out")
 postfix_pid=$(tr -d ' ' </var/spool/postfix/pid/master.pid)
 
 # Warm-up, not measured: the first messages through each system pay for
