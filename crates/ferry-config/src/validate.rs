@@ -254,9 +254,6 @@ fn balancer(c: &mut Checker<'_>, raw: &Spanned<RawBalancer>) -> BalancerConfig {
     let mut listeners: Vec<BalancerListener> = Vec::new();
     for l in &b.listeners {
         let l = l.get_ref();
-        if *l.port.get_ref() == 0 {
-            c.err(&l.port, "port 0 is not a port to listen on");
-        }
         if listeners.iter().any(|o| o.port == *l.port.get_ref()) {
             c.err(
                 &l.port,
