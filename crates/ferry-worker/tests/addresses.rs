@@ -39,6 +39,23 @@ async fn wait_tracked(data: &Path, event: &str) -> Vec<serde_json::Value> {
     }
 }
 
+/// Waits (bounded) for the first `.eml` file in `dir`; its text.
+async fn first_eml(dir: &Path) -> String {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let found = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .find(|e| e.file_name().to_string_lossy().ends_with(".eml"));
+        if let Some(e) = found {
+            return std::fs::read_to_string(e.path()).unwrap();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no .eml in {dir:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn sink_route(domains: &str, sink: &SmtpSink) -> String {
     format!(
         r#"
@@ -149,19 +166,7 @@ async fn quoted_local_parts_are_kept_everywhere_they_are_written() {
 
     // The folder copy names the envelope in its X-Ferry-* header fields.
     let dir = h.data().join("mailbox");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let eml = loop {
-        let found = std::fs::read_dir(&dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .find(|e| e.file_name().to_string_lossy().ends_with(".eml"));
-        if let Some(e) = found {
-            break std::fs::read_to_string(e.path()).unwrap();
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no .eml in {dir:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let eml = first_eml(&dir).await;
     assert!(
         eml.contains("X-Ferry-Mail-From: <\"app sender\"@example.test>\r\n"),
         "{eml}"
@@ -342,19 +347,7 @@ async fn domain_case_trailing_dot_and_smtputf8() {
     assert_eq!(got[0].rcpt_to, ["Alice@EXAMPLE.Test"]);
     assert!(String::from_utf8_lossy(&got[0].data).contains(" with ESMTP id "));
     let dir = h.data().join("mailbox");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let eml = loop {
-        let found = std::fs::read_dir(&dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .find(|e| e.file_name().to_string_lossy().ends_with(".eml"));
-        if let Some(e) = found {
-            break std::fs::read_to_string(e.path()).unwrap();
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no .eml in {dir:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let eml = first_eml(&dir).await;
     assert!(
         eml.contains("X-Ferry-Mail-From: <j\u{fc}rgen@example.test>\r\n"),
         "{eml}"
