@@ -409,13 +409,14 @@ impl ServerSession {
         }
     }
 
-    /// The commands this connector takes, as `HELP` lists them.
+    /// The commands this session takes now, as `HELP` lists them: the
+    /// same STARTTLS and AUTH that EHLO would advertise.
     fn help(&self) -> Reply {
         let mut commands = vec!["HELO", "EHLO"];
-        if self.config.starttls {
+        if self.config.starttls && !self.tls {
             commands.push("STARTTLS");
         }
-        if !matches!(self.config.auth, AuthOffer::Never) {
+        if self.auth_offered() {
             commands.push("AUTH");
         }
         commands.extend([

@@ -205,11 +205,12 @@ fn vrfy_help_rset() {
     let mut s = ServerSession::new(config());
     let (out, _) = run(&mut s, b"VRFY bob\r\nHELP\r\nRSET\r\n");
     assert_eq!(codes(&out), ["252", "214", "250"]);
-    // HELP names only what this connector offers.
-    assert!(
-        out.contains("214 2.0.0 HELO EHLO STARTTLS AUTH MAIL"),
-        "{out}"
-    );
+    // HELP names only what the session is offered now, as EHLO does: AUTH
+    // only after STARTTLS here, and STARTTLS only before it.
+    assert!(out.contains("214 2.0.0 HELO EHLO STARTTLS MAIL"), "{out}");
+    s.tls_established();
+    let (out, _) = run(&mut s, b"HELP\r\n");
+    assert!(out.contains("214 2.0.0 HELO EHLO AUTH MAIL"), "{out}");
     let mut c = config();
     c.starttls = false;
     c.auth = AuthOffer::Never;
