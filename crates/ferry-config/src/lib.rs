@@ -12,12 +12,13 @@
 //! unknown key and wrong type is reported, not only the first), [`model`] (the
 //! validated types), [`select`], [`policy`], [`routes`], [`balancer`]
 //! (listeners, backends, access list and probes of balancer nodes),
-//! [`explain`], [`error`].
+//! [`explain`], [`diff`] (what changed between two configs), [`error`].
 //! This crate does no I/O beyond reading the config file: certificates are
 //! loaded by the nodes that use them.
 #![forbid(unsafe_code)]
 
 pub mod balancer;
+pub mod diff;
 pub mod error;
 pub mod explain;
 pub mod model;

@@ -65,6 +65,19 @@ impl DomainPattern {
     }
 }
 
+impl std::fmt::Display for DomainPattern {
+    /// As the config writes it: `example.test`, `*.example.test`,
+    /// `[192.0.2.25]`, `*`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DomainPattern::Exact(d) => f.write_str(d),
+            DomainPattern::Subdomains(d) => write!(f, "*.{d}"),
+            DomainPattern::Literal(ip) => f.write_str(&ferry_smtp::address::literal_text(*ip)),
+            DomainPattern::Any => f.write_str("*"),
+        }
+    }
+}
+
 /// TLS towards a next hop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TlsPolicy {

@@ -15,6 +15,15 @@ pub enum ConfigCommand {
         /// The cluster config file to check.
         file: PathBuf,
     },
+    /// Say what changed between two config files (connectors, users,
+    /// routes, accepted domains, balancer listeners and backends, settings),
+    /// without touching a node.
+    Diff {
+        /// The config in force.
+        old: PathBuf,
+        /// The config to compare with it.
+        new: PathBuf,
+    },
     /// Say which connector and which rule decide for a client.
     Explain {
         /// The cluster config file to ask.
@@ -64,6 +73,25 @@ pub fn run(cmd: ConfigCommand) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         },
+        ConfigCommand::Diff { old, new } => {
+            let (old, new) = match (ClusterConfig::load(&old), ClusterConfig::load(&new)) {
+                (Ok(o), Ok(n)) => (o, n),
+                (o, n) => {
+                    for e in [o.err(), n.err()].into_iter().flatten() {
+                        eprintln!("{e}");
+                    }
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            let changes = ferry_config::diff::changes(&old, &new);
+            if changes.is_empty() {
+                println!("no change");
+            }
+            for c in changes {
+                println!("{c}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         ConfigCommand::Explain {
             file,
             client,

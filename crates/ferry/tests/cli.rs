@@ -222,3 +222,36 @@ fn explain_says_what_holds_for_a_denied_client_and_for_the_trusted_proxy() {
     let out = explain(&["--client", "127.0.0.5", "--port", "2525"]);
     assert!(!out.contains("trusted proxy"), "{out}");
 }
+
+#[test]
+fn config_diff_names_what_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = std::fs::read_to_string(EXAMPLE).unwrap();
+    let new = old
+        .replace(
+            "banner = \"Ferry Anon Relay ready\"",
+            "banner = \"Ferry Anon Relay, new\"",
+        )
+        .replace("name = \"scanner\"", "name = \"printer\"");
+    // Both in one folder: relative paths (certificates, route folders)
+    // are relative to the config file's folder, so they compare equal.
+    let old_path = dir.path().join("old.toml");
+    std::fs::write(&old_path, &old).unwrap();
+    let new_path = dir.path().join("new.toml");
+    std::fs::write(&new_path, &new).unwrap();
+    let (old_path, new_path) = (old_path.to_str().unwrap(), new_path.to_str().unwrap());
+    let (ok, out, err) = ferry(&["config", "diff", old_path, new_path]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        out,
+        "~ connector \"Anon Relay\"\n+ user \"printer\"\n- user \"scanner\"\n"
+    );
+    let (ok, out, _) = ferry(&["config", "diff", EXAMPLE, EXAMPLE]);
+    assert!(ok);
+    assert_eq!(out, "no change\n");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "prots = 1\n").unwrap();
+    let (ok, _, err) = ferry(&["config", "diff", EXAMPLE, bad.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("1:1: unknown key `prots`"), "{err}");
+}

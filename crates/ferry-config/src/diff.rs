@@ -1,0 +1,257 @@
+//! What changed between two configs: connectors, users, routes, accepted
+//! domains, balancer listeners and backends added, removed or changed, and
+//! the settings that are one of a kind. `ferry config diff` prints it; a
+//! node reloading its config will report the same summary.
+
+use std::fmt;
+
+use crate::model::ClusterConfig;
+use crate::routes::Route;
+
+/// How one item differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    Added,
+    Removed,
+    Changed,
+}
+
+/// One item that differs, e.g. `connector "Client Frontend"` changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub kind: ChangeKind,
+    /// The kind of item: `connector`, `user`, `route`, `accepted domain`,
+    /// `balancer listener`, `balancer backend`, or a setting's name.
+    pub item: &'static str,
+    /// Which one: a name, a route's domains; empty for a setting.
+    pub name: String,
+}
+
+impl fmt::Display for Change {
+    /// `+ connector "X"`, `- user "y"`, `~ delivery settings`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let sign = match self.kind {
+            ChangeKind::Added => '+',
+            ChangeKind::Removed => '-',
+            ChangeKind::Changed => '~',
+        };
+        match self.name.is_empty() {
+            true => write!(f, "{sign} {}", self.item),
+            false => write!(f, "{sign} {} \"{}\"", self.item, self.name),
+        }
+    }
+}
+
+/// Every difference from `old` to `new`, items in the order of `new`
+/// (removed ones after), kinds in the file's order.
+pub fn changes(old: &ClusterConfig, new: &ClusterConfig) -> Vec<Change> {
+    let mut out = Vec::new();
+    let domains = |c: &ClusterConfig| {
+        c.accepted_domains
+            .iter()
+            .map(|d| {
+                let name = match d.subdomains {
+                    true => format!("*.{}", d.domain),
+                    false => d.domain.clone(),
+                };
+                (name, d.clone())
+            })
+            .collect::<Vec<_>>()
+    };
+    keyed(&mut out, "accepted domain", &domains(old), &domains(new));
+    setting(
+        &mut out,
+        "trusted_proxies",
+        &old.trusted_proxies,
+        &new.trusted_proxies,
+    );
+    setting(&mut out, "postmaster", &old.postmaster, &new.postmaster);
+    let connectors = |c: &ClusterConfig| {
+        c.connectors
+            .iter()
+            .map(|k| (k.name.clone(), (**k).clone()))
+            .collect::<Vec<_>>()
+    };
+    keyed(&mut out, "connector", &connectors(old), &connectors(new));
+    let users = |c: &ClusterConfig| {
+        c.users
+            .values()
+            .map(|u| (u.name.clone(), (**u).clone()))
+            .collect::<Vec<_>>()
+    };
+    keyed(&mut out, "user", &users(old), &users(new));
+    let routes = |c: &ClusterConfig| {
+        c.routes
+            .iter()
+            .map(|r| (route_name(r), r.clone()))
+            .collect::<Vec<_>>()
+    };
+    keyed(&mut out, "route", &routes(old), &routes(new));
+    setting(&mut out, "delivery settings", &old.delivery, &new.delivery);
+    setting(
+        &mut out,
+        "spool settings",
+        &(old.min_free_space, old.max_data_in_memory),
+        &(new.min_free_space, new.max_data_in_memory),
+    );
+    match (&old.balancer, &new.balancer) {
+        (None, None) => {}
+        (None, Some(_)) => out.push(change(ChangeKind::Added, "balancer section", "")),
+        (Some(_), None) => out.push(change(ChangeKind::Removed, "balancer section", "")),
+        (Some(a), Some(b)) => {
+            let listeners = |l: &[crate::BalancerListener]| {
+                l.iter()
+                    .map(|x| (x.name.clone(), x.clone()))
+                    .collect::<Vec<_>>()
+            };
+            keyed(
+                &mut out,
+                "balancer listener",
+                &listeners(&a.listeners),
+                &listeners(&b.listeners),
+            );
+            let backends = |l: &[crate::Backend]| {
+                l.iter()
+                    .map(|x| (x.name.clone(), x.clone()))
+                    .collect::<Vec<_>>()
+            };
+            keyed(
+                &mut out,
+                "balancer backend",
+                &backends(&a.backends),
+                &backends(&b.backends),
+            );
+            let rest = |c: &crate::BalancerConfig| {
+                (
+                    c.access.clone(),
+                    c.max_connections,
+                    c.max_connections_per_source,
+                    c.handoff_timeout,
+                    c.idle_timeout,
+                    c.probe,
+                    c.source,
+                )
+            };
+            setting(&mut out, "balancer settings", &rest(a), &rest(b));
+        }
+    }
+    out
+}
+
+/// A route is named by its domain patterns.
+fn route_name(r: &Route) -> String {
+    r.domains
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn change(kind: ChangeKind, item: &'static str, name: &str) -> Change {
+    Change {
+        kind,
+        item,
+        name: name.to_string(),
+    }
+}
+
+fn keyed<T: PartialEq>(
+    out: &mut Vec<Change>,
+    item: &'static str,
+    old: &[(String, T)],
+    new: &[(String, T)],
+) {
+    for (name, value) in new {
+        match old.iter().find(|(n, _)| n == name) {
+            None => out.push(change(ChangeKind::Added, item, name)),
+            Some((_, before)) if before != value => {
+                out.push(change(ChangeKind::Changed, item, name))
+            }
+            Some(_) => {}
+        }
+    }
+    for (name, _) in old {
+        if !new.iter().any(|(n, _)| n == name) {
+            out.push(change(ChangeKind::Removed, item, name));
+        }
+    }
+}
+
+fn setting<T: PartialEq>(out: &mut Vec<Change>, item: &'static str, old: &T, new: &T) {
+    if old != new {
+        out.push(change(ChangeKind::Changed, item, ""));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::path::Path;
+
+    use super::*;
+
+    const BASE: &str = r#"
+accepted_domains = [{ domain = "example.test", kind = "authoritative" }]
+
+[[connectors]]
+name = "Default"
+port = 25
+remote_ranges = ["0.0.0.0/0"]
+permissions = ["anonymous"]
+banner = "hello"
+
+[[connectors]]
+name = "Gone"
+port = 26
+remote_ranges = ["0.0.0.0/0"]
+permissions = ["anonymous"]
+
+[[routes]]
+domains = ["example.test", "*.example.test"]
+type = "directory"
+path = "mail"
+
+[balancer]
+allow = ["127.0.0.0/8"]
+
+[[balancer.listeners]]
+name = "smtp"
+port = 25
+
+[[balancer.backends]]
+name = "w1"
+address = "127.0.0.11"
+"#;
+
+    fn parse(text: &str) -> ClusterConfig {
+        ClusterConfig::parse("t.toml", text, Path::new(".")).unwrap()
+    }
+
+    #[test]
+    fn names_every_item_added_removed_or_changed() {
+        let old = parse(BASE);
+        assert_eq!(changes(&old, &parse(BASE)), []);
+        let new_text = BASE
+            .replace("banner = \"hello\"", "banner = \"welcome\"")
+            .replace("name = \"Gone\"\nport = 26", "name = \"New\"\nport = 27")
+            .replace("path = \"mail\"", "path = \"mail2\"")
+            .replace("allow = [\"127.0.0.0/8\"]", "allow = [\"10.0.0.0/8\"]")
+            + "\n[[balancer.backends]]\nname = \"w2\"\naddress = \"127.0.0.12\"\n";
+        let lines: Vec<String> = changes(&old, &parse(&new_text))
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                "~ connector \"Default\"",
+                "+ connector \"New\"",
+                "- connector \"Gone\"",
+                "~ route \"example.test, *.example.test\"",
+                "+ balancer backend \"w2\"",
+                "~ balancer settings",
+            ]
+        );
+    }
+}
