@@ -55,17 +55,16 @@ impl DeliveryState {
     /// The state of a message nobody has tried yet: one entry per mailbox
     /// (a recipient given twice is delivered once).
     pub fn new(recipients: &[Mailbox]) -> Self {
-        let mut unique: Vec<RecipientStatus> = Vec::with_capacity(recipients.len());
-        for r in recipients {
-            if !unique.iter().any(|u| u.address.is_same_mailbox(r)) {
-                unique.push(RecipientStatus {
-                    address: r.clone(),
-                    state: RecipientState::Queued,
-                });
-            }
-        }
+        // Envelopes are stored with each mailbox once; this also holds for
+        // spools written before that.
         Self {
-            recipients: unique,
+            recipients: ferry_smtp::address::unique_mailboxes(recipients.iter().cloned())
+                .into_iter()
+                .map(|address| RecipientStatus {
+                    address,
+                    state: RecipientState::Queued,
+                })
+                .collect(),
             attempts: 0,
             next_attempt: 0,
             delay_notified: false,

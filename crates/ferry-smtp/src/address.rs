@@ -256,14 +256,6 @@ impl Mailbox {
             }
     }
 
-    /// The same mailbox, however it was written: the same local-part text
-    /// (quoting aside; case kept, RFC 5321 §2.4) at the same domain
-    /// ([`Domain::normalized`]). A message goes to each mailbox once.
-    pub fn is_same_mailbox(&self, other: &Mailbox) -> bool {
-        self.domain.normalized() == other.domain.normalized()
-            && self.local_part_text() == other.local_part_text()
-    }
-
     /// Sender-specified routing in the local part (`user%elsewhere`,
     /// `host!user`, `"user@elsewhere"`), which Postfix refuses by default
     /// from clients that may not relay.
@@ -293,6 +285,18 @@ impl fmt::Display for Mailbox {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}@{}", self.local_part, self.domain)
     }
+}
+
+/// Each mailbox once, in first-seen order, however it was written: the same
+/// local-part text (quoting aside; case kept, RFC 5321 §2.4) at the same
+/// domain ([`Domain::normalized`]) is one mailbox. A message goes to each
+/// mailbox once.
+pub fn unique_mailboxes(mailboxes: impl IntoIterator<Item = Mailbox>) -> Vec<Mailbox> {
+    let mut seen = std::collections::HashSet::new();
+    mailboxes
+        .into_iter()
+        .filter(|m| seen.insert((m.local_part_text(), m.domain.normalized())))
+        .collect()
 }
 
 /// MAIL FROM's reverse-path: a mailbox or the null sender `<>`.

@@ -631,21 +631,12 @@ impl Connection {
                 .as_ref()
                 .map(|m| m.address.clone())
                 .unwrap_or_default(),
-            rcpt_to: env.rcpt_to.iter().fold(Vec::new(), |mut unique, r| {
-                // `<Postmaster>` and `<postmaster@domain>`, or one address
-                // given twice, are one mailbox that gets one copy.
-                let m = match r {
-                    ForwardPath::Postmaster => postmaster(),
-                    ForwardPath::Mailbox(m) => m.clone(),
-                };
-                if !unique
-                    .iter()
-                    .any(|u: &ferry_smtp::Mailbox| u.is_same_mailbox(&m))
-                {
-                    unique.push(m);
-                }
-                unique
-            }),
+            // `<Postmaster>` and `<postmaster@domain>`, or one address given
+            // twice, are one mailbox that gets one copy.
+            rcpt_to: ferry_smtp::address::unique_mailboxes(env.rcpt_to.iter().map(|r| match r {
+                ForwardPath::Postmaster => postmaster(),
+                ForwardPath::Mailbox(m) => m.clone(),
+            })),
             client_ip: self.client.to_string(),
             helo,
             connector: self.connector.name.clone(),
