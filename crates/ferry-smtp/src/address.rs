@@ -288,14 +288,21 @@ impl fmt::Display for Mailbox {
 }
 
 /// Each mailbox once, in first-seen order, however it was written: the same
-/// local-part text (quoting aside; case kept, RFC 5321 §2.4) at the same
-/// domain ([`Domain::normalized`]) is one mailbox. A message goes to each
-/// mailbox once.
+/// local-part text (quoting aside; case kept, RFC 5321 §2.4, except for
+/// `postmaster`, which §4.5.1 makes case-insensitive) at the same domain
+/// ([`Domain::normalized`]) is one mailbox. A message goes to each mailbox
+/// once.
 pub fn unique_mailboxes(mailboxes: impl IntoIterator<Item = Mailbox>) -> Vec<Mailbox> {
     let mut seen = std::collections::HashSet::new();
     mailboxes
         .into_iter()
-        .filter(|m| seen.insert((m.local_part_text(), m.domain.normalized())))
+        .filter(|m| {
+            let mut local = m.local_part_text();
+            if local.eq_ignore_ascii_case("postmaster") {
+                local.make_ascii_lowercase();
+            }
+            seen.insert((local, m.domain.normalized()))
+        })
         .collect()
 }
 

@@ -450,6 +450,7 @@ async fn one_mailbox_given_twice_is_delivered_once() {
     for rcpt in [
         "Postmaster",
         "postmaster@example.test",
+        "\"Postmaster\"@EXAMPLE.test",
         "alice@example.test",
         "\"alice\"@EXAMPLE.test",
     ] {
