@@ -49,7 +49,10 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     crate::node::start(
         "balancer",
         args.listen,
-        &listeners,
+        &listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect::<Vec<_>>(),
         args.admin,
         admin,
         &shutdown,

@@ -1,14 +1,51 @@
 //! What every node process does around its role: the admin endpoint, the
-//! address lines that `ferry up` and the tests read, and SIGTERM/SIGINT
-//! starting a graceful shutdown.
+//! address lines that `ferry up` and the tests read, SIGTERM/SIGINT
+//! starting a graceful shutdown, and SIGHUP and `POST /config/reload`
+//! re-reading the config file.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
+use ferry_node::{NodeAdmin, Reloader, Role, Snapshot};
 use ferry_telemetry::admin::{AdminApi, AdminState};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+/// Reads the config file and builds the role's first snapshot (version
+/// 1), every error at once.
+#[allow(dead_code)] // wired into the roles next
+pub async fn first_snapshot<R: Role>(path: &Path) -> anyhow::Result<Snapshot<R::Material>> {
+    let owned = path.to_path_buf();
+    tokio::task::spawn_blocking(move || ferry_node::load_file::<R>(&owned, 1))
+        .await?
+        .map_err(|errors| {
+            anyhow::anyhow!(
+                "{} cannot be put in service:\n  {}",
+                path.display(),
+                errors.join("\n  ")
+            )
+        })
+}
+
+/// Makes `role` reloadable from `config`: on SIGHUP until `shutdown`, and
+/// with `POST /config/reload` on the admin API returned (the role's `api`
+/// plus reload and the `config` part of `/status`).
+#[allow(dead_code)] // wired into the roles next
+pub fn reloadable<R: Role>(
+    role: Arc<R>,
+    config: PathBuf,
+    api: Arc<dyn AdminApi>,
+    shutdown: &CancellationToken,
+) -> Arc<dyn AdminApi> {
+    let reloader = Reloader::new(role, config);
+    ferry_node::reload_on_hangup(Arc::clone(&reloader), shutdown.clone());
+    Arc::new(NodeAdmin {
+        role: api,
+        reloader,
+    })
+}
 
 /// The role's part of the admin endpoint.
 pub struct Admin {
@@ -24,7 +61,7 @@ pub struct Admin {
 pub async fn start(
     role: &str,
     listen: IpAddr,
-    listeners: &[TcpListener],
+    smtp: &[SocketAddr],
     admin_addr: SocketAddr,
     admin: Admin,
     shutdown: &CancellationToken,
@@ -43,8 +80,8 @@ pub async fn start(
     tokio::spawn(ferry_telemetry::admin::serve(endpoint, state, async move {
         admin_shutdown.cancelled().await
     }));
-    for l in listeners {
-        println!("{role} smtp {}", l.local_addr()?);
+    for addr in smtp {
+        println!("{role} smtp {addr}");
     }
     println!("{role} admin http://{bound}");
     println!("{role} metrics http://{bound}/metrics");

@@ -67,7 +67,10 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     crate::node::start(
         "worker",
         args.listen,
-        &listeners,
+        &listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect::<Vec<_>>(),
         args.admin,
         admin,
         &shutdown,
