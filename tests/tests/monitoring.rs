@@ -95,6 +95,7 @@ fn rules_and_dashboard_name_only_exported_metrics() {
     for src in [
         "crates/ferry-worker/src/metric.rs",
         "crates/ferry-balancer/src/metric.rs",
+        "crates/ferry-node/src/metric.rs",
     ] {
         let text = std::fs::read_to_string(root().join(src)).unwrap();
         exported.extend(metric_names(&text));

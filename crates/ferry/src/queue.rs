@@ -37,7 +37,7 @@ pub enum QueueCommand {
 }
 
 /// One HTTP/1.1 request to the admin endpoint; returns status and body.
-fn request(
+pub(crate) fn request(
     addr: &str,
     token: Option<&str>,
     method: &str,

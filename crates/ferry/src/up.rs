@@ -1,5 +1,8 @@
 //! `ferry up`: the demo cluster on loopback, each role its own child
 //! process, with the example config and a throwaway CA and certificate.
+//! The example is written to `DATA/ferry.toml` only when that file does
+//! not exist, so edits survive a restart; SIGHUP makes every node re-read
+//! it, and `ferry up` prints how each reload went.
 //!
 //! The children's output goes to `DATA/logs/NAME.log`, not to our
 //! terminal, so the startup text stays readable. SIGTERM and SIGINT stop
@@ -100,14 +103,31 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     } = args;
     let logs = data.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    let config_path = data.join("ferry.toml");
     let text = match &config_file {
         Some(path) => {
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            std::fs::write(&config_path, &text).context("writing the config")?;
+            text
         }
-        None => EXAMPLE_CONFIG.to_string(),
+        // The user's edits survive a restart: the example is written only
+        // when there is no config yet.
+        None => match std::fs::read_to_string(&config_path) {
+            Ok(text) => {
+                eprintln!(
+                    "ferry up: running {} (delete it to start again from the example)",
+                    config_path.display()
+                );
+                text
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::write(&config_path, EXAMPLE_CONFIG).context("writing the config")?;
+                EXAMPLE_CONFIG.to_string()
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading {}", config_path.display())),
+        },
     };
-    let config_path = data.join("ferry.toml");
-    std::fs::write(&config_path, &text).context("writing the config")?;
     let config = ClusterConfig::parse(&config_path.display().to_string(), &text, &data)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let Some(balancer) = &config.balancer else {
@@ -176,9 +196,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         tokio::select! {
             _ = term.recv() => break true,
             _ = int.recv() => break true,
-            _ = hup.recv() => {
-                eprintln!("ferry up: SIGHUP ignored: the demo does not reload its config (stop with Ctrl-C or SIGTERM)");
-            }
+            _ = hup.recv() => reload_all(&nodes, &config_path).await,
             (name, status) = first_exit(&mut nodes) => {
                 let role = nodes.iter().find(|n| n.name == name).map(|n| n.role);
                 nodes.retain(|n| n.name != name);
@@ -198,6 +216,83 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Forwards SIGHUP to every node, then says how each reload went (from
+/// the `config.last_reload` of each node's `/status`, read until it
+/// changes, at most [`RELOAD_WAIT`]).
+async fn reload_all(nodes: &[Node], config: &Path) {
+    eprintln!("ferry up: SIGHUP: every node re-reads {}", config.display());
+    let before: Vec<Option<serde_json::Value>> =
+        nodes.iter().map(|n| last_reload(&n.admin)).collect();
+    for node in nodes {
+        if let Some(pid) = node.child.id().and_then(|p| i32::try_from(p).ok()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGHUP);
+        }
+    }
+    let deadline = tokio::time::Instant::now() + RELOAD_WAIT;
+    for (node, before) in nodes.iter().zip(before) {
+        let report = loop {
+            let now = last_reload(&node.admin);
+            if now.is_some() && now != before {
+                break now;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        eprintln!(
+            "ferry up: {}: {}",
+            node.name,
+            describe_reload(report.as_ref())
+        );
+    }
+}
+
+/// How long `ferry up` waits for each node to report its reload.
+const RELOAD_WAIT: Duration = Duration::from_secs(10);
+
+/// The node's last reload report, from its `/status`.
+fn last_reload(admin: &str) -> Option<serde_json::Value> {
+    let addr = admin.trim_start_matches("http://");
+    let (status, body) = crate::queue::request(addr, None, "GET", "/status").ok()?;
+    let v: serde_json::Value = serde_json::from_str(&body).ok().filter(|_| status == 200)?;
+    v.get("config")?
+        .get("last_reload")
+        .filter(|r| !r.is_null())
+        .cloned()
+}
+
+/// One line for a reload report: the version and what changed, or the
+/// errors with the old version serving.
+fn describe_reload(report: Option<&serde_json::Value>) -> String {
+    let Some(r) = report else {
+        return "no reload reported yet; see its log".into();
+    };
+    let list = |key: &str| -> Vec<String> {
+        r.get(key)
+            .and_then(|v| v.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let version = r.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
+    if r.get("result").and_then(|v| v.as_str()) == Some("ok") {
+        let changes = list("changes");
+        match changes.is_empty() {
+            true => format!("config version {version}, no changes"),
+            false => format!("config version {version}: {}", changes.join(", ")),
+        }
+    } else {
+        format!(
+            "reload failed, version {version} keeps serving:\n    {}",
+            list("errors").join("\n    ")
+        )
+    }
 }
 
 /// The name a worker gives itself, and that its certificate holds.
@@ -285,6 +380,11 @@ fn print_startup(
         ),
         None => println!("Directly to a worker: {}", direct.join(", ")),
     }
+    println!(
+        "To change the config: edit {}, then kill -HUP {} (every node reloads it)",
+        data.join("ferry.toml").display(),
+        std::process::id()
+    );
     println!("Press Ctrl-C to stop (SIGTERM stops it too).");
 }
 
@@ -424,7 +524,24 @@ async fn stop_all(nodes: &mut [Node]) {
 
 #[cfg(test)]
 mod tests {
-    use super::after_worker_exit;
+    use super::{after_worker_exit, describe_reload};
+
+    #[test]
+    fn a_reload_is_described_by_its_changes_or_its_errors() {
+        let ok = serde_json::json!({"result": "ok", "version": 3, "changes": ["~ connector \"Default\"", "+ user \"fax\""]});
+        assert_eq!(
+            describe_reload(Some(&ok)),
+            "config version 3: ~ connector \"Default\", + user \"fax\""
+        );
+        let same = serde_json::json!({"result": "ok", "version": 4, "changes": []});
+        assert_eq!(describe_reload(Some(&same)), "config version 4, no changes");
+        let bad = serde_json::json!({"result": "failed", "version": 4, "errors": ["f.toml:3:7: expected `=`"]});
+        assert_eq!(
+            describe_reload(Some(&bad)),
+            "reload failed, version 4 keeps serving:\n    f.toml:3:7: expected `=`"
+        );
+        assert_eq!(describe_reload(None), "no reload reported yet; see its log");
+    }
 
     #[test]
     fn a_worker_exit_names_the_workers_left_or_says_none_is() {
