@@ -450,7 +450,7 @@ tls = {{ certificate = "{name}.crt", key = "test.key" }}
         let file = data.join(format!("{name}.crt"));
         assert!(
             error.starts_with(&format!(
-                "connector \"{name}\": cannot read {}: ",
+                "connector '{name}': cannot read {}: ",
                 file.display()
             )),
             "{error}"

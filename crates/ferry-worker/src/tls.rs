@@ -17,20 +17,20 @@ use tokio_rustls::TlsAcceptor;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TlsError {
-    #[error("connector \"{connector}\": cannot read {}: {source}", path.display())]
+    #[error("connector '{connector}': cannot read {}: {source}", path.display())]
     Read {
         connector: String,
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("connector \"{connector}\": {} holds no usable {what}", path.display())]
+    #[error("connector '{connector}': {} holds no usable {what}", path.display())]
     Pem {
         connector: String,
         path: PathBuf,
         what: &'static str,
     },
     /// The certificate and key do not go together, or rustls refuses them.
-    #[error("connector \"{connector}\": TLS setup with {} failed: {source}", certificate.display())]
+    #[error("connector '{connector}': TLS setup with {} failed: {source}", certificate.display())]
     Tls {
         connector: String,
         certificate: PathBuf,
@@ -184,10 +184,10 @@ tls = { certificate = "empty.crt", key = "other.key" }
             .map(ToString::to_string)
             .collect();
         assert_eq!(errors.len(), 4, "{errors:#?}");
-        assert!(errors[0].starts_with("connector \"One\": cannot read "));
+        assert!(errors[0].starts_with("connector 'One': cannot read "));
         assert!(errors[0].contains("missing.crt"));
         assert!(errors[1].contains("missing.key"));
-        assert!(errors[2].starts_with("connector \"Two\": "));
+        assert!(errors[2].starts_with("connector 'Two': "));
         assert!(errors[2].contains("empty.crt holds no usable certificate"));
         assert!(errors[3].contains("other.key"));
     }
