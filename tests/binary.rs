@@ -154,6 +154,52 @@ impl WorkerProcess {
         self.child.id() as i32
     }
 
+    /// Sends SIGHUP: the node re-reads its config file.
+    pub fn hangup(&self) {
+        use nix::sys::signal::{kill, Signal};
+        kill(nix::unistd::Pid::from_raw(self.pid()), Signal::SIGHUP).unwrap();
+    }
+
+    /// `POST /config/reload` with the token; the status and the report.
+    pub fn reload(&self) -> (u16, serde_json::Value) {
+        let (status, body) = self.admin_call("POST", "/config/reload");
+        let report = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("reload answered {status} {body:?}: {e}"));
+        (status, report)
+    }
+
+    /// `GET /status` as JSON.
+    pub fn status(&self) -> serde_json::Value {
+        let (status, body) = http(&self.admin, "GET", "/status");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// The value of one sample on `/metrics`, named with its labels as
+    /// exported (`ferry_config_reloads_total{result="failed"}`); 0 when
+    /// absent.
+    pub fn metric(&self, name_and_labels: &str) -> f64 {
+        let (_, body) = http(&self.admin, "GET", "/metrics");
+        body.lines()
+            .find(|l| {
+                l.strip_prefix(name_and_labels)
+                    .is_some_and(|rest| rest.starts_with(' '))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// The process's resident memory (VmRSS), in KiB.
+    pub fn resident_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status")
+    }
+
     /// Sends SIGTERM and waits (bounded) for the exit status.
     pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
         let _ = Command::new("kill")
@@ -175,6 +221,26 @@ impl Drop for WorkerProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// An argon2 hash of `password`, as `ferry user hash` makes it.
+pub fn user_hash(password: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new(ferry_bin())
+        .args(["user", "hash"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run ferry user hash");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{password}\n").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "ferry user hash failed");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 /// One HTTP/1.1 request to an admin endpoint (`http://ADDR`); the status

@@ -283,6 +283,16 @@ fn worker_with_a_missing_certificate_says_which() {
         err.contains("connector 'Default Frontend': cannot read") && err.contains("test.crt"),
         "{err}"
     );
+    // Every problem at once: both files of both connectors that use them.
+    for connector in ["Default Frontend", "Client Frontend"] {
+        for file in ["test.crt", "test.key"] {
+            let wanted = format!(
+                "connector '{connector}': cannot read {}",
+                dir.path().join(file).display()
+            );
+            assert!(err.contains(&wanted), "{wanted} in {err}");
+        }
+    }
 }
 
 /// Runs `ferry worker` expecting it to refuse to start; returns its stderr.

@@ -111,6 +111,23 @@ impl ListenerSet {
         Ok(done)
     }
 
+    /// Accepts on `listener`, bound by the caller (a test binds port 0, or
+    /// an address other than the node's), as the configured port `port`;
+    /// a later reconcile keeps it while `port` is wanted and stops it when
+    /// not. A listener already open for `port` is stopped and replaced.
+    pub async fn adopt(&self, port: u16, listener: TcpListener, on_accept: OnAccept) {
+        let mut open = self.open.lock().await;
+        let local = listener
+            .local_addr()
+            .unwrap_or(SocketAddr::new(self.listen, port));
+        let stop = self.shutdown.child_token();
+        self.tracker
+            .spawn(accept_loop(listener, port, stop.clone(), on_accept));
+        if let Some(old) = open.insert(port, Open { local, stop }) {
+            old.stop.cancel();
+        }
+    }
+
     /// The bound addresses, in port order.
     pub async fn addresses(&self) -> Vec<SocketAddr> {
         self.open.lock().await.values().map(|o| o.local).collect()

@@ -14,12 +14,11 @@ use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 use tracing::{debug, info, warn, Instrument};
 
+use crate::core::{Core, WorkerSnapshot};
 use crate::limits::OverLimit;
 use crate::metric;
 use crate::protolog::{LogEvent, SessionLog};
 use crate::proxy;
-use crate::runtime::Runtime;
-use crate::server::Worker;
 use crate::tracking::TrackingEvent;
 
 const READ_BUFFER: usize = 16 * 1024;
@@ -65,14 +64,15 @@ async fn refuse(mut stream: TcpStream, reply: Reply) {
 }
 
 /// Serves one accepted connection.
-pub(crate) async fn handle(worker: Arc<Worker>, mut stream: TcpStream, peer: SocketAddr) {
+pub(crate) async fn handle(core: Arc<Core>, mut stream: TcpStream, peer: SocketAddr) {
     let Ok(local) = stream.local_addr() else {
         return;
     };
-    let runtime = worker.runtime();
-    let session_id = worker.next_session_id();
+    // This session's snapshot, to its end, whatever is applied meanwhile.
+    let snapshot = core.current();
+    let session_id = core.next_session_id();
     // Only a trusted proxy may say who the client is.
-    let proxied = if runtime.config.is_trusted_proxy(peer.ip()) {
+    let proxied = if snapshot.config.is_trusted_proxy(peer.ip()) {
         match proxy::read_header(&mut stream).await {
             Ok(p) => Some(p),
             Err(e) => {
@@ -104,7 +104,7 @@ pub(crate) async fn handle(worker: Arc<Worker>, mut stream: TcpStream, peer: Soc
         None => (peer, local.ip(), None, Vec::new()),
     };
     let client = remote.ip().to_canonical();
-    let Some(selection) = runtime.config.select(local.ip(), local.port(), client) else {
+    let Some(selection) = snapshot.config.select(local.ip(), local.port(), client) else {
         counter!(metric::CONNECTIONS_REFUSED, "reason" => "no_connector").increment(1);
         info!(%session_id, %peer, %client, port = local.port(), "no connector for client; refused");
         let refusal = ferry_config::Refusal::NoConnector;
@@ -113,7 +113,7 @@ pub(crate) async fn handle(worker: Arc<Worker>, mut stream: TcpStream, peer: Soc
     };
     let connector = selection.connector;
     let limits = &connector.limits;
-    let slot = match worker.limits.acquire(
+    let slot = match core.limits.acquire(
         &connector.name,
         client,
         limits.max_connections,
@@ -147,7 +147,7 @@ pub(crate) async fn handle(worker: Arc<Worker>, mut stream: TcpStream, peer: Soc
     );
     // Health probes stay out of the protocol log.
     let logger = (connector.protocol_log == ProtocolLog::Verbose && !probe)
-        .then(|| Arc::clone(&worker.protolog));
+        .then(|| Arc::clone(&core.protolog));
     let log = SessionLog::new(
         logger,
         &connector.name,
@@ -162,9 +162,9 @@ pub(crate) async fn handle(worker: Arc<Worker>, mut stream: TcpStream, peer: Soc
         )
     });
     let conn = Connection {
-        session: ServerSession::new(session_config(&worker, &runtime, &connector)),
-        worker,
-        runtime,
+        session: ServerSession::new(session_config(&core, &snapshot, &connector)),
+        core,
+        snapshot,
         connector,
         client,
         local: reached,
@@ -181,16 +181,16 @@ pub(crate) async fn handle(worker: Arc<Worker>, mut stream: TcpStream, peer: Soc
     drop(slot);
 }
 
-fn session_config(worker: &Worker, runtime: &Runtime, c: &Connector) -> SessionConfig {
+fn session_config(core: &Core, snapshot: &WorkerSnapshot, c: &Connector) -> SessionConfig {
     let size = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
     SessionConfig {
-        hostname: worker.options.hostname.clone(),
+        hostname: core.options.hostname.clone(),
         max_message_size: size(c.limits.max_message_size),
         max_recipients: size(u64::from(c.limits.max_recipients)),
         max_header_size: size(c.limits.max_header_size),
         max_hop_count: size(u64::from(c.limits.max_hop_count)),
         max_errors: c.limits.max_protocol_errors,
-        starttls: c.auth.starttls && runtime.tls_acceptor(&c.name).is_some(),
+        starttls: c.auth.starttls && snapshot.material.acceptor(&c.name).is_some(),
         auth: match (c.auth.basic, c.auth.require_tls) {
             (false, _) => AuthOffer::Never,
             (true, true) => AuthOffer::AfterTls,
@@ -201,8 +201,9 @@ fn session_config(worker: &Worker, runtime: &Runtime, c: &Connector) -> SessionC
 }
 
 struct Connection {
-    worker: Arc<Worker>,
-    runtime: Arc<Runtime>,
+    core: Arc<Core>,
+    /// The snapshot in service when the session started.
+    snapshot: Arc<WorkerSnapshot>,
     connector: Arc<Connector>,
     client: IpAddr,
     /// The address the client reached, the balancer's when proxied (an
@@ -340,7 +341,7 @@ impl Connection {
         let deadline = Instant::now() + limits.connection_timeout;
         let mut buf = vec![0u8; READ_BUFFER];
         let mut draining = false;
-        let shutdown = self.worker.shutting_down().clone();
+        let shutdown = self.core.shutting_down().clone();
         loop {
             while let Some(event) = self.session.next_event() {
                 self.log_transcript();
@@ -394,12 +395,8 @@ impl Connection {
         let now = self.session.data_in_memory() as u64;
         if now > self.data_held {
             let want = now.div_ceil(DATA_STEP) * DATA_STEP;
-            let limit = self.runtime.config.max_data_in_memory;
-            if self
-                .worker
-                .data_budget
-                .reserve(want - self.data_held, limit)
-            {
+            let limit = self.snapshot.config.max_data_in_memory;
+            if self.core.data_budget.reserve(want - self.data_held, limit) {
                 self.data_held = want;
                 return;
             }
@@ -418,7 +415,7 @@ impl Connection {
 
     fn release_data(&mut self) {
         if self.data_held > 0 {
-            self.worker.data_budget.release(self.data_held);
+            self.core.data_budget.release(self.data_held);
             self.data_held = 0;
         }
     }
@@ -445,7 +442,7 @@ impl Connection {
                     End::Error(r.to_string())
                 });
             }
-            Event::Mail(_) if self.worker.is_low_on_space() => {
+            Event::Mail(_) if self.core.is_low_on_space() => {
                 counter!(metric::SENDERS_REJECTED, "connector" => self.label(), "reason" => "low_space").increment(1);
                 let reply = self
                     .session
@@ -453,7 +450,7 @@ impl Connection {
                 self.send(&reply);
             }
             Event::Mail(from) => {
-                let reply = match self.runtime.config.check_sender(
+                let reply = match self.snapshot.config.check_sender(
                     &self.connector,
                     self.user.as_deref(),
                     self.client,
@@ -470,7 +467,7 @@ impl Connection {
                 self.send(&reply);
             }
             Event::Rcpt(to) => {
-                let reply = match self.runtime.config.check_recipient(
+                let reply = match self.snapshot.config.check_recipient(
                     &self.connector,
                     self.user.as_deref(),
                     &to,
@@ -514,7 +511,7 @@ impl Connection {
             Event::Auth(creds) => {
                 let username = creds.username.clone();
                 let mechanism = creds.mechanism;
-                match crate::auth::verify(&self.runtime.config, creds).await {
+                match crate::auth::verify(&self.snapshot.config, creds).await {
                     Some(user) => {
                         counter!(metric::AUTH_SUCCESSES, "connector" => self.label()).increment(1);
                         info!(user = %user.name, mechanism, "authenticated");
@@ -548,8 +545,9 @@ impl Connection {
 
     async fn start_tls(&mut self, stream: &mut Stream) -> Result<(), String> {
         let acceptor = self
-            .runtime
-            .tls_acceptor(&self.connector.name)
+            .snapshot
+            .material
+            .acceptor(&self.connector.name)
             .cloned()
             .ok_or("no TLS acceptor for this connector")?;
         let Stream::Plain(tcp) = std::mem::replace(stream, Stream::Gone) else {
@@ -592,7 +590,7 @@ impl Connection {
         let received = format!(
             "Received: from {helo} ([{}])\r\n\tby {} (Ferry) with {protocol} id {id};\r\n\t{}\r\n",
             self.client,
-            self.worker.options.hostname,
+            self.core.options.hostname,
             now.to_rfc2822()
         );
         let found_id = ferry_smtp::data::header_value(&body, "Message-ID");
@@ -604,7 +602,7 @@ impl Connection {
             // As Exchange does: receivers refuse or penalise mail without
             // them, and the tracking log needs the Message-ID.
             if found_id.is_none() {
-                let made = format!("<{id}@{}>", self.worker.options.hostname);
+                let made = format!("<{id}@{}>", self.core.options.hostname);
                 added.push_str(&format!("Message-ID: {made}\r\n"));
                 message_id = Some(made);
             }
@@ -619,8 +617,8 @@ impl Connection {
         let size = message.len();
         let mail_from = env.mail_from.clone();
         let postmaster = || {
-            self.runtime.config.postmaster.clone().unwrap_or_else(|| {
-                let host = &self.worker.options.hostname;
+            self.snapshot.config.postmaster.clone().unwrap_or_else(|| {
+                let host = &self.core.options.hostname;
                 let domain = ferry_smtp::Domain::parse(host)
                     .unwrap_or_else(|_| ferry_smtp::Domain::Name("localhost".into()));
                 ferry_smtp::Mailbox::postmaster(domain)
@@ -649,12 +647,12 @@ impl Connection {
         };
         let rcpts = stored.rcpt_to.len();
         let tracked = stored.clone();
-        match self.worker.spool.store(id, stored, message).await {
+        match self.core.spool.store(id, stored, message).await {
             Ok(id) => {
                 let mut event = TrackingEvent::new("received", &id, &tracked);
                 event.size = Some(size as u64);
                 event.session_id = Some(&self.session_id);
-                self.worker.tracking.record(&event);
+                self.core.tracking.record(&event);
                 counter!(metric::MESSAGES_ACCEPTED, "connector" => self.label()).increment(1);
                 counter!(metric::RECEIVED_BYTES, "connector" => self.label())
                     .increment(size as u64);

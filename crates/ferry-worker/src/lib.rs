@@ -1,33 +1,47 @@
-//! The Ferry relay worker: the receive side of SMTP.
+//! The Ferry relay worker: the receive side of SMTP, and delivery.
 //!
-//! A [`Worker`] holds the current cluster config as an atomically swapped
-//! [`Runtime`] (sessions keep the snapshot they started with), listens on
-//! every connector port of its node address, picks each connection's
-//! connector from the client IP, and runs the session: STARTTLS
-//! (rustls), AUTH against argon2 hashes, the relay policy, limits, and
-//! hand-over of accepted messages to the spool before the `250`.
+//! The worker is a node role ([`ferry_node::Role`]). Its config arrives
+//! as an immutable [`WorkerSnapshot`]: the validated config plus the TLS
+//! acceptors built from it ([`tls::TlsAcceptors`], every certificate and
+//! key read and checked before the snapshot can be applied). The
+//! [`Core`] holds what sessions and the delivery agent need: the snapshot
+//! in service behind `arc-swap`, the spool, the protocol and tracking
+//! logs, the caps and the shutdown signal. A session takes the current
+//! snapshot when it starts and keeps it to its end (banner, limits,
+//! policy, users); the delivery agent takes the current one for each
+//! attempt, so a changed route applies to the next one. The [`Worker`]
+//! is the core plus the listeners: `apply` binds the new connector ports
+//! first, swaps the snapshot in, then stops accepting on removed ports
+//! while their sessions finish. Each session picks its connector from
+//! the client IP and runs STARTTLS (rustls), AUTH against argon2 hashes,
+//! the relay policy and limits, and hands each accepted message to the
+//! spool before the `250`.
 //!
-//! Modules: [`server`] (accept loops, connection caps, graceful shutdown),
-//! [`delivery`] (routes, the SMTP client, retries, bounces),
-//! `conn` (one SMTP connection), [`runtime`] (config snapshot and TLS
-//! acceptors), [`proxy`] (PROXY headers from trusted balancers), `auth`
-//! (password checks and tarpit), [`protolog`]
-//! (Exchange-format protocol logs), [`tracking`] (message tracking log), `limits` (per-source caps), `metric`
-//! (metric names). Balancing is not done here.
+//! Modules: [`core`] (the core and the snapshot type), [`server`] (the
+//! worker as a role: listeners, readiness, graceful shutdown), [`tls`]
+//! (TLS acceptors from a config), [`delivery`] (routes, the SMTP client,
+//! retries, bounces, queue administration), `conn` (one SMTP
+//! connection), [`proxy`] (PROXY headers from trusted balancers), `auth`
+//! (password checks and tarpit), [`protolog`] (Exchange-format protocol
+//! logs), [`tracking`] (message tracking log), `limits` (per-source
+//! caps), `metric` (metric names). Balancing and config reloading are
+//! not done here (the reload is `ferry-node`'s).
 #![forbid(unsafe_code)]
 
 mod auth;
 mod conn;
+pub mod core;
 mod daily;
 pub mod delivery;
 mod limits;
 mod metric;
 pub mod protolog;
 pub mod proxy;
-pub mod runtime;
 pub mod server;
+pub mod tls;
 pub mod tracking;
 
+pub use crate::core::{Core, WorkerOptions, WorkerSnapshot};
 pub use delivery::Deliverer;
-pub use runtime::{Runtime, RuntimeError};
-pub use server::{Worker, WorkerOptions};
+pub use server::Worker;
+pub use tls::{TlsAcceptors, TlsError};

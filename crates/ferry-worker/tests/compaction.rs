@@ -11,10 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_config::ClusterConfig;
+use ferry_node::{LoadedConfig, Role, Source};
 use ferry_queue::{Journal, RecipientState};
 use ferry_tests::sink::SmtpSink;
 use ferry_tests::SmtpClient;
-use ferry_worker::{Deliverer, Runtime, Worker, WorkerOptions};
+use ferry_worker::{Deliverer, Worker, WorkerOptions};
 use tokio::net::TcpListener;
 
 /// Small segments, so that 200 MB is many of them.
@@ -94,6 +95,13 @@ retry_interval = "1h"
         hop = sink.addr,
     );
     let config = ClusterConfig::parse("test.toml", &text, dir.path()).unwrap();
+    let material = Worker::prepare(&config).unwrap();
+    let snapshot = LoadedConfig {
+        config: Arc::new(config),
+        sha256: ferry_node::sha256_hex(text.as_bytes()),
+        source: Source::File("test.toml".into()),
+    }
+    .into_snapshot(1, material);
     let journal = Journal::open_with(dir.path(), SEGMENT).unwrap();
     let worker = Worker::new(
         WorkerOptions {
@@ -101,12 +109,13 @@ retry_interval = "1h"
             data_dir: dir.path().to_path_buf(),
             hostname: "relay.test".into(),
         },
-        Runtime::new(config).unwrap(),
+        snapshot,
         Arc::new(journal.clone()),
     );
+    worker.adopt(addr.port(), listener).await;
     let shutdown = worker.shutdown_token();
-    tokio::spawn(Deliverer::new(Arc::clone(&worker), journal.clone()).run(shutdown.clone()));
-    let serving = tokio::spawn(Arc::clone(&worker).run(vec![listener], Duration::from_secs(10)));
+    tokio::spawn(Deliverer::new(Arc::clone(worker.core()), journal.clone()).run(shutdown.clone()));
+    let serving = tokio::spawn(Arc::clone(&worker).run(Duration::from_secs(10)));
 
     // The message that waits: its next hop answers 450, and the next try
     // is an hour away.

@@ -142,7 +142,7 @@ async fn a_hundred_operations_racing_attempts() {
     sink.delay_rcpt(Duration::from_millis(150));
     let h = Harness::start_with("{}", &config(&sink), None).await;
     let deliverer = Arc::clone(h.deliverer.as_ref().unwrap());
-    let api = Arc::new(QueueAdmin(Arc::clone(&deliverer)));
+    let api = Arc::new(QueueAdmin::new(Arc::clone(&deliverer), Arc::new(|| true)));
     for i in 0..MESSAGES {
         send(&h, i).await;
     }
@@ -379,7 +379,7 @@ async fn operations_wait_for_a_transaction_and_stop_a_waiting_attempt() {
     let extra = config(&sink).replace("max_connections_per_hop = 2", "max_connections_per_hop = 1");
     let h = Harness::start_with("{}", &extra, None).await;
     let deliverer = Arc::clone(h.deliverer.as_ref().unwrap());
-    let api = QueueAdmin(Arc::clone(&deliverer));
+    let api = QueueAdmin::new(Arc::clone(&deliverer), Arc::new(|| true));
     let data = h.data();
 
     // A: five retries while its first transaction runs.

@@ -15,7 +15,6 @@ use tokio_util::sync::CancellationToken;
 
 /// Reads the config file and builds the role's first snapshot (version
 /// 1), every error at once.
-#[allow(dead_code)] // wired into the roles next
 pub async fn first_snapshot<R: Role>(path: &Path) -> anyhow::Result<Snapshot<R::Material>> {
     let owned = path.to_path_buf();
     tokio::task::spawn_blocking(move || ferry_node::load_file::<R>(&owned, 1))
@@ -32,7 +31,6 @@ pub async fn first_snapshot<R: Role>(path: &Path) -> anyhow::Result<Snapshot<R::
 /// Makes `role` reloadable from `config`: on SIGHUP until `shutdown`, and
 /// with `POST /config/reload` on the admin API returned (the role's `api`
 /// plus reload and the `config` part of `/status`).
-#[allow(dead_code)] // wired into the roles next
 pub fn reloadable<R: Role>(
     role: Arc<R>,
     config: PathBuf,

@@ -7,10 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use ferry_config::ClusterConfig;
 use ferry_queue::Journal;
-use ferry_worker::delivery::QueueAdmin;
-use ferry_worker::{Deliverer, Runtime, Worker, WorkerOptions};
+use ferry_worker::delivery::{QueueAdmin, Readiness};
+use ferry_worker::{Deliverer, Worker, WorkerOptions};
 
 pub struct Args {
     pub config: PathBuf,
@@ -25,7 +24,8 @@ pub struct Args {
 pub const DRAIN_LIMIT: Duration = Duration::from_secs(60);
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let config = ClusterConfig::load(&args.config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Every problem of the file and of the certificates it names at once.
+    let snapshot = crate::node::first_snapshot::<Worker>(&args.config).await?;
     let token = args
         .admin_token_file
         .as_deref()
@@ -33,7 +33,6 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         .transpose()?;
     // The recorder first: the worker describes its metrics when created.
     ferry_telemetry::metrics_handle();
-    let runtime = Runtime::new(config).context("putting the config into service")?;
     std::fs::create_dir_all(&args.data)
         .with_context(|| format!("creating data directory {}", args.data.display()))?;
     let spool = Journal::open(&args.data)
@@ -50,34 +49,29 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             data_dir: args.data.clone(),
             hostname,
         },
-        runtime,
+        snapshot,
         Arc::new(spool.clone()),
     );
-    let deliverer = Deliverer::new(Arc::clone(&worker), spool);
-    let listeners = worker.bind().await?;
+    let deliverer = Deliverer::new(Arc::clone(worker.core()), spool);
+    let smtp = worker
+        .start()
+        .await
+        .context("opening the connector ports")?;
     let shutdown = worker.shutdown_token();
-    let admin = crate::node::Admin {
-        api: Arc::new(QueueAdmin(Arc::clone(&deliverer))),
-        ready: {
-            let w = Arc::clone(&worker);
-            Arc::new(move || w.is_ready())
-        },
-        token,
+    let ready: Readiness = {
+        let w = Arc::clone(&worker);
+        Arc::new(move || w.is_ready())
     };
-    crate::node::start(
-        "worker",
-        args.listen,
-        &listeners
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .collect::<Vec<_>>(),
-        args.admin,
-        admin,
+    let api = crate::node::reloadable(
+        Arc::clone(&worker),
+        args.config.clone(),
+        Arc::new(QueueAdmin::new(Arc::clone(&deliverer), Arc::clone(&ready))),
         &shutdown,
-    )
-    .await?;
+    );
+    let admin = crate::node::Admin { api, ready, token };
+    crate::node::start("worker", args.listen, &smtp, args.admin, admin, &shutdown).await?;
     tokio::spawn(deliverer.run(shutdown.clone()));
-    worker.run(listeners, DRAIN_LIMIT).await;
+    worker.run(DRAIN_LIMIT).await;
     tracing::info!("worker stopped");
     Ok(ExitCode::SUCCESS)
 }

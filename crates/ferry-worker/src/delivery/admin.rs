@@ -79,7 +79,7 @@ impl Deliverer {
                 next_hop: None,
             };
         }
-        let config = Arc::clone(&self.worker.runtime().config);
+        let config = Arc::clone(&self.core.current().config);
         let next = self.conclude(&config, &m, state, &message).await;
         lease.release(next.map_or(Outcome::Done, Outcome::RetryAt));
         done(&id, "bounce")
@@ -102,26 +102,39 @@ impl Deliverer {
         let mut e = TrackingEvent::new("deleted", &m.id, &m.envelope);
         e.recipients = m.state.pending().map(|r| &r.address).collect();
         e.attempt = Some(m.state.attempts);
-        self.worker.tracking.record(&e);
+        self.core.tracking.record(&e);
         done(&id, "delete")
     }
 }
 
+/// Readiness as `/readyz` answers it (the worker's: listening, not
+/// shutting down, room in the spool).
+pub type Readiness = Arc<dyn Fn() -> bool + Send + Sync>;
+
 /// The queue, as the admin endpoint shows and changes it.
-pub struct QueueAdmin(pub Arc<Deliverer>);
+pub struct QueueAdmin {
+    deliverer: Arc<Deliverer>,
+    ready: Readiness,
+}
 
 impl QueueAdmin {
+    /// The admin API of `deliverer`'s queue; `/status` says `ready` as
+    /// `ready` answers.
+    pub fn new(deliverer: Arc<Deliverer>, ready: Readiness) -> Self {
+        Self { deliverer, ready }
+    }
+
     /// The node at a glance.
     fn status(&self) -> String {
-        let d = &self.0;
+        let d = &self.deliverer;
         let messages = d.journal.messages();
         let deferred = messages.iter().filter(|m| m.state.attempts > 0).count();
         json!({
             "role": "worker",
             "version": env!("CARGO_PKG_VERSION"),
-            "hostname": d.worker.options.hostname,
-            "ready": d.worker.is_ready(),
-            "low_on_space": d.worker.is_low_on_space(),
+            "hostname": d.core.hostname(),
+            "ready": (self.ready)(),
+            "low_on_space": d.core.is_low_on_space(),
             "queue": { "messages": messages.len(), "deferred": deferred },
         })
         .to_string()
@@ -133,7 +146,7 @@ impl QueueAdmin {
         }
         let rest = path.strip_prefix("/queue")?;
         let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
-        let d = &self.0;
+        let d = &self.deliverer;
         if parts.is_empty() {
             if method != "GET" {
                 return error(405, "GET /queue");

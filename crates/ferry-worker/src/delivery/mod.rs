@@ -13,7 +13,7 @@ mod mx;
 mod pool;
 pub mod schedule;
 
-pub use admin::QueueAdmin;
+pub use admin::{QueueAdmin, Readiness};
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -32,8 +32,8 @@ use tracing::{info, warn, Instrument};
 
 pub use client::{HopError, RecipientOutcome};
 
+use crate::core::Core;
 use crate::metric;
-use crate::server::Worker;
 use crate::tracking::TrackingEvent;
 use mx::{MxError, MxResolver};
 use pool::Target;
@@ -47,7 +47,7 @@ const CONCURRENT_ATTEMPTS: usize = 64;
 
 /// The worker's delivery agent.
 pub struct Deliverer {
-    worker: Arc<Worker>,
+    core: Arc<Core>,
     journal: Journal,
     slots: Arc<Semaphore>,
     sessions: pool::SessionPool,
@@ -62,9 +62,11 @@ fn unix_now() -> i64 {
 }
 
 impl Deliverer {
-    pub fn new(worker: Arc<Worker>, journal: Journal) -> Arc<Self> {
+    /// The delivery agent of the worker whose core is `core`, taking
+    /// messages from `journal` (the core's spool).
+    pub fn new(core: Arc<Core>, journal: Journal) -> Arc<Self> {
         Arc::new(Self {
-            worker,
+            core,
             journal,
             slots: Arc::new(Semaphore::new(CONCURRENT_ATTEMPTS)),
             sessions: pool::SessionPool::default(),
@@ -142,7 +144,7 @@ impl Deliverer {
     /// routes (a re-delivery would replace them anyway; a message that is
     /// never delivered again would leave them for good).
     async fn remove_directory_leftovers(&self) {
-        let config = Arc::clone(&self.worker.runtime().config);
+        let config = Arc::clone(&self.core.current().config);
         for route in &config.routes {
             let RouteAction::Directory(dir) = &route.action else {
                 continue;
@@ -213,8 +215,9 @@ impl Deliverer {
     /// any recipient had an outcome leaves the message unchanged (it does
     /// not count as an attempt).
     async fn attempt_inner(&self, m: SpooledMessage, stop: &CancellationToken) -> Outcome {
-        let runtime = self.worker.runtime();
-        let config = Arc::clone(&runtime.config);
+        // The snapshot in service now: a route changed since the last
+        // attempt applies to this one.
+        let config = Arc::clone(&self.core.current().config);
         let message = match self.read_body(&m).await {
             Ok(b) => b,
             Err(e) => {
@@ -428,7 +431,7 @@ impl Deliverer {
         auth: Option<&'a (String, String)>,
     ) -> client::HopSettings<'a> {
         client::HopSettings {
-            helo: &self.worker.options.hostname,
+            helo: &self.core.options.hostname,
             tls,
             verify_certificates,
             auth,
@@ -537,7 +540,7 @@ impl Deliverer {
         e.next_hop = next_hop;
         e.reply = reply;
         e.attempt = Some(attempt);
-        self.worker.tracking.record(&e);
+        self.core.tracking.record(&e);
     }
 
     /// Expiry, reports to the sender, and the new state on disk.
@@ -563,7 +566,7 @@ impl Deliverer {
                 };
                 let mut e = TrackingEvent::new("expired", &m.id, &m.envelope);
                 e.recipients = vec![&r.address];
-                self.worker.tracking.record(&e);
+                self.core.tracking.record(&e);
             }
         }
         let has_sender = !m.envelope.mail_from.is_null();
@@ -614,7 +617,7 @@ impl Deliverer {
         let Some(sender) = m.envelope.mail_from.mailbox() else {
             return;
         };
-        let hostname = &self.worker.options.hostname;
+        let hostname = &self.core.options.hostname;
         let id = QueueId::new();
         let now = chrono::Utc::now();
         let body = dsn::render(&Report {
@@ -656,7 +659,7 @@ impl Deliverer {
                 let mut e = TrackingEvent::new(event, &m.id, &m.envelope);
                 e.recipients = recipients.iter().map(|r| &r.address).collect();
                 e.dsn_queue_id = Some(id.as_str());
-                self.worker.tracking.record(&e);
+                self.core.tracking.record(&e);
             }
             Err(e) => warn!(error = %e, "cannot queue the {what}"),
         }

@@ -57,10 +57,12 @@ impl SessionPool {
         }
     }
 
-    fn slots(&self, key: &str, max: usize) -> Arc<Semaphore> {
+    /// The semaphore of `hop` for a cap of `max`: keyed by both, so a cap
+    /// changed by a config reload holds from the next transaction on.
+    fn slots(&self, hop: &str, max: usize) -> Arc<Semaphore> {
         let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
         Arc::clone(
-            busy.entry(key.to_string())
+            busy.entry(format!("{hop}|{max}"))
                 .or_insert_with(|| Arc::new(Semaphore::new(max.max(1)))),
         )
     }

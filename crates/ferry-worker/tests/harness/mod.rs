@@ -10,8 +10,9 @@ use std::time::Duration;
 use argon2::password_hash::{rand_core::OsRng, SaltString};
 use argon2::{Argon2, PasswordHasher};
 use ferry_config::ClusterConfig;
+use ferry_node::{LoadedConfig, Role, Source};
 use ferry_queue::Journal;
-use ferry_worker::{Deliverer, Runtime, Worker, WorkerOptions};
+use ferry_worker::{Deliverer, Worker, WorkerOptions, WorkerSnapshot};
 use tokio::net::TcpListener;
 
 #[allow(unused_imports)]
@@ -161,8 +162,7 @@ allowed_ranges = ["127.0.0.40/32"]
             cp = client.port(),
             vp = v6.port(),
         );
-        let config = ClusterConfig::parse("test.toml", &text, dir.path()).unwrap();
-        let runtime = Runtime::new(config).unwrap();
+        let snapshot = snapshot(&text, dir.path());
         let spool = Journal::open(dir.path()).unwrap();
         let journal = spool.clone();
         let worker = Worker::new(
@@ -171,17 +171,21 @@ allowed_ranges = ["127.0.0.40/32"]
                 data_dir: dir.path().to_path_buf(),
                 hostname: "relay.test".into(),
             },
-            runtime,
+            snapshot,
             Arc::new(spool),
         );
+        for (port, listener) in [front_l, client_l, v6_l]
+            .into_iter()
+            .map(|l| (l.local_addr().unwrap().port(), l))
+        {
+            worker.adopt(port, listener).await;
+        }
         let deliverer = delivery.then(|| {
-            let deliverer = Deliverer::new(Arc::clone(&worker), journal);
+            let deliverer = Deliverer::new(Arc::clone(worker.core()), journal);
             tokio::spawn(Arc::clone(&deliverer).run(worker.shutdown_token()));
             deliverer
         });
-        let task = tokio::spawn(
-            Arc::clone(&worker).run(vec![front_l, client_l, v6_l], Duration::from_secs(10)),
-        );
+        let task = tokio::spawn(Arc::clone(&worker).run(Duration::from_secs(10)));
         Harness {
             dir,
             worker,
@@ -223,6 +227,19 @@ allowed_ranges = ["127.0.0.40/32"]
         assert_eq!(r, "235 2.7.0 Authentication successful");
         c
     }
+}
+
+/// Version 1 of the config `text` (files named in it are relative to
+/// `dir`), with its TLS acceptors.
+pub fn snapshot(text: &str, dir: &std::path::Path) -> WorkerSnapshot {
+    let config = ClusterConfig::parse("test.toml", text, dir).unwrap();
+    let material = Worker::prepare(&config).unwrap();
+    LoadedConfig {
+        config: Arc::new(config),
+        sha256: ferry_node::sha256_hex(text.as_bytes()),
+        source: Source::File("test.toml".into()),
+    }
+    .into_snapshot(1, material)
 }
 
 /// A full transaction; returns the reply to the end of data.

@@ -1,0 +1,150 @@
+//! The worker's core: what sessions and the delivery agent need, and
+//! nothing about listeners. The config snapshot in service sits here
+//! behind `arc-swap`: a session takes the one current when it starts and
+//! keeps it to its end; the delivery agent takes the current one for each
+//! attempt. Sessions and delivery depend on this, never on the server.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use ferry_queue::Spool;
+use tokio_util::sync::CancellationToken;
+
+use crate::limits::{ConnectionLimits, DataBudget};
+use crate::protolog::ProtocolLogger;
+use crate::tls::TlsAcceptors;
+use crate::tracking::TrackingLog;
+
+/// One config version in service on a worker: the validated config and
+/// the TLS acceptors built from it.
+pub type WorkerSnapshot = ferry_node::Snapshot<TlsAcceptors>;
+
+/// The node's own settings (not part of the cluster config).
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// The address every connector port is bound on.
+    pub listen: IpAddr,
+    pub data_dir: PathBuf,
+    /// Our name in replies and Received headers.
+    pub hostname: String,
+}
+
+/// What the worker's sessions and its delivery agent share: the snapshot
+/// in service, the spool, the logs, the caps and the shutdown signal.
+pub struct Core {
+    pub(crate) options: WorkerOptions,
+    snapshot: ArcSwap<WorkerSnapshot>,
+    pub(crate) spool: Arc<dyn Spool>,
+    pub(crate) protolog: Arc<ProtocolLogger>,
+    pub(crate) tracking: Arc<TrackingLog>,
+    pub(crate) limits: ConnectionLimits,
+    /// DATA held in memory by all sessions.
+    pub(crate) data_budget: DataBudget,
+    session_base: u64,
+    session_seq: AtomicU64,
+    shutdown: CancellationToken,
+    /// Free space in the data directory is under the floor.
+    low_space: AtomicBool,
+}
+
+impl Core {
+    /// A core serving `snapshot`, storing mail in `spool`, with its logs
+    /// in the data directory.
+    pub fn new(options: WorkerOptions, snapshot: WorkerSnapshot, spool: Arc<dyn Spool>) -> Self {
+        let protolog = Arc::new(ProtocolLogger::new(&options.data_dir));
+        let tracking = Arc::new(TrackingLog::new(&options.data_dir));
+        // Session ids stay unique across restarts: microseconds at start,
+        // then a counter.
+        let session_base = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64)
+            << 8;
+        crate::metric::describe();
+        Self {
+            options,
+            snapshot: ArcSwap::from_pointee(snapshot),
+            spool,
+            protolog,
+            tracking,
+            limits: ConnectionLimits::default(),
+            data_budget: DataBudget::default(),
+            session_base,
+            session_seq: AtomicU64::new(0),
+            shutdown: CancellationToken::new(),
+            low_space: AtomicBool::new(false),
+        }
+    }
+
+    /// The snapshot new sessions and the next delivery attempt get.
+    pub fn current(&self) -> Arc<WorkerSnapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Puts `snapshot` in service; sessions keep the one they hold.
+    pub(crate) fn swap(&self, snapshot: Arc<WorkerSnapshot>) {
+        self.snapshot.store(snapshot);
+    }
+
+    /// Our host name (replies, Received, DSNs).
+    pub fn hostname(&self) -> &str {
+        &self.options.hostname
+    }
+
+    /// New mail is refused with `452 4.3.1` while this holds.
+    pub fn is_low_on_space(&self) -> bool {
+        self.low_space.load(Ordering::Relaxed)
+    }
+
+    /// Compares free space in the data directory with the floor of the
+    /// snapshot in service.
+    pub fn check_space(&self) {
+        let floor = self.current().config.min_free_space;
+        match nix::sys::statvfs::statvfs(&self.options.data_dir) {
+            Ok(st) => {
+                let free = st.blocks_available().saturating_mul(st.fragment_size());
+                metrics::gauge!(crate::metric::SPOOL_FREE_BYTES).set(free as f64);
+                let low = free < floor;
+                if low != self.low_space.swap(low, Ordering::Relaxed) {
+                    if low {
+                        tracing::warn!(
+                            free,
+                            floor,
+                            "spool space under the floor: refusing new mail with 452 4.3.1"
+                        );
+                    } else {
+                        tracing::info!(
+                            free,
+                            floor,
+                            "spool space back over the floor: accepting mail"
+                        );
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read free space of the data directory"),
+        }
+    }
+
+    /// Cancelling this token shuts the worker down gracefully.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    pub(crate) fn shutting_down(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    pub(crate) fn next_session_id(&self) -> String {
+        let n = self.session_seq.fetch_add(1, Ordering::Relaxed);
+        format!("{:016X}", self.session_base.wrapping_add(n))
+    }
+
+    /// Resolves once every log line made so far (tracking and protocol
+    /// logs) is written to its file.
+    pub async fn flush_logs(&self) {
+        self.tracking.flush().await;
+        self.protolog.flush().await;
+    }
+}
