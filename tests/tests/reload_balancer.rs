@@ -447,6 +447,14 @@ async fn a_listener_port_added_then_the_first_one_removed() {
         "250 2.1.0 Sender OK"
     );
     finish_message(&mut c, "on the new port").await;
+    // The removed listener's worker gauges are no number: no alert sums
+    // them to "no worker for listener smtp".
+    let m = cl.metrics();
+    let up = metric(
+        &m,
+        r#"ferry_balancer_backend_up{listener="smtp",backend="w1"}"#,
+    );
+    assert!(up.is_some_and(f64::is_nan), "{m}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
