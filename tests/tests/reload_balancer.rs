@@ -542,5 +542,7 @@ async fn a_broken_reload_is_refused_with_its_errors_and_the_old_config_serves() 
         "{m}"
     );
     assert_eq!(metric(&m, "ferry_config_version"), Some(1.0), "{m}");
+    // The listener that never served left no series behind.
+    assert!(!m.contains(r#"listener="submission""#), "{m}");
     drop(taken);
 }

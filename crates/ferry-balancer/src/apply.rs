@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use ferry_config::{BalancerConfig, BalancerListener, ClusterConfig, ProbeSettings};
 use ferry_node::{ApplyError, Reconciled, Role, Snapshot};
@@ -29,18 +29,24 @@ pub struct Frontend {
     pub targets: Vec<Arc<Target>>,
     /// Where round-robin among equally loaded workers starts next.
     pub(crate) rotation: AtomicU64,
-    pub(crate) metrics: FrontendMetrics,
+    /// Registered once the frontend is in service, so an apply that fails
+    /// leaves no series for a listener that never served.
+    metrics: OnceLock<FrontendMetrics>,
 }
 
 impl Frontend {
     fn new(listener: BalancerListener, targets: Vec<Arc<Target>>) -> Self {
-        let metrics = FrontendMetrics::new(&listener.name);
         Self {
             listener,
             targets,
             rotation: AtomicU64::new(0),
-            metrics,
+            metrics: OnceLock::new(),
         }
+    }
+
+    pub(crate) fn metrics(&self) -> &FrontendMetrics {
+        self.metrics
+            .get_or_init(|| FrontendMetrics::new(&self.listener.name))
     }
 }
 
@@ -113,8 +119,9 @@ struct Probed {
     stop: CancellationToken,
 }
 
-/// (listener name, backend name).
-type TargetKey = (String, String);
+/// (listener name, which listener of that name in config order (0 unless
+/// the config names two alike), backend name).
+type TargetKey = (String, usize, String);
 
 /// The targets in service with their probes. Behind an async mutex held
 /// across a whole apply, so two applies never interleave.
@@ -164,10 +171,16 @@ impl Balancer {
         let drains = self.drain_flags_for(config);
         let mut next: Vec<(TargetKey, Arc<Target>, u32)> = Vec::new();
         let mut frontends = BTreeMap::new();
-        for l in &config.listeners {
+        for (i, l) in config.listeners.iter().enumerate() {
+            let twin = config
+                .listeners
+                .iter()
+                .take(i)
+                .filter(|o| o.name == l.name)
+                .count();
             let mut targets = Vec::with_capacity(config.backends.len());
             for b in &config.backends {
-                let key = (l.name.clone(), b.name.clone());
+                let key = (l.name.clone(), twin, b.name.clone());
                 let target = match table.by_key.get(&key) {
                     Some(p) if p.target.serves(b, l) => Arc::clone(&p.target),
                     _ => {
@@ -191,6 +204,9 @@ impl Balancer {
             .await?;
 
         // In service: nothing below can fail.
+        for f in self.state().frontends.values() {
+            f.metrics();
+        }
         *self.drains.lock().unwrap_or_else(|p| p.into_inner()) = drains;
         let plan = ProbePlan {
             source: config.source,
@@ -206,7 +222,7 @@ impl Balancer {
             if !kept {
                 p.stop.cancel();
                 p.target.retire(!listeners.contains(key.0.as_str()));
-                info!(listener = %key.0, backend = %key.1, addr = %p.target.addr, active = p.target.active(), "worker removed: no new sessions, open ones finish");
+                info!(listener = %key.0, backend = %key.2, addr = %p.target.addr, active = p.target.active(), "worker removed: no new sessions, open ones finish");
             }
             kept
         });
@@ -221,17 +237,13 @@ impl Balancer {
                 }
                 None => {
                     if start == Start::AfterRise {
-                        info!(listener = %key.0, backend = %key.1, addr = %target.addr, rise = plan.settings.rise, "worker added: in rotation after its probes pass");
+                        info!(listener = %key.0, backend = %key.2, addr = %target.addr, rise = plan.settings.rise, "worker added: in rotation after its probes pass");
                     }
                     self.spawn_probe(target, plan)
                 }
             };
             probed.target.publish();
-            // Two listeners of one name (the config allows it) share keys:
-            // the last one's probe is kept, none runs unowned.
-            if let Some(twin) = table.by_key.insert(key, probed) {
-                twin.stop.cancel();
-            }
+            table.by_key.insert(key, probed);
         }
         table.applied = true;
         self.listening.store(true, Ordering::Relaxed);

@@ -227,19 +227,19 @@ impl Balancer {
         let config = state.config();
         let ip = peer.ip().to_canonical();
         if !config.access.allows(ip) {
-            f.metrics.denied.increment(1);
+            f.metrics().denied.increment(1);
             info!(listener = %f.listener.name, client = %ip, "client denied by the access list");
             refuse(client, DENIED).await;
             return;
         }
         let Some(_open) = self.take_open_slot(config.max_connections) else {
-            f.metrics.over_limit.increment(1);
+            f.metrics().over_limit.increment(1);
             warn!(listener = %f.listener.name, client = %ip, max = config.max_connections, "connection limit reached");
             refuse(client, OVER_TOTAL).await;
             return;
         };
         let Some(_slot) = self.take_source_slot(ip, config.max_connections_per_source) else {
-            f.metrics.over_limit.increment(1);
+            f.metrics().over_limit.increment(1);
             info!(listener = %f.listener.name, client = %ip, "too many connections from one client");
             refuse(client, OVER_LIMIT).await;
             return;
@@ -266,7 +266,7 @@ async fn serve(
     let start = f.rotation.fetch_add(1, Ordering::Relaxed) as usize;
     let (worker, greeting, target) = loop {
         let Some(i) = choose(&f.targets, &tried, start) else {
-            f.metrics.no_backend.increment(1);
+            f.metrics().no_backend.increment(1);
             warn!(session_id, client = %peer, listener = %name, tried = tried.len(), "no worker available; 421 to the client");
             refuse(client, NO_BACKEND).await;
             return;
@@ -290,12 +290,12 @@ async fn serve(
             }
         }
     };
-    f.metrics.accepted.increment(1);
+    f.metrics().accepted.increment(1);
     let _session = target.session();
-    f.metrics.active.increment(1.0);
+    f.metrics().active.increment(1.0);
     if client.write_all(&greeting).await.is_ok() {
         let r = relay(client, worker, config.idle_timeout).await;
         info!(session_id, client = %peer, listener = %name, backend = %target.name, to_worker = r.to_worker, to_client = r.to_client, end = ?r.end, "session relayed");
     }
-    f.metrics.active.decrement(1.0);
+    f.metrics().active.decrement(1.0);
 }
