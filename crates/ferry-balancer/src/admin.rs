@@ -6,20 +6,20 @@ use std::sync::Arc;
 
 use ferry_telemetry::admin::{AdminAnswer, AdminApi};
 
-use crate::Balancer;
+use crate::{Balancer, State};
 
+/// The balancer's admin API; reads the state in service at each call.
 pub struct BalancerAdmin(pub Arc<Balancer>);
 
 impl BalancerAdmin {
     fn backends(&self) -> String {
-        serde_json::json!({ "backends": self.backend_list() }).to_string()
+        serde_json::json!({ "backends": backend_list(&self.0.state()) }).to_string()
     }
 
     fn status(&self) -> String {
-        let listeners: Vec<serde_json::Value> = self
-            .0
-            .frontends
-            .iter()
+        let state = self.0.state();
+        let listeners: Vec<serde_json::Value> = state
+            .frontends()
             .map(|f| {
                 serde_json::json!({
                     "name": f.listener.name,
@@ -35,31 +35,31 @@ impl BalancerAdmin {
             "version": env!("CARGO_PKG_VERSION"),
             "ready": self.0.is_ready(),
             "listeners": listeners,
-            "backends": self.backend_list(),
+            "backends": backend_list(&state),
         })
         .to_string()
     }
+}
 
-    fn backend_list(&self) -> Vec<serde_json::Value> {
-        self.0
-            .frontends
-            .iter()
-            .flat_map(|f| {
-                f.targets.iter().map(|t| {
-                    serde_json::json!({
-                        "listener": f.listener.name,
-                        "backend": t.backend.name,
-                        "address": t.addr.to_string(),
-                        "weight": t.backend.weight,
-                        "up": t.is_up(),
-                        "draining": t.is_draining(),
-                        "eligible": t.is_eligible(),
-                        "active": t.active(),
-                    })
+/// Every worker per listener, as the state in service has them.
+fn backend_list(state: &State) -> Vec<serde_json::Value> {
+    state
+        .frontends()
+        .flat_map(|f| {
+            f.targets.iter().map(|t| {
+                serde_json::json!({
+                    "listener": f.listener.name,
+                    "backend": t.name,
+                    "address": t.addr.to_string(),
+                    "weight": t.weight(),
+                    "up": t.is_up(),
+                    "draining": t.is_draining(),
+                    "eligible": t.is_eligible(),
+                    "active": t.active(),
                 })
             })
-            .collect()
-    }
+        })
+        .collect()
 }
 
 impl AdminApi for BalancerAdmin {

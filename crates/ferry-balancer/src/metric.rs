@@ -6,7 +6,10 @@
 pub const CONNECTIONS: &str = "ferry_balancer_connections_total";
 /// Relayed connections open now, by `listener`.
 pub const ACTIVE: &str = "ferry_balancer_active_connections";
-/// 1 while a worker takes new sessions, by `listener` and `backend`.
+/// 1 while a worker passes its probes, by `listener` and `backend`. A
+/// worker a reload removed stays at 1 with draining 1, or NaN for both
+/// when its listener went too (the exporter cannot delete a series; see
+/// [`crate::pool::Target::retire`]).
 pub const BACKEND_UP: &str = "ferry_balancer_backend_up";
 /// 1 while a worker is drained (by its probe answer or an admin call).
 pub const BACKEND_DRAINING: &str = "ferry_balancer_backend_draining";

@@ -5,19 +5,37 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ferry_config::{Backend, ProbeSettings};
+use ferry_config::{Backend, BalancerListener, ProbeSettings};
 
 use crate::metric;
 use crate::probe::ProbeResult;
 
-/// One worker port as seen from one listener.
+/// How a target starts before its first probes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// Up at once: at process start, when every worker is new and the
+    /// handoff verifies every session anyway.
+    Optimistic,
+    /// Down until `rise` good probes: a worker a reload added.
+    AfterRise,
+}
+
+/// One worker port as seen from one listener. A reload keeps it (with its
+/// health, drain and sessions) as long as the worker's address, the
+/// listener's backend port and its PROXY setting stay.
 #[derive(Debug)]
 pub struct Target {
-    pub backend: Backend,
+    /// The backend's name in the config.
+    pub name: String,
     pub listener: String,
     pub addr: SocketAddr,
-    /// Shared by every listener's target for this worker: set by an admin.
+    /// Whether sessions and probes send a PROXY v2 header first.
+    pub proxy: bool,
+    /// Shared by every listener's target for this worker, and across
+    /// reloads: set by an admin.
     pub admin_drain: Arc<AtomicBool>,
+    /// The backend's weight; a reload may change it in place.
+    weight: AtomicU32,
     up: AtomicBool,
     /// The worker answered its probe with `421`: it is draining itself.
     self_drain: AtomicBool,
@@ -25,27 +43,51 @@ pub struct Target {
     bad: AtomicU32,
     active: AtomicUsize,
     suspect_until: Mutex<Option<Instant>>,
+    /// True once a reload removed it: its gauges are no longer updated.
+    /// A lock, not an atomic, so a probe's last update cannot land after
+    /// the retirement.
+    retired: Mutex<bool>,
 }
 
 impl Target {
-    pub fn new(backend: Backend, listener: &str, port: u16, admin_drain: Arc<AtomicBool>) -> Self {
-        let addr = SocketAddr::new(backend.address, port);
-        let t = Self {
-            backend,
-            listener: listener.to_string(),
-            addr,
+    /// The target for `backend` behind `listener`. Its gauges are set on
+    /// the first [`Target::publish`], once it is in service.
+    pub fn new(
+        backend: &Backend,
+        listener: &BalancerListener,
+        admin_drain: Arc<AtomicBool>,
+        start: Start,
+    ) -> Self {
+        Self {
+            name: backend.name.clone(),
+            listener: listener.name.clone(),
+            addr: SocketAddr::new(backend.address, listener.backend_port),
+            proxy: listener.proxy_protocol,
             admin_drain,
-            // Optimistic until the first probes say otherwise: the handoff
-            // verifies every session anyway.
-            up: AtomicBool::new(true),
+            weight: AtomicU32::new(backend.weight),
+            up: AtomicBool::new(start == Start::Optimistic),
             self_drain: AtomicBool::new(false),
             good: AtomicU32::new(0),
             bad: AtomicU32::new(0),
             active: AtomicUsize::new(0),
             suspect_until: Mutex::new(None),
-        };
-        t.publish();
-        t
+            retired: Mutex::new(false),
+        }
+    }
+
+    /// The same worker port for `listener` and `backend`: a reload keeps
+    /// this target's state.
+    pub fn serves(&self, backend: &Backend, listener: &BalancerListener) -> bool {
+        self.addr == SocketAddr::new(backend.address, listener.backend_port)
+            && self.proxy == listener.proxy_protocol
+    }
+
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    pub fn set_weight(&self, weight: u32) {
+        self.weight.store(weight, Ordering::Relaxed);
     }
 
     pub fn is_up(&self) -> bool {
@@ -115,18 +157,47 @@ impl Target {
         change
     }
 
-    /// Updates the state gauges.
-    pub fn publish(&self) {
-        let labels = [
+    fn labels(&self) -> [(&'static str, String); 2] {
+        [
             ("listener", self.listener.clone()),
-            ("backend", self.backend.name.clone()),
-        ];
+            ("backend", self.name.clone()),
+        ]
+    }
+
+    /// Updates the state gauges (not once retired).
+    pub fn publish(&self) {
+        let retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        if *retired {
+            return;
+        }
+        let labels = self.labels();
         metrics::gauge!(metric::BACKEND_UP, &labels).set(if self.is_up() { 1.0 } else { 0.0 });
         metrics::gauge!(metric::BACKEND_DRAINING, &labels).set(if self.is_draining() {
             1.0
         } else {
             0.0
         });
+    }
+
+    /// A reload removed this target: its open sessions run on, its gauges
+    /// stop. The exporter cannot delete a series, so they are left where
+    /// the shipped alerts and dashboard count no worker: while its
+    /// listener stays, up 1 and draining 1 (neither a worker down nor one
+    /// in rotation); with its listener gone, NaN (so that listener's sum
+    /// is no number, not a "no worker" zero). A later target with the
+    /// same listener and backend names publishes over them.
+    pub fn retire(&self, listener_gone: bool) {
+        let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        *retired = true;
+        let labels = self.labels();
+        let value = if listener_gone { f64::NAN } else { 1.0 };
+        metrics::gauge!(metric::BACKEND_UP, &labels).set(value);
+        metrics::gauge!(metric::BACKEND_DRAINING, &labels).set(value);
+    }
+
+    /// Whether a reload removed this target.
+    pub fn is_retired(&self) -> bool {
+        *self.retired.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -150,7 +221,7 @@ pub fn choose(targets: &[Arc<Target>], tried: &[usize], start: usize) -> Option<
         .filter(|(i, t)| !tried.contains(i) && t.is_eligible())
         .min_by_key(|(i, t)| {
             // Sessions per unit of weight, in millionths.
-            let load = (t.active() as u64 + 1) * 1_000_000 / u64::from(t.backend.weight.max(1));
+            let load = (t.active() as u64 + 1) * 1_000_000 / u64::from(t.weight().max(1));
             (load, (i + n - start % n) % n)
         })
         .map(|(i, _)| i)
@@ -167,7 +238,18 @@ mod tests {
             address: "127.0.0.1".parse().unwrap(),
             weight,
         };
-        Arc::new(Target::new(backend, "smtp", 25, Arc::default()))
+        let listener = BalancerListener {
+            name: "smtp".into(),
+            port: 25,
+            backend_port: 25,
+            proxy_protocol: true,
+        };
+        Arc::new(Target::new(
+            &backend,
+            &listener,
+            Arc::default(),
+            Start::Optimistic,
+        ))
     }
 
     #[test]
@@ -178,7 +260,7 @@ mod tests {
         let mut picks = String::new();
         for _ in 0..5 {
             let i = choose(&ts, &[], 0).unwrap();
-            picks.push_str(&ts[i].backend.name);
+            picks.push_str(&ts[i].name);
             held.push(ts[i].session());
         }
         assert_eq!(picks, "bbabb");

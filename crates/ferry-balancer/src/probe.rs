@@ -114,24 +114,27 @@ async fn probe_inner(addr: SocketAddr, source: Option<IpAddr>, proxy: bool) -> P
     ProbeResult::Up
 }
 
-/// Probes `target` every interval until `shutdown`.
+/// Probes `target` every interval until `stop` (a reload that removes
+/// the target or changes its probe settings, or shutdown).
 pub async fn run(
     target: Arc<Target>,
     source: Option<IpAddr>,
-    proxy: bool,
     settings: ProbeSettings,
-    shutdown: CancellationToken,
+    stop: CancellationToken,
 ) {
     let mut ticks = tokio::time::interval(settings.interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = stop.cancelled() => return,
             _ = ticks.tick() => {}
         }
         let started = Instant::now();
-        let result = probe(target.addr, source, proxy, settings.timeout).await;
-        let backend = target.backend.name.clone();
+        let result = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = probe(target.addr, source, target.proxy, settings.timeout) => r,
+        };
+        let backend = target.name.clone();
         metrics::histogram!(metric::PROBE_DURATION, "backend" => backend.clone())
             .record(started.elapsed().as_secs_f64());
         if let ProbeResult::Failed { stage, .. } = &result {

@@ -1,23 +1,27 @@
-//! Accept loops, access control, the per-source cap, the choice of a
-//! worker with retries, and graceful shutdown.
+//! The balancer node: each accepted connection under the state it was
+//! accepted with (access control, the caps, the choice of a worker with
+//! retries, the relay), the admin's drain, and graceful shutdown.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use ferry_config::{BalancerConfig, BalancerListener};
-use metrics::{counter, Counter, Gauge};
+use arc_swap::ArcSwap;
+use ferry_config::BalancerConfig;
+use ferry_node::{ListenerSet, OnAccept, Snapshot};
+use metrics::counter;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::apply::{Frontend, State, Targets};
 use crate::handoff::{handoff, proxy_header};
 use crate::metric;
-use crate::pool::{choose, Target};
+use crate::pool::choose;
 use crate::relay::relay;
 
 const DENIED: &[u8] = b"554 5.7.1 Access denied\r\n";
@@ -27,49 +31,27 @@ const NO_BACKEND: &[u8] = b"421 4.3.2 Service not available, closing transmissio
 /// How long a refusal may take to write before we just close.
 const REFUSAL_WRITE: Duration = Duration::from_secs(2);
 
-/// One listener and the workers behind it.
-pub struct Frontend {
-    pub listener: BalancerListener,
-    pub targets: Vec<Arc<Target>>,
-    /// Where round-robin among equally loaded workers starts next.
-    rotation: AtomicU64,
-    metrics: FrontendMetrics,
-}
-
-/// The listener's metric handles, registered once (the per-connection
-/// path only touches atomics).
-struct FrontendMetrics {
-    accepted: Counter,
-    denied: Counter,
-    over_limit: Counter,
-    no_backend: Counter,
-    active: Gauge,
-}
-
-impl FrontendMetrics {
-    fn new(listener: &str) -> Self {
-        let result = |r: &'static str| metrics::counter!(metric::CONNECTIONS, "listener" => listener.to_string(), "result" => r);
-        Self {
-            accepted: result("accepted"),
-            denied: result("denied"),
-            over_limit: result("over_limit"),
-            no_backend: result("no_backend"),
-            active: metrics::gauge!(metric::ACTIVE, "listener" => listener.to_string()),
-        }
-    }
-}
-
-/// A balancer node.
+/// A balancer node: the state new connections read behind `arc-swap`,
+/// the listening ports, the probes, and the counters every snapshot
+/// shares (open connections, per-source counts, drain flags).
 pub struct Balancer {
-    pub config: BalancerConfig,
-    listen: IpAddr,
-    pub frontends: Vec<Frontend>,
+    pub(crate) state: ArcSwap<State>,
+    pub(crate) listeners: ListenerSet,
+    /// The targets in service and their probe tasks (see [`crate::apply`]).
+    pub(crate) targets: tokio::sync::Mutex<Targets>,
+    /// An administrator's drain flag per backend name; it survives
+    /// reloads that keep the name.
+    pub(crate) drains: Mutex<HashMap<String, Arc<AtomicBool>>>,
+    /// Parent of every probe task's token.
+    pub(crate) probes: CancellationToken,
+    pub(crate) listening: AtomicBool,
+    /// For the accept callback, which outlives no balancer.
+    me: Weak<Balancer>,
     per_source: Mutex<HashMap<IpAddr, u32>>,
     /// Client connections open now, over all listeners.
     open: AtomicU64,
     shutdown: CancellationToken,
     tracker: TaskTracker,
-    listening: AtomicBool,
     session_base: u64,
     session_seq: AtomicU64,
 }
@@ -107,47 +89,42 @@ async fn refuse(mut stream: TcpStream, reply: &[u8]) {
 }
 
 impl Balancer {
-    /// A balancer for `config` listening on `listen`.
-    pub fn new(config: BalancerConfig, listen: IpAddr) -> Arc<Self> {
+    /// A balancer on the node address `listen`, holding `first` but not
+    /// listening yet: [`ferry_node::Role::apply`] it (the first apply binds the
+    /// listeners and starts the probes, every worker up at once).
+    pub fn new(first: Arc<Snapshot<BalancerConfig>>, listen: IpAddr) -> Arc<Self> {
         metric::describe();
-        let drains: HashMap<String, Arc<AtomicBool>> = config
-            .backends
-            .iter()
-            .map(|b| (b.name.clone(), Arc::default()))
-            .collect();
-        let frontends = config
-            .listeners
-            .iter()
-            .map(|l| Frontend {
-                listener: l.clone(),
-                targets: config
-                    .backends
-                    .iter()
-                    .map(|b| {
-                        let drain = drains.get(&b.name).cloned().unwrap_or_default();
-                        Arc::new(Target::new(b.clone(), &l.name, l.backend_port, drain))
-                    })
-                    .collect(),
-                rotation: AtomicU64::new(0),
-                metrics: FrontendMetrics::new(&l.name),
-            })
-            .collect();
         let session_base = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_micros() as u64)
             << 8;
-        Arc::new(Self {
-            config,
-            listen,
-            frontends,
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        Arc::new_cyclic(|me| Self {
+            state: ArcSwap::from_pointee(State::empty(first)),
+            listeners: ListenerSet::new(listen, tracker.clone(), shutdown.clone()),
+            targets: tokio::sync::Mutex::default(),
+            drains: Mutex::default(),
+            probes: CancellationToken::new(),
+            listening: AtomicBool::new(false),
+            me: me.clone(),
             per_source: Mutex::default(),
             open: AtomicU64::new(0),
-            shutdown: CancellationToken::new(),
-            tracker: TaskTracker::new(),
-            listening: AtomicBool::new(false),
+            shutdown,
+            tracker,
             session_base,
             session_seq: AtomicU64::new(0),
         })
+    }
+
+    /// The state new connections get now.
+    pub fn state(&self) -> Arc<State> {
+        self.state.load_full()
+    }
+
+    /// The bound listening addresses, in port order.
+    pub async fn addresses(&self) -> Vec<SocketAddr> {
+        self.listeners.addresses().await
     }
 
     /// Cancelling this token shuts the balancer down gracefully.
@@ -159,67 +136,38 @@ impl Balancer {
     pub fn is_ready(&self) -> bool {
         self.listening.load(Ordering::Relaxed)
             && self
+                .state()
                 .frontends
-                .iter()
+                .values()
                 .all(|f| f.targets.iter().any(|t| t.is_eligible()))
     }
 
-    /// Sets or clears an administrator's drain of the worker `name`;
-    /// false if there is no such worker.
+    /// Sets or clears an administrator's drain of the worker `name` (on
+    /// every listener, and across reloads that keep the name); false if
+    /// the config in service has no such worker.
     pub fn set_drain(&self, name: &str, on: bool) -> bool {
-        let mut found = false;
-        for t in self.frontends.iter().flat_map(|f| &f.targets) {
-            if t.backend.name == name {
-                t.admin_drain.store(on, Ordering::Relaxed);
+        let flag = {
+            let drains = self.drains.lock().unwrap_or_else(|p| p.into_inner());
+            drains.get(name).cloned()
+        };
+        let Some(flag) = flag else { return false };
+        flag.store(on, Ordering::Relaxed);
+        for t in self.state().frontends.values().flat_map(|f| &f.targets) {
+            if t.name == name {
                 t.publish();
-                found = true;
             }
         }
-        if found {
-            info!(
-                backend = name,
-                drained = on,
-                "drain set by an administrator"
-            );
-        }
-        found
+        info!(
+            backend = name,
+            drained = on,
+            "drain set by an administrator"
+        );
+        true
     }
 
-    /// Binds one socket per listener on the node address.
-    pub async fn bind(&self) -> std::io::Result<Vec<TcpListener>> {
-        let mut out = Vec::new();
-        for f in &self.frontends {
-            let addr = SocketAddr::new(self.listen, f.listener.port);
-            let l = TcpListener::bind(addr).await.map_err(|e| {
-                std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
-            })?;
-            out.push(l);
-        }
-        Ok(out)
-    }
-
-    /// Serves `listeners` (one per frontend, in order) and probes the
-    /// workers until shutdown; then waits up to `drain_limit` for open
-    /// sessions.
-    pub async fn run(self: Arc<Self>, listeners: Vec<TcpListener>, drain_limit: Duration) {
-        let probes = CancellationToken::new();
-        for f in &self.frontends {
-            for t in &f.targets {
-                tokio::spawn(crate::probe::run(
-                    Arc::clone(t),
-                    self.config.source,
-                    f.listener.proxy_protocol,
-                    self.config.probe,
-                    probes.clone(),
-                ));
-            }
-        }
-        for (i, listener) in listeners.into_iter().enumerate() {
-            let me = Arc::clone(&self);
-            self.tracker
-                .spawn(async move { me.accept_loop(i, listener).await });
-        }
-        self.listening.store(true, Ordering::Relaxed);
+    /// Waits for shutdown; then stops accepting, waits up to
+    /// `drain_limit` for open sessions, and stops the probes.
+    pub async fn run(self: Arc<Self>, drain_limit: Duration) {
         self.shutdown.cancelled().await;
         self.listening.store(false, Ordering::Relaxed);
         self.tracker.close();
@@ -230,28 +178,19 @@ impl Balancer {
         {
             warn!("sessions still open after {drain_limit:?}; closing them");
         }
-        probes.cancel();
+        self.probes.cancel();
     }
 
-    async fn accept_loop(self: Arc<Self>, frontend: usize, listener: TcpListener) {
-        loop {
-            let accepted = tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                a = listener.accept() => a,
-            };
-            match accepted {
-                Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    let me = Arc::clone(&self);
-                    self.tracker
-                        .spawn(async move { me.handle(frontend, stream, peer).await });
-                }
-                Err(e) => {
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
+    /// What the listeners do with a connection: read the state once and
+    /// serve the connection under it on the session tracker.
+    pub(crate) fn on_accept(&self) -> OnAccept {
+        let me = self.me.clone();
+        Arc::new(move |stream, peer, port| {
+            let Some(b) = me.upgrade() else { return };
+            let state = b.state();
+            let tracker = b.tracker.clone();
+            tracker.spawn(async move { b.handle(state, port, stream, peer).await });
+        })
     }
 
     fn next_session_id(&self) -> String {
@@ -259,91 +198,104 @@ impl Balancer {
         format!("{:016X}", self.session_base.wrapping_add(n))
     }
 
-    fn take_open_slot(&self) -> Option<OpenSlot<'_>> {
+    fn take_open_slot(&self, max: u32) -> Option<OpenSlot<'_>> {
         let before = self.open.fetch_add(1, Ordering::Relaxed);
         let slot = OpenSlot(self);
-        (before < u64::from(self.config.max_connections)).then_some(slot)
+        (before < u64::from(max)).then_some(slot)
     }
 
-    fn take_source_slot(&self, client: IpAddr) -> Option<SourceSlot<'_>> {
+    fn take_source_slot(&self, client: IpAddr, max: u32) -> Option<SourceSlot<'_>> {
         let mut map = self.per_source.lock().unwrap_or_else(|p| p.into_inner());
         let n = map.entry(client).or_insert(0);
-        if *n >= self.config.max_connections_per_source {
+        if *n >= max {
             return None;
         }
         *n += 1;
         Some(SourceSlot(self, client))
     }
 
-    async fn handle(&self, frontend: usize, client: TcpStream, peer: SocketAddr) {
-        let Some(f) = self.frontends.get(frontend) else {
+    /// One client connection on configured port `port`, under `state`
+    /// (read when it was accepted) from start to end.
+    async fn handle(&self, state: Arc<State>, port: u16, client: TcpStream, peer: SocketAddr) {
+        let Some(f) = state.frontends.get(&port) else {
+            // Accepted on a port this state no longer has, just as a
+            // reload removed it: never a silent close.
+            info!(port, client = %peer, "connection on a port just removed; 421");
+            refuse(client, NO_BACKEND).await;
             return;
         };
+        let config = state.config();
         let ip = peer.ip().to_canonical();
-        if !self.config.access.allows(ip) {
-            f.metrics.denied.increment(1);
+        if !config.access.allows(ip) {
+            f.metrics().denied.increment(1);
             info!(listener = %f.listener.name, client = %ip, "client denied by the access list");
             refuse(client, DENIED).await;
             return;
         }
-        let Some(_open) = self.take_open_slot() else {
-            f.metrics.over_limit.increment(1);
-            warn!(listener = %f.listener.name, client = %ip, max = self.config.max_connections, "connection limit reached");
+        let Some(_open) = self.take_open_slot(config.max_connections) else {
+            f.metrics().over_limit.increment(1);
+            warn!(listener = %f.listener.name, client = %ip, max = config.max_connections, "connection limit reached");
             refuse(client, OVER_TOTAL).await;
             return;
         };
-        let Some(_slot) = self.take_source_slot(ip) else {
-            f.metrics.over_limit.increment(1);
+        let Some(_slot) = self.take_source_slot(ip, config.max_connections_per_source) else {
+            f.metrics().over_limit.increment(1);
             info!(listener = %f.listener.name, client = %ip, "too many connections from one client");
             refuse(client, OVER_LIMIT).await;
             return;
         };
         let session_id = self.next_session_id();
-        self.serve(f, client, peer, &session_id).await;
+        serve(config, f, client, peer, &session_id).await;
     }
+}
 
-    async fn serve(&self, f: &Frontend, mut client: TcpStream, peer: SocketAddr, session_id: &str) {
-        let name = &f.listener.name;
-        let header = match (f.listener.proxy_protocol, client.local_addr()) {
-            (true, Ok(local)) => Some(proxy_header(peer, local, session_id)),
-            (true, Err(_)) => return,
-            (false, _) => None,
+async fn serve(
+    config: &BalancerConfig,
+    f: &Frontend,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    session_id: &str,
+) {
+    let name = &f.listener.name;
+    let header = match (f.listener.proxy_protocol, client.local_addr()) {
+        (true, Ok(local)) => Some(proxy_header(peer, local, session_id)),
+        (true, Err(_)) => return,
+        (false, _) => None,
+    };
+    let mut tried = Vec::new();
+    let start = f.rotation.fetch_add(1, Ordering::Relaxed) as usize;
+    let (worker, greeting, target) = loop {
+        let Some(i) = choose(&f.targets, &tried, start) else {
+            f.metrics().no_backend.increment(1);
+            warn!(session_id, client = %peer, listener = %name, tried = tried.len(), "no worker available; 421 to the client");
+            refuse(client, NO_BACKEND).await;
+            return;
         };
-        let mut tried = Vec::new();
-        let start = f.rotation.fetch_add(1, Ordering::Relaxed) as usize;
-        let (worker, greeting, target) = loop {
-            let Some(i) = choose(&f.targets, &tried, start) else {
-                f.metrics.no_backend.increment(1);
-                warn!(session_id, client = %peer, listener = %name, tried = tried.len(), "no worker available; 421 to the client");
-                refuse(client, NO_BACKEND).await;
-                return;
-            };
-            tried.push(i);
-            let Some(t) = f.targets.get(i) else { return };
-            match handoff(
-                t.addr,
-                self.config.source,
-                header.as_deref(),
-                self.config.handoff_timeout,
-            )
-            .await
-            {
-                Ok((worker, greeting)) => break (worker, greeting, Arc::clone(t)),
-                Err(e) => {
-                    counter!(metric::HANDOFF_RETRIES, "listener" => name.clone(), "reason" => e.reason)
-                        .increment(1);
-                    warn!(session_id, client = %peer, listener = %name, backend = %t.backend.name, error = %e, "worker skipped");
-                    t.mark_suspect(self.config.probe.interval);
-                }
+        tried.push(i);
+        let Some(t) = f.targets.get(i) else { return };
+        match handoff(
+            t.addr,
+            config.source,
+            header.as_deref(),
+            config.handoff_timeout,
+        )
+        .await
+        {
+            Ok((worker, greeting)) => break (worker, greeting, Arc::clone(t)),
+            Err(e) => {
+                counter!(metric::HANDOFF_RETRIES, "listener" => name.clone(), "reason" => e.reason)
+                    .increment(1);
+                warn!(session_id, client = %peer, listener = %name, backend = %t.name, error = %e, "worker skipped");
+                t.mark_suspect(config.probe.interval);
             }
-        };
-        f.metrics.accepted.increment(1);
-        let _session = target.session();
-        f.metrics.active.increment(1.0);
-        if client.write_all(&greeting).await.is_ok() {
-            let r = relay(client, worker, self.config.idle_timeout).await;
-            info!(session_id, client = %peer, listener = %name, backend = %target.backend.name, to_worker = r.to_worker, to_client = r.to_client, end = ?r.end, "session relayed");
         }
-        f.metrics.active.decrement(1.0);
+    };
+    f.metrics().accepted.increment(1);
+    let _session = target.session();
+    f.metrics().active.increment(1.0);
+    if client.write_all(&greeting).await.is_ok() {
+        let r = relay(client, worker, config.idle_timeout).await;
+        info!(session_id, client = %peer, listener = %name, backend = %target.name, to_worker = r.to_worker, to_client = r.to_client, end = ?r.end, "session relayed");
     }
+    f.metrics().active.decrement(1.0);
 }

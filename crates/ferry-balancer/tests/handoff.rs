@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use ferry_balancer::probe::{probe, ProbeResult};
 use ferry_balancer::Balancer;
 use ferry_config::ClusterConfig;
+use ferry_node::{LoadedConfig, Role, Source};
 use ferry_tests::SmtpClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -151,10 +152,16 @@ proxy_protocol = {proxy}
 "#
     );
     let config = ClusterConfig::parse("b.toml", &text, std::path::Path::new(".")).unwrap();
-    let b = Balancer::new(config.balancer.unwrap(), ip("127.0.0.1"));
-    let listeners = b.bind().await.unwrap();
-    let addr = listeners[0].local_addr().unwrap();
-    tokio::spawn(Arc::clone(&b).run(listeners, Duration::from_secs(1)));
+    let material = Balancer::prepare(&config).unwrap();
+    let loaded = LoadedConfig {
+        config: Arc::new(config),
+        sha256: ferry_node::sha256_hex(text.as_bytes()),
+        source: Source::File("b.toml".into()),
+    };
+    let first = Arc::new(loaded.into_snapshot(1, material));
+    let b = Balancer::new(Arc::clone(&first), ip("127.0.0.1"));
+    let addr = b.apply(first).await.unwrap().added[0];
+    tokio::spawn(Arc::clone(&b).run(Duration::from_secs(1)));
     (b, addr)
 }
 
@@ -187,7 +194,11 @@ async fn broken_workers_are_skipped_and_the_client_never_sees_them() {
     let (_c, greeting) = SmtpClient::connect(front, None).await;
     assert_eq!(greeting, "220-good backend\r\n220 ready");
     assert!(started.elapsed() < Duration::from_millis(400));
-    let busy: Vec<_> = b.frontends[0]
+    let busy: Vec<_> = b
+        .state()
+        .frontends()
+        .next()
+        .unwrap()
         .targets
         .iter()
         .map(|t| t.is_eligible())

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use ferry_balancer::admin::BalancerAdmin;
 use ferry_balancer::Balancer;
-use ferry_config::ClusterConfig;
+use ferry_node::Role;
 
 pub struct Args {
     pub config: PathBuf,
@@ -21,25 +21,27 @@ pub struct Args {
 const DRAIN_LIMIT: Duration = Duration::from_secs(60);
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let config = ClusterConfig::load(&args.config).map_err(|e| anyhow::anyhow!("{e}"))?;
     let token = args
         .admin_token_file
         .as_deref()
         .map(crate::token::read)
         .transpose()?;
-    let Some(settings) = config.balancer else {
-        anyhow::bail!(
-            "{} has no [balancer] section: nothing to balance",
-            args.config.display()
-        );
-    };
+    let first = Arc::new(crate::node::first_snapshot::<Balancer>(&args.config).await?);
     // The recorder first: the balancer registers its metric handles once.
     ferry_telemetry::metrics_handle();
-    let balancer = Balancer::new(settings, args.listen);
-    let listeners = balancer.bind().await?;
+    let balancer = Balancer::new(Arc::clone(&first), args.listen);
+    // The first apply binds the listeners (in the config's order) and
+    // starts the probes.
+    let bound = balancer.apply(first).await?.added;
     let shutdown = balancer.shutdown_token();
+    let api = crate::node::reloadable(
+        Arc::clone(&balancer),
+        args.config.clone(),
+        Arc::new(BalancerAdmin(Arc::clone(&balancer))),
+        &shutdown,
+    );
     let admin = crate::node::Admin {
-        api: Arc::new(BalancerAdmin(Arc::clone(&balancer))),
+        api,
         ready: {
             let b = Arc::clone(&balancer);
             Arc::new(move || b.is_ready())
@@ -49,16 +51,13 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     crate::node::start(
         "balancer",
         args.listen,
-        &listeners
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .collect::<Vec<_>>(),
+        &bound,
         args.admin,
         admin,
         &shutdown,
     )
     .await?;
-    balancer.run(listeners, DRAIN_LIMIT).await;
+    balancer.run(DRAIN_LIMIT).await;
     tracing::info!("balancer stopped");
     Ok(ExitCode::SUCCESS)
 }

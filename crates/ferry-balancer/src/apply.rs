@@ -1,0 +1,277 @@
+//! Putting a snapshot in service: the state each new connection reads,
+//! and the reconciliation of listeners, workers and their probes.
+//!
+//! A worker port (listener name, backend name) whose address, backend
+//! port and PROXY setting stay keeps its [`Target`]: health, drain and
+//! open sessions carry over, and its probe task runs on unless the probe
+//! settings changed (then it restarts on the same target). A target the
+//! new config drops leaves the frontends, so it gets no new session; its
+//! probe stops and its open sessions finish, holding their `Arc`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use ferry_config::{BalancerConfig, BalancerListener, ClusterConfig, ProbeSettings};
+use ferry_node::{ApplyError, Reconciled, Role, Snapshot};
+use metrics::{Counter, Gauge};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::metric;
+use crate::pool::{Start, Target};
+use crate::Balancer;
+
+/// One listener and the workers behind it, as one snapshot has them.
+pub struct Frontend {
+    pub listener: BalancerListener,
+    pub targets: Vec<Arc<Target>>,
+    /// Where round-robin among equally loaded workers starts next.
+    pub(crate) rotation: AtomicU64,
+    /// Registered once the frontend is in service, so an apply that fails
+    /// leaves no series for a listener that never served.
+    metrics: OnceLock<FrontendMetrics>,
+}
+
+impl Frontend {
+    fn new(listener: BalancerListener, targets: Vec<Arc<Target>>) -> Self {
+        Self {
+            listener,
+            targets,
+            rotation: AtomicU64::new(0),
+            metrics: OnceLock::new(),
+        }
+    }
+
+    pub(crate) fn metrics(&self) -> &FrontendMetrics {
+        self.metrics
+            .get_or_init(|| FrontendMetrics::new(&self.listener.name))
+    }
+}
+
+/// The listener's metric handles, registered once per snapshot (the
+/// per-connection path only touches atomics).
+pub(crate) struct FrontendMetrics {
+    pub accepted: Counter,
+    pub denied: Counter,
+    pub over_limit: Counter,
+    pub no_backend: Counter,
+    pub active: Gauge,
+}
+
+impl FrontendMetrics {
+    fn new(listener: &str) -> Self {
+        let result = |r: &'static str| metrics::counter!(metric::CONNECTIONS, "listener" => listener.to_string(), "result" => r);
+        Self {
+            accepted: result("accepted"),
+            denied: result("denied"),
+            over_limit: result("over_limit"),
+            no_backend: result("no_backend"),
+            active: metrics::gauge!(metric::ACTIVE, "listener" => listener.to_string()),
+        }
+    }
+}
+
+/// What a new connection reads, once, when it is accepted: the snapshot
+/// (access list, caps, timeouts, source, probe settings) and one frontend
+/// per listener, keyed by configured port. A relayed session keeps the
+/// state it started with.
+pub struct State {
+    pub snapshot: Arc<Snapshot<BalancerConfig>>,
+    pub frontends: BTreeMap<u16, Arc<Frontend>>,
+}
+
+impl State {
+    /// The `[balancer]` section in service.
+    pub fn config(&self) -> &BalancerConfig {
+        &self.snapshot.material
+    }
+
+    /// The frontends in the config's listener order.
+    pub fn frontends(&self) -> impl Iterator<Item = &Arc<Frontend>> {
+        self.config()
+            .listeners
+            .iter()
+            .filter_map(|l| self.frontends.get(&l.port))
+    }
+
+    /// Before the first apply: the snapshot, no listener.
+    pub(crate) fn empty(snapshot: Arc<Snapshot<BalancerConfig>>) -> Self {
+        Self {
+            snapshot,
+            frontends: BTreeMap::new(),
+        }
+    }
+}
+
+/// What a probe task was started with; a change restarts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ProbePlan {
+    source: Option<IpAddr>,
+    settings: ProbeSettings,
+}
+
+/// A target in service and its probe task.
+struct Probed {
+    target: Arc<Target>,
+    plan: ProbePlan,
+    stop: CancellationToken,
+}
+
+/// (listener name, which listener of that name in config order (0 unless
+/// the config names two alike), backend name).
+type TargetKey = (String, usize, String);
+
+/// The targets in service with their probes. Behind an async mutex held
+/// across a whole apply, so two applies never interleave.
+#[derive(Default)]
+pub(crate) struct Targets {
+    by_key: HashMap<TargetKey, Probed>,
+    /// Some snapshot was applied: targets a later one adds start down.
+    applied: bool,
+}
+
+impl Role for Balancer {
+    type Material = BalancerConfig;
+
+    /// The config's `[balancer]` section; a config without one is refused.
+    fn prepare(config: &ClusterConfig) -> Result<BalancerConfig, Vec<String>> {
+        config.balancer.clone().ok_or_else(|| {
+            vec!["the config has no [balancer] section: a balancer has nothing to balance".into()]
+        })
+    }
+
+    fn current(&self) -> Arc<Snapshot<BalancerConfig>> {
+        Arc::clone(&self.state().snapshot)
+    }
+
+    async fn apply(
+        &self,
+        snapshot: Arc<Snapshot<BalancerConfig>>,
+    ) -> Result<Reconciled, ApplyError> {
+        self.apply_snapshot(snapshot).await
+    }
+}
+
+impl Balancer {
+    /// Builds the new frontends (keeping the targets that stay), binds the
+    /// new ports, swaps the state, then starts and stops probes. A port
+    /// that cannot be bound returns before anything changed.
+    async fn apply_snapshot(
+        &self,
+        snapshot: Arc<Snapshot<BalancerConfig>>,
+    ) -> Result<Reconciled, ApplyError> {
+        let mut table = self.targets.lock().await;
+        let config = &snapshot.material;
+        let start = match table.applied {
+            true => Start::AfterRise,
+            false => Start::Optimistic,
+        };
+        let drains = self.drain_flags_for(config);
+        let mut next: Vec<(TargetKey, Arc<Target>, u32)> = Vec::new();
+        let mut frontends = BTreeMap::new();
+        for (i, l) in config.listeners.iter().enumerate() {
+            let twin = config
+                .listeners
+                .iter()
+                .take(i)
+                .filter(|o| o.name == l.name)
+                .count();
+            let mut targets = Vec::with_capacity(config.backends.len());
+            for b in &config.backends {
+                let key = (l.name.clone(), twin, b.name.clone());
+                let target = match table.by_key.get(&key) {
+                    Some(p) if p.target.serves(b, l) => Arc::clone(&p.target),
+                    _ => {
+                        let drain = drains.get(&b.name).cloned().unwrap_or_default();
+                        Arc::new(Target::new(b, l, drain, start))
+                    }
+                };
+                targets.push(Arc::clone(&target));
+                next.push((key, target, b.weight));
+            }
+            frontends.insert(l.port, Arc::new(Frontend::new(l.clone(), targets)));
+        }
+        let state = Arc::new(State {
+            snapshot: Arc::clone(&snapshot),
+            frontends,
+        });
+        let ports: Vec<u16> = config.listeners.iter().map(|l| l.port).collect();
+        let done = self
+            .listeners
+            .reconcile(&ports, || self.state.store(state), self.on_accept())
+            .await?;
+
+        // In service: nothing below can fail.
+        for f in self.state().frontends.values() {
+            f.metrics();
+        }
+        *self.drains.lock().unwrap_or_else(|p| p.into_inner()) = drains;
+        let plan = ProbePlan {
+            source: config.source,
+            settings: config.probe,
+        };
+        let listeners: HashSet<&str> = config.listeners.iter().map(|l| l.name.as_str()).collect();
+        let mut old = std::mem::take(&mut table.by_key);
+        // Retire first: a replacement with the same labels publishes after.
+        old.retain(|key, p| {
+            let kept = next
+                .iter()
+                .any(|(k, t, _)| k == key && Arc::ptr_eq(t, &p.target));
+            if !kept {
+                p.stop.cancel();
+                p.target.retire(!listeners.contains(key.0.as_str()));
+                info!(listener = %key.0, backend = %key.2, addr = %p.target.addr, active = p.target.active(), "worker removed: no new sessions, open ones finish");
+            }
+            kept
+        });
+        for (key, target, weight) in next {
+            target.set_weight(weight);
+            let probed = match old.remove(&key) {
+                Some(p) if p.plan == plan => p,
+                Some(p) => {
+                    // New probe settings: a new task, the same state.
+                    p.stop.cancel();
+                    self.spawn_probe(p.target, plan)
+                }
+                None => {
+                    if start == Start::AfterRise {
+                        info!(listener = %key.0, backend = %key.2, addr = %target.addr, rise = plan.settings.rise, "worker added: in rotation after its probes pass");
+                    }
+                    self.spawn_probe(target, plan)
+                }
+            };
+            probed.target.publish();
+            table.by_key.insert(key, probed);
+        }
+        table.applied = true;
+        self.listening.store(true, Ordering::Relaxed);
+        Ok(done)
+    }
+
+    /// The drain flag of each backend `config` names: the one it had, or a
+    /// new one (clear). Flags of backends no longer named are dropped.
+    fn drain_flags_for(&self, config: &BalancerConfig) -> HashMap<String, Arc<AtomicBool>> {
+        let old = self.drains.lock().unwrap_or_else(|p| p.into_inner());
+        config
+            .backends
+            .iter()
+            .map(|b| {
+                let flag = old.get(&b.name).cloned().unwrap_or_default();
+                (b.name.clone(), flag)
+            })
+            .collect()
+    }
+
+    fn spawn_probe(&self, target: Arc<Target>, plan: ProbePlan) -> Probed {
+        let stop = self.probes.child_token();
+        tokio::spawn(crate::probe::run(
+            Arc::clone(&target),
+            plan.source,
+            plan.settings,
+            stop.clone(),
+        ));
+        Probed { target, plan, stop }
+    }
+}
