@@ -66,14 +66,47 @@ impl Up {
         let data = tempfile::tempdir().unwrap();
         let config_file = data.path().join("given.toml");
         std::fs::write(&config_file, config).unwrap();
-        let mut child = Command::new(ferry_bin())
+        Up::spawn(
+            data,
+            Some(&config_file),
+            extra_args,
+            (b, [w1, w2]),
+            (smtp, submission),
+        )
+    }
+
+    /// `ferry up` on `data` again, with the config it left there (no
+    /// `--config`), after this one stopped.
+    fn restart(mut self) -> Up {
+        self.wait_exit();
+        let data = std::mem::replace(&mut self.data, tempfile::tempdir().unwrap());
+        let (b, w, ports) = (
+            self.balancer,
+            [self.workers[0], self.workers[1]],
+            self.ports,
+        );
+        drop(self);
+        Up::spawn(data, None, &[], (b, w), ports)
+    }
+
+    fn spawn(
+        data: tempfile::TempDir,
+        config_file: Option<&Path>,
+        extra_args: &[&str],
+        (b, [w1, w2]): (IpAddr, [IpAddr; 2]),
+        (smtp, submission): (u16, u16),
+    ) -> Up {
+        let mut command = Command::new(ferry_bin());
+        command
             .args(extra_args)
             .arg("up")
             .arg("--data")
-            .arg(data.path().join("ferry-data"))
-            .arg("--config")
-            .arg(&config_file)
-            .args(["--listen", balancer])
+            .arg(data.path().join("ferry-data"));
+        if let Some(file) = config_file {
+            command.arg("--config").arg(file);
+        }
+        let mut child = command
+            .args(["--listen", &b.to_string()])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -414,4 +447,70 @@ async fn children_log_json_and_exit_when_ferry_up_is_killed() {
             is_gone(pid)
         });
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_every_node_and_edits_survive_a_restart() {
+    let up = Up::start("127.0.0.76", ["127.0.0.77", "127.0.0.78"], &[]);
+    assert!(
+        up.startup.contains(&format!(
+            "To change the config: edit {}, then kill -HUP {}",
+            up.data().join("ferry.toml").display(),
+            up.pid()
+        )),
+        "{}",
+        up.startup
+    );
+    let config = up.data().join("ferry.toml");
+    let edited = read(&config).replace("Ferry Default Frontend ready", "Edited Frontend ready");
+    assert_ne!(edited, read(&config), "the example has the default banner");
+    std::fs::write(&config, edited).unwrap();
+    signal(up.pid(), "HUP");
+    for name in ["worker-1", "worker-2", "balancer"] {
+        wait_until(&format!("{name} to report its reload"), || {
+            up.stderr
+                .lock()
+                .unwrap()
+                .contains(&format!("{name}: config version 2"))
+        });
+    }
+    let err = up.stderr.lock().unwrap().clone();
+    assert!(
+        err.contains(r#"worker-1: config version 2: ~ connector "Default Frontend""#),
+        "{err}"
+    );
+    let (mut c, greeting) = SmtpClient::connect(up.worker_smtp(0), Some(ip("127.0.0.1"))).await;
+    assert_eq!(greeting, "220 Edited Frontend ready");
+    c.cmd("QUIT").await;
+
+    // A broken edit: each node says so with the line, and keeps serving.
+    let good = read(&config);
+    std::fs::write(&config, good.replace("[[connectors]]", "[[connectors]")).unwrap();
+    signal(up.pid(), "HUP");
+    wait_until("the failed reload to be reported", || {
+        up.stderr
+            .lock()
+            .unwrap()
+            .contains("worker-2: reload failed, version 2 keeps serving")
+    });
+    let err = up.stderr.lock().unwrap().clone();
+    assert!(err.contains("ferry.toml:"), "{err}");
+    let (mut c, greeting) = SmtpClient::connect(up.worker_smtp(1), Some(ip("127.0.0.1"))).await;
+    assert_eq!(greeting, "220 Edited Frontend ready");
+    c.cmd("QUIT").await;
+    drop(c);
+
+    // Stopped and started again without --config, ferry up runs the
+    // edited file (repaired first), not the example.
+    std::fs::write(&config, good).unwrap();
+    signal(up.pid(), "TERM");
+    let up = up.restart();
+    assert!(
+        up.stderr.lock().unwrap().contains("ferry up: running"),
+        "{}",
+        up.stderr.lock().unwrap()
+    );
+    let (mut c, greeting) = SmtpClient::connect(up.worker_smtp(0), Some(ip("127.0.0.1"))).await;
+    assert_eq!(greeting, "220 Edited Frontend ready");
+    c.cmd("QUIT").await;
 }

@@ -7,10 +7,13 @@ use std::process::ExitCode;
 use clap::Subcommand;
 use ferry_config::explain::{explain, Question};
 use ferry_config::ClusterConfig;
+use ferry_node::Role;
 
 #[derive(Subcommand)]
 pub enum ConfigCommand {
-    /// Validate a config file; prints every error with its line and column.
+    /// Validate a config file as a node would before applying it: every
+    /// error with its line and column, then the certificate and key files
+    /// it names (only binding its ports is left to the node).
     Check {
         /// The cluster config file to check.
         file: PathBuf,
@@ -50,6 +53,28 @@ pub fn run(cmd: ConfigCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         ConfigCommand::Check { file } => match ClusterConfig::load(&file) {
             Ok(c) => {
+                // The checks a node runs before applying: TLS material for
+                // the worker, the [balancer] section for a balancer.
+                let mut errors = ferry_worker::Worker::prepare(&c).err().unwrap_or_default();
+                if c.balancer.is_some() {
+                    errors.extend(
+                        ferry_balancer::Balancer::prepare(&c)
+                            .err()
+                            .unwrap_or_default(),
+                    );
+                }
+                if !errors.is_empty() {
+                    eprintln!(
+                        "{} error{} in {}",
+                        errors.len(),
+                        if errors.len() == 1 { "" } else { "s" },
+                        file.display()
+                    );
+                    for e in errors {
+                        eprintln!("  {e}");
+                    }
+                    return Ok(ExitCode::FAILURE);
+                }
                 let balancer = c.balancer.as_ref().map_or(String::new(), |b| {
                     format!(
                         "; balancer: {} listeners, {} backends",

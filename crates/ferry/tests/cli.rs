@@ -23,8 +23,42 @@ const EXAMPLE: &str = concat!(
 );
 
 #[test]
-fn example_config_checks_ok() {
-    let (ok, out, err) = ferry(&["config", "check", EXAMPLE]);
+fn example_config_checks_ok_once_its_certificate_files_exist() {
+    // The example names certs/ferry.crt and certs/ferry.key beside it
+    // (`ferry up` makes them); a node would refuse it without them, and so
+    // does the check, naming each file.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ferry.toml");
+    std::fs::copy(EXAMPLE, &path).unwrap();
+    let (ok, _, err) = ferry(&["config", "check", path.to_str().unwrap()]);
+    assert!(!ok);
+    let crt = dir.path().join("certs/ferry.crt");
+    // Two TLS connectors, each missing its certificate and its key.
+    assert!(err.starts_with("4 errors in "), "{err}");
+    assert!(
+        err.contains(&format!(
+            "connector 'Client Frontend': cannot read {}",
+            crt.display()
+        )),
+        "{err}"
+    );
+
+    // A file that is there but holds no certificate.
+    std::fs::create_dir(dir.path().join("certs")).unwrap();
+    std::fs::write(&crt, "not a certificate\n").unwrap();
+    std::fs::write(dir.path().join("certs/ferry.key"), "not a key\n").unwrap();
+    let (ok, _, err) = ferry(&["config", "check", path.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("holds no usable certificate"), "{err}");
+
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::write(&crt, cert.cert.pem()).unwrap();
+    std::fs::write(
+        dir.path().join("certs/ferry.key"),
+        cert.signing_key.serialize_pem(),
+    )
+    .unwrap();
+    let (ok, out, err) = ferry(&["config", "check", path.to_str().unwrap()]);
     assert!(ok, "{err}");
     assert!(
         out.contains("ok (3 connectors on ports [2525, 2587], 1 accepted domains, 1 users, 2 routes; balancer: 2 listeners, 2 backends)"),
