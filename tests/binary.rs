@@ -176,9 +176,9 @@ impl WorkerProcess {
     }
 
     /// The value of one sample on `/metrics`, named with its labels as
-    /// exported (`ferry_config_reloads_total{result="failed"}`); 0 when
+    /// exported (`ferry_config_reloads_total{result="failed"}`); `None` when
     /// absent.
-    pub fn metric(&self, name_and_labels: &str) -> f64 {
+    pub fn metric(&self, name_and_labels: &str) -> Option<f64> {
         let (_, body) = http(&self.admin, "GET", "/metrics");
         body.lines()
             .find(|l| {
@@ -187,7 +187,6 @@ impl WorkerProcess {
             })
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
     }
 
     /// The process's resident memory (VmRSS), in KiB.

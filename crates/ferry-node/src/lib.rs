@@ -26,6 +26,7 @@ pub mod snapshot;
 
 use std::sync::Arc;
 
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
 pub use admin::NodeAdmin;
@@ -33,22 +34,29 @@ pub use listeners::{ListenError, ListenerSet, OnAccept, Reconciled};
 pub use reload::{config_errors, load_file, ApplyError, ReloadReport, Reloader, Role};
 pub use snapshot::{sha256_hex, LoadedConfig, Snapshot, Source};
 
-/// Reloads the config on every SIGHUP until `shutdown`. Reloads do not
-/// queue up: signals that arrive during one are folded into the next.
-pub fn reload_on_hangup<R: Role>(reloader: Arc<Reloader<R>>, shutdown: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hangup = match signal(SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGHUP; reload with POST /config/reload");
-            return;
-        }
-    };
+/// Starts catching SIGHUP: call it first thing, so a SIGHUP that arrives
+/// while the node starts (reading its spool, say) no longer terminates
+/// it but waits in the stream for [`reload_on_hangup`].
+///
+/// # Errors
+/// The signal handler cannot be installed.
+pub fn watch_hangups() -> std::io::Result<Signal> {
+    signal(SignalKind::hangup())
+}
+
+/// Reloads the config on every SIGHUP in `hangups` until `shutdown`.
+/// Reloads do not queue up: signals that arrive during one are folded
+/// into the next.
+pub fn reload_on_hangup<R: Role>(
+    reloader: Arc<Reloader<R>>,
+    mut hangups: Signal,
+    shutdown: CancellationToken,
+) {
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                got = hangup.recv() => if got.is_none() { return },
+                got = hangups.recv() => if got.is_none() { return },
             }
             tracing::info!("SIGHUP: reloading the config");
             reloader.reload().await;

@@ -8,12 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// What a listener does with each accepted connection: gets the stream,
 /// the client's address and the configured port it came in on. It should
-/// spawn the session on the node's tracker and return at once.
+/// take the snapshot the session will serve with (the one in service
+/// now), spawn the session on the node's tracker and return at once.
 pub type OnAccept = Arc<dyn Fn(TcpStream, SocketAddr, u16) + Send + Sync>;
 
 /// A port that could not be bound; the apply that wanted it changed
@@ -35,6 +37,18 @@ pub struct Reconciled {
 struct Open {
     local: SocketAddr,
     stop: CancellationToken,
+    /// The accept loop; it has ended (and taken no more connections) once
+    /// this resolves after `stop`.
+    accepting: JoinHandle<()>,
+}
+
+impl Open {
+    /// Stops accepting and waits until the accept loop has ended.
+    async fn close(self) -> SocketAddr {
+        self.stop.cancel();
+        let _ = self.accepting.await;
+        self.local
+    }
 }
 
 /// The node's listening sockets, keyed by configured port (port 0 binds
@@ -44,7 +58,9 @@ pub struct ListenerSet {
     tracker: TaskTracker,
     shutdown: CancellationToken,
     /// Held across a whole reconcile, so two applies never interleave.
-    open: tokio::sync::Mutex<BTreeMap<u16, Open>>,
+    /// Usually one listener a port; more when a caller adopts listeners
+    /// on several addresses for one configured port.
+    open: tokio::sync::Mutex<BTreeMap<u16, Vec<Open>>>,
 }
 
 impl ListenerSet {
@@ -61,11 +77,14 @@ impl ListenerSet {
 
     /// Makes the open ports equal `wanted`. Binds every new port first; if
     /// one cannot be bound, drops what this call bound and returns the
-    /// error with nothing changed (`swap` not called). Otherwise calls
-    /// `swap` (where the caller puts its new snapshot in service, so the
-    /// first connection on a new port already sees it), starts accepting
-    /// on the new ports, and stops accepting on the ports no longer
-    /// wanted; sessions already accepted on those run on.
+    /// error with nothing changed (`swap` not called). Otherwise stops
+    /// accepting on the ports no longer wanted and waits for their accept
+    /// loops to end (so every connection they took was handed over before
+    /// the swap, under the old snapshot: the accept callback should take
+    /// the snapshot it serves with there and then); sessions already
+    /// accepted run on. Then calls `swap` (where the caller puts its new
+    /// snapshot in service) and only then accepts on the new ports, so
+    /// their first connection already sees it.
     ///
     /// # Errors
     /// [`ListenError`] for the first port that cannot be bound.
@@ -87,56 +106,62 @@ impl ListenerSet {
                 .map_err(|source| ListenError { addr, source })?;
             bound.push((port, listener));
         }
-        swap();
         let mut done = Reconciled::default();
-        for (port, listener) in bound {
-            let local = listener
-                .local_addr()
-                .unwrap_or(SocketAddr::new(self.listen, port));
-            let stop = self.shutdown.child_token();
-            let accept = Arc::clone(&on_accept);
-            self.tracker
-                .spawn(accept_loop(listener, port, stop.clone(), accept));
-            open.insert(port, Open { local, stop });
-            done.added.push(local);
-        }
-        open.retain(|port, o| {
-            let keep = wanted.contains(port);
-            if !keep {
-                o.stop.cancel();
-                done.removed.push(o.local);
+        let removed: Vec<u16> = open
+            .keys()
+            .filter(|p| !wanted.contains(p))
+            .copied()
+            .collect();
+        for port in removed {
+            for o in open.remove(&port).unwrap_or_default() {
+                done.removed.push(o.close().await);
             }
-            keep
-        });
+        }
+        swap();
+        for (port, listener) in bound {
+            let o = self.accept(port, listener, Arc::clone(&on_accept));
+            done.added.push(o.local);
+            open.entry(port).or_default().push(o);
+        }
         Ok(done)
+    }
+
+    fn accept(&self, port: u16, listener: TcpListener, on_accept: OnAccept) -> Open {
+        let local = listener
+            .local_addr()
+            .unwrap_or(SocketAddr::new(self.listen, port));
+        let stop = self.shutdown.child_token();
+        let accepting = self
+            .tracker
+            .spawn(accept_loop(listener, port, stop.clone(), on_accept));
+        Open {
+            local,
+            stop,
+            accepting,
+        }
     }
 
     /// Accepts on `listener`, bound by the caller (a test binds port 0, or
     /// an address other than the node's), as the configured port `port`;
     /// a later reconcile keeps it while `port` is wanted and stops it when
-    /// not. A listener already open for `port` is stopped and replaced.
+    /// not. Several listeners (on other addresses) may share a `port`.
     pub async fn adopt(&self, port: u16, listener: TcpListener, on_accept: OnAccept) {
-        let mut open = self.open.lock().await;
-        let local = listener
-            .local_addr()
-            .unwrap_or(SocketAddr::new(self.listen, port));
-        let stop = self.shutdown.child_token();
-        self.tracker
-            .spawn(accept_loop(listener, port, stop.clone(), on_accept));
-        if let Some(old) = open.insert(port, Open { local, stop }) {
-            old.stop.cancel();
-        }
+        let o = self.accept(port, listener, on_accept);
+        self.open.lock().await.entry(port).or_default().push(o);
     }
 
     /// The bound addresses, in port order.
     pub async fn addresses(&self) -> Vec<SocketAddr> {
-        self.open.lock().await.values().map(|o| o.local).collect()
+        let open = self.open.lock().await;
+        open.values().flatten().map(|o| o.local).collect()
     }
 }
 
 async fn accept_loop(listener: TcpListener, port: u16, stop: CancellationToken, on: OnAccept) {
     loop {
+        // Stop first: once stopped, no connection more is taken.
         let accepted = tokio::select! {
+            biased;
             _ = stop.cancelled() => return,
             a = listener.accept() => a,
         };
@@ -215,10 +240,33 @@ mod tests {
             .unwrap();
         assert_eq!((r.added.len(), r.removed.len(), swaps), (1, 1, 2));
         assert!(TcpStream::connect(("127.0.0.1", b)).await.is_ok());
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while TcpStream::connect(("127.0.0.1", a)).await.is_ok() {
-            assert!(std::time::Instant::now() < deadline, "port {a} still open");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        // Closed by the time reconcile returns: its accept loop has ended,
+        // so nothing accepted on it can meet the new snapshot.
+        assert!(TcpStream::connect(("127.0.0.1", a)).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn adopted_listeners_on_two_addresses_share_a_port() {
+        let set = ListenerSet::new(
+            "127.0.0.1".parse().unwrap(),
+            TaskTracker::new(),
+            CancellationToken::new(),
+        );
+        let count = Arc::new(AtomicUsize::new(0));
+        let v4 = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = v4.local_addr().unwrap().port();
+        let other = TcpListener::bind(("127.0.0.3", port)).await.unwrap();
+        set.adopt(port, v4, greeter(Arc::clone(&count))).await;
+        set.adopt(port, other, greeter(Arc::clone(&count))).await;
+        assert_eq!(set.addresses().await.len(), 2);
+        assert!(TcpStream::connect(("127.0.0.1", port)).await.is_ok());
+        assert!(TcpStream::connect(("127.0.0.3", port)).await.is_ok());
+        // A snapshot without the port closes both.
+        let r = set
+            .reconcile(&[], || {}, greeter(Arc::clone(&count)))
+            .await
+            .unwrap();
+        assert_eq!(r.removed.len(), 2);
+        assert!(TcpStream::connect(("127.0.0.3", port)).await.is_err());
     }
 }

@@ -63,13 +63,17 @@ async fn refuse(mut stream: TcpStream, reply: Reply) {
     .await;
 }
 
-/// Serves one accepted connection.
-pub(crate) async fn handle(core: Arc<Core>, mut stream: TcpStream, peer: SocketAddr) {
+/// Serves one accepted connection with `snapshot`, the one in service
+/// when it was accepted, to its end, whatever is applied meanwhile.
+pub(crate) async fn handle(
+    core: Arc<Core>,
+    snapshot: Arc<WorkerSnapshot>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+) {
     let Ok(local) = stream.local_addr() else {
         return;
     };
-    // This session's snapshot, to its end, whatever is applied meanwhile.
-    let snapshot = core.current();
     let session_id = core.next_session_id();
     // Only a trusted proxy may say who the client is.
     let proxied = if snapshot.config.is_trusted_proxy(peer.ip()) {

@@ -61,11 +61,14 @@ impl Worker {
     }
 
     /// What a listener does with a connection: a session on the tracker,
-    /// with the snapshot current when it starts.
+    /// with the snapshot in service when it was accepted (taken here, not
+    /// when the task first runs: a connection accepted on a port that an
+    /// apply is removing is served under the snapshot that has the port).
     fn on_accept(&self) -> OnAccept {
         let (core, tracker) = (Arc::clone(&self.core), self.tracker.clone());
         Arc::new(move |stream, peer, _port| {
-            tracker.spawn(conn::handle(Arc::clone(&core), stream, peer));
+            let snapshot = core.current();
+            tracker.spawn(conn::handle(Arc::clone(&core), snapshot, stream, peer));
         })
     }
 

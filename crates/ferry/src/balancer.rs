@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use ferry_balancer::admin::BalancerAdmin;
 use ferry_balancer::Balancer;
 use ferry_node::Role;
@@ -21,6 +22,9 @@ pub struct Args {
 const DRAIN_LIMIT: Duration = Duration::from_secs(60);
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    // Before anything slow: a SIGHUP while starting waits for the reloader
+    // instead of ending the process.
+    let hangups = ferry_node::watch_hangups().context("watching SIGHUP")?;
     let token = args
         .admin_token_file
         .as_deref()
@@ -38,6 +42,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Arc::clone(&balancer),
         args.config.clone(),
         Arc::new(BalancerAdmin(Arc::clone(&balancer))),
+        hangups,
         &shutdown,
     );
     let admin = crate::node::Admin {

@@ -28,17 +28,19 @@ pub async fn first_snapshot<R: Role>(path: &Path) -> anyhow::Result<Snapshot<R::
         })
 }
 
-/// Makes `role` reloadable from `config`: on SIGHUP until `shutdown`, and
+/// Makes `role` reloadable from `config`: on each SIGHUP in `hangups`
+/// (from [`ferry_node::watch_hangups`]) until `shutdown`, and
 /// with `POST /config/reload` on the admin API returned (the role's `api`
 /// plus reload and the `config` part of `/status`).
 pub fn reloadable<R: Role>(
     role: Arc<R>,
     config: PathBuf,
     api: Arc<dyn AdminApi>,
+    hangups: tokio::signal::unix::Signal,
     shutdown: &CancellationToken,
 ) -> Arc<dyn AdminApi> {
     let reloader = Reloader::new(role, config);
-    ferry_node::reload_on_hangup(Arc::clone(&reloader), shutdown.clone());
+    ferry_node::reload_on_hangup(Arc::clone(&reloader), hangups, shutdown.clone());
     Arc::new(NodeAdmin {
         role: api,
         reloader,

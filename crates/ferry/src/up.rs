@@ -196,7 +196,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         tokio::select! {
             _ = term.recv() => break true,
             _ = int.recv() => break true,
-            _ = hup.recv() => reload_all(&nodes, &config_path).await,
+            _ = hup.recv() => reload_all(&nodes, &config_path),
             (name, status) = first_exit(&mut nodes) => {
                 let role = nodes.iter().find(|n| n.name == name).map(|n| n.role);
                 nodes.retain(|n| n.name != name);
@@ -220,34 +220,42 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
 
 /// Forwards SIGHUP to every node, then says how each reload went (from
 /// the `config.last_reload` of each node's `/status`, read until it
-/// changes, at most [`RELOAD_WAIT`]).
-async fn reload_all(nodes: &[Node], config: &Path) {
+/// changes, at most [`RELOAD_WAIT`]). The waiting runs on its own thread:
+/// meanwhile `ferry up` still answers Ctrl-C and notices a node's exit.
+fn reload_all(nodes: &[Node], config: &Path) {
     eprintln!("ferry up: SIGHUP: every node re-reads {}", config.display());
-    let before: Vec<Option<serde_json::Value>> =
-        nodes.iter().map(|n| last_reload(&n.admin)).collect();
-    for node in nodes {
-        if let Some(pid) = node.child.id().and_then(|p| i32::try_from(p).ok()) {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGHUP);
+    let nodes: Vec<(String, String, Option<i32>)> = nodes
+        .iter()
+        .map(|n| {
+            let pid = n.child.id().and_then(|p| i32::try_from(p).ok());
+            (n.name.clone(), n.admin.clone(), pid)
+        })
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        let before: Vec<_> = nodes
+            .iter()
+            .map(|(_, admin, _)| last_reload(admin))
+            .collect();
+        for (_, _, pid) in &nodes {
+            if let Some(pid) = pid {
+                let _ = kill(Pid::from_raw(*pid), Signal::SIGHUP);
+            }
         }
-    }
-    let deadline = tokio::time::Instant::now() + RELOAD_WAIT;
-    for (node, before) in nodes.iter().zip(before) {
-        let report = loop {
-            let now = last_reload(&node.admin);
-            if now.is_some() && now != before {
-                break now;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                break None;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        eprintln!(
-            "ferry up: {}: {}",
-            node.name,
-            describe_reload(report.as_ref())
-        );
-    }
+        let deadline = std::time::Instant::now() + RELOAD_WAIT;
+        for ((name, admin, _), before) in nodes.iter().zip(before) {
+            let report = loop {
+                let now = last_reload(admin);
+                if now.is_some() && now != before {
+                    break now;
+                }
+                if std::time::Instant::now() >= deadline {
+                    break None;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            eprintln!("ferry up: {name}: {}", describe_reload(report.as_ref()));
+        }
+    });
 }
 
 /// How long `ferry up` waits for each node to report its reload.

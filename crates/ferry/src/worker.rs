@@ -24,6 +24,9 @@ pub struct Args {
 pub const DRAIN_LIMIT: Duration = Duration::from_secs(60);
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    // Before anything slow: a SIGHUP while starting waits for the reloader
+    // instead of ending the process.
+    let hangups = ferry_node::watch_hangups().context("watching SIGHUP")?;
     // Every problem of the file and of the certificates it names at once.
     let snapshot = crate::node::first_snapshot::<Worker>(&args.config).await?;
     let token = args
@@ -66,6 +69,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Arc::clone(&worker),
         args.config.clone(),
         Arc::new(QueueAdmin::new(Arc::clone(&deliverer), Arc::clone(&ready))),
+        hangups,
         &shutdown,
     );
     let admin = crate::node::Admin { api, ready, token };

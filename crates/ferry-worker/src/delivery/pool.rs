@@ -20,8 +20,9 @@ pub const IDLE_FOR: Duration = Duration::from_secs(5);
 #[derive(Default)]
 pub struct SessionPool {
     idle: Mutex<HashMap<String, Vec<(Instant, Session)>>>,
-    /// Transactions in progress per hop.
-    busy: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Transactions in progress per hop: the cap in force and its
+    /// semaphore.
+    busy: Mutex<HashMap<String, (usize, Arc<Semaphore>)>>,
 }
 
 /// Where a session goes: a configured or MX next hop, and for MX the
@@ -57,14 +58,19 @@ impl SessionPool {
         }
     }
 
-    /// The semaphore of `hop` for a cap of `max`: keyed by both, so a cap
-    /// changed by a config reload holds from the next transaction on.
+    /// The semaphore of `hop` for a cap of `max`. A cap changed by a config
+    /// reload gets a new semaphore for the next transactions (one per hop:
+    /// the map does not grow with each change); those still running under
+    /// the old cap finish under it.
     fn slots(&self, hop: &str, max: usize) -> Arc<Semaphore> {
         let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
-        Arc::clone(
-            busy.entry(format!("{hop}|{max}"))
-                .or_insert_with(|| Arc::new(Semaphore::new(max.max(1)))),
-        )
+        let entry = busy
+            .entry(hop.to_string())
+            .or_insert_with(|| (max, Arc::new(Semaphore::new(max.max(1)))));
+        if entry.0 != max {
+            *entry = (max, Arc::new(Semaphore::new(max.max(1))));
+        }
+        Arc::clone(&entry.1)
     }
 
     /// Closes (with QUIT) the sessions idle for longer than [`IDLE_FOR`].
