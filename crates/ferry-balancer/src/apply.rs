@@ -173,6 +173,8 @@ impl Role for Balancer {
         Arc::clone(&self.state().snapshot)
     }
 
+    /// Refused once shutdown has begun: a draining balancer binds no
+    /// port, starts no probe and does not turn ready again.
     async fn apply(
         &self,
         snapshot: Arc<Snapshot<BalancerConfig>>,
@@ -190,6 +192,11 @@ impl Balancer {
         snapshot: Arc<Snapshot<BalancerConfig>>,
     ) -> Result<Reconciled, ApplyError> {
         let mut table = self.targets.lock().await;
+        // Checked under the lock: a reload that waited for another one
+        // may find shutdown begun meanwhile.
+        if self.shutdown.is_cancelled() {
+            return Err(ApplyError::Refused("the balancer is shutting down".into()));
+        }
         let config = &snapshot.material;
         let drains = self.drain_flags_for(config);
         let mut next: Vec<(TargetKey, Arc<Target>, u32)> = Vec::new();
@@ -277,7 +284,11 @@ impl Balancer {
             table.by_key.insert(key, probed);
         }
         table.applied = true;
-        self.listening.store(true, Ordering::Relaxed);
+        // Shutdown may have begun during this apply; `is_ready` checks it
+        // too, for a shutdown that begins right after this check.
+        if !self.shutdown.is_cancelled() {
+            self.listening.store(true, Ordering::Relaxed);
+        }
         Ok(done)
     }
 

@@ -26,7 +26,8 @@
 //! while a new port of a worker already up (a new, renamed or re-pointed
 //! listener) takes sessions at once (at process start every worker is up
 //! at once). An administrator's drain is kept per backend name across
-//! reloads. Removed ports stop accepting; their sessions run on.
+//! reloads. Removed ports stop accepting; their sessions run on. Once
+//! shutdown has begun, apply is refused.
 //!
 //! Modules: [`apply`] (the state, the reconciliation of listeners, workers
 //! and probes), [`pool`] (workers, their health and load), [`probe`] (SMTP

@@ -2,8 +2,8 @@
 //! loopback: what a reload keeps (a worker's health, drain flag and open
 //! sessions), what it adds (a worker that must pass its probes first, a
 //! port served at once by the workers up behind the others), what it
-//! removes (a worker, a port: open sessions finish), and a port that
-//! cannot be bound, which changes nothing.
+//! removes (a worker, a port: open sessions finish), a port that cannot
+//! be bound, which changes nothing, and a reload during shutdown, refused.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
@@ -346,6 +346,44 @@ async fn a_new_or_renamed_listener_serves_at_once_through_workers_already_up() {
         "the renamed listener's first client: {greeting}"
     );
     assert_eq!(c.cmd("QUIT").await, "221 bye");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_after_shutdown_began_is_refused_and_changes_nothing() {
+    let port = worker("127.0.0.79:0".parse().unwrap(), "w1").await.port();
+    let settings = "allow = [\"127.0.0.0/8\"]\nhandoff_timeout = \"500ms\"\n\
+                    probe = { interval = \"1h\", timeout = \"500ms\" }\n";
+    let w1 = backends(&[("w1", "127.0.0.79", 1)]);
+    let first = snapshot(1, &format!("{settings}{}{w1}", listener("smtp", 0, port)));
+    let b = Balancer::new(Arc::clone(&first), ip("127.0.0.1"));
+    let front = b.apply(first).await.unwrap().added[0];
+    let stopped = tokio::spawn(Arc::clone(&b).run(Duration::from_secs(1)));
+    assert!(b.is_ready());
+
+    b.shutdown_token().cancel();
+    wait_until("not ready once shutdown began", || !b.is_ready()).await;
+    let sub_port = ferry_tests::free_port(ip("127.0.0.1"));
+    let two = format!(
+        "{settings}{}{}{w1}",
+        listener("smtp", 0, port),
+        listener("submission", sub_port, port)
+    );
+    let err = b.apply(snapshot(2, &two)).await.unwrap_err();
+    assert!(
+        matches!(err, ApplyError::Refused(ref why) if why == "the balancer is shutting down"),
+        "{err}"
+    );
+    assert!(!b.is_ready(), "a reload while draining made it ready");
+    assert_eq!(b.current().version, 1);
+    assert_eq!(b.addresses().await, [front]);
+    assert!(
+        std::net::TcpListener::bind(("127.0.0.1", sub_port)).is_ok(),
+        "a reload while draining bound a port"
+    );
+    tokio::time::timeout(Duration::from_secs(5), stopped)
+        .await
+        .unwrap()
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
