@@ -368,11 +368,16 @@ async fn a_removed_backend_gets_no_new_session_while_its_open_one_completes() {
         serde_json::json!([format!("- balancer backend \"{gone}\"")])
     );
     assert!(cl.backend(gone).is_none());
+    // Held open: least connections would send the second or third to the
+    // removed worker (one session, the open one) were it still eligible.
+    let mut held = Vec::new();
     for _ in 0..6 {
-        let (_c, served_by) = session(cl.front(), "127.0.0.45").await;
+        let (c, served_by) = session(cl.front(), "127.0.0.45").await;
         assert_eq!(served_by, format!("{}.test", stays.0));
+        held.push(c);
     }
     finish_message(&mut open, "on a removed backend").await;
+    drop(held);
     // Its gauges no longer say it is a worker down, nor one in rotation.
     let m = cl.metrics();
     let labels = format!(r#"{{listener="smtp",backend="{gone}"}}"#);
