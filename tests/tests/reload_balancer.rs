@@ -368,11 +368,16 @@ async fn a_removed_backend_gets_no_new_session_while_its_open_one_completes() {
         serde_json::json!([format!("- balancer backend \"{gone}\"")])
     );
     assert!(cl.backend(gone).is_none());
+    // Held open: least connections would send the second or third to the
+    // removed worker (one session, the open one) were it still eligible.
+    let mut held = Vec::new();
     for _ in 0..6 {
-        let (_c, served_by) = session(cl.front(), "127.0.0.45").await;
+        let (c, served_by) = session(cl.front(), "127.0.0.45").await;
         assert_eq!(served_by, format!("{}.test", stays.0));
+        held.push(c);
     }
     finish_message(&mut open, "on a removed backend").await;
+    drop(held);
     // Its gauges no longer say it is a worker down, nor one in rotation.
     let m = cl.metrics();
     let labels = format!(r#"{{listener="smtp",backend="{gone}"}}"#);
@@ -401,6 +406,12 @@ async fn a_listener_port_added_then_the_first_one_removed() {
         "250 2.1.0 Sender OK"
     );
 
+    // w1 up behind smtp (its probes may have seen it start late).
+    wait_for("w1 up and the balancer ready", || {
+        let up = cl.backend("w1")?["up"] == true;
+        (up && cl.balancer.admin_call("GET", "/readyz").0 == 200).then_some(())
+    });
+
     let both = [("smtp", first), ("submission", second)];
     cl.rewrite(&balancer_text(&both, &[("w1", W1)], "", cl.worker_port));
     let (status, report) = cl.reload();
@@ -410,16 +421,11 @@ async fn a_listener_port_added_then_the_first_one_removed() {
         report["listeners_added"],
         serde_json::json!([added.to_string()])
     );
-    // Its worker port is new too: served once the probes pass.
-    wait_for("w1 up behind the new port", || {
-        let (_, body) = cl.balancer.admin_call("GET", "/backends");
-        let v: Value = serde_json::from_str(&body).unwrap();
-        v["backends"]
-            .as_array()?
-            .iter()
-            .any(|b| b["listener"] == "submission" && b["up"] == true)
-            .then_some(())
-    });
+    // w1 is up behind smtp, so behind the new listener too, at once: the
+    // balancer stays ready and the first client there is served, no 421
+    // while the probes (rise = 2, every 300 ms) catch up.
+    let (status, body) = cl.balancer.admin_call("GET", "/readyz");
+    assert_eq!(status, 200, "a new listener made /readyz say {body:?}");
     let (mut c, served_by) = session(added, "127.0.0.47").await;
     assert_eq!(served_by, "w1.test");
 

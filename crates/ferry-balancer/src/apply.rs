@@ -7,13 +7,21 @@
 //! settings changed (then it restarts on the same target). A target the
 //! new config drops leaves the frontends, so it gets no new session; its
 //! probe stops and its open sessions finish, holding their `Arc`.
+//!
+//! A new target (a new backend, or a new, renamed or re-pointed listener)
+//! starts up only if its worker is: at process start every worker is
+//! taken as up, as is a new target of a backend (same name and address)
+//! with a target up before the apply (the handoff verifies every session,
+//! so a listener added for workers already up serves its first client at
+//! once). A backend new to the config, or one whose targets are all down,
+//! waits for `rise` good probes.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use ferry_config::{BalancerConfig, BalancerListener, ClusterConfig, ProbeSettings};
+use ferry_config::{Backend, BalancerConfig, BalancerListener, ClusterConfig, ProbeSettings};
 use ferry_node::{ApplyError, Reconciled, Role, Snapshot};
 use metrics::{Counter, Gauge};
 use tokio_util::sync::CancellationToken;
@@ -128,8 +136,27 @@ type TargetKey = (String, usize, String);
 #[derive(Default)]
 pub(crate) struct Targets {
     by_key: HashMap<TargetKey, Probed>,
-    /// Some snapshot was applied: targets a later one adds start down.
+    /// Some snapshot was applied: a target a later one adds starts as
+    /// its backend's targets are ([`Targets::start_for`]).
     applied: bool,
+}
+
+impl Targets {
+    /// How a new target of `backend` starts: up at the first apply, and
+    /// when a target of the same backend (name and address, on any
+    /// listener) is up now; otherwise (a backend new to the config, or
+    /// down everywhere) after `rise` good probes.
+    fn start_for(&self, backend: &Backend) -> Start {
+        let up = self.by_key.values().any(|p| {
+            p.target.name == backend.name
+                && p.target.addr.ip() == backend.address
+                && p.target.is_up()
+        });
+        match !self.applied || up {
+            true => Start::Optimistic,
+            false => Start::AfterRise,
+        }
+    }
 }
 
 impl Role for Balancer {
@@ -146,6 +173,8 @@ impl Role for Balancer {
         Arc::clone(&self.state().snapshot)
     }
 
+    /// Refused once shutdown has begun: a draining balancer binds no
+    /// port, starts no probe and does not turn ready again.
     async fn apply(
         &self,
         snapshot: Arc<Snapshot<BalancerConfig>>,
@@ -163,11 +192,12 @@ impl Balancer {
         snapshot: Arc<Snapshot<BalancerConfig>>,
     ) -> Result<Reconciled, ApplyError> {
         let mut table = self.targets.lock().await;
+        // Checked under the lock: a reload that waited for another one
+        // may find shutdown begun meanwhile.
+        if self.shutdown.is_cancelled() {
+            return Err(ApplyError::Refused("the balancer is shutting down".into()));
+        }
         let config = &snapshot.material;
-        let start = match table.applied {
-            true => Start::AfterRise,
-            false => Start::Optimistic,
-        };
         let drains = self.drain_flags_for(config);
         let mut next: Vec<(TargetKey, Arc<Target>, u32)> = Vec::new();
         let mut frontends = BTreeMap::new();
@@ -185,7 +215,9 @@ impl Balancer {
                     Some(p) if p.target.serves(b, l) => Arc::clone(&p.target),
                     _ => {
                         let drain = drains.get(&b.name).cloned().unwrap_or_default();
-                        Arc::new(Target::new(b, l, drain, start))
+                        // The table still holds the targets in service
+                        // before this apply.
+                        Arc::new(Target::new(b, l, drain, table.start_for(b)))
                     }
                 };
                 targets.push(Arc::clone(&target));
@@ -236,8 +268,14 @@ impl Balancer {
                     self.spawn_probe(p.target, plan)
                 }
                 None => {
-                    if start == Start::AfterRise {
-                        info!(listener = %key.0, backend = %key.2, addr = %target.addr, rise = plan.settings.rise, "worker added: in rotation after its probes pass");
+                    match (table.applied, target.is_up()) {
+                        (false, _) => {}
+                        (true, true) => {
+                            info!(listener = %key.0, backend = %key.2, addr = %target.addr, "worker added: in rotation at once, as its worker is up")
+                        }
+                        (true, false) => {
+                            info!(listener = %key.0, backend = %key.2, addr = %target.addr, rise = plan.settings.rise, "worker added: in rotation after its probes pass")
+                        }
                     }
                     self.spawn_probe(target, plan)
                 }
@@ -246,7 +284,11 @@ impl Balancer {
             table.by_key.insert(key, probed);
         }
         table.applied = true;
-        self.listening.store(true, Ordering::Relaxed);
+        // Shutdown may have begun during this apply; `is_ready` checks it
+        // too, for a shutdown that begins right after this check.
+        if !self.shutdown.is_cancelled() {
+            self.listening.store(true, Ordering::Relaxed);
+        }
         Ok(done)
     }
 

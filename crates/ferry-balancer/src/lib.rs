@@ -21,11 +21,13 @@
 //! apply, the old state serving on), swaps the state, then reconciles the
 //! workers: a worker port whose address, backend port and PROXY setting
 //! stay keeps its health, drain flag and open sessions; a removed one gets
-//! no new session while its open ones finish, and its probe stops; one a
-//! reload adds joins the rotation after `rise` good probes (at process
-//! start every worker is up at once). An administrator's drain is kept per
-//! backend name across reloads. Removed ports stop accepting; their
-//! sessions run on.
+//! no new session while its open ones finish, and its probe stops; a
+//! backend a reload adds joins the rotation after `rise` good probes,
+//! while a new port of a worker already up (a new, renamed or re-pointed
+//! listener) takes sessions at once (at process start every worker is up
+//! at once). An administrator's drain is kept per backend name across
+//! reloads. Removed ports stop accepting; their sessions run on. Once
+//! shutdown has begun, apply is refused.
 //!
 //! Modules: [`apply`] (the state, the reconciliation of listeners, workers
 //! and probes), [`pool`] (workers, their health and load), [`probe`] (SMTP

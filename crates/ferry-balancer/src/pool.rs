@@ -13,10 +13,11 @@ use crate::probe::ProbeResult;
 /// How a target starts before its first probes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Start {
-    /// Up at once: at process start, when every worker is new and the
-    /// handoff verifies every session anyway.
+    /// Up at once (the handoff verifies every session anyway): at process
+    /// start, and for a new port of a worker that is up behind another.
     Optimistic,
-    /// Down until `rise` good probes: a worker a reload added.
+    /// Down until `rise` good probes: a backend new to the config, or one
+    /// that is down everywhere.
     AfterRise,
 }
 

@@ -50,7 +50,7 @@ pub struct Balancer {
     per_source: Mutex<HashMap<IpAddr, u32>>,
     /// Client connections open now, over all listeners.
     open: AtomicU64,
-    shutdown: CancellationToken,
+    pub(crate) shutdown: CancellationToken,
     tracker: TaskTracker,
     session_base: u64,
     session_seq: AtomicU64,
@@ -132,9 +132,11 @@ impl Balancer {
         self.shutdown.clone()
     }
 
-    /// Listening, and some worker behind every listener takes sessions.
+    /// Listening, not shutting down, and some worker behind every
+    /// listener takes sessions.
     pub fn is_ready(&self) -> bool {
         self.listening.load(Ordering::Relaxed)
+            && !self.shutdown.is_cancelled()
             && self
                 .state()
                 .frontends

@@ -1,8 +1,9 @@
 //! `apply` on an in-process balancer in front of scripted workers on
 //! loopback: what a reload keeps (a worker's health, drain flag and open
 //! sessions), what it adds (a worker that must pass its probes first, a
-//! port), what it removes (a worker, a port: open sessions finish), and a
-//! port that cannot be bound, which changes nothing.
+//! port served at once by the workers up behind the others), what it
+//! removes (a worker, a port: open sessions finish), a port that cannot
+//! be bound, which changes nothing, and a reload during shutdown, refused.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
@@ -221,7 +222,7 @@ async fn a_port_that_cannot_be_bound_changes_nothing_and_ports_come_and_go() {
     let (_c, greeting) = SmtpClient::connect(front, None).await;
     assert_eq!(greeting, "220 w1 ready");
 
-    // A free port instead: served once its worker passes the probes.
+    // A free port instead: served at once, w1 being up behind the other.
     drop(taken);
     let sub_port = ferry_tests::free_port(ip("127.0.0.1"));
     let two = format!(
@@ -233,8 +234,7 @@ async fn a_port_that_cannot_be_bound_changes_nothing_and_ports_come_and_go() {
     let sub = SocketAddr::new(ip("127.0.0.1"), sub_port);
     assert_eq!(done.added, [sub]);
     let state = b.state();
-    let sub_target = Arc::clone(&state.frontends[&sub_port].targets[0]);
-    wait_until("w1 up behind the new port", || sub_target.is_up()).await;
+    assert!(state.frontends[&sub_port].targets[0].is_up());
     let (mut on_sub, greeting) = SmtpClient::connect(sub, None).await;
     assert_eq!(greeting, "220 w1 ready");
 
@@ -257,6 +257,133 @@ async fn a_port_that_cannot_be_bound_changes_nothing_and_ports_come_and_go() {
     assert_eq!(open.cmd("QUIT").await, "221 bye");
     assert_eq!(on_sub.cmd("NOOP").await, "250 w1");
     assert!(kept.is_retired(), "its listener is gone");
+}
+
+/// The target of `backend` behind the listener on configured port `port`.
+fn target_on(b: &Balancer, port: u16, backend: &str) -> Arc<Target> {
+    let state = b.state();
+    let f = &state.frontends[&port];
+    Arc::clone(f.targets.iter().find(|t| t.name == backend).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_or_renamed_listener_serves_at_once_through_workers_already_up() {
+    let port = worker("127.0.0.75:0".parse().unwrap(), "w1").await.port();
+    worker(SocketAddr::new(ip("127.0.0.76"), port), "w2").await;
+    worker(SocketAddr::new(ip("127.0.0.78"), port), "w4").await;
+    // One probe when a probe task starts, then none for an hour: a target
+    // that must wait for rise = 2 stays down for the whole test. w3 has
+    // nothing listening: its first probe takes it down (fall = 1).
+    let settings = "allow = [\"127.0.0.0/8\"]\nhandoff_timeout = \"500ms\"\n\
+                    probe = { interval = \"1h\", timeout = \"500ms\", rise = 2, fall = 1 }\n";
+    let known = [
+        ("w1", "127.0.0.75", 1),
+        ("w2", "127.0.0.76", 1),
+        ("w3", "127.0.0.77", 1),
+    ];
+    let first = snapshot(
+        1,
+        &format!(
+            "{settings}{}{}",
+            listener("smtp", 0, port),
+            backends(&known)
+        ),
+    );
+    let b = Balancer::new(Arc::clone(&first), ip("127.0.0.1"));
+    let front = b.apply(first).await.unwrap().added[0];
+    tokio::spawn(Arc::clone(&b).run(Duration::from_secs(1)));
+    let w3 = target(&b, "w3").unwrap();
+    wait_until("w3 down", || !w3.is_up()).await;
+    assert!(b.is_ready());
+
+    // A second listener, and w4, a backend new to the config.
+    let sub_port = ferry_tests::free_port(ip("127.0.0.1"));
+    let mut with_w4 = known.to_vec();
+    with_w4.push(("w4", "127.0.0.78", 1));
+    let two = format!(
+        "{settings}{}{}{}",
+        listener("smtp", 0, port),
+        listener("submission", sub_port, port),
+        backends(&with_w4)
+    );
+    b.apply(snapshot(2, &two)).await.unwrap();
+    // Ready all along: the new listener has workers up at once.
+    assert!(b.is_ready(), "a new listener made the balancer unready");
+    for name in ["w1", "w2"] {
+        assert!(
+            target_on(&b, sub_port, name).is_up(),
+            "{name} is up behind smtp: up behind the new listener too"
+        );
+    }
+    assert!(
+        !target_on(&b, sub_port, "w3").is_up(),
+        "w3 is down: down behind the new listener too"
+    );
+    for port in [0, sub_port] {
+        assert!(
+            !target_on(&b, port, "w4").is_up(),
+            "w4 is new to the config: it waits for its probes"
+        );
+    }
+    let sub = SocketAddr::new(ip("127.0.0.1"), sub_port);
+    let (mut c, greeting) = SmtpClient::connect(sub, None).await;
+    assert!(
+        greeting == "220 w1 ready" || greeting == "220 w2 ready",
+        "the new listener's first client: {greeting}"
+    );
+    assert_eq!(c.cmd("QUIT").await, "221 bye");
+
+    // The first listener renamed: new targets, up as their workers are.
+    let renamed = two.replacen("name = \"smtp\"", "name = \"relay\"", 1);
+    b.apply(snapshot(3, &renamed)).await.unwrap();
+    assert!(b.is_ready(), "a renamed listener made the balancer unready");
+    let relay_w1 = target_on(&b, 0, "w1");
+    assert_eq!(relay_w1.listener, "relay");
+    assert!(relay_w1.is_up());
+    let (mut c, greeting) = SmtpClient::connect(front, None).await;
+    assert!(
+        greeting == "220 w1 ready" || greeting == "220 w2 ready",
+        "the renamed listener's first client: {greeting}"
+    );
+    assert_eq!(c.cmd("QUIT").await, "221 bye");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_after_shutdown_began_is_refused_and_changes_nothing() {
+    let port = worker("127.0.0.79:0".parse().unwrap(), "w1").await.port();
+    let settings = "allow = [\"127.0.0.0/8\"]\nhandoff_timeout = \"500ms\"\n\
+                    probe = { interval = \"1h\", timeout = \"500ms\" }\n";
+    let w1 = backends(&[("w1", "127.0.0.79", 1)]);
+    let first = snapshot(1, &format!("{settings}{}{w1}", listener("smtp", 0, port)));
+    let b = Balancer::new(Arc::clone(&first), ip("127.0.0.1"));
+    let front = b.apply(first).await.unwrap().added[0];
+    let stopped = tokio::spawn(Arc::clone(&b).run(Duration::from_secs(1)));
+    assert!(b.is_ready());
+
+    b.shutdown_token().cancel();
+    wait_until("not ready once shutdown began", || !b.is_ready()).await;
+    let sub_port = ferry_tests::free_port(ip("127.0.0.1"));
+    let two = format!(
+        "{settings}{}{}{w1}",
+        listener("smtp", 0, port),
+        listener("submission", sub_port, port)
+    );
+    let err = b.apply(snapshot(2, &two)).await.unwrap_err();
+    assert!(
+        matches!(err, ApplyError::Refused(ref why) if why == "the balancer is shutting down"),
+        "{err}"
+    );
+    assert!(!b.is_ready(), "a reload while draining made it ready");
+    assert_eq!(b.current().version, 1);
+    assert_eq!(b.addresses().await, [front]);
+    assert!(
+        std::net::TcpListener::bind(("127.0.0.1", sub_port)).is_ok(),
+        "a reload while draining bound a port"
+    );
+    tokio::time::timeout(Duration::from_secs(5), stopped)
+        .await
+        .unwrap()
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
