@@ -479,6 +479,28 @@ permissions = ["anonymous"]
     );
     drop(taken);
 
+    // An empty file (an editor's save caught half-way): valid TOML, but it
+    // would close every port and route mail nowhere.
+    std::fs::write(&path, "").unwrap();
+    let errors = refused(&w, config.port, 3.0).await;
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(errors[0].starts_with("the new config has no connectors: every SMTP port would close (an empty or cut-short file?"), "{errors:?}");
+    assert!(
+        errors[1].starts_with("the new config has no routes: "),
+        "{errors:?}"
+    );
+    // Cut short after the connectors: no routes left.
+    let text = config.text();
+    let cut = text.find("[[routes]]").expect("the test config has routes");
+    std::fs::write(&path, &text[..cut]).unwrap();
+    let errors = refused(&w, config.port, 4.0).await;
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0]
+            .starts_with("the new config has no routes: accepted mail would be delivered nowhere"),
+        "{errors:?}"
+    );
+
     // The session opened before all this is still fine.
     let reply = transaction(&mut open, "ok@sink.test", "open all along").await;
     assert!(reply.starts_with("250 2.6.0 "), "{reply}");
@@ -499,7 +521,7 @@ permissions = ["anonymous"]
     assert_eq!(status["config"]["sha256"], report["sha256"]);
     assert_eq!(
         w.metric(r#"ferry_config_reloads_total{result="failed"}"#),
-        Some(3.0)
+        Some(5.0)
     );
     assert_eq!(
         w.metric(r#"ferry_config_reloads_total{result="ok"}"#),

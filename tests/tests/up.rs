@@ -43,6 +43,12 @@ impl Up {
     /// `ferry up` with the example config, its balancer on `balancer` and
     /// its workers on `workers`, all on free ports.
     fn start(balancer: &str, workers: [&str; 2], extra_args: &[&str]) -> Up {
+        Up::start_to(balancer, workers, extra_args, false)
+    }
+
+    /// [`Up::start`]; with `stderr_full`, `ferry up`'s standard error is
+    /// `/dev/full`, where every write fails (as on a terminal that hung up).
+    fn start_to(balancer: &str, workers: [&str; 2], extra_args: &[&str], stderr_full: bool) -> Up {
         let (b, w1, w2) = (ip(balancer), ip(workers[0]), ip(workers[1]));
         // One port free on all three addresses, for each listener.
         let port = || {
@@ -72,6 +78,7 @@ impl Up {
             extra_args,
             (b, [w1, w2]),
             (smtp, submission),
+            stderr_full,
         )
     }
 
@@ -86,7 +93,7 @@ impl Up {
             self.ports,
         );
         drop(self);
-        Up::spawn(data, None, &[], (b, w), ports)
+        Up::spawn(data, None, &[], (b, w), ports, false)
     }
 
     fn spawn(
@@ -95,6 +102,7 @@ impl Up {
         extra_args: &[&str],
         (b, [w1, w2]): (IpAddr, [IpAddr; 2]),
         (smtp, submission): (u16, u16),
+        stderr_full: bool,
     ) -> Up {
         let mut command = Command::new(ferry_bin());
         command
@@ -108,13 +116,17 @@ impl Up {
         let mut child = command
             .args(["--listen", &b.to_string()])
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stderr(match stderr_full {
+                true => Stdio::from(std::fs::File::create("/dev/full").unwrap()),
+                false => Stdio::piped(),
+            })
             .spawn()
             .unwrap();
         let stderr = Arc::new(Mutex::new(String::new()));
-        let mut err = child.stderr.take().unwrap();
+        let err = child.stderr.take();
         let sink = Arc::clone(&stderr);
         std::thread::spawn(move || {
+            let Some(mut err) = err else { return };
             let mut buf = [0u8; 4096];
             while let Ok(n) = err.read(&mut buf) {
                 if n == 0 {
@@ -513,4 +525,32 @@ async fn sighup_reloads_every_node_and_edits_survive_a_restart() {
     let (mut c, greeting) = SmtpClient::connect(up.worker_smtp(0), Some(ip("127.0.0.1"))).await;
     assert_eq!(greeting, "220 Edited Frontend ready");
     c.cmd("QUIT").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_terminal_neither_stops_nor_breaks_the_demo() {
+    // Every write to standard error fails, as after a terminal hangup:
+    // ferry up still reloads on SIGHUP and drains every node on SIGTERM.
+    let mut up = Up::start_to("127.0.0.79", ["127.0.0.80", "127.0.0.81"], &[], true);
+    let config = up.data().join("ferry.toml");
+    let edited = read(&config).replace("Ferry Default Frontend ready", "Still here ready");
+    std::fs::write(&config, edited).unwrap();
+    signal(up.pid(), "HUP");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (mut c, greeting) = SmtpClient::connect(up.worker_smtp(1), Some(ip("127.0.0.1"))).await;
+        c.cmd("QUIT").await;
+        if greeting == "220 Still here ready" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no reload: {greeting}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(up.child.as_mut().unwrap().try_wait().unwrap().is_none());
+    signal(up.pid(), "TERM");
+    let status = up.wait_exit();
+    assert!(status.success(), "{status}");
+    for (name, pid) in &up.pids {
+        assert!(is_gone(*pid), "{name} ({pid}) still runs");
+    }
 }

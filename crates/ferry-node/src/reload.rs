@@ -148,7 +148,11 @@ impl<R: Role> Reloader<R> {
         let version = old.version + 1;
         let built = tokio::task::spawn_blocking(move || load_file::<R>(&path, version))
             .await
-            .unwrap_or_else(|e| Err(vec![format!("loading the config failed: {e}")]));
+            .unwrap_or_else(|e| Err(vec![format!("loading the config failed: {e}")]))
+            .and_then(|snapshot| match emptied(&old.config, &snapshot.config) {
+                errors if errors.is_empty() => Ok(snapshot),
+                errors => Err(errors),
+            });
         let report = match built {
             Ok(snapshot) => {
                 let snapshot = Arc::new(snapshot);
@@ -205,6 +209,33 @@ impl<R: Role> Reloader<R> {
             "last_reload": last.as_ref().map(ReloadReport::to_json),
         })
     }
+}
+
+/// What a new config would empty that the one in service has: all
+/// connectors (every SMTP port closes), all routes (accepted mail goes
+/// nowhere and bounces), all balancer backends. Most likely an empty or
+/// cut-short file (an editor's save caught half-way), so a reload refuses
+/// it, as the control plane refuses such a change unless forced.
+pub fn emptied(old: &ClusterConfig, new: &ClusterConfig) -> Vec<String> {
+    const WHY: &str = "an empty or cut-short file? The config in service keeps serving";
+    let mut out = Vec::new();
+    if !old.connectors.is_empty() && new.connectors.is_empty() {
+        out.push(format!(
+            "the new config has no connectors: every SMTP port would close ({WHY})"
+        ));
+    }
+    if !old.routes.is_empty() && new.routes.is_empty() {
+        out.push(format!(
+            "the new config has no routes: accepted mail would be delivered nowhere ({WHY})"
+        ));
+    }
+    let backends = |c: &ClusterConfig| c.balancer.as_ref().map_or(0, |b| b.backends.len());
+    if backends(old) > 0 && new.balancer.is_some() && backends(new) == 0 {
+        out.push(format!(
+            "the new config has no balancer backends: every client would get 421 ({WHY})"
+        ));
+    }
+    out
 }
 
 fn failed<M>(old: &Snapshot<M>, errors: Vec<String>) -> ReloadReport {

@@ -55,7 +55,18 @@ pub fn run(cmd: ConfigCommand) -> anyhow::Result<ExitCode> {
             Ok(c) => {
                 // The checks a node runs before applying: TLS material for
                 // the worker, the [balancer] section for a balancer.
-                let mut errors = ferry_worker::Worker::prepare(&c).err().unwrap_or_default();
+                let mut errors = Vec::new();
+                // Valid, but a cluster that cannot relay: most likely an
+                // empty or cut-short file (a reload refuses such a change).
+                if c.connectors.is_empty() {
+                    errors.push("no [[connectors]]: a worker would accept no mail".to_string());
+                }
+                if c.routes.is_empty() {
+                    errors.push(
+                        "no [[routes]]: accepted mail would be delivered nowhere".to_string(),
+                    );
+                }
+                errors.extend(ferry_worker::Worker::prepare(&c).err().unwrap_or_default());
                 if c.balancer.is_some() {
                     errors.extend(
                         ferry_balancer::Balancer::prepare(&c)

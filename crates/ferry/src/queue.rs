@@ -43,9 +43,24 @@ pub(crate) fn request(
     method: &str,
     path: &str,
 ) -> anyhow::Result<(u16, String)> {
-    let mut s = TcpStream::connect(addr)
-        .with_context(|| format!("connecting to the admin endpoint {addr}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    request_within(addr, token, method, path, Duration::from_secs(30))
+}
+
+/// [`request`], giving up on connecting, and on each read, after `limit`.
+pub(crate) fn request_within(
+    addr: &str,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    limit: Duration,
+) -> anyhow::Result<(u16, String)> {
+    let connected = match addr.parse::<std::net::SocketAddr>() {
+        Ok(a) => TcpStream::connect_timeout(&a, limit),
+        Err(_) => TcpStream::connect(addr),
+    };
+    let mut s = connected.with_context(|| format!("connecting to the admin endpoint {addr}"))?;
+    s.set_read_timeout(Some(limit))?;
+    s.set_write_timeout(Some(limit))?;
     let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n")?;
     let mut text = String::new();

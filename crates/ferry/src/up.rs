@@ -26,6 +26,24 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::demo_certs;
 
+/// A line to standard error. Errors are ignored: a terminal that went
+/// away (EIO after a hangup) is no reason to stop, let alone to panic and
+/// take every node down unmanaged.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// A line to standard output, errors ignored like [`say`]'s.
+macro_rules! show {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 const EXAMPLE_CONFIG: &str = include_str!("../../../deploy/examples/ferry.toml");
 
 /// Set in the environment of `ferry up`'s children: the pid of the
@@ -78,13 +96,11 @@ pub fn exit_with_parent() {
         return;
     };
     if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM) {
-        eprintln!(
-            "ferry: cannot ask to be stopped with ferry up ({e}); stop this process yourself"
-        );
+        say!("ferry: cannot ask to be stopped with ferry up ({e}); stop this process yourself");
         return;
     }
     if nix::unistd::getppid() != Pid::from_raw(parent) {
-        eprintln!("ferry: the ferry up that started this process (pid {parent}) is gone; exiting");
+        say!("ferry: the ferry up that started this process (pid {parent}) is gone; exiting");
         std::process::exit(1);
     }
 }
@@ -115,7 +131,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         // when there is no config yet.
         None => match std::fs::read_to_string(&config_path) {
             Ok(text) => {
-                eprintln!(
+                say!(
                     "ferry up: running {} (delete it to start again from the example)",
                     config_path.display()
                 );
@@ -188,7 +204,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let node = started(node, &mut nodes).await?;
     nodes.push(node);
 
-    print_startup(&data, &nodes, balancer, &listen);
+    print_startup(&data, &nodes, balancer, &listen, text == EXAMPLE_CONFIG);
 
     // A worker that dies leaves the others serving (that is the point of
     // the balancer); the balancer dying ends the demo.
@@ -202,14 +218,14 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 nodes.retain(|n| n.name != name);
                 let log = logs.join(format!("{name}.log"));
                 if role == Some(Role::Balancer) {
-                    eprintln!("ferry up: the balancer exited ({status}; see {}); stopping the workers", log.display());
+                    say!("ferry up: the balancer exited ({status}; see {}); stopping the workers", log.display());
                     break false;
                 }
-                eprintln!("ferry up: {name} exited ({status}; see {}); {}", log.display(), after_worker_exit(&workers_left(&nodes)));
+                say!("ferry up: {name} exited ({status}; see {}); {}", log.display(), after_worker_exit(&workers_left(&nodes)));
             }
         }
     };
-    eprintln!("ferry up: stopping every node");
+    say!("ferry up: stopping every node");
     stop_all(&mut nodes).await;
     Ok(if stopped_by_user {
         ExitCode::SUCCESS
@@ -223,7 +239,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
 /// changes, at most [`RELOAD_WAIT`]). The waiting runs on its own thread:
 /// meanwhile `ferry up` still answers Ctrl-C and notices a node's exit.
 fn reload_all(nodes: &[Node], config: &Path) {
-    eprintln!("ferry up: SIGHUP: every node re-reads {}", config.display());
+    say!("ferry up: SIGHUP: every node re-reads {}", config.display());
     let nodes: Vec<(String, String, Option<i32>)> = nodes
         .iter()
         .map(|n| {
@@ -253,7 +269,7 @@ fn reload_all(nodes: &[Node], config: &Path) {
                 }
                 std::thread::sleep(Duration::from_millis(50));
             };
-            eprintln!("ferry up: {name}: {}", describe_reload(report.as_ref()));
+            say!("ferry up: {name}: {}", describe_reload(report.as_ref()));
         }
     });
 }
@@ -264,7 +280,10 @@ const RELOAD_WAIT: Duration = Duration::from_secs(10);
 /// The node's last reload report, from its `/status`.
 fn last_reload(admin: &str) -> Option<serde_json::Value> {
     let addr = admin.trim_start_matches("http://");
-    let (status, body) = crate::queue::request(addr, None, "GET", "/status").ok()?;
+    // A node that does not answer (stopped, overloaded) must not hold up
+    // the report of the others past RELOAD_WAIT by much.
+    let (status, body) =
+        crate::queue::request_within(addr, None, "GET", "/status", Duration::from_secs(1)).ok()?;
     let v: serde_json::Value = serde_json::from_str(&body).ok().filter(|_| status == 200)?;
     v.get("config")?
         .get("last_reload")
@@ -345,14 +364,15 @@ fn print_startup(
     nodes: &[Node],
     balancer: &ferry_config::BalancerConfig,
     listen: &IpAddr,
+    example: bool,
 ) {
-    println!();
-    println!(
+    show!();
+    show!(
         "Ferry is up: a demo cluster on loopback (data in {})",
         data.display()
     );
     for n in nodes {
-        println!(
+        show!(
             "  {:<10} pid {:<7} smtp {}  admin {}  metrics {}/metrics",
             n.name,
             n.child.id().unwrap_or(0),
@@ -361,39 +381,51 @@ fn print_startup(
             n.admin
         );
     }
-    println!("Each node's log: {}/NAME.log", data.join("logs").display());
-    println!(
+    show!("Each node's log: {}/NAME.log", data.join("logs").display());
+    show!(
         "Admin operations (queue, drain) need the bearer token in {}",
         data.join("admin.token").display()
     );
-    println!(
+    show!(
         "TLS clients can verify every node against the demo CA in {}",
         data.join(demo_certs::CA_FILE).display()
     );
     let port = |i: usize| balancer.listeners.get(i).map_or(0, |l| l.port);
     let (smtp, submission) = (port(0), port(1));
-    println!("Through the balancer:");
-    println!("  internal relay:      {listen}:{smtp} (anonymous, to @example.test)");
-    println!("  authenticated relay: {listen}:{submission} (STARTTLS, then AUTH as scanner / ferry-demo)");
-    println!("  anonymous relay:     {listen}:{smtp} from source address 127.0.0.30 (to anywhere)");
+    show!("Through the balancer:");
+    if example {
+        show!("  internal relay:      {listen}:{smtp} (anonymous, to @example.test)");
+        show!("  authenticated relay: {listen}:{submission} (STARTTLS, then AUTH as scanner / ferry-demo)");
+        show!(
+            "  anonymous relay:     {listen}:{smtp} from source address 127.0.0.30 (to anywhere)"
+        );
+    } else {
+        // Not the example: say only what the config says.
+        for l in &balancer.listeners {
+            show!("  {:<20} {listen}:{}", format!("{}:", l.name), l.port);
+        }
+        show!(
+            "  (which connector serves a client: ferry config explain FILE --client IP --port N)"
+        );
+    }
     let direct: Vec<String> = nodes
         .iter()
         .filter(|n| n.role == Role::Worker)
         .filter_map(|n| n.smtp.first().cloned())
         .collect();
     match balancer.source {
-        Some(source) => println!(
+        Some(source) => show!(
             "Directly to a worker: {} (the balancer connects from {source}, the workers' only trusted proxy)",
             direct.join(", ")
         ),
-        None => println!("Directly to a worker: {}", direct.join(", ")),
+        None => show!("Directly to a worker: {}", direct.join(", ")),
     }
-    println!(
+    show!(
         "To change the config: edit {}, then kill -HUP {} (every node reloads it)",
         data.join("ferry.toml").display(),
         std::process::id()
     );
-    println!("Press Ctrl-C to stop (SIGTERM stops it too).");
+    show!("Press Ctrl-C to stop (SIGTERM stops it too).");
 }
 
 async fn start_node(
@@ -419,6 +451,10 @@ async fn start_node(
         .args(args)
         .env(PARENT_ENV, std::process::id().to_string())
         .stdin(Stdio::null())
+        // A group of its own: Ctrl-C and a terminal's hangup reach only
+        // `ferry up`, which stops (SIGTERM) or reloads (SIGHUP) each node
+        // once, itself.
+        .process_group(0)
         .stdout(Stdio::piped())
         .stderr(Stdio::from(stderr))
         .kill_on_drop(true)
@@ -524,7 +560,7 @@ async fn stop_all(nodes: &mut [Node]) {
             .await
             .is_err()
         {
-            eprintln!("ferry up: {} did not stop in time; killing it", node.name);
+            say!("ferry up: {} did not stop in time; killing it", node.name);
             let _ = node.child.kill().await;
         }
     }

@@ -67,6 +67,24 @@ fn example_config_checks_ok_once_its_certificate_files_exist() {
 }
 
 #[test]
+fn an_empty_config_is_not_ok() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("empty.toml");
+    std::fs::write(&path, "").unwrap();
+    let (ok, out, err) = ferry(&["config", "check", path.to_str().unwrap()]);
+    assert!(!ok, "{out}");
+    assert!(err.starts_with("2 errors in "), "{err}");
+    assert!(
+        err.contains("no [[connectors]]: a worker would accept no mail"),
+        "{err}"
+    );
+    assert!(
+        err.contains("no [[routes]]: accepted mail would be delivered nowhere"),
+        "{err}"
+    );
+}
+
+#[test]
 fn bad_config_lists_every_error_with_its_place() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
