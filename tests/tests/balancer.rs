@@ -233,6 +233,21 @@ async fn a_dead_worker_costs_no_client_a_connection() {
     assert!(down_after < Duration::from_secs(10), "{down_after:?}");
     let (_, metrics) = http(&cl.balancer.admin, "GET", "/metrics");
     assert!(metrics.contains(r#"ferry_balancer_backend_up{listener="smtp",backend="w1"} 0"#));
+    // Not only 1 or 0: the HELP text says what a worker a reload removed
+    // reads, as the exporter keeps its series until a restart.
+    for name in [
+        "ferry_balancer_backend_up",
+        "ferry_balancer_backend_draining",
+    ] {
+        let help = metrics
+            .lines()
+            .find(|l| l.starts_with(&format!("# HELP {name} ")))
+            .unwrap_or_else(|| panic!("no HELP for {name}"));
+        assert!(
+            help.contains("removed") && help.contains("NaN") && help.contains("restart"),
+            "{help}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

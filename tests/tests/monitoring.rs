@@ -120,6 +120,34 @@ fn rules_and_dashboard_name_only_exported_metrics() {
     }
 }
 
+/// An operator who reloads a node sees it on the dashboard: the version
+/// each instance serves, and reloads by result with whether the last one
+/// worked.
+#[test]
+fn the_dashboard_shows_the_config_metrics() {
+    let dashboard =
+        std::fs::read_to_string(root().join("deploy/grafana/ferry-dashboard.json")).unwrap();
+    let parsed: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    let exprs: Vec<String> = parsed["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_owned))
+        .collect();
+    let shown = |metric: &str, by: &str| {
+        exprs
+            .iter()
+            .any(|e| e.contains(metric) && e.contains(&format!("by ({by})")))
+    };
+    assert!(shown("ferry_config_version", "instance"), "{exprs:#?}");
+    assert!(shown("ferry_config_reloads_total", "result"), "{exprs:#?}");
+    assert!(
+        shown("ferry_config_last_reload_successful", "instance"),
+        "{exprs:#?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_metrics_pass_promtool_lint() {
     if !have_promtool() {

@@ -11,7 +11,8 @@ pub const ACTIVE: &str = "ferry_balancer_active_connections";
 /// when its listener went too (the exporter cannot delete a series; see
 /// [`crate::pool::Target::retire`]).
 pub const BACKEND_UP: &str = "ferry_balancer_backend_up";
-/// 1 while a worker is drained (by its probe answer or an admin call).
+/// 1 while a worker is drained (by its probe answer or an admin call); a
+/// removed worker's reads as [`BACKEND_UP`] says.
 pub const BACKEND_DRAINING: &str = "ferry_balancer_backend_draining";
 /// Probe duration in seconds, by `backend`.
 pub const PROBE_DURATION: &str = "ferry_balancer_probe_duration_seconds";
@@ -28,8 +29,16 @@ pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(CONNECTIONS, "Client connections, by listener and result");
     describe_gauge!(ACTIVE, "Relayed connections open now, by listener");
-    describe_gauge!(BACKEND_UP, "1 while a worker passes its probes");
-    describe_gauge!(BACKEND_DRAINING, "1 while a worker is drained");
+    describe_gauge!(
+        BACKEND_UP,
+        "1 while a worker passes its probes, else 0; a worker a reload removed \
+         reads 1 (NaN if its listener went too) until a restart"
+    );
+    describe_gauge!(
+        BACKEND_DRAINING,
+        "1 while a worker is drained, else 0; a worker a reload removed \
+         reads 1 (NaN if its listener went too) until a restart"
+    );
     describe_histogram!(
         PROBE_DURATION,
         Unit::Seconds,

@@ -135,6 +135,9 @@ async fn balancer_full(
         .collect();
     let text = format!(
         r#"
+# The `source` a test may give in `extra` must be trusted to send PROXY.
+trusted_proxies = ["127.0.0.50"]
+
 [balancer]
 allow = ["127.0.0.0/8"]
 handoff_timeout = "500ms"

@@ -9,12 +9,13 @@ use std::time::Duration;
 use ipnet::IpNet;
 use toml::Spanned;
 
-use crate::balancer::*;
 use crate::error::{ConfigError, LineIndex, Located};
 use crate::model::*;
 use crate::raw::*;
 use crate::read::Reader;
 use crate::routes::{Delivery, DomainPattern, NextHop, Route, RouteAction, TlsPolicy};
+
+mod balancer;
 
 struct Checker<'a> {
     index: LineIndex<'a>,
@@ -195,7 +196,10 @@ pub(crate) fn parse(file: &str, text: &str, base_dir: &Path) -> Result<ClusterCo
     let delivery = delivery(&mut c, &raw.delivery);
     let min_free_space = c.size(&raw.spool.min_free_space, DEFAULT_MIN_FREE_SPACE);
     let max_data_in_memory = c.size(&raw.spool.max_data_in_memory, DEFAULT_MAX_DATA_IN_MEMORY);
-    let balancer = raw.balancer.as_ref().map(|b| balancer(&mut c, b));
+    let balancer = raw
+        .balancer
+        .as_ref()
+        .map(|b| balancer::balancer(&mut c, b, &raw.trusted_proxies, &trusted_proxies));
     let postmaster = postmaster(&mut c, raw.postmaster.as_ref(), &accepted_domains);
 
     if !c.errors.is_empty() {
@@ -239,102 +243,6 @@ fn postmaster(
         .find(|d| d.kind == DomainKind::Authoritative)
         .or_else(|| domains.iter().find(|d| !d.subdomains))?;
     ferry_smtp::Mailbox::parse(&format!("postmaster@{}", domain.domain)).ok()
-}
-
-fn balancer(c: &mut Checker<'_>, raw: &Spanned<RawBalancer>) -> BalancerConfig {
-    let b = raw.get_ref();
-    let allow = c.ranges(&b.allow);
-    let deny = c.ranges(&b.deny);
-    if b.allow.is_empty() {
-        c.err(
-            raw,
-            "balancer.allow is empty: every client would be refused",
-        );
-    }
-    let mut listeners: Vec<BalancerListener> = Vec::new();
-    for l in &b.listeners {
-        let l = l.get_ref();
-        if listeners.iter().any(|o| o.port == *l.port.get_ref()) {
-            c.err(
-                &l.port,
-                format!("port {} has two balancer listeners", l.port.get_ref()),
-            );
-        }
-        listeners.push(BalancerListener {
-            name: l.name.get_ref().clone(),
-            port: *l.port.get_ref(),
-            backend_port: l.backend_port.unwrap_or(*l.port.get_ref()),
-            proxy_protocol: l.proxy_protocol.unwrap_or(true),
-        });
-    }
-    if listeners.is_empty() {
-        c.err(raw, "a balancer needs at least one [[balancer.listeners]]");
-    }
-    let mut backends: Vec<Backend> = Vec::new();
-    for r in &b.backends {
-        let r = r.get_ref();
-        let Ok(address) = r.address.get_ref().parse::<IpAddr>() else {
-            c.err(
-                &r.address,
-                format!("'{}' is not an IP address", r.address.get_ref()),
-            );
-            continue;
-        };
-        if backends.iter().any(|o| o.address == address) {
-            c.err(
-                &r.address,
-                format!("backend address {address} is listed twice"),
-            );
-        }
-        if backends.iter().any(|o| o.name == *r.name.get_ref()) {
-            c.err(
-                &r.name,
-                format!("backend '{}' is defined twice", r.name.get_ref()),
-            );
-        }
-        backends.push(Backend {
-            name: r.name.get_ref().clone(),
-            address,
-            weight: c.count(&r.weight, 1),
-        });
-    }
-    let source = b.source.as_ref().and_then(|s| {
-        let Ok(ip) = s.get_ref().trim().parse::<IpAddr>() else {
-            c.err(s, format!("'{}' is not an IP address", s.get_ref()));
-            return None;
-        };
-        let ip = ip.to_canonical();
-        if let Some(other) = backends
-            .iter()
-            .find(|w| w.address.is_ipv4() != ip.is_ipv4())
-        {
-            c.err(
-                s,
-                format!(
-                    "source {ip} and backend '{}' ({}) are of different IP families",
-                    other.name, other.address
-                ),
-            );
-        }
-        Some(ip)
-    });
-    let def = ProbeSettings::default();
-    BalancerConfig {
-        source,
-        listeners,
-        backends,
-        access: AccessList::new(&allow, &deny),
-        max_connections: c.count(&b.max_connections, 10_000),
-        max_connections_per_source: c.count(&b.max_connections_per_source, 20),
-        handoff_timeout: c.duration(&b.handoff_timeout, Duration::from_secs(5)),
-        idle_timeout: c.duration(&b.idle_timeout, Duration::from_secs(10 * 60)),
-        probe: ProbeSettings {
-            interval: c.duration(&b.probe.interval, def.interval),
-            timeout: c.duration(&b.probe.timeout, def.timeout),
-            rise: c.count(&b.probe.rise, def.rise),
-            fall: c.count(&b.probe.fall, def.fall),
-        },
-    }
 }
 
 fn route(c: &mut Checker<'_>, r: &RawRoute, base_dir: &Path) -> Option<Route> {

@@ -266,7 +266,7 @@ dns_servers = ["127.0.0.1", "[::1]:5353"]
 
 #[test]
 fn balancer_source_is_an_address_of_the_backends_family() {
-    let text = r#"
+    let text = r#"trusted_proxies = ["127.0.0.2", "::1"]
 [balancer]
 allow = ["127.0.0.0/8"]
 source = "balancer.local"
@@ -288,6 +288,55 @@ backends = [{ name = "w1", address = "127.0.0.11" }]
         config.balancer.unwrap().source,
         Some("127.0.0.2".parse().unwrap())
     );
+}
+
+/// Workers read a PROXY header only from `trusted_proxies`; a balancer
+/// sending PROXY from a `source` outside them would have its headers read
+/// as SMTP commands (`500 5.5.1`) and every client dropped.
+#[test]
+fn balancer_source_must_be_a_trusted_proxy_when_it_sends_proxy() {
+    let text = r#"trusted_proxies = ["127.0.0.2/32", "not a range"]
+
+[balancer]
+allow = ["127.0.0.0/8"]
+source = "127.0.0.3"
+
+[[balancer.listeners]]
+name = "smtp"
+port = 25
+
+[[balancer.listeners]]
+name = "plain"
+port = 26
+proxy_protocol = false
+"#;
+    // With an unreadable range in the list, only that range is reported.
+    assert_eq!(
+        errors(text),
+        ["1:36: 'not a range' is not an IP address or CIDR range"]
+    );
+    let text = text.replace(", \"not a range\"", "");
+    assert_eq!(
+        errors(&text),
+        [
+            "5:10: balancer source 127.0.0.3 is not in trusted_proxies: \
+             the workers would refuse its PROXY headers"
+        ]
+    );
+    // No trusted proxy at all is the same mistake.
+    let bare = text.replace("trusted_proxies = [\"127.0.0.2/32\"]", "");
+    assert_eq!(errors(&bare).len(), 1, "{:?}", errors(&bare));
+    // Covered by a range (and as an IPv4-mapped address): accepted.
+    for trusted in ["127.0.0.0/8", "::ffff:127.0.0.3"] {
+        let ok = text.replace("127.0.0.2/32", trusted);
+        ClusterConfig::parse("ok.toml", &ok, Path::new(".")).unwrap();
+    }
+    // No listener sends PROXY: the workers read no header from it anyway.
+    let ok = text.replace("port = 25\n", "port = 25\nproxy_protocol = false\n");
+    ClusterConfig::parse("ok.toml", &ok, Path::new(".")).unwrap();
+    // No source: the system picks the address, nothing to check here.
+    let ok = text.replace("source = \"127.0.0.3\"\n", "");
+    ClusterConfig::parse("ok.toml", &ok, Path::new(".")).unwrap();
 }
 
 #[test]

@@ -31,6 +31,18 @@ async fn start(token: Option<&str>) -> String {
 }
 
 async fn call(addr: &str, method: &str, path: &str, auth: Option<&str>) -> (u16, String) {
+    let (status, _, body) = call_with_head(addr, method, path, auth).await;
+    (status, body)
+}
+
+/// The status, the response head (status line and header lines) and the
+/// body.
+async fn call_with_head(
+    addr: &str,
+    method: &str,
+    path: &str,
+    auth: Option<&str>,
+) -> (u16, String, String) {
     let mut s = TcpStream::connect(addr).await.unwrap();
     let auth = auth.map_or(String::new(), |a| format!("Authorization: {a}\r\n"));
     let req = format!(
@@ -40,8 +52,129 @@ async fn call(addr: &str, method: &str, path: &str, auth: Option<&str>) -> (u16,
     let mut text = String::new();
     s.read_to_string(&mut text).await.unwrap();
     let status = text[9..12].parse().unwrap();
-    let body = text.split_once("\r\n\r\n").unwrap().1.to_string();
-    (status, body)
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    (status, head.to_string(), body.to_string())
+}
+
+/// The value of header `name` in a response head, if there is one.
+fn header(head: &str, name: &str) -> Option<String> {
+    head.lines().find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+    })
+}
+
+/// A node's API as the roles write theirs: `None` for a path it does not
+/// know, 405 with the allowed `METHOD /path` in the error for a wrong
+/// method on one it does.
+struct NodeLike;
+
+impl AdminApi for NodeLike {
+    fn handle<'a>(&'a self, method: &'a str, path: &'a str) -> AdminAnswer<'a> {
+        Box::pin(async move {
+            let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+            match (method, parts.as_slice()) {
+                ("GET", ["status"]) => Some((200, "{}".into())),
+                // Exactly this path, as the node's: `/config/reload/` is not it.
+                ("POST", _) if path == "/config/reload" => Some((200, r#"{"ok":true}"#.into())),
+                (_, _) if path == "/config/reload" => {
+                    Some((405, r#"{"error":"POST /config/reload"}"#.into()))
+                }
+                ("GET" | "DELETE", ["queue", _]) | ("POST", ["queue", _, "retry"]) => {
+                    Some((200, "{}".into()))
+                }
+                (_, ["queue", _] | ["queue", _, "retry"]) => Some((
+                    405,
+                    r#"{"error":"GET /queue/ID, POST /queue/ID/retry, DELETE /queue/ID"}"#.into(),
+                )),
+                ("POST", ["backends", _, "drain"]) => Some((200, "{}".into())),
+                (_, ["backends", _, "drain"]) => {
+                    Some((405, r#"{"error":"POST drain or undrain"}"#.into()))
+                }
+                _ => None,
+            }
+        })
+    }
+}
+
+async fn start_node_like(token: &str) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let state = AdminState {
+        api: Some(Arc::new(NodeLike)),
+        metrics: ferry_telemetry::metrics_handle(),
+        ready: Arc::new(|| true),
+        token: Some(Arc::from(token)),
+    };
+    tokio::spawn(serve(l, state, std::future::pending()));
+    addr
+}
+
+/// RFC 9110 §15.5.5 and §15.5.6: a path nobody serves is 404 whatever the
+/// method; 405 is for a path served with other methods, and says which
+/// in `Allow` (§10.2.1).
+#[tokio::test]
+async fn unknown_paths_are_404_and_wrong_methods_405_with_allow() {
+    let token = "s3cret-token-0123456789";
+    let addr = start_node_like(token).await;
+    let auth = Some("Bearer s3cret-token-0123456789");
+    for (method, path) in [
+        ("POST", "/config/reload/"),
+        ("POST", "/nothing"),
+        ("DELETE", "/nothing"),
+        ("GET", "/nothing"),
+        ("POST", "/metrics/"),
+    ] {
+        let (status, head, _) = call_with_head(&addr, method, path, auth).await;
+        assert_eq!(status, 404, "{method} {path}: {head}");
+        assert_eq!(header(&head, "allow"), None, "{method} {path}");
+    }
+    let (status, _, body) = call_with_head(&addr, "POST", "/config/reload", auth).await;
+    assert_eq!((status, body.as_str()), (200, r#"{"ok":true}"#));
+    for (method, path, allow) in [
+        // The endpoint's own paths.
+        ("POST", "/metrics", "GET"),
+        ("DELETE", "/livez", "GET"),
+        ("POST", "/readyz", "GET"),
+        ("POST", "/status", "GET"),
+        // A node API's 405s: the methods its error names for this path.
+        ("GET", "/config/reload", "POST"),
+        ("PUT", "/queue/0123456789abcdef0123", "GET, DELETE"),
+        ("GET", "/queue/0123456789abcdef0123/retry", "POST"),
+        ("GET", "/backends/worker-1/drain", "POST"),
+    ] {
+        let (status, head, _) = call_with_head(&addr, method, path, auth).await;
+        assert_eq!(status, 405, "{method} {path}: {head}");
+        assert_eq!(
+            header(&head, "allow").as_deref(),
+            Some(allow),
+            "{method} {path}: {head}"
+        );
+    }
+}
+
+/// RFC 7235 §2.1: the auth scheme is case-insensitive (`bearer`, `BEARER`),
+/// and one or more spaces separate it from the token.
+#[tokio::test]
+async fn the_bearer_scheme_is_case_insensitive() {
+    let addr = start_node_like("s3cret-token-0123456789").await;
+    for auth in [
+        "bearer s3cret-token-0123456789",
+        "BEARER s3cret-token-0123456789",
+        "Bearer   s3cret-token-0123456789",
+    ] {
+        let (status, body) = call(&addr, "POST", "/config/reload", Some(auth)).await;
+        assert_eq!((status, body.as_str()), (200, r#"{"ok":true}"#), "{auth}");
+    }
+    for auth in [
+        "Basic s3cret-token-0123456789",
+        "Bearers3cret-token-0123456789",
+        "s3cret-token-0123456789",
+        "bearer s3cret-token-012345678",
+    ] {
+        let (status, _) = call(&addr, "POST", "/config/reload", Some(auth)).await;
+        assert_eq!(status, 401, "{auth}");
+    }
 }
 
 #[tokio::test]

@@ -29,12 +29,30 @@ pub enum TlsError {
         path: PathBuf,
         what: &'static str,
     },
-    /// The certificate and key do not go together, or rustls refuses them.
-    #[error("connector '{connector}': TLS setup with {} failed: {source}", certificate.display())]
+    /// The key's public half is not the certificate's (the usual slip: a
+    /// renewed certificate with the old key, or the files of two hosts).
+    #[error(
+        "connector '{connector}': the key in {} does not match the certificate in {}",
+        key.display(),
+        certificate.display()
+    )]
+    KeyMismatch {
+        connector: String,
+        certificate: PathBuf,
+        key: PathBuf,
+    },
+    /// rustls refuses the certificate and key for another reason.
+    #[error(
+        "connector '{connector}': TLS setup with the certificate in {} and the key in {} failed: {source}",
+        certificate.display(),
+        key.display()
+    )]
     Tls {
         connector: String,
         certificate: PathBuf,
-        source: rustls::Error,
+        key: PathBuf,
+        /// Boxed: `rustls::Error` would make every `TlsError` large.
+        source: Box<rustls::Error>,
     },
 }
 
@@ -134,10 +152,22 @@ fn acceptor(connector: &str, s: &TlsSettings) -> Result<TlsAcceptor, Vec<TlsErro
     };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls_err = |source| {
-        vec![TlsError::Tls {
-            connector: connector.into(),
-            certificate: s.certificate.clone(),
-            source,
+        let (connector, certificate, key) =
+            (connector.into(), s.certificate.clone(), s.key.clone());
+        vec![match source {
+            rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+                TlsError::KeyMismatch {
+                    connector,
+                    certificate,
+                    key,
+                }
+            }
+            source => TlsError::Tls {
+                connector,
+                certificate,
+                key,
+                source: Box::new(source),
+            },
         }]
     };
     let config = rustls::ServerConfig::builder_with_provider(provider)
@@ -190,5 +220,51 @@ tls = { certificate = "empty.crt", key = "other.key" }
         assert!(errors[2].starts_with("connector 'Two': "));
         assert!(errors[2].contains("empty.crt holds no usable certificate"));
         assert!(errors[3].contains("other.key"));
+    }
+
+    /// A certificate with another certificate's key: the operator is told
+    /// which two files do not go together, in plain words.
+    #[test]
+    fn a_key_of_another_certificate_names_both_files() {
+        let first = tempfile::tempdir().unwrap();
+        let second = tempfile::tempdir().unwrap();
+        ferry_tests::make_certificate(first.path());
+        ferry_tests::make_certificate(second.path());
+        let cert = first.path().join("test.crt");
+        let key = second.path().join("test.key");
+        let text = format!(
+            r#"
+[[connectors]]
+name = "Tls"
+port = 2525
+remote_ranges = ["0.0.0.0/0"]
+permissions = ["anonymous"]
+auth = ["tls"]
+tls = {{ certificate = "{}", key = "{}" }}
+"#,
+            cert.display(),
+            key.display()
+        );
+        let config = ClusterConfig::parse("t.toml", &text, Path::new(".")).unwrap();
+        let errors: Vec<String> = TlsAcceptors::build(&config)
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            errors,
+            [format!(
+                "connector 'Tls': the key in {} does not match the certificate in {}",
+                key.display(),
+                cert.display()
+            )]
+        );
+        // The matching key is accepted.
+        let text = text.replace(
+            &*second.path().to_string_lossy(),
+            &first.path().to_string_lossy(),
+        );
+        let config = ClusterConfig::parse("t.toml", &text, Path::new(".")).unwrap();
+        assert!(TlsAcceptors::build(&config).is_ok());
     }
 }
