@@ -94,6 +94,7 @@ pub fn changes(old: &ClusterConfig, new: &ClusterConfig) -> Vec<Change> {
         &(old.min_free_space, old.max_data_in_memory),
         &(new.min_free_space, new.max_data_in_memory),
     );
+    setting(&mut out, "auth settings", &old.auth, &new.auth);
     match (&old.balancer, &new.balancer) {
         (None, None) => {}
         (None, Some(_)) => out.push(change(ChangeKind::Added, "balancer section", "")),
@@ -253,5 +254,15 @@ address = "127.0.0.11"
                 "~ balancer settings",
             ]
         );
+    }
+
+    #[test]
+    fn a_changed_auth_section_is_named() {
+        let new = parse(&format!("{BASE}\n[auth]\ncache_ttl = \"1m\"\n"));
+        let lines: Vec<String> = changes(&parse(BASE), &new)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(lines, ["~ auth settings"]);
     }
 }

@@ -10,13 +10,14 @@
 //!
 //! Modules: `raw` (the file's shape) read key by key by `read` (so every
 //! unknown key and wrong type is reported, not only the first), [`model`] (the
-//! validated types), [`select`], [`policy`], [`routes`], [`balancer`]
+//! validated types), [`auth`] (the `[auth]` section), [`select`], [`policy`], [`routes`], [`balancer`]
 //! (listeners, backends, access list and probes of balancer nodes),
 //! [`explain`], [`diff`] (what changed between two configs), [`error`].
 //! This crate does no I/O beyond reading the config file: certificates are
 //! loaded by the nodes that use them.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod balancer;
 pub mod diff;
 pub mod error;
@@ -29,6 +30,7 @@ pub mod routes;
 pub mod select;
 mod validate;
 
+pub use auth::AuthConfig;
 pub use balancer::{AccessList, Backend, BalancerConfig, BalancerListener, ProbeSettings};
 pub use error::{ConfigError, Located};
 pub use model::{

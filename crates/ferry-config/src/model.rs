@@ -32,6 +32,9 @@ pub struct ClusterConfig {
     /// domain; `None` when there is neither (the worker then uses
     /// `postmaster@` its host name).
     pub postmaster: Option<Mailbox>,
+    /// The `[auth]` section: verification bound, credential cache and
+    /// per-client failure limit.
+    pub auth: crate::auth::AuthConfig,
 }
 
 /// The default floor of free space for the spool.

@@ -20,6 +20,18 @@ pub(crate) struct RawConfig {
     pub spool: RawSpool,
     pub balancer: Option<Spanned<RawBalancer>>,
     pub postmaster: Option<Spanned<String>>,
+    pub auth: RawAuth,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct RawAuth {
+    pub max_verifications: Option<Spanned<u32>>,
+    pub verification_wait: Option<Spanned<String>>,
+    pub cache_ttl: Option<Spanned<String>>,
+    pub negative_cache_ttl: Option<Spanned<String>>,
+    pub max_failures: Option<Spanned<u32>>,
+    pub failure_window: Option<Spanned<String>>,
+    pub cooling_off: Option<Spanned<String>>,
 }
 
 #[derive(Debug)]
@@ -193,6 +205,18 @@ impl RawConfig {
                 .unwrap_or_default(),
             balancer: t.table(r, "balancer", RawBalancer::read),
             postmaster: t.opt(r, "postmaster"),
+            auth: t
+                .table(r, "auth", |r, t| RawAuth {
+                    max_verifications: t.opt(r, "max_verifications"),
+                    verification_wait: t.opt(r, "verification_wait"),
+                    cache_ttl: t.opt(r, "cache_ttl"),
+                    negative_cache_ttl: t.opt(r, "negative_cache_ttl"),
+                    max_failures: t.opt(r, "max_failures"),
+                    failure_window: t.opt(r, "failure_window"),
+                    cooling_off: t.opt(r, "cooling_off"),
+                })
+                .map(Spanned::into_inner)
+                .unwrap_or_default(),
         };
         t.finish(r);
         Some(raw)

@@ -17,13 +17,13 @@ use crate::routes::{Delivery, DomainPattern, NextHop, Route, RouteAction, TlsPol
 
 mod balancer;
 
-struct Checker<'a> {
+pub(crate) struct Checker<'a> {
     index: LineIndex<'a>,
     errors: Vec<Located>,
 }
 
 impl Checker<'_> {
-    fn err<T>(&mut self, at: &Spanned<T>, message: impl Into<String>) {
+    pub(crate) fn err<T>(&mut self, at: &Spanned<T>, message: impl Into<String>) {
         // A placeholder for a missing or unreadable key: its error is
         // already recorded, anything about its stand-in value is noise.
         if at.span().is_empty() {
@@ -47,7 +47,7 @@ impl Checker<'_> {
         list.iter().filter_map(|s| self.range(s)).collect()
     }
 
-    fn duration(&mut self, s: &Option<Spanned<String>>, default: Duration) -> Duration {
+    pub(crate) fn duration(&mut self, s: &Option<Spanned<String>>, default: Duration) -> Duration {
         let Some(s) = s else { return default };
         match humantime::parse_duration(s.get_ref()) {
             Ok(d) if !d.is_zero() => d,
@@ -61,6 +61,18 @@ impl Checker<'_> {
                 );
                 default
             }
+        }
+    }
+
+    /// A duration where zero (`"0s"`, `"0"`) is allowed: "off".
+    pub(crate) fn duration_or_zero(
+        &mut self,
+        s: &Option<Spanned<String>>,
+        default: Duration,
+    ) -> Duration {
+        match s {
+            Some(t) if matches!(t.get_ref().trim(), "0" | "0s") => Duration::ZERO,
+            other => self.duration(other, default),
         }
     }
 
@@ -201,6 +213,7 @@ pub(crate) fn parse(file: &str, text: &str, base_dir: &Path) -> Result<ClusterCo
         .as_ref()
         .map(|b| balancer::balancer(&mut c, b, &raw.trusted_proxies, &trusted_proxies));
     let postmaster = postmaster(&mut c, raw.postmaster.as_ref(), &accepted_domains);
+    let auth = crate::auth::auth(&mut c, &raw.auth);
 
     if !c.errors.is_empty() {
         c.errors.sort_by_key(|e| (e.line, e.column));
@@ -220,6 +233,7 @@ pub(crate) fn parse(file: &str, text: &str, base_dir: &Path) -> Result<ClusterCo
         max_data_in_memory,
         balancer,
         postmaster,
+        auth,
     })
 }
 
@@ -620,10 +634,7 @@ fn connector(c: &mut Checker<'_>, r: &RawConnector, base_dir: &Path) -> Connecto
         command_timeout: c.duration(&l.command_timeout, d.command_timeout),
         data_timeout: c.duration(&l.data_timeout, d.data_timeout),
         max_protocol_errors: c.count(&l.max_protocol_errors, d.max_protocol_errors),
-        tarpit: match &l.tarpit {
-            Some(t) if t.get_ref().trim() == "0s" || t.get_ref().trim() == "0" => Duration::ZERO,
-            other => c.duration(other, d.tarpit),
-        },
+        tarpit: c.duration_or_zero(&l.tarpit, d.tarpit),
         max_hop_count: c.count(&l.max_hop_count, d.max_hop_count),
     };
     Connector {

@@ -133,7 +133,7 @@ port = 70000
         [
             "1:1: unknown key `trusted_proxys` in the top level; expected one of \
              `accepted_domains`, `trusted_proxies`, `connectors`, `users`, `routes`, \
-             `delivery`, `spool`, `balancer`, `postmaster`",
+             `delivery`, `spool`, `balancer`, `postmaster`, `auth`",
             "5:8: port: invalid type: string \"2525\", expected u16",
             "6:31: '10.0.0.0/33' is not an IP address or CIDR range",
             "9:1: [[routes]] needs the key `type`",
@@ -391,6 +391,43 @@ address = "127.0.0.11"
         [
             "4:8: a directory route needs a path, not an empty one",
             "19:11: backend address 127.0.0.11 is listed twice",
+        ]
+    );
+}
+
+#[test]
+fn auth_section_defaults_and_errors() {
+    let c = ClusterConfig::parse("ok.toml", "", Path::new(".")).unwrap();
+    let d = ferry_config::AuthConfig::default();
+    assert_eq!(c.auth, d);
+    assert_eq!(d.max_verifications, None);
+    assert_eq!(d.cache_ttl, std::time::Duration::from_secs(600));
+    assert_eq!(d.max_failures, 5);
+    let c = ClusterConfig::parse(
+        "ok.toml",
+        "[auth]\nmax_verifications = 3\ncache_ttl = \"0s\"\nnegative_cache_ttl = \"0\"\nmax_failures = 0\nverification_wait = \"250ms\"\n",
+        Path::new("."),
+    )
+    .unwrap();
+    assert_eq!(c.auth.max_verifications, Some(3));
+    assert!(c.auth.cache_ttl.is_zero() && c.auth.negative_cache_ttl.is_zero());
+    assert_eq!(c.auth.max_failures, 0);
+    assert_eq!(c.auth.verification_wait.as_millis(), 250);
+    let text = r#"[auth]
+max_verifications = 0
+verification_wait = "0s"
+cache_ttl = "long"
+cooling_off = 5
+max_failure = 3
+"#;
+    assert_eq!(
+        errors(text),
+        [
+            "2:21: max_verifications must be at least 1",
+            "3:21: '0s' is not a duration such as \"30s\" or \"5m\"",
+            "4:13: 'long' is not a duration such as \"30s\" or \"5m\"",
+            "5:15: cooling_off: invalid type: integer `5`, expected a string",
+            "6:1: unknown key `max_failure` in [auth]; expected one of `max_verifications`, `verification_wait`, `cache_ttl`, `negative_cache_ttl`, `max_failures`, `failure_window`, `cooling_off`",
         ]
     );
 }

@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 use tracing::{debug, info, warn, Instrument};
 
+use crate::auth::{AuthRefusal, Outcome};
 use crate::core::{Core, WorkerSnapshot};
 use crate::limits::OverLimit;
 use crate::metric;
@@ -234,6 +235,8 @@ enum End {
     ClientGone,
     Timeout,
     Shutdown,
+    /// Closed by a rule (logged at info level).
+    Refused(&'static str),
     Error(String),
 }
 
@@ -314,6 +317,7 @@ impl Connection {
             End::ClientGone => "Remote closed the connection".to_string(),
             End::Timeout => "Timeout".to_string(),
             End::Shutdown => "Local shutdown".to_string(),
+            End::Refused(why) => (*why).to_string(),
             End::Error(e) => {
                 warn!(error = %e, "session ended with an error");
                 e.clone()
@@ -512,36 +516,83 @@ impl Connection {
                 self.log
                     .log(LogEvent::Info, "", "TLS negotiation succeeded");
             }
-            Event::Auth(creds) => {
-                let username = creds.username.clone();
-                let mechanism = creds.mechanism;
-                match crate::auth::verify(&self.snapshot.config, creds).await {
-                    Some(user) => {
-                        counter!(metric::AUTH_SUCCESSES, "connector" => self.label()).increment(1);
-                        info!(user = %user.name, mechanism, "authenticated");
-                        self.log.log(LogEvent::Info, &user.name, "authenticated");
-                        self.user = Some(user);
-                        let reply = self
-                            .session
-                            .decide(Reply::new(235, "2.7.0 Authentication successful"));
-                        self.send(&reply);
-                    }
-                    None => {
-                        counter!(metric::AUTH_FAILURES, "connector" => self.label()).increment(1);
-                        info!(user = %username, mechanism, "authentication failed; tarpitting");
-                        self.log
-                            .log(LogEvent::Info, &username, "authentication failed");
-                        // Answer late: slows down password guessing.
-                        if let Err(end) = self.flush(stream).await {
-                            return Some(end);
-                        }
-                        tokio::time::sleep(self.connector.limits.tarpit).await;
-                        let reply = self
-                            .session
-                            .decide(Reply::new(535, "5.7.8 Authentication credentials invalid"));
-                        self.send(&reply);
-                    }
+            Event::Auth(creds) => return self.auth(creds, stream).await,
+        }
+        None
+    }
+
+    /// AUTH with `creds`: refused at once for a client cooling off, then
+    /// verified (from the cache, or once a verification slot is free).
+    async fn auth(&mut self, creds: ferry_smtp::Credentials, stream: &mut Stream) -> Option<End> {
+        let username = creds.username.clone();
+        let mechanism = creds.mechanism;
+        let settings = self.snapshot.config.auth;
+        if let Some(left) = self.core.auth.cooling_off(self.client, &settings) {
+            let refusal = AuthRefusal::CoolingOff;
+            counter!(metric::AUTH_REFUSED, "reason" => refusal.reason()).increment(1);
+            info!(
+                client = %self.client, user = %username, mechanism,
+                cooling_off_left_s = left.as_secs(),
+                "AUTH from a client cooling off after too many failures; 421 and closed"
+            );
+            self.log.log(
+                LogEvent::Info,
+                &username,
+                "client cooling off after failed AUTH",
+            );
+            let reply = self.session.decide(refusal.reply());
+            self.send(&reply);
+            self.session.close();
+            return Some(End::Refused("client cooling off after failed AUTH"));
+        }
+        match self.core.auth.verify(&self.snapshot.config, creds).await {
+            Outcome::Verified(user) => {
+                counter!(metric::AUTH_SUCCESSES, "connector" => self.label()).increment(1);
+                info!(user = %user.name, mechanism, "authenticated");
+                self.log.log(LogEvent::Info, &user.name, "authenticated");
+                self.user = Some(user);
+                let reply = self
+                    .session
+                    .decide(Reply::new(235, "2.7.0 Authentication successful"));
+                self.send(&reply);
+            }
+            Outcome::Busy => {
+                let refusal = AuthRefusal::Busy;
+                counter!(metric::AUTH_REFUSED, "reason" => refusal.reason()).increment(1);
+                warn!(
+                    user = %username, mechanism,
+                    wait_ms = settings.verification_wait.as_millis() as u64,
+                    "no password verification free within the wait; 454"
+                );
+                self.log
+                    .log(LogEvent::Info, &username, "authentication busy");
+                let reply = self.session.decide(refusal.reply());
+                self.send(&reply);
+            }
+            Outcome::Invalid => {
+                let refusal = AuthRefusal::Invalid;
+                counter!(metric::AUTH_FAILURES, "connector" => self.label()).increment(1);
+                counter!(metric::AUTH_REFUSED, "reason" => refusal.reason()).increment(1);
+                if self.core.auth.failed(self.client, &settings) {
+                    // The line an operator greps for a guessing source.
+                    warn!(
+                        client = %self.client, user = %username,
+                        failures = settings.max_failures,
+                        window_s = settings.failure_window.as_secs(),
+                        cooling_off_s = settings.cooling_off.as_secs(),
+                        "too many failed AUTH from this client; it is cooling off"
+                    );
                 }
+                info!(user = %username, mechanism, "authentication failed; tarpitting");
+                self.log
+                    .log(LogEvent::Info, &username, "authentication failed");
+                // Answer late: slows down password guessing.
+                if let Err(end) = self.flush(stream).await {
+                    return Some(end);
+                }
+                tokio::time::sleep(self.connector.limits.tarpit).await;
+                let reply = self.session.decide(refusal.reply());
+                self.send(&reply);
             }
         }
         None

@@ -13,6 +13,7 @@ use arc_swap::ArcSwap;
 use ferry_queue::Spool;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Authenticator;
 use crate::limits::{ConnectionLimits, DataBudget};
 use crate::protolog::ProtocolLogger;
 use crate::tls::TlsAcceptors;
@@ -33,7 +34,8 @@ pub struct WorkerOptions {
 }
 
 /// What the worker's sessions and its delivery agent share: the snapshot
-/// in service, the spool, the logs, the caps and the shutdown signal.
+/// in service, the spool, the logs, the caps, the AUTH machinery and the
+/// shutdown signal.
 pub struct Core {
     pub(crate) options: WorkerOptions,
     snapshot: ArcSwap<WorkerSnapshot>,
@@ -48,6 +50,9 @@ pub struct Core {
     shutdown: CancellationToken,
     /// Free space in the data directory is under the floor.
     low_space: AtomicBool,
+    /// The verification pool, credential cache and failure counters:
+    /// process-wide, tuned to each snapshot put in service.
+    pub(crate) auth: Authenticator,
 }
 
 impl Core {
@@ -63,7 +68,9 @@ impl Core {
             .map_or(0, |d| d.as_micros() as u64)
             << 8;
         crate::metric::describe();
+        let auth = Authenticator::new(&snapshot.config);
         Self {
+            auth,
             options,
             snapshot: ArcSwap::from_pointee(snapshot),
             spool,
@@ -83,8 +90,11 @@ impl Core {
         self.snapshot.load_full()
     }
 
-    /// Puts `snapshot` in service; sessions keep the one they hold.
+    /// Puts `snapshot` in service; sessions keep the one they hold. The
+    /// AUTH machinery takes its settings, and forgets cached credentials
+    /// of users it changes or removes.
     pub(crate) fn swap(&self, snapshot: Arc<WorkerSnapshot>) {
+        self.auth.configure(&snapshot.config);
         self.snapshot.store(snapshot);
     }
 

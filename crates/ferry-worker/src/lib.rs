@@ -22,7 +22,8 @@
 //! (TLS acceptors from a config), [`delivery`] (routes, the SMTP client,
 //! retries, bounces, queue administration), `conn` (one SMTP
 //! connection), [`proxy`] (PROXY headers from trusted balancers), `auth`
-//! (password checks and tarpit), [`protolog`] (Exchange-format protocol
+//! (password checks: a bounded verification pool, a verified-credential
+//! cache, per-client failure limits), [`protolog`] (Exchange-format protocol
 //! logs), [`tracking`] (message tracking log), `limits` (per-source
 //! caps), `metric` (metric names). Balancing and config reloading are
 //! not done here (the reload is `ferry-node`'s).

@@ -11,6 +11,12 @@ pub const SENDERS_REJECTED: &str = "ferry_smtp_senders_rejected_total";
 pub const TLS_HANDSHAKES: &str = "ferry_smtp_tls_handshakes_total";
 pub const AUTH_FAILURES: &str = "ferry_smtp_auth_failures_total";
 pub const AUTH_SUCCESSES: &str = "ferry_smtp_auth_successes_total";
+pub const AUTH_VERIFICATIONS: &str = "ferry_auth_verifications_total";
+pub const AUTH_CACHE: &str = "ferry_auth_cache_total";
+pub const AUTH_WAITING: &str = "ferry_auth_verifications_waiting";
+pub const AUTH_REFUSED: &str = "ferry_auth_refused_total";
+pub const AUTH_CLIENTS_COOLING_OFF: &str = "ferry_auth_clients_cooling_off";
+pub const AUTH_CLIENTS_CUT_OFF: &str = "ferry_auth_clients_cut_off_total";
 pub const RECEIVED_BYTES: &str = "ferry_smtp_received_message_bytes_total";
 pub const SPOOL_FREE_BYTES: &str = "ferry_spool_free_bytes";
 pub const QUEUE_MESSAGES: &str = "ferry_queue_messages";
@@ -42,6 +48,30 @@ pub fn describe() {
     describe_counter!(TLS_HANDSHAKES, "STARTTLS handshakes, by result");
     describe_counter!(AUTH_FAILURES, "Failed AUTH attempts, by connector");
     describe_counter!(AUTH_SUCCESSES, "Successful AUTH, by connector");
+    describe_counter!(
+        AUTH_VERIFICATIONS,
+        "Password verifications run (argon2), by result (success, failure)"
+    );
+    describe_counter!(
+        AUTH_CACHE,
+        "AUTH attempts looked up in the verified-credential cache, by result (hit, negative_hit, miss)"
+    );
+    describe_gauge!(
+        AUTH_WAITING,
+        "AUTH attempts waiting now for a free password verification"
+    );
+    describe_counter!(
+        AUTH_REFUSED,
+        "AUTH attempts refused, by reason (invalid: 535, busy: 454 past the verification wait, cooling_off: 421)"
+    );
+    describe_gauge!(
+        AUTH_CLIENTS_COOLING_OFF,
+        "Client addresses whose AUTH is refused now after too many failures"
+    );
+    describe_counter!(
+        AUTH_CLIENTS_CUT_OFF,
+        "Client addresses put into cooling-off after too many failed AUTH"
+    );
     describe_counter!(
         RECEIVED_BYTES,
         Unit::Bytes,

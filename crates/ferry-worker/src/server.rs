@@ -102,7 +102,10 @@ impl Worker {
             loop {
                 tokio::select! {
                     _ = core.shutting_down().cancelled() => return,
-                    _ = tokio::time::sleep(SPACE_CHECK) => core.check_space(),
+                    _ = tokio::time::sleep(SPACE_CHECK) => {
+                        core.check_space();
+                        core.auth.sweep(&core.current().config.auth);
+                    }
                 }
             }
         });

@@ -207,7 +207,11 @@ fn user_hash_makes_a_verifiable_argon2id_hash() {
     assert!(out.status.success());
     let hash = String::from_utf8(out.stdout).unwrap();
     let hash = hash.trim();
-    assert!(hash.starts_with("$argon2id$"), "{hash}");
+    // The documented cost parameters (README, "AUTH under load").
+    assert!(
+        hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+        "{hash}"
+    );
     let parsed = PasswordHash::new(hash).unwrap();
     assert!(Argon2::default()
         .verify_password(b"printer-pw", &parsed)

@@ -35,13 +35,15 @@ pub struct Harness {
     pub task: tokio::task::JoinHandle<()>,
     /// The delivery agent, when the worker delivers.
     pub deliverer: Option<Arc<Deliverer>>,
+    /// The config text version 1 was made from.
+    pub text: String,
 }
 
 pub fn ip(s: &str) -> Option<IpAddr> {
     Some(s.parse().unwrap())
 }
 
-fn hash(password: &str) -> String {
+pub fn hash(password: &str) -> String {
     let salt = SaltString::generate(&mut OsRng);
     Argon2::default()
         .hash_password(password.as_bytes(), &salt)
@@ -162,7 +164,7 @@ allowed_ranges = ["127.0.0.40/32"]
             cp = client.port(),
             vp = v6.port(),
         );
-        let snapshot = snapshot(&text, dir.path());
+        let snapshot = snapshot(&text, dir.path(), 1);
         let spool = Journal::open(dir.path()).unwrap();
         let journal = spool.clone();
         let worker = Worker::new(
@@ -195,7 +197,15 @@ allowed_ranges = ["127.0.0.40/32"]
             v6,
             task,
             deliverer,
+            text,
         }
+    }
+
+    /// Applies `text` as config `version` to the running worker, as a
+    /// reload does.
+    pub async fn apply(&self, text: &str, version: u64) {
+        let snapshot = snapshot(text, self.dir.path(), version);
+        self.worker.apply(Arc::new(snapshot)).await.unwrap();
     }
 
     pub fn data(&self) -> PathBuf {
@@ -229,9 +239,9 @@ allowed_ranges = ["127.0.0.40/32"]
     }
 }
 
-/// Version 1 of the config `text` (files named in it are relative to
+/// `version` of the config `text` (files named in it are relative to
 /// `dir`), with its TLS acceptors.
-pub fn snapshot(text: &str, dir: &std::path::Path) -> WorkerSnapshot {
+pub fn snapshot(text: &str, dir: &std::path::Path, version: u64) -> WorkerSnapshot {
     let config = ClusterConfig::parse("test.toml", text, dir).unwrap();
     let material = Worker::prepare(&config).unwrap();
     LoadedConfig {
@@ -239,7 +249,7 @@ pub fn snapshot(text: &str, dir: &std::path::Path) -> WorkerSnapshot {
         sha256: ferry_node::sha256_hex(text.as_bytes()),
         source: Source::File("test.toml".into()),
     }
-    .into_snapshot(1, material)
+    .into_snapshot(version, material)
 }
 
 /// A full transaction; returns the reply to the end of data.

@@ -1,0 +1,192 @@
+//! AUTH on a real `ferry worker` process: the verified-credential cache
+//! counted on `/metrics` (a hit runs no verification), a password changed
+//! by `POST /config/reload` no longer answered from the cache, and a
+//! password-guessing client cut off with `421 4.7.0`, logged with its
+//! address, counted, and let back after its cooling-off while another
+//! client is unaffected.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ferry_tests::binary::{user_hash, WorkerProcess};
+use ferry_tests::{free_port, plain, SmtpClient};
+
+const LISTEN: &str = "127.0.0.1";
+const WAIT: Duration = Duration::from_secs(15);
+const OK: &str = "235 2.7.0 Authentication successful";
+const INVALID: &str = "535 5.7.8 Authentication credentials invalid";
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// One connector "Devices" on `port` with AUTH (no TLS: loopback only),
+/// the user scanner with `hash`, and `auth` as the `[auth]` section.
+fn config(port: u16, hash: &str, auth: &str) -> String {
+    format!(
+        r#"accepted_domains = [{{ domain = "example.test", kind = "authoritative" }}]
+
+[[connectors]]
+name = "Devices"
+port = {port}
+remote_ranges = ["127.0.0.0/8"]
+permissions = ["users"]
+auth = ["basic_auth"]
+banner = "Devices ready"
+limits = {{ tarpit = "0s" }}
+
+[[users]]
+name = "scanner"
+password_hash = "{hash}"
+allowed_senders = ["*@example.test"]
+
+[auth]
+{auth}
+"#
+    )
+}
+
+/// A session from `source`: EHLO, then AUTH PLAIN as scanner; the client
+/// and the reply.
+async fn auth(port: u16, source: &str, password: &str) -> (SmtpClient, String) {
+    let addr = SocketAddr::new(ip(LISTEN), port);
+    let (mut c, banner) = SmtpClient::connect(addr, Some(ip(source))).await;
+    assert_eq!(banner, "220 Devices ready");
+    assert!(c.cmd("EHLO scanner").await.starts_with("250-"));
+    let reply = c
+        .cmd(&format!("AUTH PLAIN {}", plain("scanner", password)))
+        .await;
+    (c, reply)
+}
+
+fn metric(w: &WorkerProcess, name: &str) -> f64 {
+    w.metric(name).unwrap_or(0.0)
+}
+
+fn start(dir: &Path, text: &str) -> (WorkerProcess, std::path::PathBuf) {
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let path = dir.join("ferry.toml");
+    std::fs::write(&path, text).unwrap();
+    (WorkerProcess::start(&path, LISTEN, &data), path)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_hit_runs_no_verification_and_a_reloaded_password_is_verified_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port(ip(LISTEN));
+    let settings = "cache_ttl = \"10m\"\nnegative_cache_ttl = \"1m\"";
+    let (w, path) = start(
+        dir.path(),
+        &config(port, &user_hash("old-secret"), settings),
+    );
+    let success = r#"ferry_auth_verifications_total{result="success"}"#;
+    let failure = r#"ferry_auth_verifications_total{result="failure"}"#;
+    let hits = r#"ferry_auth_cache_total{result="hit"}"#;
+    let negative = r#"ferry_auth_cache_total{result="negative_hit"}"#;
+
+    // Three sessions with the right password: one verification.
+    for _ in 0..3 {
+        assert_eq!(auth(port, "127.0.0.2", "old-secret").await.1, OK);
+    }
+    assert_eq!(metric(&w, success), 1.0);
+    assert_eq!(metric(&w, hits), 2.0);
+    // A wrong password twice: one verification, then the negative entry;
+    // never answered 235.
+    for _ in 0..2 {
+        assert_eq!(auth(port, "127.0.0.3", "guess").await.1, INVALID);
+    }
+    assert_eq!(metric(&w, failure), 1.0);
+    assert_eq!(metric(&w, negative), 1.0);
+    assert_eq!(metric(&w, success), 1.0);
+
+    // A new password through a real reload: the old one, cached as right,
+    // is verified again (and refused), the new one verified once.
+    std::fs::write(&path, config(port, &user_hash("new-secret"), settings)).unwrap();
+    let (code, report) = w.reload();
+    assert_eq!(code, 200, "{report}");
+    assert_eq!(report["changes"][0], r#"~ user "scanner""#);
+    assert_eq!(auth(port, "127.0.0.2", "old-secret").await.1, INVALID);
+    assert_eq!(metric(&w, failure), 2.0);
+    assert_eq!(metric(&w, hits), 2.0);
+    for _ in 0..2 {
+        assert_eq!(auth(port, "127.0.0.2", "new-secret").await.1, OK);
+    }
+    assert_eq!(metric(&w, success), 2.0);
+    assert_eq!(metric(&w, hits), 3.0);
+    assert_eq!(metric(&w, "ferry_auth_verifications_waiting"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guessing_client_is_cut_off_logged_and_let_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port(ip(LISTEN));
+    let (w, _) = start(
+        dir.path(),
+        &config(
+            port,
+            &user_hash("s3cret"),
+            "max_failures = 3\nfailure_window = \"1m\"\ncooling_off = \"2s\"",
+        ),
+    );
+    let (mut c, r) = auth(port, "127.0.0.66", "guess-1").await;
+    assert_eq!(r, INVALID);
+    for guess in ["guess-2", "guess-3"] {
+        let r = c
+            .cmd(&format!("AUTH PLAIN {}", plain("scanner", guess)))
+            .await;
+        assert_eq!(r, INVALID);
+    }
+    let cut_at = Instant::now();
+    let r = c
+        .cmd(&format!("AUTH PLAIN {}", plain("scanner", "s3cret")))
+        .await;
+    assert_eq!(
+        r,
+        "421 4.7.0 Too many failed authentication attempts, closing transmission channel"
+    );
+    assert!(c.is_closed().await);
+    assert_eq!(metric(&w, "ferry_auth_clients_cut_off_total"), 1.0);
+    assert_eq!(metric(&w, "ferry_auth_clients_cooling_off"), 1.0);
+    assert_eq!(
+        metric(&w, r#"ferry_auth_refused_total{reason="cooling_off"}"#),
+        1.0
+    );
+    // Another client is unaffected.
+    assert_eq!(auth(port, "127.0.0.67", "s3cret").await.1, OK);
+    // The log names the guessing client's address.
+    let log = dir.path().join("data/worker.log");
+    let line = loop {
+        assert!(cut_at.elapsed() < WAIT, "no cut-off line in the log");
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(l) = text
+            .lines()
+            .find(|l| l.contains("too many failed AUTH from this client"))
+        {
+            break l.to_string();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(line.contains("client=127.0.0.66"), "{line}");
+    // Back after the cooling-off; the gauge goes back to 0.
+    loop {
+        assert!(cut_at.elapsed() < WAIT, "still cut off after {WAIT:?}");
+        let (_, r) = auth(port, "127.0.0.66", "s3cret").await;
+        if r == OK {
+            break;
+        }
+        assert!(r.starts_with("421 4.7.0"), "{r}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(cut_at.elapsed() >= Duration::from_secs(2));
+    loop {
+        assert!(cut_at.elapsed() < WAIT, "gauge still not 0");
+        if metric(&w, "ferry_auth_clients_cooling_off") == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
