@@ -438,13 +438,7 @@ fn user(c: &mut Checker<'_>, u: &RawUser) -> User {
         c.err(&u.name, "a user name is one word");
     }
     let hash = u.password_hash.get_ref().clone();
-    match argon2::PasswordHash::new(&hash) {
-        Ok(h) if h.algorithm.as_str().starts_with("argon2") => {}
-        _ => c.err(
-            &u.password_hash,
-            "password_hash is not an argon2 PHC string (make one with 'ferry user hash')",
-        ),
-    }
+    crate::auth::password_hash(c, &u.password_hash);
     let mut allowed_senders = Vec::new();
     for s in u.allowed_senders.get_ref() {
         let t = s.get_ref().trim();

@@ -431,3 +431,74 @@ max_failure = 3
         ]
     );
 }
+
+#[test]
+fn auth_values_that_could_overflow_or_exhaust_memory_are_refused() {
+    // humantime takes these; "now + duration" would overflow an Instant.
+    let text = r#"[auth]
+max_verifications = 100000
+verification_wait = "2days"
+cache_ttl = "300000000000y"
+negative_cache_ttl = "31days"
+failure_window = "300000000000y"
+cooling_off = "300000000000y"
+"#;
+    assert_eq!(
+        errors(text),
+        [
+            "2:21: max_verifications must be at most 1024",
+            "3:21: '2days' is too long: at most 1 day",
+            "4:13: '300000000000y' is too long: at most 30 days",
+            "5:22: '31days' is too long: at most 30 days",
+            "6:18: '300000000000y' is too long: at most 30 days",
+            "7:15: '300000000000y' is too long: at most 30 days",
+        ]
+    );
+    // The bounds themselves are accepted.
+    let c = ClusterConfig::parse(
+        "ok.toml",
+        "[auth]\nmax_verifications = 1024\nverification_wait = \"1day\"\ncache_ttl = \"30days\"\ncooling_off = \"30days\"\n",
+        Path::new("."),
+    )
+    .unwrap();
+    assert_eq!(c.auth.max_verifications, Some(1024));
+    assert_eq!(c.auth.cooling_off.as_secs(), 30 * 24 * 3600);
+}
+
+#[test]
+fn a_password_hash_over_1_gib_or_without_output_is_refused() {
+    let user = |hash: &str| {
+        format!("[[users]]\nname = \"u\"\npassword_hash = \"{hash}\"\nallowed_senders = [\"*\"]\n")
+    };
+    let salt = "c2FsdHNhbHQ";
+    let out = "9sTbSlTio3Biev89thdrlKKiCaYsjjYVJxGAL3swxpQ";
+    // 4 GiB: every verification (and the decoy of unknown users) would
+    // allocate it.
+    assert_eq!(
+        errors(&user(&format!(
+            "$argon2id$v=19$m=4194304,t=1,p=1${salt}${out}"
+        ))),
+        ["3:17: password_hash's memory cost m=4194304 KiB is over 1048576 KiB (1 GiB)"]
+    );
+    assert_eq!(
+        errors(&user(&format!("$argon2id$v=19$m=19456,t=2,p=1${salt}"))),
+        ["3:17: password_hash has no salt or no hash output (make one with 'ferry user hash')"]
+    );
+    assert_eq!(
+        errors(&user(&format!(
+            "$argon2id$v=19$m=19456,t=0,p=1${salt}${out}"
+        ))),
+        ["3:17: password_hash has argon2 parameters argon2 refuses (m, t, p or the output length)"]
+    );
+    assert_eq!(
+        errors(&user(&format!("$scrypt$ln=15,r=8,p=1${salt}${out}"))),
+        ["3:17: password_hash is not an argon2 PHC string (make one with 'ferry user hash')"]
+    );
+    // 1 GiB itself is accepted.
+    ClusterConfig::parse(
+        "ok.toml",
+        &user(&format!("$argon2id$v=19$m=1048576,t=1,p=1${salt}${out}")),
+        Path::new("."),
+    )
+    .unwrap();
+}
