@@ -569,11 +569,11 @@ impl Connection {
                 let reply = self.session.decide(refusal.reply());
                 self.send(&reply);
             }
-            Outcome::Invalid => {
+            Outcome::Invalid(failure) => {
                 let refusal = AuthRefusal::Invalid;
                 counter!(metric::AUTH_FAILURES, "connector" => self.label()).increment(1);
                 counter!(metric::AUTH_REFUSED, "reason" => refusal.reason()).increment(1);
-                if self.core.auth.failed(self.client, &settings) {
+                if self.core.auth.failed(self.client, &failure, &settings) {
                     // The line an operator greps for a guessing source.
                     warn!(
                         client = %self.client, user = %username,

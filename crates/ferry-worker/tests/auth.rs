@@ -201,3 +201,51 @@ async fn a_guessing_client_is_cut_off_and_comes_back_after_cooling_off() {
     assert!(back >= Duration::from_secs(2), "{back:?}");
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_password_retried_does_not_cut_off_its_address_but_guesses_do() {
+    // With the negative cache on, and off (the failure limit itself
+    // remembers the pairs it counted).
+    for negative in ["1m", "0s"] {
+        let h = Harness::start_extra(
+            LIMITS,
+            &format!(
+                "[auth]\nmax_failures = 3\nfailure_window = \"1m\"\ncooling_off = \"1m\"\nnegative_cache_ttl = \"{negative}\"\n"
+            ),
+        )
+        .await;
+        // A device with a stale password retries it, ten times.
+        for i in 0..10 {
+            let mut c = ready(&h, "127.0.0.7").await;
+            assert_eq!(
+                auth(&mut c, "scanner", "old-password").await,
+                "535 5.7.8 Authentication credentials invalid",
+                "retry {i}, negative_cache_ttl {negative}"
+            );
+        }
+        // Another device behind the same address still gets in.
+        let mut c = ready(&h, "127.0.0.7").await;
+        assert_eq!(
+            auth(&mut c, "scanner", PASSWORD).await,
+            "235 2.7.0 Authentication successful",
+            "negative_cache_ttl {negative}"
+        );
+        // A guesser changes passwords: two more distinct wrong pairs make
+        // three failures, and the next AUTH gets 421.
+        let mut c = ready(&h, "127.0.0.7").await;
+        for guess in ["guess-1", "guess-2"] {
+            assert_eq!(
+                auth(&mut c, "scanner", guess).await,
+                "535 5.7.8 Authentication credentials invalid"
+            );
+        }
+        assert!(
+            auth(&mut c, "scanner", PASSWORD)
+                .await
+                .starts_with("421 4.7.0"),
+            "negative_cache_ttl {negative}"
+        );
+        assert!(c.is_closed().await);
+        h.stop().await;
+    }
+}

@@ -40,9 +40,19 @@ pub(crate) enum Outcome {
     /// The credentials prove this user.
     Verified(Arc<User>),
     /// A wrong password, an unknown user, or another identity asked for.
-    Invalid,
+    Invalid(Failure),
     /// No verification could start within `verification_wait`.
     Busy,
+}
+
+/// A failed AUTH, as the failure limit counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Failure {
+    /// The pair's cache key: one pair counts once per client.
+    pair: cache::Key,
+    /// The pair was answered from the negative cache: it failed before,
+    /// so it is not counted again (a device retrying a stale password).
+    remembered: bool,
 }
 
 /// The replies AUTH handling sends besides `235`, each with its metric
@@ -126,9 +136,13 @@ impl Authenticator {
         self.failures.cooling_off(client, config)
     }
 
-    /// Counts a failed AUTH of `client`; true when it starts cooling off.
-    pub(crate) fn failed(&self, client: IpAddr, config: &AuthConfig) -> bool {
-        let cut = self.failures.record(client, config);
+    /// Counts a failed AUTH of `client` (not a pair that failed before);
+    /// true when it starts cooling off.
+    pub(crate) fn failed(&self, client: IpAddr, failure: &Failure, config: &AuthConfig) -> bool {
+        if failure.remembered {
+            return false;
+        }
+        let cut = self.failures.record(client, &failure.pair, config);
         if cut {
             counter!(metric::AUTH_CLIENTS_CUT_OFF).increment(1);
         }
@@ -137,19 +151,25 @@ impl Authenticator {
 
     /// Forgets old failures and updates the cooling-off gauge.
     pub(crate) fn sweep(&self, config: &AuthConfig) {
-        self.failures.sweep(config.failure_window);
+        self.failures.sweep(config);
     }
 
     /// Checks `creds` against the users of `config` (the session's
     /// snapshot), from the cache when it knows the pair.
     pub(crate) async fn verify(&self, config: &ClusterConfig, creds: Credentials) -> Outcome {
-        // PLAIN may name an identity to act as: only oneself is allowed.
-        if !creds.authzid.is_empty() && !creds.authzid.eq_ignore_ascii_case(&creds.username) {
-            return Outcome::Invalid;
-        }
         let user = config.user(&creds.username).cloned();
         let digest = user.as_deref().map_or(cache::NO_USER, cache::user_digest);
         let key = self.cache.key(&creds.username, &creds.password, &digest);
+        let failure = |remembered| {
+            Outcome::Invalid(Failure {
+                pair: key,
+                remembered,
+            })
+        };
+        // PLAIN may name an identity to act as: only oneself is allowed.
+        if !creds.authzid.is_empty() && !creds.authzid.eq_ignore_ascii_case(&creds.username) {
+            return failure(false);
+        }
         match (self.cache.lookup(&key), &user) {
             (Some(Known::Verified), Some(user)) => {
                 counter!(metric::AUTH_CACHE, "result" => "hit").increment(1);
@@ -157,7 +177,7 @@ impl Authenticator {
             }
             (Some(Known::Failed), _) => {
                 counter!(metric::AUTH_CACHE, "result" => "negative_hit").increment(1);
-                return Outcome::Invalid;
+                return failure(true);
             }
             _ => counter!(metric::AUTH_CACHE, "result" => "miss").increment(1),
         }
@@ -183,7 +203,7 @@ impl Authenticator {
             _ => {
                 self.cache
                     .insert(key, digest, Known::Failed, config.auth.negative_cache_ttl);
-                Outcome::Invalid
+                failure(false)
             }
         }
     }
