@@ -190,3 +190,47 @@ async fn a_guessing_client_is_cut_off_logged_and_let_back() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_lowers_or_turns_off_the_cache_ttl_stops_hits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port(ip(LISTEN));
+    let hash = user_hash("s3cret");
+    let (w, path) = start(dir.path(), &config(port, &hash, "cache_ttl = \"10m\""));
+    let success = r#"ferry_auth_verifications_total{result="success"}"#;
+    let hits = r#"ferry_auth_cache_total{result="hit"}"#;
+    let reload = |settings: &str| {
+        std::fs::write(&path, config(port, &hash, settings)).unwrap();
+        let (code, report) = w.reload();
+        assert_eq!(code, 200, "{report}");
+    };
+    for _ in 0..2 {
+        assert_eq!(auth(port, "127.0.0.2", "s3cret").await.1, OK);
+    }
+    assert_eq!(metric(&w, success), 1.0);
+    assert_eq!(metric(&w, hits), 1.0);
+
+    // Lowered to 1 s: the entry, made under 10 minutes, is older than
+    // that once a second has passed, and is verified again.
+    reload("cache_ttl = \"1s\"");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(auth(port, "127.0.0.2", "s3cret").await.1, OK);
+    assert_eq!(metric(&w, success), 2.0);
+    assert_eq!(metric(&w, hits), 1.0);
+
+    // A session opened under 1 s authenticates after a reload that turns
+    // the cache off: what it verifies is not remembered.
+    let (mut old, banner) =
+        SmtpClient::connect(SocketAddr::new(ip(LISTEN), port), Some(ip("127.0.0.3"))).await;
+    assert_eq!(banner, "220 Devices ready");
+    assert!(old.cmd("EHLO scanner").await.starts_with("250-"));
+    reload("cache_ttl = \"0s\"");
+    let r = old
+        .cmd(&format!("AUTH PLAIN {}", plain("scanner", "s3cret")))
+        .await;
+    assert_eq!(r, OK);
+    assert_eq!(metric(&w, success), 3.0);
+    assert_eq!(auth(port, "127.0.0.2", "s3cret").await.1, OK);
+    assert_eq!(metric(&w, success), 4.0);
+    assert_eq!(metric(&w, hits), 1.0);
+}

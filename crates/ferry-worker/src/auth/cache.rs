@@ -34,9 +34,25 @@ pub(crate) enum Known {
 
 #[derive(Clone, Copy)]
 struct Entry {
-    expires: Instant,
+    /// When the pair was verified (or failed). An entry lives for the TTL
+    /// of the config in service, not the one of the session that made it:
+    /// a reload that lowers the TTL shortens every entry at once.
+    made: Instant,
     /// The user's digest when the entry was made.
     user: [u8; 32],
+}
+
+impl Entry {
+    fn live(&self, now: Instant, ttl: Duration) -> bool {
+        now.saturating_duration_since(self.made) < ttl
+    }
+}
+
+/// The TTLs of the config in service.
+#[derive(Clone, Copy, Default)]
+struct Ttls {
+    positive: Duration,
+    negative: Duration,
 }
 
 /// An entry's key (an HMAC tag).
@@ -44,6 +60,7 @@ pub(crate) type Key = [u8; 32];
 
 pub(crate) struct CredentialCache {
     secret: hmac::Key,
+    ttls: Mutex<Ttls>,
     positive: Mutex<HashMap<Key, Entry>>,
     negative: Mutex<HashMap<Key, Entry>>,
 }
@@ -77,6 +94,7 @@ impl CredentialCache {
         rand::rng().fill_bytes(&mut secret);
         Self {
             secret: hmac::Key::new(hmac::HMAC_SHA256, &secret),
+            ttls: Mutex::new(Ttls::default()),
             positive: Mutex::new(HashMap::new()),
             negative: Mutex::new(HashMap::new()),
         }
@@ -98,30 +116,49 @@ impl CredentialCache {
         out
     }
 
-    /// What is remembered of `key`, if it has not expired.
+    fn ttls(&self) -> Ttls {
+        *self.ttls.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether either map is in use (a TTL of the config in service is
+    /// not zero).
+    pub(crate) fn is_on(&self) -> bool {
+        let t = self.ttls();
+        !t.positive.is_zero() || !t.negative.is_zero()
+    }
+
+    /// What is remembered of `key`, if it is younger than the TTL of the
+    /// config in service.
     pub(crate) fn lookup(&self, key: &Key) -> Option<Known> {
         let now = Instant::now();
-        let live = |map: &Mutex<HashMap<Key, Entry>>| {
+        let ttls = self.ttls();
+        let live = |map: &Mutex<HashMap<Key, Entry>>, ttl| {
             let m = map.lock().unwrap_or_else(|p| p.into_inner());
-            m.get(key).is_some_and(|e| e.expires > now)
+            m.get(key).is_some_and(|e| e.live(now, ttl))
         };
-        if live(&self.positive) {
+        if live(&self.positive, ttls.positive) {
             Some(Known::Verified)
-        } else if live(&self.negative) {
+        } else if live(&self.negative, ttls.negative) {
             Some(Known::Failed)
         } else {
             None
         }
     }
 
-    /// Remembers `key` as `known` for `ttl` (nothing for a zero TTL). A
-    /// verified pair drops a negative entry of the same pair.
-    pub(crate) fn insert(&self, key: Key, user: [u8; 32], known: Known, ttl: Duration) {
+    /// Remembers `key` as `known`, for the TTL of the config in service
+    /// (nothing while that is zero, whatever the session's config says).
+    /// A verified pair drops a negative entry of the same pair.
+    pub(crate) fn insert(&self, key: Key, user: [u8; 32], known: Known) {
+        let ttls = self.ttls();
+        let ttl = match known {
+            Known::Verified => ttls.positive,
+            Known::Failed => ttls.negative,
+        };
         if ttl.is_zero() {
             return;
         }
         let entry = Entry {
-            expires: Instant::now() + ttl,
+            made: Instant::now(),
             user,
         };
         let map = match known {
@@ -135,7 +172,7 @@ impl CredentialCache {
         let mut m = map.lock().unwrap_or_else(|p| p.into_inner());
         if m.len() >= MAX_ENTRIES && !m.contains_key(&key) {
             let now = Instant::now();
-            m.retain(|_, e| e.expires > now);
+            m.retain(|_, e| e.live(now, ttl));
             if m.len() >= MAX_ENTRIES {
                 if let Some(any) = m.keys().next().copied() {
                     m.remove(&any);
@@ -145,14 +182,19 @@ impl CredentialCache {
         m.insert(key, entry);
     }
 
-    /// Keeps only entries of users as `users` (their digests) define them,
-    /// and of unknown users; clears a map whose TTL is now zero.
-    pub(crate) fn retain_users(
+    /// Takes the TTLs of a config going into service, and keeps only
+    /// entries of users as `users` (their digests) define them, and of
+    /// unknown users; clears a map whose TTL is now zero.
+    pub(crate) fn configure(
         &self,
         users: &HashSet<[u8; 32]>,
         positive_ttl: Duration,
         negative_ttl: Duration,
     ) {
+        *self.ttls.lock().unwrap_or_else(|p| p.into_inner()) = Ttls {
+            positive: positive_ttl,
+            negative: negative_ttl,
+        };
         for (map, ttl) in [
             (&self.positive, positive_ttl),
             (&self.negative, negative_ttl),
@@ -197,28 +239,50 @@ mod tests {
         let (a, b) = ([1u8; 32], [2u8; 32]);
         let ka = c.key("a", "pw", &a);
         let kb = c.key("b", "bad", &b);
-        c.insert(ka, a, Known::Verified, Duration::from_secs(60));
-        c.insert(kb, b, Known::Failed, Duration::from_secs(10));
-        c.insert(
-            c.key("n", "x", &NO_USER),
-            NO_USER,
-            Known::Failed,
+        c.configure(
+            &[a, b].into(),
+            Duration::from_secs(60),
             Duration::from_secs(10),
         );
+        c.insert(ka, a, Known::Verified);
+        c.insert(kb, b, Known::Failed);
+        c.insert(c.key("n", "x", &NO_USER), NO_USER, Known::Failed);
         assert_eq!(c.lookup(&ka), Some(Known::Verified));
         assert_eq!(c.lookup(&kb), Some(Known::Failed));
         tokio::time::advance(Duration::from_secs(11)).await;
         assert_eq!(c.lookup(&kb), None);
         assert_eq!(c.lookup(&ka), Some(Known::Verified));
         // User a changed (its digest is gone), b stays.
-        c.retain_users(
+        c.configure(
             &[b].into(),
             Duration::from_secs(60),
             Duration::from_secs(10),
         );
         assert_eq!(c.lookup(&ka), None);
         assert_eq!(c.len(), (0, 2));
-        c.retain_users(&[b].into(), Duration::from_secs(60), Duration::ZERO);
+        c.configure(&[b].into(), Duration::from_secs(60), Duration::ZERO);
         assert_eq!(c.len(), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_ttl_in_service_rules_lookups_and_inserts() {
+        let c = CredentialCache::new();
+        let u = [1u8; 32];
+        let long = Duration::from_secs(600);
+        c.configure(&[u].into(), long, long);
+        let k = c.key("a", "pw", &u);
+        c.insert(k, u, Known::Verified);
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert_eq!(c.lookup(&k), Some(Known::Verified));
+        // Lowered to 10 s: the 20 s old entry is no longer a hit.
+        c.configure(&[u].into(), Duration::from_secs(10), long);
+        assert_eq!(c.lookup(&k), None);
+        // Off: a session still on the old config inserts nothing.
+        c.configure(&[u].into(), Duration::ZERO, long);
+        c.insert(k, u, Known::Verified);
+        assert_eq!(c.len(), (0, 0));
+        assert!(c.is_on());
+        c.configure(&[u].into(), Duration::ZERO, Duration::ZERO);
+        assert!(!c.is_on());
     }
 }

@@ -128,7 +128,7 @@ impl Authenticator {
             .map(|u| cache::user_digest(u))
             .collect();
         self.cache
-            .retain_users(&users, auth.cache_ttl, auth.negative_cache_ttl);
+            .configure(&users, auth.cache_ttl, auth.negative_cache_ttl);
     }
 
     /// How long `client` has left to cool off, if it is cooling off.
@@ -155,7 +155,8 @@ impl Authenticator {
     }
 
     /// Checks `creds` against the users of `config` (the session's
-    /// snapshot), from the cache when it knows the pair.
+    /// snapshot), from the cache when it knows the pair. The cache's TTLs
+    /// are those of the config in service, which may be newer.
     pub(crate) async fn verify(&self, config: &ClusterConfig, creds: Credentials) -> Outcome {
         let user = config.user(&creds.username).cloned();
         let digest = user.as_deref().map_or(cache::NO_USER, cache::user_digest);
@@ -179,7 +180,11 @@ impl Authenticator {
                 counter!(metric::AUTH_CACHE, "result" => "negative_hit").increment(1);
                 return failure(true);
             }
-            _ => counter!(metric::AUTH_CACHE, "result" => "miss").increment(1),
+            // With the cache off there is nothing to miss.
+            _ if self.cache.is_on() => {
+                counter!(metric::AUTH_CACHE, "result" => "miss").increment(1);
+            }
+            _ => {}
         }
         let hash = user
             .as_ref()
@@ -196,13 +201,11 @@ impl Authenticator {
         counter!(metric::AUTH_VERIFICATIONS, "result" => result).increment(1);
         match user {
             Some(user) if ok => {
-                self.cache
-                    .insert(key, digest, Known::Verified, config.auth.cache_ttl);
+                self.cache.insert(key, digest, Known::Verified);
                 Outcome::Verified(user)
             }
             _ => {
-                self.cache
-                    .insert(key, digest, Known::Failed, config.auth.negative_cache_ttl);
+                self.cache.insert(key, digest, Known::Failed);
                 failure(false)
             }
         }
