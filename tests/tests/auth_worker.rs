@@ -62,9 +62,27 @@ async fn auth(port: u16, source: &str, password: &str) -> (SmtpClient, String) {
     (c, reply)
 }
 
+/// The value of `name` on `/metrics`; every AUTH series is there from
+/// the start (at 0), so a missing one fails the test.
 fn metric(w: &WorkerProcess, name: &str) -> f64 {
-    w.metric(name).unwrap_or(0.0)
+    w.metric(name)
+        .unwrap_or_else(|| panic!("{name} is not on /metrics"))
 }
+
+/// Every series of the AUTH metrics, each at 0 on a fresh worker.
+const AUTH_SERIES: [&str; 11] = [
+    r#"ferry_auth_verifications_total{result="success"}"#,
+    r#"ferry_auth_verifications_total{result="failure"}"#,
+    r#"ferry_auth_cache_total{result="hit"}"#,
+    r#"ferry_auth_cache_total{result="negative_hit"}"#,
+    r#"ferry_auth_cache_total{result="miss"}"#,
+    r#"ferry_auth_refused_total{reason="invalid"}"#,
+    r#"ferry_auth_refused_total{reason="busy"}"#,
+    r#"ferry_auth_refused_total{reason="cooling_off"}"#,
+    "ferry_auth_clients_cut_off_total",
+    "ferry_auth_verifications_waiting",
+    "ferry_auth_clients_cooling_off",
+];
 
 fn start(dir: &Path, text: &str) -> (WorkerProcess, std::path::PathBuf) {
     let data = dir.join("data");
@@ -87,6 +105,11 @@ async fn a_cache_hit_runs_no_verification_and_a_reloaded_password_is_verified_ag
     let failure = r#"ferry_auth_verifications_total{result="failure"}"#;
     let hits = r#"ferry_auth_cache_total{result="hit"}"#;
     let negative = r#"ferry_auth_cache_total{result="negative_hit"}"#;
+    // Before any AUTH every series is there, at 0, so that increase()
+    // sees the first event.
+    for series in AUTH_SERIES {
+        assert_eq!(w.metric(series), Some(0.0), "{series}");
+    }
 
     // Three sessions with the right password: one verification.
     for _ in 0..3 {
@@ -117,7 +140,7 @@ async fn a_cache_hit_runs_no_verification_and_a_reloaded_password_is_verified_ag
     }
     assert_eq!(metric(&w, success), 2.0);
     assert_eq!(metric(&w, hits), 3.0);
-    assert_eq!(metric(&w, "ferry_auth_verifications_waiting"), 0.0);
+    assert_eq!(w.metric("ferry_auth_verifications_waiting"), Some(0.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -233,4 +256,13 @@ async fn a_reload_that_lowers_or_turns_off_the_cache_ttl_stops_hits_at_once() {
     assert_eq!(auth(port, "127.0.0.2", "s3cret").await.1, OK);
     assert_eq!(metric(&w, success), 4.0);
     assert_eq!(metric(&w, hits), 1.0);
+
+    // Both TTLs zero: the cache is off, and no lookup is counted a miss.
+    let misses = r#"ferry_auth_cache_total{result="miss"}"#;
+    let before = metric(&w, misses);
+    reload("cache_ttl = \"0s\"\nnegative_cache_ttl = \"0s\"");
+    assert_eq!(auth(port, "127.0.0.2", "s3cret").await.1, OK);
+    assert_eq!(auth(port, "127.0.0.2", "wrong").await.1, INVALID);
+    assert_eq!(metric(&w, success), 5.0);
+    assert_eq!(metric(&w, misses), before);
 }

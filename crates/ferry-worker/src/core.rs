@@ -68,6 +68,7 @@ impl Core {
             .map_or(0, |d| d.as_micros() as u64)
             << 8;
         crate::metric::describe();
+        crate::metric::register_auth();
         let auth = Authenticator::new(&snapshot.config);
         Self {
             auth,

@@ -25,6 +25,27 @@ pub const DELIVERY_ATTEMPTS: &str = "ferry_delivery_attempts_total";
 pub const DELIVERY_DURATION: &str = "ferry_delivery_duration_seconds";
 pub const LOG_LINES_DROPPED: &str = "ferry_log_lines_dropped_total";
 
+/// Puts every series of the AUTH metrics on `/metrics` at 0 (call once
+/// the recorder is installed): Prometheus' `increase()` sees the first
+/// event of a series only when the series existed before it, and the
+/// FerryAuthPasswordGuessing and FerryAuthVerificationsBusy alerts are
+/// built on it.
+pub fn register_auth() {
+    use metrics::{counter, gauge};
+    for result in ["success", "failure"] {
+        counter!(AUTH_VERIFICATIONS, "result" => result).increment(0);
+    }
+    for result in ["hit", "negative_hit", "miss"] {
+        counter!(AUTH_CACHE, "result" => result).increment(0);
+    }
+    for reason in ["invalid", "busy", "cooling_off"] {
+        counter!(AUTH_REFUSED, "reason" => reason).increment(0);
+    }
+    counter!(AUTH_CLIENTS_CUT_OFF).increment(0);
+    gauge!(AUTH_WAITING).set(0.0);
+    gauge!(AUTH_CLIENTS_COOLING_OFF).set(0.0);
+}
+
 /// Registers each metric's help text and unit with the recorder (call once
 /// it is installed).
 pub fn describe() {
@@ -54,7 +75,7 @@ pub fn describe() {
     );
     describe_counter!(
         AUTH_CACHE,
-        "AUTH attempts looked up in the verified-credential cache, by result (hit, negative_hit, miss)"
+        "AUTH attempts looked up in the verified-credential cache, by result (hit, negative_hit, miss; nothing while both TTLs are 0)"
     );
     describe_gauge!(
         AUTH_WAITING,
