@@ -266,3 +266,48 @@ async fn a_reload_that_lowers_or_turns_off_the_cache_ttl_stops_hits_at_once() {
     assert_eq!(metric(&w, success), 5.0);
     assert_eq!(metric(&w, misses), before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_name_with_cr_lf_is_logged_escaped_and_forges_no_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port(ip(LISTEN));
+    let (_w, _) = start(
+        dir.path(),
+        &config(port, &user_hash("s3cret"), "max_failures = 2"),
+    );
+    let evil = "x\r\n2030-01-01T00:00:00Z  INFO forged: authenticated user=admin";
+    let addr = SocketAddr::new(ip(LISTEN), port);
+    let (mut c, _) = SmtpClient::connect(addr, Some(ip("127.0.0.70"))).await;
+    assert!(c.cmd("EHLO scanner").await.starts_with("250-"));
+    for password in ["one", "two"] {
+        let r = c
+            .cmd(&format!("AUTH PLAIN {}", plain(evil, password)))
+            .await;
+        assert_eq!(r, INVALID);
+    }
+    // Both the per-attempt line and the cut-off line carry the name.
+    let log = dir.path().join("data/worker.log");
+    let start = Instant::now();
+    let text = loop {
+        assert!(start.elapsed() < WAIT, "no cut-off line in the log");
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("too many failed AUTH from this client") {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.contains("forged") && !l.contains("x\\r\\n")),
+        "a forged line:\n{text}"
+    );
+    let escaped = r#"user="x\r\n2030-01-01T00:00:00Z  INFO forged: authenticated user=admin""#;
+    for what in [
+        "authentication failed; tarpitting",
+        "too many failed AUTH from this client",
+    ] {
+        let line = text.lines().find(|l| l.contains(what)).unwrap();
+        assert!(line.contains(escaped), "{line}");
+    }
+}

@@ -524,20 +524,24 @@ impl Connection {
     /// AUTH with `creds`: refused at once for a client cooling off, then
     /// verified (from the cache, or once a verification slot is free).
     async fn auth(&mut self, creds: ferry_smtp::Credentials, stream: &mut Stream) -> Option<End> {
+        // The peer chose these bytes: escaped (CR, LF, other controls) so
+        // a user name cannot forge lines in the logs. Tracing fields take
+        // it Debug-quoted (`?username`), the protocol log this text.
         let username = creds.username.clone();
+        let printable_user = username.escape_debug().to_string();
         let mechanism = creds.mechanism;
         let settings = self.snapshot.config.auth;
         if let Some(left) = self.core.auth.cooling_off(self.client, &settings) {
             let refusal = AuthRefusal::CoolingOff;
             counter!(metric::AUTH_REFUSED, "reason" => refusal.reason()).increment(1);
             info!(
-                client = %self.client, user = %username, mechanism,
+                client = %self.client, user = ?username, mechanism,
                 cooling_off_left_s = left.as_secs(),
                 "AUTH from a client cooling off after too many failures; 421 and closed"
             );
             self.log.log(
                 LogEvent::Info,
-                &username,
+                &printable_user,
                 "client cooling off after failed AUTH",
             );
             let reply = self.session.decide(refusal.reply());
@@ -560,12 +564,12 @@ impl Connection {
                 let refusal = AuthRefusal::Busy;
                 counter!(metric::AUTH_REFUSED, "reason" => refusal.reason()).increment(1);
                 warn!(
-                    user = %username, mechanism,
+                    user = ?username, mechanism,
                     wait_ms = settings.verification_wait.as_millis() as u64,
                     "no password verification free within the wait; 454"
                 );
                 self.log
-                    .log(LogEvent::Info, &username, "authentication busy");
+                    .log(LogEvent::Info, &printable_user, "authentication busy");
                 let reply = self.session.decide(refusal.reply());
                 self.send(&reply);
             }
@@ -576,16 +580,16 @@ impl Connection {
                 if self.core.auth.failed(self.client, &failure, &settings) {
                     // The line an operator greps for a guessing source.
                     warn!(
-                        client = %self.client, user = %username,
+                        client = %self.client, user = ?username,
                         failures = settings.max_failures,
                         window_s = settings.failure_window.as_secs(),
                         cooling_off_s = settings.cooling_off.as_secs(),
                         "too many failed AUTH from this client; it is cooling off"
                     );
                 }
-                info!(user = %username, mechanism, "authentication failed; tarpitting");
+                info!(user = ?username, mechanism, "authentication failed; tarpitting");
                 self.log
-                    .log(LogEvent::Info, &username, "authentication failed");
+                    .log(LogEvent::Info, &printable_user, "authentication failed");
                 // Answer late: slows down password guessing.
                 if let Err(end) = self.flush(stream).await {
                     return Some(end);
