@@ -2,9 +2,12 @@
 //! `auth_cache_negative_ttl`). An entry's key is an HMAC-SHA256, under a
 //! key drawn at random when the process starts, of the user name, the
 //! password and a digest of the user's definition (hash, allowed senders,
-//! allowed ranges): the password is never stored, a memory dump gives
-//! nothing to test guesses against offline, and a user whose hash or
-//! permissions change in a newer config no longer matches an old entry.
+//! allowed ranges): the password is never stored, and a user whose hash
+//! or permissions change in a newer config no longer matches an old
+//! entry. The HMAC key lives in the same process, so the entries are only
+//! as safe as the process's memory: one who can read it (a core dump, a
+//! debugger) has the key and can test guesses against the entries
+//! offline, at HMAC speed rather than argon2's.
 //! Those entries are also dropped when such a config is applied.
 //!
 //! Positive and negative entries live apart, each map capped, so that a

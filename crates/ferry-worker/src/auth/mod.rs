@@ -21,6 +21,7 @@ use argon2::password_hash::{Output, PasswordHash, Salt};
 use ferry_config::{AuthConfig, ClusterConfig, User};
 use ferry_smtp::{Credentials, Reply};
 use metrics::counter;
+use zeroize::Zeroizing;
 
 use crate::metric;
 use cache::{CredentialCache, Known};
@@ -158,9 +159,17 @@ impl Authenticator {
     /// snapshot), from the cache when it knows the pair. The cache's TTLs
     /// are those of the config in service, which may be newer.
     pub(crate) async fn verify(&self, config: &ClusterConfig, creds: Credentials) -> Outcome {
-        let user = config.user(&creds.username).cloned();
+        let Credentials {
+            username,
+            password,
+            authzid,
+            ..
+        } = creds;
+        // Wiped when dropped, here or after the verification.
+        let password = Zeroizing::new(password);
+        let user = config.user(&username).cloned();
         let digest = user.as_deref().map_or(cache::NO_USER, cache::user_digest);
-        let key = self.cache.key(&creds.username, &creds.password, &digest);
+        let key = self.cache.key(&username, &password, &digest);
         let failure = |remembered| {
             Outcome::Invalid(Failure {
                 pair: key,
@@ -168,7 +177,7 @@ impl Authenticator {
             })
         };
         // PLAIN may name an identity to act as: only oneself is allowed.
-        if !creds.authzid.is_empty() && !creds.authzid.eq_ignore_ascii_case(&creds.username) {
+        if !authzid.is_empty() && !authzid.eq_ignore_ascii_case(&username) {
             return failure(false);
         }
         match (self.cache.lookup(&key), &user) {
@@ -191,7 +200,7 @@ impl Authenticator {
             .map_or_else(|| decoy(config), |u| u.password_hash.clone());
         let ok = match self
             .pool
-            .verify(hash, creds.password, config.auth.verification_wait)
+            .verify(hash, password, config.auth.verification_wait)
             .await
         {
             Ok(ok) => ok,

@@ -6,6 +6,11 @@
 //! freeing and refilling 19 MiB per attempt (which glibc's arenas keep
 //! per thread) never happens. The others wait in order (tokio's semaphore
 //! is fair) up to a deadline.
+//!
+//! The password is held in [`Zeroizing`] and the block buffer is wiped
+//! after each verification (argon2's blocks are derived from the
+//! password): what memory keeps between AUTHs says nothing of the
+//! passwords checked.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,6 +18,7 @@ use std::time::Duration;
 use argon2::password_hash::{Output, PasswordHash};
 use argon2::{Algorithm, Argon2, Block, Params, Version};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use zeroize::Zeroizing;
 
 use crate::metric;
 
@@ -105,7 +111,7 @@ impl VerifierPool {
     pub(crate) async fn verify(
         self: &Arc<Self>,
         hash: String,
-        password: String,
+        password: Zeroizing<String>,
         wait: Duration,
     ) -> Result<bool, Busy> {
         let waiting = Waiting::start();
@@ -121,6 +127,10 @@ impl VerifierPool {
         let ok = tokio::task::spawn_blocking(move || {
             let mut blocks = pool.take_buffer();
             let ok = verify_with(password.as_bytes(), &hash, &mut blocks);
+            drop(password);
+            // The blocks are derived from the password: wipe them before
+            // the buffer waits for the next verification.
+            blocks.fill(Block::default());
             pool.keep_buffer(blocks);
             pool.give_back(permit);
             ok
@@ -175,10 +185,10 @@ pub(crate) fn verify_with(password: &[u8], hash: &str, blocks: &mut Vec<Block>) 
     if blocks.len() < need {
         blocks.resize(need, Block::default());
     }
-    let mut out = vec![0u8; expected.len()];
+    let mut out = Zeroizing::new(vec![0u8; expected.len()]);
     let argon = Argon2::new(algorithm, version, params);
     if argon
-        .hash_password_into_with_memory(password, salt, &mut out, blocks.as_mut_slice())
+        .hash_password_into_with_memory(password, salt, out.as_mut_slice(), blocks.as_mut_slice())
         .is_err()
     {
         return false;
@@ -221,6 +231,24 @@ mod tests {
         ));
     }
 
+    fn pw(s: &str) -> Zeroizing<String> {
+        Zeroizing::new(s.to_string())
+    }
+
+    #[tokio::test]
+    async fn the_block_buffer_is_wiped_after_each_verification() {
+        let pool = VerifierPool::new(1);
+        let h = hash("pw", Params::new(64, 1, 1, None).unwrap());
+        assert_eq!(
+            pool.verify(h, pw("pw"), Duration::from_secs(5)).await,
+            Ok(true)
+        );
+        let kept = pool.buffers.lock().unwrap();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].len(), 64);
+        assert!(kept[0].iter().all(|b| b.as_ref().iter().all(|w| *w == 0)));
+    }
+
     fn small_again() -> Params {
         Params::new(64, 1, 1, None).unwrap()
     }
@@ -234,7 +262,7 @@ mod tests {
         assert!(Arc::clone(&pool.permits).try_acquire_owned().is_err());
         let h = hash("pw", Params::new(64, 1, 1, None).unwrap());
         let r = pool
-            .verify(h.clone(), "pw".into(), Duration::from_millis(20))
+            .verify(h.clone(), pw("pw"), Duration::from_millis(20))
             .await;
         assert_eq!(r, Err(Busy));
         // Shrink to 1 while both are held: one retires when it comes back.
@@ -244,7 +272,7 @@ mod tests {
         }
         assert_eq!(pool.permits.available_permits(), 1);
         assert_eq!(
-            pool.verify(h.clone(), "pw".into(), Duration::from_secs(5))
+            pool.verify(h.clone(), pw("pw"), Duration::from_secs(5))
                 .await,
             Ok(true)
         );
