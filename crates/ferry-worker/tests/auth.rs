@@ -3,8 +3,9 @@
 //! cache (a wrong password never enters it, a changed password in a newer
 //! config is not answered from it), and the per-client failure limit
 //! (`421 4.7.0` and closed, back after the cooling-off, another client
-//! unaffected). Clients bind 127.0.0.x source addresses to be different
-//! clients.
+//! unaffected, a retried stale password not counted again, clients behind
+//! one balancer counted apart). Clients bind 127.0.0.x source addresses
+//! to be different clients.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant};
 use argon2::password_hash::{rand_core::OsRng, SaltString};
 use argon2::{Algorithm, Argon2, Params, PasswordHasher, Version};
 use harness::*;
+use proxy_header::{ProxiedAddress, ProxyHeader};
 
 const LIMITS: &str = r#"{ tarpit = "0s" }"#;
 const WAIT: Duration = Duration::from_secs(15);
@@ -248,4 +250,85 @@ async fn a_stale_password_retried_does_not_cut_off_its_address_but_guesses_do() 
         assert!(c.is_closed().await);
         h.stop().await;
     }
+}
+
+/// A session on the Client Frontend through the trusted balancer, whose
+/// PROXY v2 header names `client`; after STARTTLS and EHLO.
+async fn ready_behind_balancer(h: &Harness, client: &str) -> SmtpClient {
+    let mut header = Vec::new();
+    ProxyHeader::with_address(ProxiedAddress::stream(client.parse().unwrap(), h.client))
+        .encode_v2(&mut header)
+        .unwrap();
+    let mut c = SmtpClient::connect_from(h.client, ip(PROXY)).await.unwrap();
+    c.send(&header).await.unwrap();
+    assert_eq!(c.reply().await, "220 Client Frontend ready");
+    c.cmd("EHLO device").await;
+    c.starttls(&h.ca).await.unwrap();
+    c.cmd("EHLO device").await;
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_balancer_the_limit_counts_the_original_client() {
+    let h = Harness::start_extra(
+        LIMITS,
+        "[auth]\nmax_failures = 3\nfailure_window = \"1m\"\ncooling_off = \"1m\"\n",
+    )
+    .await;
+    // Two clients, one balancer address: the guesser is cut off.
+    let mut guesser = ready_behind_balancer(&h, "192.0.2.10:40000").await;
+    for guess in ["a", "b", "c"] {
+        assert_eq!(
+            auth(&mut guesser, "scanner", guess).await,
+            "535 5.7.8 Authentication credentials invalid"
+        );
+    }
+    assert!(auth(&mut guesser, "scanner", PASSWORD)
+        .await
+        .starts_with("421 4.7.0"));
+    assert!(guesser.is_closed().await);
+    // The other client behind the same balancer is not.
+    let mut device = ready_behind_balancer(&h, "192.0.2.11:40001").await;
+    assert_eq!(
+        auth(&mut device, "scanner", PASSWORD).await,
+        "235 2.7.0 Authentication successful"
+    );
+    // The guesser stays cut off on a new connection through the balancer.
+    let mut again = ready_behind_balancer(&h, "192.0.2.10:40002").await;
+    assert!(auth(&mut again, "scanner", PASSWORD)
+        .await
+        .starts_with("421 4.7.0"));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_failed_and_cached_then_set_by_a_reload_works_at_once() {
+    let h = Harness::start_extra(LIMITS, "[auth]\nnegative_cache_ttl = \"10m\"\n").await;
+    // Twice: the second is answered from the negative cache.
+    for _ in 0..2 {
+        let mut c = ready(&h, "127.0.0.1").await;
+        assert_eq!(
+            auth(&mut c, "scanner", "n3w-secret").await,
+            "535 5.7.8 Authentication credentials invalid"
+        );
+    }
+    let old_line = h
+        .text
+        .lines()
+        .find(|l| l.starts_with("password_hash"))
+        .unwrap()
+        .to_string();
+    let text = h.text.replacen(
+        &old_line,
+        &format!("password_hash = \"{}\"", hash("n3w-secret")),
+        1,
+    );
+    h.apply(&text, 2).await;
+    // The very next AUTH with it works: the negative entry is not used.
+    let mut c = ready(&h, "127.0.0.1").await;
+    assert_eq!(
+        auth(&mut c, "scanner", "n3w-secret").await,
+        "235 2.7.0 Authentication successful"
+    );
+    h.stop().await;
 }
