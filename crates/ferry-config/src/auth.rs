@@ -21,6 +21,9 @@ pub const MAX_VERIFICATION_WAIT: Duration = Duration::from_secs(24 * 3600);
 /// The longest cache TTL, failure window or cooling-off. Bounded so that
 /// "now + duration" cannot overflow, whatever humantime accepts.
 pub const MAX_AUTH_PERIOD: Duration = Duration::from_secs(30 * 24 * 3600);
+/// The largest `max_failures`: a worker remembers up to this many recent
+/// failures for each address it tracks.
+pub const MAX_FAILURES: u32 = 1000;
 /// The largest argon2 memory cost (`m`, KiB) a `password_hash` may name:
 /// 1 GiB. A verification allocates it (a decoy too, for unknown users).
 pub const MAX_HASH_MEMORY_KIB: u32 = 1024 * 1024;
@@ -102,10 +105,13 @@ pub(crate) fn auth(c: &mut Checker<'_>, raw: &RawAuth) -> AuthConfig {
             MAX_AUTH_PERIOD,
             "30 days",
         ),
-        max_failures: raw
-            .max_failures
-            .as_ref()
-            .map_or(d.max_failures, |v| *v.get_ref()),
+        max_failures: raw.max_failures.as_ref().map_or(d.max_failures, |v| {
+            let n = *v.get_ref();
+            if n > MAX_FAILURES {
+                c.err(v, format!("max_failures must be at most {MAX_FAILURES}"));
+            }
+            n.min(MAX_FAILURES)
+        }),
         failure_window: at_most(
             c,
             &raw.failure_window,

@@ -442,6 +442,7 @@ cache_ttl = "300000000000y"
 negative_cache_ttl = "31days"
 failure_window = "300000000000y"
 cooling_off = "300000000000y"
+max_failures = 4000000000
 "#;
     assert_eq!(
         errors(text),
@@ -452,6 +453,7 @@ cooling_off = "300000000000y"
             "5:22: '31days' is too long: at most 30 days",
             "6:18: '300000000000y' is too long: at most 30 days",
             "7:15: '300000000000y' is too long: at most 30 days",
+            "8:16: max_failures must be at most 1000",
         ]
     );
     // The bounds themselves are accepted.
