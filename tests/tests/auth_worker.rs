@@ -3,7 +3,9 @@
 //! by `POST /config/reload` no longer answered from the cache, and a
 //! password-guessing client cut off with `421 4.7.0`, logged with its
 //! address, counted, and let back after its cooling-off while another
-//! client is unaffected.
+//! client is unaffected; every AUTH series exported at 0 from the start,
+//! a lowered or zero `cache_ttl` obeyed at once, a user name with CR/LF
+//! logged escaped.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
@@ -268,13 +270,11 @@ async fn a_reload_that_lowers_or_turns_off_the_cache_ttl_stops_hits_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_user_name_with_cr_lf_is_logged_escaped_and_forges_no_line() {
+async fn a_user_name_with_cr_lf_is_logged_escaped_and_the_limit_turned_off_cools_no_one() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port(ip(LISTEN));
-    let (_w, _) = start(
-        dir.path(),
-        &config(port, &user_hash("s3cret"), "max_failures = 2"),
-    );
+    let hash = user_hash("s3cret");
+    let (w, path) = start(dir.path(), &config(port, &hash, "max_failures = 2"));
     let evil = "x\r\n2030-01-01T00:00:00Z  INFO forged: authenticated user=admin";
     let addr = SocketAddr::new(ip(LISTEN), port);
     let (mut c, _) = SmtpClient::connect(addr, Some(ip("127.0.0.70"))).await;
@@ -309,5 +309,20 @@ async fn a_user_name_with_cr_lf_is_logged_escaped_and_forges_no_line() {
     ] {
         let line = text.lines().find(|l| l.contains(what)).unwrap();
         assert!(line.contains(escaped), "{line}");
+    }
+
+    // The limit turned off by a reload: no client is cooling off any more,
+    // and the gauge says so (within the 1 s sweep).
+    assert_eq!(metric(&w, "ferry_auth_clients_cooling_off"), 1.0);
+    std::fs::write(&path, config(port, &hash, "max_failures = 0")).unwrap();
+    let (code, report) = w.reload();
+    assert_eq!(code, 200, "{report}");
+    let start = Instant::now();
+    while metric(&w, "ferry_auth_clients_cooling_off") != 0.0 {
+        assert!(
+            start.elapsed() < WAIT,
+            "gauge still not 0 with the limit off"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
