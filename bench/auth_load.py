@@ -1,24 +1,43 @@
 #!/usr/bin/env python3
-"""The loads of bench/auth.sh against one SMTP server, printed as
-`load rate peak_rss_mb result` lines.
+"""The loads of bench/auth.sh against one SMTP server, printed as one line:
 
-    auth_load.py PORT ROOT_PIDS USERS PASSWORD LOAD [N]
+    LOAD OK TOTAL SECONDS OK_PER_S PEAK_PSS_MB CPU_MS_PER_REPLY BREAKDOWN
+
+    auth_load.py [--rounds R] [--net 127.X] PORT ROOT_PIDS USERS PASSWORD LOAD [N]
+    auth_load.py cpu ROOT_PIDS      # the tree's CPU seconds so far
 
 LOAD is one of
-  auth-wrong / auth-right   300 (N) AUTH PLAIN at once, each on its own
-                            connection from its own 127.0.1.x address,
-                            user devNNN; every connection is opened and
-                            greeted first, then all AUTH go out together
+  auth-wrong / auth-right   N (300) AUTH PLAIN at once, each on its own
+                            connection from its own address in --net
+                            (127.X.Y.Z), user devNNN; every connection is
+                            opened and greeted first (not timed), then all
+                            AUTH go out together and the time to the last
+                            reply is taken. --rounds R repeats this R times
+                            and sums the timed parts (the warm-cache load,
+                            where one round takes milliseconds).
   sessions-auth / sessions-anon
-                            N one-message sessions, 16 at a time (EHLO,
-                            AUTH as devNNN or not, MAIL, RCPT, DATA, QUIT)
-  guess                     one client sends wrong passwords until it is
-                            cut off (at most N); prints how many were 535
+                            N one-message sessions, 16 at a time, from
+                            127.0.0.1 (EHLO, AUTH as devNNN or not, MAIL,
+                            RCPT, DATA with 1 KiB, QUIT)
+  guess                     one client (the first address in --net) sends
+                            wrong passwords, one connection each, until a
+                            reply other than 535 (at most N)
 
-ROOT_PIDS: comma-separated process ids; the resident memory of them and
-all their descendants is sampled every 20 ms and its peak reported.
+OK counts successes only: 535 for a wrong password (the server checked it
+and said no), 235 for a right one, 250 after DATA for a session; OK_PER_S
+is OK over the timed SECONDS. BREAKDOWN counts every outcome (`235x290,
+454x10`; a session that failed says where: `AUTH-454`, `MAIL-EOF`; EOF is
+a closed connection, `timeout` no reply within REPLY seconds).
+
+ROOT_PIDS: comma-separated process ids. The proportional set size (PSS,
+/proc/PID/smaps_rollup) of them and all their descendants is summed and
+its peak over the load reported, so pages shared by 300 smtpd processes
+count once in total, not 300 times. CPU_MS_PER_REPLY is the CPU time the
+same process tree used during the timed part (reaped children included
+through their parent's cutime/cstime) over the replies counted.
 Every wait is bounded (REPLY seconds per reply, LIMIT per load).
 """
+import argparse
 import asyncio
 import base64
 import os
@@ -28,62 +47,130 @@ import time
 
 REPLY = 60.0
 LIMIT = 300.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def rss_kib(roots):
-    """Resident KiB of `roots` and their descendants."""
+def tree(roots):
+    """Process ids of `roots` and all their descendants."""
     children = {}
-    rss = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
-            with open(f"/proc/{pid}/status") as f:
-                ppid, kib = None, 0
-                for line in f:
-                    if line.startswith("PPid:"):
-                        ppid = int(line.split()[1])
-                    elif line.startswith("VmRSS:"):
-                        kib = int(line.split()[1])
-        except OSError:
+            with open(f"/proc/{pid}/stat") as f:
+                # The command name may hold spaces: fields after its ')'.
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
             continue
         children.setdefault(ppid, []).append(int(pid))
-        rss[int(pid)] = kib
-    total, todo, seen = 0, list(roots), set()
+    seen, todo = set(), list(roots)
     while todo:
         p = todo.pop()
-        if p in seen:
+        if p not in seen:
+            seen.add(p)
+            todo.extend(children.get(p, []))
+    return seen
+
+
+def pss_kib(roots):
+    """Summed PSS in KiB of `roots` and their descendants."""
+    total = 0
+    for pid in tree(roots):
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+                        break
+        except (OSError, ValueError):
             continue
-        seen.add(p)
-        total += rss.get(p, 0)
-        todo.extend(children.get(p, []))
     return total
 
 
+def cpu_seconds(roots):
+    """CPU seconds of `roots` and their descendants, reaped ones included."""
+    ticks = 0
+    for pid in tree(roots):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            # utime stime cutime cstime (stat fields 14-17)
+            ticks += sum(int(x) for x in fields[11:15])
+        except (OSError, ValueError, IndexError):
+            continue
+    return ticks / CLK_TCK
+
+
 class Sampler(threading.Thread):
+    """Samples the tree's PSS until stopped. Reading smaps_rollup of 300
+    processes takes milliseconds of CPU, so the pause between samples is
+    at least four times the last sample's cost (the sampler takes at most
+    a fifth of one core from the server it measures), and 20 ms for a
+    single process."""
+
     def __init__(self, roots):
         super().__init__(daemon=True)
         self.roots, self.peak, self.stop = roots, 0, threading.Event()
 
     def run(self):
         while not self.stop.is_set():
-            self.peak = max(self.peak, rss_kib(self.roots))
-            self.stop.wait(0.02)
+            t = time.monotonic()
+            self.peak = max(self.peak, pss_kib(self.roots))
+            self.stop.wait(max(0.02, 4 * (time.monotonic() - t)))
+
+
+class Tally:
+    """Outcomes, the timed seconds and the server's CPU seconds over them,
+    kept outside the load so a load cut short by LIMIT still reports."""
+
+    def __init__(self, roots, success):
+        self.roots, self.success = roots, success
+        self.outcomes, self.seconds, self.cpu = {}, 0.0, 0.0
+        self._t = self._c = 0.0
+
+    def start(self):
+        self._c, self._t = cpu_seconds(self.roots), time.monotonic()
+
+    def stop(self):
+        self.seconds += time.monotonic() - self._t
+        self.cpu += cpu_seconds(self.roots) - self._c
+        self._t = 0.0
+
+    def count(self, outcome):
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+    def ok(self):
+        return self.outcomes.get(self.success, 0)
+
+    def total(self):
+        return sum(self.outcomes.values())
+
+
+def label(code):
+    return {0: "EOF", -1: "timeout", -2: "connect-error"}.get(code, str(code))
 
 
 async def reply(reader):
-    """One reply's code (its last line)."""
-    while True:
-        line = await asyncio.wait_for(reader.readline(), REPLY)
-        if not line:
-            return 0
-        if len(line) >= 4 and line[3:4] != b"-":
-            return int(line[:3])
+    """One reply's code (its last line); 0 for EOF, -1 for no reply."""
+    try:
+        while True:
+            line = await asyncio.wait_for(reader.readline(), REPLY)
+            if not line:
+                return 0
+            if len(line) >= 4 and line[3:4] != b"-":
+                return int(line[:3])
+    except asyncio.TimeoutError:
+        return -1
+    except (OSError, ValueError):
+        return 0
 
 
 async def cmd(reader, writer, line):
-    writer.write(line.encode() + b"\r\n")
-    await writer.drain()
+    try:
+        writer.write(line.encode() + b"\r\n")
+        await writer.drain()
+    except OSError:
+        return 0
     return await reply(reader)
 
 
@@ -92,42 +179,61 @@ def plain(user, password):
 
 
 async def greeted(port, source):
-    reader, writer = await asyncio.wait_for(
-        asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0)), REPLY
-    )
-    assert await reply(reader) == 220
-    assert await cmd(reader, writer, "EHLO bench.test") == 250
-    return reader, writer
-
-
-async def burst(port, users, password, n):
-    conns = await asyncio.gather(
-        *(greeted(port, f"127.0.{1 + i // 250}.{1 + i % 250}") for i in range(n))
-    )
-    start = time.monotonic()
-    codes = await asyncio.gather(
-        *(
-            cmd(r, w, f"AUTH PLAIN {plain(users[i % len(users)], password)}")
-            for i, (r, w) in enumerate(conns)
+    """An open connection past its 220 and EHLO's 250, or the failing code."""
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0)), REPLY
         )
-    )
-    took = time.monotonic() - start
-    for r, w in conns:
-        w.close()
-    summary = " ".join(f"{c}x{codes.count(c)}" for c in sorted(set(codes)))
-    return n / took, summary
+    except (OSError, asyncio.TimeoutError):
+        return None, -2
+    code = await reply(reader)
+    if code == 220:
+        code = await cmd(reader, writer, "EHLO bench.test")
+        if code == 250:
+            return (reader, writer), 0
+    writer.close()
+    return None, code
 
 
-async def sessions(port, users, password, n, authenticated):
-    done, codes, next_i = 0, {}, 0
+def address(net, i):
+    """The i-th client address in 127.X.0.0/16 (X from `net`)."""
+    return f"{net}.{i // 250}.{1 + i % 250}"
+
+
+async def burst(tally, port, net, users, password, n, rounds):
+    for _ in range(rounds):
+        opened = await asyncio.gather(*(greeted(port, address(net, i)) for i in range(n)))
+        conns = [c for c, _ in opened if c]
+        for c, code in opened:
+            if not c:
+                tally.count(f"greeting-{label(code)}")
+        tally.start()
+        codes = await asyncio.gather(
+            *(
+                cmd(r, w, f"AUTH PLAIN {plain(users[i % len(users)], password)}")
+                for i, (r, w) in enumerate(conns)
+            )
+        )
+        tally.stop()
+        for r, w in conns:
+            w.close()
+        for c in codes:
+            tally.count(label(c))
+
+
+async def sessions(tally, port, users, password, n, authenticated):
+    next_i = 0
 
     async def one(i):
-        r, w = await greeted(port, f"127.0.3.{1 + i % 16}")
+        conn, code = await greeted(port, "127.0.0.1")
+        if not conn:
+            return f"greeting-{label(code)}"
+        r, w = conn
         try:
             if authenticated:
                 c = await cmd(r, w, f"AUTH PLAIN {plain(users[i % len(users)], password)}")
                 if c != 235:
-                    return c
+                    return f"AUTH-{label(c)}"
             for line, want in (
                 ("MAIL FROM:<bench@example.test>", 250),
                 ("RCPT TO:<rcpt@example.test>", 250),
@@ -135,63 +241,90 @@ async def sessions(port, users, password, n, authenticated):
             ):
                 c = await cmd(r, w, line)
                 if c != want:
-                    return c
+                    return f"{line[:4]}-{label(c)}"
             w.write(b"Subject: bench\r\n\r\n" + b"x" * 1000 + b"\r\n.\r\n")
             c = await reply(r)
+            if c != 250:
+                return f"dot-{label(c)}"
             await cmd(r, w, "QUIT")
-            return c
+            return "250"
         finally:
             w.close()
 
     async def runner():
-        nonlocal done, next_i
+        nonlocal next_i
         while next_i < n:
             i = next_i
             next_i += 1
-            c = await one(i)
-            codes[c] = codes.get(c, 0) + 1
-            done += 1
+            tally.count(await one(i))
 
-    start = time.monotonic()
-    await asyncio.gather(*(runner() for _ in range(16)))
-    took = time.monotonic() - start
-    summary = " ".join(f"{c}x{k}" for c, k in sorted(codes.items()))
-    return n / took, summary
+    tally.start()
+    try:
+        await asyncio.gather(*(runner() for _ in range(16)))
+    finally:
+        tally.stop()
 
 
-async def guess(port, users, n):
-    refused = 0
-    start = time.monotonic()
-    for i in range(n):
-        r, w = await greeted(port, "127.0.4.1")
-        c = await cmd(r, w, f"AUTH PLAIN {plain(users[0], f'guess-{i}')}")
-        w.close()
-        if c != 535:
-            return refused / max(time.monotonic() - start, 1e-6), f"{refused}x535 then {c}"
-        refused += 1
-    return refused / (time.monotonic() - start), f"{refused}x535, never cut off"
+async def guess(tally, port, net, users, n):
+    tally.start()
+    try:
+        for i in range(n):
+            conn, code = await greeted(port, address(net, 0))
+            if conn:
+                r, w = conn
+                code = await cmd(r, w, f"AUTH PLAIN {plain(users[0], f'guess-{i}')}")
+                w.close()
+            tally.count(label(code))
+            if code != 535:
+                return
+    finally:
+        tally.stop()
 
 
 def main():
-    port, roots, users, password, load = sys.argv[1:6]
-    n = int(sys.argv[6]) if len(sys.argv) > 6 else 300
-    port, roots = int(port), [int(p) for p in roots.split(",") if p]
-    users = users.split(",")
+    if len(sys.argv) == 3 and sys.argv[1] == "cpu":
+        # auth_load.py cpu ROOT_PIDS: the tree's CPU seconds (for settling)
+        print(f"{cpu_seconds([int(x) for x in sys.argv[2].split(',') if x]):.3f}")
+        return
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--net", default="127.1", help="client addresses 127.X.0.0/16")
+    p.add_argument("port", type=int)
+    p.add_argument("roots")
+    p.add_argument("users")
+    p.add_argument("password")
+    p.add_argument("load")
+    p.add_argument("n", type=int, nargs="?", default=300)
+    a = p.parse_args()
+    roots = [int(x) for x in a.roots.split(",") if x]
+    users = a.users.split(",")
+    success = {"auth-wrong": "535", "auth-right": "235", "guess": "535"}.get(a.load, "250")
+    tally = Tally(roots, success)
+    if a.load in ("auth-wrong", "auth-right"):
+        pw = a.password if a.load == "auth-right" else "not-" + a.password
+        work = burst(tally, a.port, a.net, users, pw, a.n, a.rounds)
+    elif a.load in ("sessions-auth", "sessions-anon"):
+        work = sessions(tally, a.port, users, a.password, a.n, a.load == "sessions-auth")
+    elif a.load == "guess":
+        work = guess(tally, a.port, a.net, users, a.n)
+    else:
+        raise SystemExit(f"unknown load {a.load}")
     sampler = Sampler(roots)
     sampler.start()
-    if load in ("auth-wrong", "auth-right"):
-        pw = password if load == "auth-right" else "not-" + password
-        work = burst(port, users, pw, n)
-    elif load in ("sessions-auth", "sessions-anon"):
-        work = sessions(port, users, password, n, load == "sessions-auth")
-    elif load == "guess":
-        work = guess(port, users, n)
-    else:
-        sys.exit(f"unknown load {load}")
-    rate, summary = asyncio.run(asyncio.wait_for(work, LIMIT))
+    try:
+        asyncio.run(asyncio.wait_for(work, LIMIT))
+    except asyncio.TimeoutError:
+        if tally._t:
+            tally.stop()
+        tally.count("LIMIT")
     sampler.stop.set()
     sampler.join()
-    print(f"{load} {rate:.0f} {sampler.peak / 1024:.0f} {summary.replace(' ', ',')}")
+    breakdown = ",".join(f"{k}x{v}" for k, v in sorted(tally.outcomes.items()))
+    secs = max(tally.seconds, 1e-6)
+    print(
+        f"{a.load} {tally.ok()} {tally.total()} {tally.seconds:.3f} {tally.ok() / secs:.0f} "
+        f"{sampler.peak / 1024:.0f} {tally.cpu * 1000 / max(tally.total(), 1):.2f} {breakdown}"
+    )
 
 
 if __name__ == "__main__":
