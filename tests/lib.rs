@@ -174,6 +174,41 @@ impl SmtpClient {
     }
 }
 
+/// Set by `.ci/run`: a peer the tests run against (Postfix, HAProxy,
+/// promtool, root for a private Postfix) must be there.
+pub const REQUIRE_PEERS: &str = "FERRY_REQUIRE_PEERS";
+
+/// Whether a test must give up for want of a peer: the first of `reasons`
+/// that is `Some` says why. Outside CI the test then skips, and says so
+/// on standard error as `SKIPPED: TEST: WHY` (written past the harness's
+/// capture, so it shows, and `.ci/run` counts it); with
+/// [`REQUIRE_PEERS`] set to `1` it fails instead.
+pub fn skip_for_want_of(reasons: &[Option<String>]) -> bool {
+    let Some(why) = reasons.iter().flatten().next() else {
+        return false;
+    };
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("a test")
+        .to_string();
+    if std::env::var(REQUIRE_PEERS).is_ok_and(|v| v == "1") {
+        panic!("{test} cannot run: {why} ({REQUIRE_PEERS}=1: peers are required)");
+    }
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {why}");
+    true
+}
+
+/// `Some(why)` when the command `what` is not on the PATH.
+pub fn missing_command(what: &str, hint: &str) -> Option<String> {
+    let found = std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {what}")])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    (!found).then(|| format!("{what} is not installed ({hint})"))
+}
+
 /// A rustls client config trusting only `ca_pem`.
 pub fn client_config(ca_pem: &[u8]) -> rustls::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();

@@ -23,12 +23,7 @@ fn ip(s: &str) -> Option<IpAddr> {
 }
 
 fn missing(what: &str) -> Option<String> {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {what}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    (!found).then(|| format!("{what} is not installed (.ci/run installs it)"))
+    ferry_tests::missing_command(what, ".ci/run installs it")
 }
 
 fn not_root() -> Option<String> {
@@ -38,13 +33,7 @@ fn not_root() -> Option<String> {
 }
 
 fn skip(reasons: &[Option<String>]) -> bool {
-    match reasons.iter().flatten().next() {
-        Some(why) => {
-            println!("SKIPPED: {why}");
-            true
-        }
-        None => false,
-    }
+    ferry_tests::skip_for_want_of(reasons)
 }
 
 /// Waits (bounded) until `f` holds.

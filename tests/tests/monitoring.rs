@@ -2,7 +2,7 @@
 //! should (promtool's unit tests), a dashboard and rules that name only
 //! metrics Ferry exports, and live `/metrics` pages that pass promtool's
 //! lint. `.ci/run` installs prometheus (for promtool); without it the
-//! promtool checks say why and skip.
+//! promtool checks say why and skip, or fail in CI (`FERRY_REQUIRE_PEERS`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
@@ -20,15 +20,10 @@ fn root() -> PathBuf {
 }
 
 fn have_promtool() -> bool {
-    let found = Command::new("sh")
-        .args(["-c", "command -v promtool"])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        println!("SKIPPED: promtool is not installed (.ci/run installs prometheus)");
-    }
-    found
+    !ferry_tests::skip_for_want_of(&[ferry_tests::missing_command(
+        "promtool",
+        ".ci/run installs prometheus",
+    )])
 }
 
 fn promtool(args: &[&str], stdin: Option<&str>) -> (bool, String) {
