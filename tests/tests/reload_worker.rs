@@ -653,3 +653,59 @@ async fn two_hundred_reloads_under_load_fail_no_session_and_keep_memory_flat() {
         "VmRSS grew from {before} KiB to {after} KiB over 200 reloads"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_draining_the_admin_endpoint_answers_and_a_reload_is_refused() {
+    let sink = SmtpSink::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let config = Config::new(free_port(listen_ip()), sink.addr);
+    let path = data.join("ferry.toml");
+    config.write(&path);
+    let mut w = WorkerProcess::start(&path, LISTEN, &data);
+    // A transaction is open when SIGTERM comes: the worker drains.
+    let mut open = greeted(config.port, "Relay ready").await;
+    assert_eq!(
+        open.cmd("MAIL FROM:<app@example.test>").await,
+        "250 2.1.0 Sender OK"
+    );
+    use nix::sys::signal::{kill, Signal};
+    kill(nix::unistd::Pid::from_raw(w.pid()), Signal::SIGTERM).unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (code, body) = ferry_tests::binary::http(&w.admin, "GET", "/readyz");
+        if code == 503 {
+            assert_eq!(body, "not ready\n");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz still {code} while draining"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (code, report) = w.reload();
+    assert_eq!(code, 422, "{report}");
+    assert_eq!(strings(&report["errors"]), ["the worker is shutting down"]);
+    // The open transaction still completes, then the worker exits.
+    assert_eq!(
+        open.cmd("RCPT TO:<ok@sink.test>").await,
+        "250 2.1.5 Recipient OK"
+    );
+    assert!(open.cmd("DATA").await.starts_with("354 "));
+    open.send(b"Subject: drained\r\n\r\nlast one\r\n.\r\n")
+        .await
+        .unwrap();
+    assert!(open.reply().await.starts_with("250 2.6.0 "));
+    drop(open);
+    let status = tokio::task::spawn_blocking(move || w.terminate())
+        .await
+        .unwrap();
+    assert!(status.expect("the worker did not exit").success());
+    // Acknowledged: delivered, or in the spool for the next start.
+    let spooled = ferry_tests::spooled(&data)
+        .iter()
+        .any(|(_, m)| String::from_utf8_lossy(m).contains("Subject: drained"));
+    assert!(spooled || sink.received().iter().any(|m| subject_in(m, "drained")));
+}

@@ -27,6 +27,13 @@ pub const MAX_FAILURES: u32 = 1000;
 /// The largest argon2 memory cost (`m`, KiB) a `password_hash` may name:
 /// 1 GiB. A verification allocates it (a decoy too, for unknown users).
 pub const MAX_HASH_MEMORY_KIB: u32 = 1024 * 1024;
+/// The largest argon2 time cost (`t`, passes) a `password_hash` may name.
+/// A verification holds one of the `max_verifications` slots for all its
+/// passes: at t=3000 one AUTH held a slot for 38 s, and every other AUTH
+/// waited for it. OWASP's recommendations use t from 1 to 5.
+pub const MAX_HASH_PASSES: u32 = 16;
+/// The largest argon2 parallelism (`p`, lanes) a `password_hash` may name.
+pub const MAX_HASH_LANES: u32 = 16;
 
 /// The `[auth]` settings; every key is optional.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,6 +183,20 @@ pub(crate) fn password_hash(c: &mut Checker<'_>, s: &Spanned<String>) {
             format!(
                 "password_hash's memory cost m={} KiB is over {MAX_HASH_MEMORY_KIB} KiB (1 GiB)",
                 p.m_cost()
+            ),
+        ),
+        Ok(p) if p.t_cost() > MAX_HASH_PASSES => c.err(
+            s,
+            format!(
+                "password_hash's time cost t={} is over {MAX_HASH_PASSES} passes (each AUTH as this user would hold a verification slot that long)",
+                p.t_cost()
+            ),
+        ),
+        Ok(p) if p.p_cost() > MAX_HASH_LANES => c.err(
+            s,
+            format!(
+                "password_hash's parallelism p={} is over {MAX_HASH_LANES} lanes",
+                p.p_cost()
             ),
         ),
         Ok(_) => {}

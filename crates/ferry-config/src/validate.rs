@@ -51,7 +51,11 @@ impl Checker<'_> {
         let Some(s) = s else { return default };
         match humantime::parse_duration(s.get_ref()) {
             Ok(d) if !d.is_zero() => d,
-            _ => {
+            Ok(_) => {
+                self.err(s, format!("'{}': this must be more than zero", s.get_ref()));
+                default
+            }
+            Err(_) => {
                 self.err(
                     s,
                     format!(

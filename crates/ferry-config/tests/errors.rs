@@ -424,7 +424,7 @@ max_failure = 3
         errors(text),
         [
             "2:21: max_verifications must be at least 1",
-            "3:21: '0s' is not a duration such as \"30s\" or \"5m\"",
+            "3:21: '0s': this must be more than zero",
             "4:13: 'long' is not a duration such as \"30s\" or \"5m\"",
             "5:15: cooling_off: invalid type: integer `5`, expected a string",
             "6:1: unknown key `max_failure` in [auth]; expected one of `max_verifications`, `verification_wait`, `cache_ttl`, `negative_cache_ttl`, `max_failures`, `failure_window`, `cooling_off`",
@@ -496,10 +496,23 @@ fn a_password_hash_over_1_gib_or_without_output_is_refused() {
         errors(&user(&format!("$scrypt$ln=15,r=8,p=1${salt}${out}"))),
         ["3:17: password_hash is not an argon2 PHC string (make one with 'ferry user hash')"]
     );
-    // 1 GiB itself is accepted.
+    // A time cost that would hold a verification slot for tens of seconds.
+    assert_eq!(
+        errors(&user(&format!(
+            "$argon2id$v=19$m=19456,t=3000,p=1${salt}${out}"
+        ))),
+        ["3:17: password_hash's time cost t=3000 is over 16 passes (each AUTH as this user would hold a verification slot that long)"]
+    );
+    assert_eq!(
+        errors(&user(&format!(
+            "$argon2id$v=19$m=19456,t=2,p=255${salt}${out}"
+        ))),
+        ["3:17: password_hash's parallelism p=255 is over 16 lanes"]
+    );
+    // 1 GiB, 16 passes and 16 lanes themselves are accepted.
     ClusterConfig::parse(
         "ok.toml",
-        &user(&format!("$argon2id$v=19$m=1048576,t=1,p=1${salt}${out}")),
+        &user(&format!("$argon2id$v=19$m=1048576,t=16,p=16${salt}${out}")),
         Path::new("."),
     )
     .unwrap();

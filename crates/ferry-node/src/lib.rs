@@ -27,7 +27,6 @@ pub mod snapshot;
 use std::sync::Arc;
 
 use tokio::signal::unix::{signal, Signal, SignalKind};
-use tokio_util::sync::CancellationToken;
 
 pub use admin::NodeAdmin;
 pub use listeners::{ListenError, ListenerSet, OnAccept, Reconciled};
@@ -44,20 +43,14 @@ pub fn watch_hangups() -> std::io::Result<Signal> {
     signal(SignalKind::hangup())
 }
 
-/// Reloads the config on every SIGHUP in `hangups` until `shutdown`.
-/// Reloads do not queue up: signals that arrive during one are folded
-/// into the next.
-pub fn reload_on_hangup<R: Role>(
-    reloader: Arc<Reloader<R>>,
-    mut hangups: Signal,
-    shutdown: CancellationToken,
-) {
+/// Reloads the config on every SIGHUP in `hangups`, for the life of the
+/// process: while the node drains after SIGTERM a SIGHUP is still
+/// answered, by the role refusing it (logged as a failed reload). Reloads
+/// do not queue up: signals that arrive during one are folded into the
+/// next.
+pub fn reload_on_hangup<R: Role>(reloader: Arc<Reloader<R>>, mut hangups: Signal) {
     tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                got = hangups.recv() => if got.is_none() { return },
-            }
+        while hangups.recv().await.is_some() {
             tracing::info!("SIGHUP: reloading the config");
             reloader.reload().await;
         }

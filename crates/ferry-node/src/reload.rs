@@ -230,7 +230,10 @@ pub fn emptied(old: &ClusterConfig, new: &ClusterConfig) -> Vec<String> {
         ));
     }
     let backends = |c: &ClusterConfig| c.balancer.as_ref().map_or(0, |b| b.backends.len());
-    if backends(old) > 0 && new.balancer.is_some() && backends(new) == 0 {
+    // A file cut before its [balancer] section counts too: every node
+    // refuses it alike, rather than the workers taking it and the
+    // balancers not.
+    if backends(old) > 0 && backends(new) == 0 {
         out.push(format!(
             "the new config has no balancer backends: every client would get 421 ({WHY})"
         ));
@@ -255,5 +258,36 @@ fn summary(changes: &[String]) -> String {
     match changes.is_empty() {
         true => "no changes".into(),
         false => changes.join(", "),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../../deploy/examples/ferry.toml");
+
+    fn parse(text: &str) -> ClusterConfig {
+        ClusterConfig::parse("t.toml", text, Path::new(".")).unwrap()
+    }
+
+    #[test]
+    fn an_empty_or_cut_short_file_is_refused_but_an_ordinary_edit_is_not() {
+        let full = parse(EXAMPLE);
+        let edited = parse(&EXAMPLE.replace("Ferry Default Frontend ready", "Edited ready"));
+        assert!(emptied(&full, &edited).is_empty());
+        let empty = emptied(&full, &parse(""));
+        assert_eq!(empty.len(), 3, "{empty:?}");
+        assert!(empty[0].starts_with("the new config has no connectors"));
+        assert!(empty[1].starts_with("the new config has no routes"));
+        assert!(empty[2].starts_with("the new config has no balancer backends"));
+        // Cut before its [balancer] section: refused by every node alike.
+        let cut = EXAMPLE.find("\n[balancer]").unwrap();
+        let no_balancer = emptied(&full, &parse(&EXAMPLE[..cut]));
+        assert_eq!(no_balancer.len(), 1, "{no_balancer:?}");
+        assert!(no_balancer[0].starts_with("the new config has no balancer backends"));
+        // A node started on a config without them may get them or not.
+        assert!(emptied(&parse(""), &full).is_empty());
     }
 }

@@ -131,6 +131,10 @@ pub struct ServerSession {
     input: Vec<u8>,
     /// Discarding an over-long line up to its LF.
     skipping_line: bool,
+    /// The line after a refused AUTH LOGIN user name is most likely the
+    /// password, sent by a client that did not wait for our reply: it is
+    /// shown as `****` in the transcript, whatever it turns out to be.
+    mask_next_line: bool,
     pending: Option<Pending>,
     envelope: Envelope,
     helo: Option<String>,
@@ -152,6 +156,7 @@ impl ServerSession {
             phase: Phase::Connected,
             input: Vec::new(),
             skipping_line: false,
+            mask_next_line: false,
             pending: None,
             envelope: Envelope::default(),
             helo: None,
@@ -327,9 +332,12 @@ impl ServerSession {
     }
 
     fn command(&mut self, line: &[u8]) -> Event {
+        let masked = mem::take(&mut self.mask_next_line);
         if self.config.transcript {
             let text = printable(String::from_utf8_lossy(line).trim_end());
-            let shown = if starts_with_ignore_case(line, b"AUTH ") {
+            let shown = if masked {
+                "****".to_string()
+            } else if starts_with_ignore_case(line, b"AUTH ") {
                 text.split_whitespace()
                     .take(2)
                     .collect::<Vec<_>>()
@@ -662,7 +670,10 @@ impl ServerSession {
                     self.phase = Phase::AuthLoginPass(user);
                     Event::Reply(r(334, &sasl::encode("Password:")))
                 }
-                Err(e) => self.sasl_error(e),
+                Err(e) => {
+                    self.mask_next_line = true;
+                    self.sasl_error(e)
+                }
             },
             Phase::AuthLoginPass(username) => match sasl::decode_text(text) {
                 Ok(password) => self.credentials(Credentials {

@@ -115,6 +115,29 @@ fn auth_login_dialogue_and_transcript_hides_secrets() {
 }
 
 #[test]
+fn a_password_sent_after_a_refused_login_user_name_stays_out_of_the_transcript() {
+    let mut c = config();
+    c.auth = AuthOffer::Always;
+    let mut s = ServerSession::new(c);
+    run(&mut s, b"EHLO dev\r\n");
+    run(&mut s, b"AUTH LOGIN\r\n");
+    // A user name that is not UTF-8 ends the exchange; a client that does
+    // not wait for the reply sends its password anyway ("pw").
+    let (out, _) = run(&mut s, b"/w==\r\ncHc=\r\n");
+    assert!(
+        out.starts_with("501 5.5.2 SASL response is not UTF-8\r\n500 "),
+        "{out}"
+    );
+    assert_eq!(
+        s.take_transcript().join("|"),
+        "EHLO dev|AUTH LOGIN|****|****"
+    );
+    // Only that one line.
+    run(&mut s, b"NOOP\r\n");
+    assert_eq!(s.take_transcript(), vec!["NOOP"]);
+}
+
+#[test]
 fn sequence_and_syntax_errors() {
     let mut s = ServerSession::new(config());
     let (out, _) = run(&mut s, b"MAIL FROM:<a@x.test>\r\n");

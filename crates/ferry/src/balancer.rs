@@ -43,7 +43,6 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         args.config.clone(),
         Arc::new(BalancerAdmin(Arc::clone(&balancer))),
         hangups,
-        &shutdown,
     );
     let admin = crate::node::Admin {
         api,

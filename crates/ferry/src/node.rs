@@ -29,7 +29,7 @@ pub async fn first_snapshot<R: Role>(path: &Path) -> anyhow::Result<Snapshot<R::
 }
 
 /// Makes `role` reloadable from `config`: on each SIGHUP in `hangups`
-/// (from [`ferry_node::watch_hangups`]) until `shutdown`, and
+/// (from [`ferry_node::watch_hangups`]) for the life of the process, and
 /// with `POST /config/reload` on the admin API returned (the role's `api`
 /// plus reload and the `config` part of `/status`).
 pub fn reloadable<R: Role>(
@@ -37,10 +37,9 @@ pub fn reloadable<R: Role>(
     config: PathBuf,
     api: Arc<dyn AdminApi>,
     hangups: tokio::signal::unix::Signal,
-    shutdown: &CancellationToken,
 ) -> Arc<dyn AdminApi> {
     let reloader = Reloader::new(role, config);
-    ferry_node::reload_on_hangup(Arc::clone(&reloader), hangups, shutdown.clone());
+    ferry_node::reload_on_hangup(Arc::clone(&reloader), hangups);
     Arc::new(NodeAdmin {
         role: api,
         reloader,
@@ -54,7 +53,7 @@ pub struct Admin {
     pub token: Option<Arc<str>>,
 }
 
-/// Serves the admin endpoint on `admin_addr` until `shutdown`, prints
+/// Serves the admin endpoint on `admin_addr` until the process exits, prints
 /// `ROLE smtp ADDR` for each listener, `ROLE admin URL`, `ROLE metrics
 /// URL` and `ROLE ready`,
 /// and cancels `shutdown` on SIGTERM or SIGINT.
@@ -76,9 +75,11 @@ pub async fn start(
         ready: admin.ready,
         token: admin.token,
     };
-    let admin_shutdown = shutdown.clone();
+    // The endpoint serves until the process exits, drain included: then
+    // /readyz answers 503, /status and /metrics show the drain, and a
+    // reload is refused with a reason rather than a refused connection.
     tokio::spawn(ferry_telemetry::admin::serve(endpoint, state, async move {
-        admin_shutdown.cancelled().await
+        std::future::pending::<()>().await
     }));
     for addr in smtp {
         println!("{role} smtp {addr}");

@@ -70,7 +70,6 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         args.config.clone(),
         Arc::new(QueueAdmin::new(Arc::clone(&deliverer), Arc::clone(&ready))),
         hangups,
-        &shutdown,
     );
     let admin = crate::node::Admin { api, ready, token };
     crate::node::start("worker", args.listen, &smtp, args.admin, admin, &shutdown).await?;
