@@ -22,13 +22,14 @@ const LIMITS: &str = r#"{ tarpit = "0s" }"#;
 const WAIT: Duration = Duration::from_secs(15);
 
 /// A hash that takes a few hundred milliseconds to verify (argon2id,
-/// 8 MiB, 100 passes), so that verifications overlap for sure.
+/// 50 MiB, 16 passes: the most passes a config allows), so that
+/// verifications overlap for sure.
 fn slow_hash(password: &str) -> String {
     let salt = SaltString::generate(&mut OsRng);
     Argon2::new(
         Algorithm::Argon2id,
         Version::V0x13,
-        Params::new(8192, 100, 1, None).unwrap(),
+        Params::new(51_200, 16, 1, None).unwrap(),
     )
     .hash_password(password.as_bytes(), &salt)
     .unwrap()
