@@ -87,4 +87,11 @@ impl AdminApi for BalancerAdmin {
             }
         })
     }
+
+    fn allowed(&self, path: &str) -> &'static str {
+        match path.starts_with("/backends/") {
+            true => "POST",
+            false => "",
+        }
+    }
 }

@@ -38,4 +38,11 @@ impl<R: Role> AdminApi for NodeAdmin<R> {
             }
         })
     }
+
+    fn allowed(&self, path: &str) -> &'static str {
+        match path {
+            "/config/reload" => "POST",
+            _ => self.role.allowed(path),
+        }
+    }
 }

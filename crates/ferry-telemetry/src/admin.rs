@@ -17,11 +17,6 @@ use tokio::net::TcpListener;
 
 /// What an [`AdminApi`] answers: a status and a JSON body, or `None` for a
 /// path it does not know.
-///
-/// A 405 answer's body is `{"error": "..."}` naming the allowed methods as
-/// comma-separated `METHOD /path` clauses (an upper-case segment such as
-/// `ID` stands for any) or `METHOD words`; the endpoint derives the
-/// `Allow` header RFC 9110 §15.5.6 requires from it (see [`allow_from`]).
 pub type AdminAnswer<'a> =
     std::pin::Pin<Box<dyn Future<Output = Option<(u16, String)>> + Send + 'a>>;
 
@@ -30,6 +25,12 @@ pub type AdminAnswer<'a> =
 /// body, or `None` for a path it does not know.
 pub trait AdminApi: Send + Sync {
     fn handle<'a>(&'a self, method: &'a str, path: &'a str) -> AdminAnswer<'a>;
+
+    /// The methods `path` takes, for the `Allow` header of a 405 the API
+    /// answered there (RFC 9110 §15.5.6); empty: none named.
+    fn allowed(&self, _path: &str) -> &'static str {
+        ""
+    }
 }
 
 /// What the endpoint reports.
@@ -100,50 +101,6 @@ fn respond(
     resp
 }
 
-/// HTTP methods, as they may appear in a 405 answer's error text.
-const METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"];
-
-/// The `Allow` value for a 405 an [`AdminApi`] gave for `path`, from the
-/// methods its error text names: the clauses whose `/path` template fits
-/// `path` (or that name no path); when none fits, every method named.
-/// Empty (RFC 9110 §10.2.1: "allows no methods") if the text names none.
-pub fn allow_from(body: &str, path: &str) -> String {
-    let error = serde_json::from_str::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v.get("error")?.as_str().map(str::to_owned))
-        .unwrap_or_default();
-    let segments = |p: &str| -> Vec<String> {
-        p.split('/')
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .collect()
-    };
-    let wanted = segments(path);
-    let fits = |template: &str| {
-        let template = segments(template);
-        template.len() == wanted.len()
-            && template.iter().zip(&wanted).all(|(t, w)| {
-                t == w || (t.chars().all(|c| c.is_ascii_uppercase()) && !t.is_empty())
-            })
-    };
-    let mut named = Vec::new();
-    let mut fitting = Vec::new();
-    for clause in error.split(',') {
-        let mut words = clause.split_whitespace();
-        let Some(method) = words.next().filter(|m| METHODS.contains(m)) else {
-            continue;
-        };
-        let template = words.next().filter(|w| w.starts_with('/'));
-        if !named.contains(&method) {
-            named.push(method);
-        }
-        if template.is_none_or(fits) && !fitting.contains(&method) {
-            fitting.push(method);
-        }
-    }
-    if fitting.is_empty() { named } else { fitting }.join(", ")
-}
-
 /// A 405 with the `Allow` header RFC 9110 §15.5.6 requires.
 fn not_allowed(content_type: &str, body: impl Into<Bytes>, allow: &str) -> Response<Full<Bytes>> {
     let mut resp = respond(StatusCode::METHOD_NOT_ALLOWED, content_type, body);
@@ -165,8 +122,7 @@ async fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Byt
         if let Some(api) = &state.api {
             if let Some((status, body)) = api.handle(req.method().as_str(), path).await {
                 if status == 405 {
-                    let allow = allow_from(&body, path);
-                    return not_allowed("application/json", body, &allow);
+                    return not_allowed("application/json", body, api.allowed(path));
                 }
                 let status =
                     StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -223,26 +179,5 @@ pub async fn serve(listener: TcpListener, state: AdminState, shutdown: impl Futu
                 tracing::debug!(error = %e, "admin connection ended");
             }
         });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::allow_from;
-
-    /// The 405 texts the roles answer today.
-    #[test]
-    fn allow_comes_from_the_methods_the_error_names_for_the_path() {
-        let queue = r#"{"error":"GET /queue/ID, POST /queue/ID/retry, POST /queue/ID/bounce, DELETE /queue/ID"}"#;
-        assert_eq!(allow_from(queue, "/queue/0123"), "GET, DELETE");
-        assert_eq!(allow_from(queue, "/queue/0123/bounce"), "POST");
-        // No clause fits: every method named rather than none.
-        assert_eq!(allow_from(queue, "/queue/0123/x"), "GET, POST, DELETE");
-        assert_eq!(allow_from(r#"{"error":"GET /queue"}"#, "/queue/"), "GET");
-        let reload = r#"{"error":"POST /config/reload"}"#;
-        assert_eq!(allow_from(reload, "/config/reload"), "POST");
-        let drain = r#"{"error":"POST drain or undrain"}"#;
-        assert_eq!(allow_from(drain, "/backends/w1/drain"), "POST");
-        assert_eq!(allow_from("not json", "/x"), "");
     }
 }

@@ -65,8 +65,8 @@ fn header(head: &str, name: &str) -> Option<String> {
 }
 
 /// A node's API as the roles write theirs: `None` for a path it does not
-/// know, 405 with the allowed `METHOD /path` in the error for a wrong
-/// method on one it does.
+/// know, 405 for a wrong method on one it does, and the methods each path
+/// takes.
 struct NodeLike;
 
 impl AdminApi for NodeLike {
@@ -94,6 +94,15 @@ impl AdminApi for NodeLike {
                 _ => None,
             }
         })
+    }
+
+    fn allowed(&self, path: &str) -> &'static str {
+        let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+        match parts.as_slice() {
+            ["config", "reload"] | ["queue", _, "retry"] | ["backends", _, "drain"] => "POST",
+            ["queue", _] => "GET, DELETE",
+            _ => "",
+        }
     }
 }
 

@@ -195,4 +195,14 @@ impl AdminApi for QueueAdmin {
     fn handle<'a>(&'a self, method: &'a str, path: &'a str) -> AdminAnswer<'a> {
         Box::pin(self.answer(method, path))
     }
+
+    fn allowed(&self, path: &str) -> &'static str {
+        let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+        match parts.as_slice() {
+            ["queue"] => "GET",
+            ["queue", _] => "GET, DELETE",
+            ["queue", _, "retry" | "bounce"] => "POST",
+            _ => "GET, POST, DELETE",
+        }
+    }
 }
