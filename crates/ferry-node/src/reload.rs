@@ -235,7 +235,7 @@ pub fn emptied(old: &ClusterConfig, new: &ClusterConfig) -> Vec<String> {
     // balancers not.
     if backends(old) > 0 && backends(new) == 0 {
         out.push(format!(
-            "the new config has no balancer backends: every client would get 421 ({WHY})"
+            "the new config has no balancer backends: a balancer would answer every client 421 ({WHY})"
         ));
     }
     out
