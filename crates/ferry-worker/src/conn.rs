@@ -109,6 +109,13 @@ pub(crate) async fn handle(
         None => (peer, local.ip(), None, Vec::new()),
     };
     let client = remote.ip().to_canonical();
+    if probe && core.is_config_behind() {
+        counter!(metric::CONNECTIONS_REFUSED, "reason" => "config_behind").increment(1);
+        debug!(%session_id, %peer, "probe refused: the config in service is behind the control plane's");
+        let text = "4.3.0 This worker's config is out of date, closing transmission channel";
+        refuse(stream, Reply::new(421, text)).await;
+        return;
+    }
     let Some(selection) = snapshot.config.select(local.ip(), local.port(), client) else {
         counter!(metric::CONNECTIONS_REFUSED, "reason" => "no_connector").increment(1);
         info!(%session_id, %peer, %client, port = local.port(), "no connector for client; refused");

@@ -50,6 +50,9 @@ pub struct Core {
     shutdown: CancellationToken,
     /// Free space in the data directory is under the floor.
     low_space: AtomicBool,
+    /// This node has refused the control plane's current config for
+    /// longer than its grace period ([`Core::set_config_behind`]).
+    config_behind: AtomicBool,
     /// The verification pool, credential cache and failure counters:
     /// process-wide, tuned to each snapshot put in service.
     pub(crate) auth: Authenticator,
@@ -83,6 +86,7 @@ impl Core {
             session_seq: AtomicU64::new(0),
             shutdown: CancellationToken::new(),
             low_space: AtomicBool::new(false),
+            config_behind: AtomicBool::new(false),
         }
     }
 
@@ -107,6 +111,31 @@ impl Core {
     /// New mail is refused with `452 4.3.1` while this holds.
     pub fn is_low_on_space(&self) -> bool {
         self.low_space.load(Ordering::Relaxed)
+    }
+
+    /// Marks this worker as serving an older config than the control
+    /// plane's current one, which it could not apply (a NACK) for longer
+    /// than the grace period, or as back in step. While behind, the
+    /// balancer's probes (PROXY `LOCAL` sessions) are refused with `421`,
+    /// so every balancer takes the worker out of rotation after `fall`
+    /// probes, and `/readyz` answers 503; clients that reach the worker
+    /// directly are still served, under the config in service.
+    pub fn set_config_behind(&self, behind: bool) {
+        if behind != self.config_behind.swap(behind, Ordering::Relaxed) {
+            metrics::gauge!(crate::metric::CONFIG_BEHIND).set(f64::from(u8::from(behind)));
+            match behind {
+                true => tracing::warn!(
+                    "the control plane's config could not be applied within the grace period: \
+                     refusing balancer probes until it is"
+                ),
+                false => tracing::info!("config back in step: answering balancer probes"),
+            }
+        }
+    }
+
+    /// Whether [`Core::set_config_behind`] holds.
+    pub fn is_config_behind(&self) -> bool {
+        self.config_behind.load(Ordering::Relaxed)
     }
 
     /// Compares free space in the data directory with the floor of the

@@ -24,6 +24,7 @@ pub const QUEUE_OLDEST_AGE: &str = "ferry_queue_oldest_message_age_seconds";
 pub const DELIVERY_ATTEMPTS: &str = "ferry_delivery_attempts_total";
 pub const DELIVERY_DURATION: &str = "ferry_delivery_duration_seconds";
 pub const LOG_LINES_DROPPED: &str = "ferry_log_lines_dropped_total";
+pub const CONFIG_BEHIND: &str = "ferry_config_behind";
 
 /// Puts every series of the AUTH metrics on `/metrics` at 0 (call once
 /// the recorder is installed): Prometheus' `increase()` sees the first
@@ -116,6 +117,10 @@ pub fn describe() {
     describe_counter!(
         LOG_LINES_DROPPED,
         "Protocol log lines dropped because the log writer was behind, by log"
+    );
+    describe_gauge!(
+        CONFIG_BEHIND,
+        "1 while this worker could not apply the control plane's current config for longer than the grace period (balancer probes refused)"
     );
     describe_histogram!(
         DELIVERY_DURATION,

@@ -125,12 +125,13 @@ impl Worker {
         self.core.flush_logs().await;
     }
 
-    /// Readiness for `/readyz`: listening, not shutting down, and with
-    /// room in the spool.
+    /// Readiness for `/readyz`: listening, not shutting down, with room
+    /// in the spool, and not behind the control plane's config.
     pub fn is_ready(&self) -> bool {
         self.listening.load(Ordering::Relaxed)
             && !self.core.shutting_down().is_cancelled()
             && !self.core.is_low_on_space()
+            && !self.core.is_config_behind()
     }
 
     /// Cancelling this token shuts the worker down gracefully.

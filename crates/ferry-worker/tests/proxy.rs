@@ -203,3 +203,36 @@ async fn a_literal_is_local_when_it_names_the_address_the_client_reached() {
     );
     c.cmd("QUIT").await;
 }
+
+/// A worker that could not apply the control plane's current config for
+/// longer than the grace period refuses the balancer's probes, so every
+/// balancer takes it out of rotation, while clients that reach it
+/// (directly or still through a balancer) are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_behind_the_control_plane_refuses_probes_only() {
+    let h = Harness::start(LIMITS).await;
+    let mut local = Vec::new();
+    ProxyHeader::with_local().encode_v2(&mut local).unwrap();
+    assert!(h.worker.is_ready());
+
+    h.worker.core().set_config_behind(true);
+    assert!(
+        !h.worker.is_ready(),
+        "/readyz must say not ready while behind"
+    );
+    let mut probe = from(&h, PROXY, &local).await;
+    assert_eq!(
+        probe.reply().await,
+        "421 4.3.0 This worker's config is out of date, closing transmission channel"
+    );
+    assert!(probe.is_closed().await);
+    let mut client = from(&h, PROXY, &v2("127.0.0.1:40002", h.front, "BAL-2")).await;
+    assert_eq!(client.reply().await, "220 Default Frontend ready");
+    client.cmd("QUIT").await;
+
+    h.worker.core().set_config_behind(false);
+    assert!(h.worker.is_ready());
+    let mut probe = from(&h, PROXY, &local).await;
+    assert_eq!(probe.reply().await, "220 Default Frontend ready");
+    probe.cmd("QUIT").await;
+}
