@@ -222,6 +222,20 @@ async fn a_pushed_snapshot_is_served_within_a_second_and_acknowledged() {
     assert_eq!(status, 409, "{body}");
     assert!(body.contains("apply changes there"), "{body}");
     assert!(body.contains(&fake.url()), "{body}");
+    w.hangup();
+    let deadline = Instant::now() + WAIT;
+    let log = loop {
+        let log = std::fs::read_to_string(s.data.join("worker.log")).unwrap();
+        if log.contains("SIGHUP ignored") || Instant::now() > deadline {
+            break log;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        log.contains("SIGHUP ignored: the config comes from the control plane"),
+        "{log}"
+    );
+    assert_eq!(banner(port).await, "220 Two ready");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -266,11 +266,16 @@ impl<R: Role> Controlled<R> {
     /// else hands it to whoever waits in [`Controlled::candidate`].
     async fn apply(&self, received: Received) -> Result<(), String> {
         let data = self.data.clone();
+        let version = received.version;
         let built = tokio::task::spawn_blocking(move || build::<R>(&received, &data))
             .await
             .unwrap_or_else(|e| Err(vec![format!("building the config failed: {e}")]));
         let Some(serving) = self.serving.get() else {
-            let snapshot = built.map_err(|errors| errors.join("\n"))?;
+            let snapshot = built.map_err(|errors| {
+                let error = errors.join("\n");
+                self.refuse(version, None, error.clone());
+                error
+            })?;
             let (reply, answer) = oneshot::channel();
             self.first_tx
                 .send((snapshot, reply))
