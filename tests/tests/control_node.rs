@@ -457,3 +457,33 @@ address = "{LISTEN}"
         format!("control plane {}", fake.url())
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn relative_paths_follow_config_dir_when_given() {
+    let s = setup();
+    let fake = FakeControlPlane::start(&s.pki).await;
+    let certs = s.pki.dir.parent().unwrap().join("node-certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    make_certificate(&certs);
+    let (port, tls_port) = (
+        free_port(LISTEN.parse().unwrap()),
+        free_port(LISTEN.parse().unwrap()),
+    );
+    let extra = tls_connector(tls_port, "test.crt", "test.key");
+    let (v1, _) = fake.push(&worker_config(port, "One ready", &extra));
+    let mut args = vec![
+        "--control".to_string(),
+        fake.url(),
+        "--config-dir".into(),
+        certs.display().to_string(),
+        "--listen".into(),
+        LISTEN.into(),
+        "--data".into(),
+        s.data.display().to_string(),
+    ];
+    args.extend(s.pki.node_flags("w1"));
+    let _w = WorkerProcess::start_args("worker", &args, &s.data, "ready");
+    let ack = fake.report_for(v1, WAIT).await.expect("a report for v1");
+    assert_eq!(ack.error, "");
+    assert_eq!(banner(tls_port).await, "220 Ferry ESMTP Devices ready");
+}

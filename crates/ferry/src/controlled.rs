@@ -6,7 +6,8 @@
 //! then the node subscribes. Without one, the admin endpoint comes up
 //! alone (`/readyz` 503, `/status` saying why) and the role is built from
 //! the first snapshot that arrives; no SMTP port opens before. Relative
-//! paths in the config (certificate files) are taken from the node's data
+//! paths in the config (certificate files, a directory route's folder)
+//! are taken from the node's `--config-dir`, by default its data
 //! directory: the control plane's config names files local to each node.
 
 use std::net::{IpAddr, SocketAddr};
@@ -33,6 +34,9 @@ pub struct ControlArgs {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// What relative paths in the config are resolved against (`None`:
+    /// the data directory).
+    pub config_dir: Option<PathBuf>,
 }
 
 /// What a role serves with once it is built: its admin API and readiness.
@@ -57,6 +61,8 @@ type First<M> = (Snapshot<M>, oneshot::Sender<Result<(), String>>);
 pub struct Controlled<R: Role> {
     role_name: &'static str,
     data: PathBuf,
+    /// What relative paths in a config are resolved against.
+    base: PathBuf,
     subscriber: Arc<Subscriber>,
     serving: OnceLock<Serving<R>>,
     /// The last-good copy, built, until the role takes it.
@@ -83,7 +89,8 @@ impl<R: Role> Controlled<R> {
     ) -> anyhow::Result<Arc<Self>> {
         std::fs::create_dir_all(data)
             .with_context(|| format!("creating data directory {}", data.display()))?;
-        let last_good = load_last_good::<R>(data).await;
+        let base = control.config_dir.unwrap_or_else(|| data.to_path_buf());
+        let last_good = load_last_good::<R>(data, &base).await;
         let serving = last_good.as_ref().map(|s| (s.version, s.sha256.clone()));
         let subscriber = Subscriber::new(
             SubscriberOptions {
@@ -104,6 +111,7 @@ impl<R: Role> Controlled<R> {
         Ok(Arc::new(Self {
             role_name,
             data: data.to_path_buf(),
+            base,
             waiting: Mutex::new(format!(
                 "waiting for the control plane at {}; no last-good copy in {}",
                 subscriber.urls().join(", "),
@@ -265,9 +273,9 @@ impl<R: Role> Controlled<R> {
     /// Applies a snapshot from the subscriber: to the role if it serves,
     /// else hands it to whoever waits in [`Controlled::candidate`].
     async fn apply(&self, received: Received) -> Result<(), String> {
-        let data = self.data.clone();
+        let base = self.base.clone();
         let version = received.version;
-        let built = tokio::task::spawn_blocking(move || build::<R>(&received, &data))
+        let built = tokio::task::spawn_blocking(move || build::<R>(&received, &base))
             .await
             .unwrap_or_else(|e| Err(vec![format!("building the config failed: {e}")]));
         let Some(serving) = self.serving.get() else {
@@ -389,12 +397,12 @@ impl<R: Role> AdminApi for Controlled<R> {
 }
 
 /// Builds the role's snapshot from a control-plane config (blocking: it
-/// reads certificate files, relative to `data`).
-fn build<R: Role>(received: &Received, data: &Path) -> Result<Snapshot<R::Material>, Vec<String>> {
+/// reads certificate files, relative to `base`).
+fn build<R: Role>(received: &Received, base: &Path) -> Result<Snapshot<R::Material>, Vec<String>> {
     let text = std::str::from_utf8(&received.config)
         .map_err(|e| vec![format!("the config is not UTF-8: {e}")])?;
     let name = format!("version {}", received.version);
-    let config = ClusterConfig::parse(&name, text, data).map_err(|e| config_errors(&e))?;
+    let config = ClusterConfig::parse(&name, text, base).map_err(|e| config_errors(&e))?;
     let material = R::prepare(&config)?;
     let loaded = LoadedConfig {
         config: Arc::new(config),
@@ -406,11 +414,12 @@ fn build<R: Role>(received: &Received, data: &Path) -> Result<Snapshot<R::Materi
 
 /// The last-good copy in `data`, built; `None` (logged) when there is
 /// none or it cannot be served any more.
-async fn load_last_good<R: Role>(data: &Path) -> Option<Snapshot<R::Material>> {
+async fn load_last_good<R: Role>(data: &Path, base: &Path) -> Option<Snapshot<R::Material>> {
     let dir = data.to_path_buf();
+    let base = base.to_path_buf();
     let built = tokio::task::spawn_blocking(move || {
         let copy = LastGood::load(&dir).map_err(|e| vec![e.to_string()])?;
-        copy.map(|c| build::<R>(&Received::from(c), &dir))
+        copy.map(|c| build::<R>(&Received::from(c), &base))
             .transpose()
     })
     .await
@@ -516,6 +525,10 @@ pub struct SourceFlags {
     /// This node's private key (PEM).
     #[arg(long, requires = "control")]
     pub key: Option<PathBuf>,
+    /// With --control: the folder relative paths in the config
+    /// (certificate files) are taken from; the data directory if unset.
+    #[arg(long, requires = "control")]
+    pub config_dir: Option<PathBuf>,
 }
 
 /// Where a node's config comes from.
@@ -544,6 +557,7 @@ impl SourceFlags {
                     ca,
                     cert,
                     key,
+                    config_dir: self.config_dir,
                 }))
             }
             _ => anyhow::bail!("give exactly one of --config FILE and --control URL"),
