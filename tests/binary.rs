@@ -80,7 +80,16 @@ impl WorkerProcess {
 
     /// Reads the node's address lines (`ROLE smtp ADDR`, `ROLE admin URL`)
     /// until `ROLE ready`, bounded.
-    fn ready(mut child: Child, role: &str, token: String, token_file: std::path::PathBuf) -> Self {
+    fn ready(child: Child, role: &str, token: String, token_file: std::path::PathBuf) -> Self {
+        let mut w = Self::reading(child, token, token_file);
+        assert!(
+            w.read_until(role, "ready", Duration::from_secs(30)),
+            "{role} did not report ready in time"
+        );
+        w
+    }
+
+    fn reading(mut child: Child, token: String, token_file: std::path::PathBuf) -> Self {
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -91,29 +100,63 @@ impl WorkerProcess {
                 }
             }
         });
-        let mut w = WorkerProcess {
+        WorkerProcess {
             child,
             smtp: Vec::new(),
             admin: String::new(),
             token,
             token_file,
             lines: rx,
-        };
+        }
+    }
+
+    /// Reads address lines until `ROLE WORD` (`ready`, `waiting`); false
+    /// if it did not come within `wait`.
+    pub fn read_until(&mut self, role: &str, word: &str, wait: Duration) -> bool {
+        let deadline = std::time::Instant::now() + wait;
         loop {
-            let line = w
-                .lines
-                .recv_timeout(Duration::from_secs(30))
-                .unwrap_or_else(|_| panic!("{role} did not report ready in time"));
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let Ok(line) = self.lines.recv_timeout(left) else {
+                return false;
+            };
             let words: Vec<&str> = line.split_whitespace().collect();
             match words.as_slice() {
-                [r, "smtp", addr] if *r == role => w.smtp.push(addr.parse().unwrap()),
+                [r, "smtp", addr] if *r == role => self.smtp.push(addr.parse().unwrap()),
                 [r, "admin", url] if *r == role => {
-                    w.admin = url.trim_end_matches("/metrics").to_string()
+                    self.admin = url.trim_end_matches("/metrics").to_string()
                 }
-                [r, "ready"] if *r == role => break,
+                [r, w] if *r == role && *w == word => return true,
                 _ => {}
             }
         }
+    }
+
+    /// Starts `ferry ROLE ARGS… --admin 127.0.0.1:0 --admin-token-file F`
+    /// (its log goes to `ROLE.log` in `logs`) and reads its lines until
+    /// `ROLE WORD`: `ready`, or `waiting` for a node started with
+    /// `--control` and nothing to serve yet.
+    pub fn start_args(role: &str, args: &[String], logs: &Path, word: &str) -> Self {
+        std::fs::create_dir_all(logs).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(logs.join(format!("{role}.log")))
+            .unwrap();
+        let (token, token_file) = token_in(logs);
+        let child = Command::new(ferry_bin())
+            .arg(role)
+            .args(args)
+            .args(["--admin", "127.0.0.1:0", "--admin-token-file"])
+            .arg(&token_file)
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start ferry {role}: {e}"));
+        let mut w = Self::reading(child, token, token_file);
+        assert!(
+            w.read_until(role, word, Duration::from_secs(30)),
+            "{role} did not report {word} in time"
+        );
         w
     }
 

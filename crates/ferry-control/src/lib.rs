@@ -8,6 +8,8 @@
 //!   identity (admin, node, control) each carries.
 //! - [`store`]: where the history of snapshots and the node status live
 //!   ([`store::Store`]); a file store for one replica, etcd for several.
+//! - [`subscriber`]: the node side: Watch, apply through the node's
+//!   [`subscriber::Applier`], keep a last-good copy, Report, reconnect.
 //!
 //! The data-plane crates never see gRPC: a node's subscriber hands each
 //! snapshot to the role's `apply` and reports the result. No SMTP here.
@@ -15,6 +17,7 @@
 
 pub mod identity;
 pub mod store;
+pub mod subscriber;
 
 /// The gRPC types and service stubs of `ferry.v1`.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]

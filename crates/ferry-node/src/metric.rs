@@ -22,7 +22,7 @@ fn seconds(t: SystemTime) -> f64 {
 /// with (its load counts as the last successful one). Both reload results
 /// are exported from the start, so an alert on `increase(...)` sees the
 /// first failure.
-pub(crate) fn started<M>(snapshot: &Snapshot<M>) {
+pub fn started<M>(snapshot: &Snapshot<M>) {
     use metrics::{describe_counter, describe_gauge, Unit};
     describe_gauge!(CONFIG_VERSION, "Version of the config snapshot in service");
     describe_counter!(CONFIG_RELOADS, "Config reloads, by result (ok, failed)");
@@ -44,7 +44,9 @@ pub(crate) fn started<M>(snapshot: &Snapshot<M>) {
     metrics::gauge!(CONFIG_LAST_SUCCESS).set(seconds(snapshot.loaded_at));
 }
 
-pub(crate) fn reloaded(report: &ReloadReport) {
+/// Counts a reload (or a control-plane snapshot applied or refused) and
+/// moves the version and last-success gauges when it worked.
+pub fn reloaded(report: &ReloadReport) {
     let result = if report.ok { "ok" } else { "failed" };
     metrics::counter!(CONFIG_RELOADS, "result" => result).increment(1);
     metrics::gauge!(CONFIG_LAST_RELOAD_OK).set(if report.ok { 1.0 } else { 0.0 });

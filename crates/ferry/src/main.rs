@@ -4,6 +4,7 @@
 
 mod balancer;
 mod config_cmd;
+mod controlled;
 mod demo_certs;
 mod node;
 mod queue;
@@ -49,9 +50,8 @@ enum Command {
     },
     /// Run a relay worker.
     Worker {
-        /// The cluster config file.
-        #[arg(long)]
-        config: PathBuf,
+        #[command(flatten)]
+        source: controlled::SourceFlags,
         /// The address every connector port is bound on.
         #[arg(long)]
         listen: IpAddr,
@@ -71,9 +71,8 @@ enum Command {
     },
     /// Run a balancer in front of the workers (the config's [balancer]).
     Balancer {
-        /// The cluster config file.
-        #[arg(long)]
-        config: PathBuf,
+        #[command(flatten)]
+        source: controlled::SourceFlags,
         /// The address every balancer listener is bound on.
         #[arg(long)]
         listen: IpAddr,
@@ -84,6 +83,9 @@ enum Command {
         /// drain); without it they are off.
         #[arg(long)]
         admin_token_file: Option<PathBuf>,
+        /// With --control: where the last-good copy of the config is kept.
+        #[arg(long, required_unless_present = "config")]
+        data: Option<PathBuf>,
     },
     /// Validate or explain a cluster config.
     Config {
@@ -121,15 +123,15 @@ fn main() -> std::process::ExitCode {
             command,
         } => queue::run(&admin, token_file.as_deref(), command),
         Command::Worker {
-            config,
+            source,
             listen,
             data,
             admin,
             hostname,
             admin_token_file,
-        } => runtime().and_then(|rt| {
-            rt.block_on(worker::run(worker::Args {
-                config,
+        } => source.source().and_then(|source| {
+            runtime()?.block_on(worker::run(worker::Args {
+                source,
                 listen,
                 data,
                 admin,
@@ -138,16 +140,18 @@ fn main() -> std::process::ExitCode {
             }))
         }),
         Command::Balancer {
-            config,
+            source,
             listen,
             admin,
             admin_token_file,
-        } => runtime().and_then(|rt| {
-            rt.block_on(balancer::run(balancer::Args {
-                config,
+            data,
+        } => source.source().and_then(|source| {
+            runtime()?.block_on(balancer::run(balancer::Args {
+                source,
                 listen,
                 admin,
                 admin_token_file,
+                data,
             }))
         }),
         // Polled on this thread, which outlives the children: the parent

@@ -65,6 +65,15 @@ pub async fn start(
     admin: Admin,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
+    serve_admin(role, admin_addr, admin).await?;
+    announce(role, listen, smtp);
+    cancel_on_signal(shutdown.clone());
+    Ok(())
+}
+
+/// Serves the admin endpoint on `admin_addr` until the process exits and
+/// prints `ROLE admin URL` and `ROLE metrics URL`.
+pub async fn serve_admin(role: &str, admin_addr: SocketAddr, admin: Admin) -> anyhow::Result<()> {
     let endpoint = TcpListener::bind(admin_addr)
         .await
         .with_context(|| format!("cannot listen on admin address {admin_addr}"))?;
@@ -81,20 +90,28 @@ pub async fn start(
     tokio::spawn(ferry_telemetry::admin::serve(endpoint, state, async move {
         std::future::pending::<()>().await
     }));
+    println!("{role} admin http://{bound}");
+    println!("{role} metrics http://{bound}/metrics");
+    tracing::info!(admin = %bound, "{role} admin endpoint up");
+    Ok(())
+}
+
+/// Prints `ROLE smtp ADDR` for each listener and `ROLE ready`.
+pub fn announce(role: &str, listen: IpAddr, smtp: &[SocketAddr]) {
     for addr in smtp {
         println!("{role} smtp {addr}");
     }
-    println!("{role} admin http://{bound}");
-    println!("{role} metrics http://{bound}/metrics");
     println!("{role} ready");
-    tracing::info!(%listen, admin = %bound, "{role} started");
-    let signals = shutdown.clone();
+    tracing::info!(%listen, smtp = ?smtp, "{role} started");
+}
+
+/// Cancels `shutdown` on SIGTERM or SIGINT.
+pub fn cancel_on_signal(shutdown: CancellationToken) {
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!("signal received; draining");
-        signals.cancel();
+        shutdown.cancel();
     });
-    Ok(())
 }
 
 async fn wait_for_signal() {
