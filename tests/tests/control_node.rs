@@ -487,3 +487,87 @@ async fn relative_paths_follow_config_dir_when_given() {
     assert_eq!(ack.error, "");
     assert_eq!(banner(tls_port).await, "220 Ferry ESMTP Devices ready");
 }
+
+/// What a balancer's probe (from 127.0.0.9, a trusted proxy) sees after
+/// a PROXY v2 `LOCAL` header (haproxy's proxy-protocol.txt, 2.2).
+async fn probe(port: u16) -> String {
+    const LOCAL: [u8; 16] = [
+        0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A, 0x20, 0x00, 0x00,
+        0x00,
+    ];
+    let balancer = Some("127.0.0.9".parse().unwrap());
+    let mut c = SmtpClient::connect_from(addr(port), balancer)
+        .await
+        .unwrap();
+    c.send(&LOCAL).await.unwrap();
+    c.reply().await
+}
+
+/// A worker that keeps refusing the control plane's newest config past
+/// `--nack-grace` refuses the balancers' probes (so they take it out of
+/// rotation) and says not ready, while clients are still served; the
+/// next config it applies puts it back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_refusing_the_newest_config_past_the_grace_period_refuses_probes() {
+    let s = setup();
+    let fake = FakeControlPlane::start(&s.pki).await;
+    let port = free_port(LISTEN.parse().unwrap());
+    let trusting = |banner: &str, extra: &str| {
+        format!(
+            "trusted_proxies = [\"127.0.0.9/32\"]\n{}",
+            worker_config(port, banner, extra)
+        )
+    };
+    let (v1, _) = fake.push(&trusting("One ready", ""));
+    let mut args = vec![
+        "--control".to_string(),
+        fake.url(),
+        "--listen".into(),
+        LISTEN.into(),
+        "--data".into(),
+        s.data.display().to_string(),
+        "--nack-grace".into(),
+        "1s".into(),
+    ];
+    args.extend(s.pki.node_flags("w1"));
+    let w = WorkerProcess::start_args("worker", &args, &s.data, "ready");
+    fake.report_for(v1, WAIT).await.expect("a report for v1");
+    assert_eq!(probe(port).await, "220 One ready");
+
+    let tls_port = free_port(LISTEN.parse().unwrap());
+    let extra = tls_connector(tls_port, "certs/test.crt", "certs/test.key");
+    let (v2, _) = fake.push(&trusting("Two ready", &extra));
+    let refused_at = Instant::now();
+    assert!(!fake.report_for(v2, WAIT).await.unwrap().error.is_empty());
+    // Within the grace period nothing changes for the balancers...
+    assert_eq!(probe(port).await, "220 One ready");
+    // ...after it, probes are refused and /readyz says not ready.
+    let deadline = Instant::now() + WAIT;
+    while http(&w.admin, "GET", "/readyz").0 != 503 {
+        assert!(
+            Instant::now() < deadline,
+            "still ready past the grace period"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(refused_at.elapsed() >= Duration::from_secs(1));
+    assert_eq!(
+        probe(port).await,
+        "421 4.3.0 This worker's config is out of date, closing transmission channel"
+    );
+    assert_eq!(
+        banner(port).await,
+        "220 One ready",
+        "clients are still served"
+    );
+    assert_eq!(w.metric("ferry_config_behind"), Some(1.0));
+
+    // The next version applies: back in rotation.
+    std::fs::create_dir_all(s.data.join("certs")).unwrap();
+    make_certificate(&s.data.join("certs"));
+    let (v3, _) = fake.push(&trusting("Three ready", &extra));
+    assert!(fake.report_for(v3, WAIT).await.unwrap().error.is_empty());
+    ready(&w);
+    assert_eq!(probe(port).await, "220 Three ready");
+    assert_eq!(w.metric("ferry_config_behind"), Some(0.0));
+}

@@ -13,7 +13,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use ferry_config::ClusterConfig;
@@ -37,7 +37,15 @@ pub struct ControlArgs {
     /// What relative paths in the config are resolved against (`None`:
     /// the data directory).
     pub config_dir: Option<PathBuf>,
+    /// How long the node may refuse the control plane's newest config
+    /// before it counts as behind ([`Controlled::when_behind`]).
+    pub nack_grace: Duration,
 }
+
+/// Called with `true` when the node has refused the control plane's
+/// newest config for longer than the grace period, `false` once it
+/// applies one.
+type BehindHook = Box<dyn Fn(bool) + Send + Sync>;
 
 /// What a role serves with once it is built: its admin API and readiness.
 pub struct Serving<R> {
@@ -72,6 +80,10 @@ pub struct Controlled<R: Role> {
     first_tx: mpsc::Sender<First<R::Material>>,
     first_rx: tokio::sync::Mutex<mpsc::Receiver<First<R::Material>>>,
     last: Mutex<Option<ReloadReport>>,
+    /// Since when the newest snapshot has been refused (`None`: in step).
+    refused_since: Mutex<Option<Instant>>,
+    nack_grace: Duration,
+    on_behind: OnceLock<BehindHook>,
 }
 
 impl<R: Role> Controlled<R> {
@@ -123,7 +135,48 @@ impl<R: Role> Controlled<R> {
             first_tx,
             first_rx: tokio::sync::Mutex::new(first_rx),
             last: Mutex::default(),
+            refused_since: Mutex::default(),
+            nack_grace: control.nack_grace,
+            on_behind: OnceLock::new(),
         }))
+    }
+
+    /// Calls `hook(true)` once the serving role has refused the control
+    /// plane's newest config for longer than `--nack-grace` (the worker
+    /// then refuses balancer probes, so balancers take it out of
+    /// rotation), and `hook(false)` when it next applies one. Set once.
+    pub fn when_behind(&self, hook: impl Fn(bool) + Send + Sync + 'static) {
+        let _ = self.on_behind.set(Box::new(hook));
+    }
+
+    /// Follows applies and refusals for [`Controlled::when_behind`].
+    fn track_behind(self: &Arc<Self>, applied: bool) {
+        if self.serving.get().is_none() {
+            return;
+        }
+        let mut since = lock(&self.refused_since);
+        if applied {
+            *since = None;
+            if let Some(hook) = self.on_behind.get() {
+                hook(false);
+            }
+            return;
+        }
+        if since.is_some() {
+            return;
+        }
+        let at = Instant::now();
+        *since = Some(at);
+        let node = Arc::clone(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(node.nack_grace).await;
+            // Still refusing since the same moment: behind.
+            if *lock(&node.refused_since) == Some(at) {
+                if let Some(hook) = node.on_behind.get() {
+                    hook(true);
+                }
+            }
+        });
     }
 
     /// Whether the role serves and is ready.
@@ -351,7 +404,9 @@ struct Apply<R: Role>(Arc<Controlled<R>>);
 
 impl<R: Role> Applier for Apply<R> {
     async fn apply(&self, snapshot: Received) -> Result<(), String> {
-        self.0.apply(snapshot).await
+        let result = self.0.apply(snapshot).await;
+        self.0.track_behind(result.is_ok());
+        result
     }
 }
 
@@ -529,6 +584,11 @@ pub struct SourceFlags {
     /// (certificate files) are taken from; the data directory if unset.
     #[arg(long, requires = "control")]
     pub config_dir: Option<PathBuf>,
+    /// With --control: how long a worker may refuse the control plane's
+    /// newest config (a NACK) before it refuses the balancers' probes, so
+    /// that they take it out of rotation (e.g. 30s, 2m).
+    #[arg(long, requires = "control", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub nack_grace: Duration,
 }
 
 /// Where a node's config comes from.
@@ -558,6 +618,7 @@ impl SourceFlags {
                     cert,
                     key,
                     config_dir: self.config_dir,
+                    nack_grace: self.nack_grace,
                 }))
             }
             _ => anyhow::bail!("give exactly one of --config FILE and --control URL"),

@@ -132,6 +132,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 async |snapshot| {
                     let s = build(args.listen, &args.data, &hostname, &spool, snapshot).await?;
                     deliverer = Some(Arc::clone(&s.deliverer));
+                    let core = Arc::clone(s.worker.core());
+                    node.when_behind(move |behind| core.set_config_behind(behind));
                     let serving = Serving {
                         shutdown: s.worker.shutdown_token(),
                         role: s.worker,
