@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 pub mod binary;
+pub mod control_plane;
 pub mod dns;
 pub mod sink;
 

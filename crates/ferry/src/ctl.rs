@@ -100,7 +100,13 @@ enum Failure {
 
 impl From<Status> for Failure {
     fn from(s: Status) -> Self {
-        let text = format!("{} ({})", s.message(), code_name(s.code()));
+        // The code first, then the message's lines (every config error
+        // is one) indented below it.
+        let text = format!(
+            "({}):\n  {}",
+            code_name(s.code()),
+            s.message().lines().collect::<Vec<_>>().join("\n  ")
+        );
         match s.code() {
             Code::InvalidArgument
             | Code::Aborted
@@ -134,8 +140,12 @@ pub async fn run(target: Target, command: CtlCommand) -> ExitCode {
     match execute(target, command).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Refused(why)) => {
-            eprintln!("ferry ctl: refused: {why}");
+            eprintln!("ferry ctl: refused {why}");
             ExitCode::from(1)
+        }
+        Err(Failure::Failed(why)) if why.starts_with('(') => {
+            eprintln!("ferry ctl: failed {why}");
+            ExitCode::from(2)
         }
         Err(Failure::Failed(why)) => {
             eprintln!("ferry ctl: {why}");
@@ -241,6 +251,7 @@ async fn execute(target: Target, command: CtlCommand) -> Result<(), Failure> {
                     from_version: from.unwrap_or(0),
                     to_version: to.unwrap_or(0),
                     config: config.into(),
+                    name: file.map(|f| f.display().to_string()).unwrap_or_default(),
                 })
                 .await?;
             print_changes(&response.into_inner().changes);

@@ -100,7 +100,7 @@ impl<S: Store> ControlPlane<S> {
         let emptied = ferry_config::diff::emptied(&old, &new);
         if !emptied.is_empty() && !p.force {
             return Err(Status::failed_precondition(format!(
-                "{}\n(apply with force to store it anyway)",
+                "{}\n(force stores it anyway: `ferry ctl apply --force`)",
                 emptied.join("\n")
             )));
         }
@@ -188,7 +188,11 @@ impl<S: Store> ConfigAdmin for ControlPlane<S> {
             })
             .await;
         if let Err(status) = &applied {
-            tracing::info!(code = ?status.code(), error = %status.message(), "apply refused");
+            tracing::info!(
+                code = ?status.code(),
+                error = %status.message().replace('\n', "; "),
+                "apply refused"
+            );
         }
         applied.map(Response::new)
     }
@@ -226,8 +230,12 @@ impl<S: Store> ConfigAdmin for ControlPlane<S> {
             (0, None) => empty_config()?,
             (v, _) => parse_stored(&self.stored(v).await?)?,
         };
+        let name = match r.name.is_empty() {
+            true => UNNAMED,
+            false => r.name.as_str(),
+        };
         let to = match r.config.is_empty() {
-            false => parse(UNNAMED, &r.config)?,
+            false => parse(name, &r.config)?,
             true => parse_stored(&self.stored(r.to_version).await?)?,
         };
         Ok(Response::new(DiffResponse {
