@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use ferry_tests::binary::ferry_bin;
+use ferry_tests::binary::{ferry_bin, http};
 use ferry_tests::control_plane::{ControlProcess, Pki};
 
 fn example() -> std::path::PathBuf {
@@ -31,6 +31,15 @@ fn an_admin_applies_the_example_and_a_bad_key_is_refused_with_its_place() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("applied version 1 "), "{out}");
     assert!(out.contains("+ connector \"Default Frontend\""), "{out}");
+
+    // The admin endpoint: ready, and the current version on /metrics.
+    let (status, _) = http(&control.admin, "GET", "/readyz");
+    assert_eq!(status, 200);
+    let (_, metrics) = http(&control.admin, "GET", "/metrics");
+    assert!(
+        metrics.lines().any(|l| l == "ferry_config_version 1"),
+        "{metrics}"
+    );
 
     // A key no config has: refused with its file, line and column.
     let bad = dir.path().join("bad.toml");
