@@ -299,7 +299,14 @@ async fn rollback_is_a_new_version_and_history_survives_a_restart() {
     assert_eq!(meta.author, "alice");
     assert_eq!(back.changes, ["~ connector \"Default Frontend\""]);
 
+    // A node's open stream ends when the control plane stops (it does
+    // not hold the stop up); the node would reconnect.
+    let mut w1 = cp.node("w1").await;
+    let mut stream = watch(&mut w1, "w1", None).await.unwrap();
+    assert_eq!(snapshot_version(&next(&mut stream).await), 3);
     cp.restart().await;
+    let ended = tokio::time::timeout(WAIT, stream.message()).await.unwrap();
+    assert!(!matches!(ended, Ok(Some(_))), "{ended:?}");
     let mut admin = cp.admin("bob").await;
     let history = admin
         .history(HistoryRequest { limit: 0 })

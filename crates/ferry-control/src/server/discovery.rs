@@ -94,6 +94,7 @@ impl<S: Store> ControlPlane<S> {
         let mut current = self.shared.store.current();
         let mut known = (request.known_version, request.known_sha256.clone());
         let mut first = true;
+        let mut closing = self.shared.closing.subscribe();
         loop {
             let snapshot = current.borrow_and_update().clone();
             if let Some(snapshot) = snapshot {
@@ -108,6 +109,7 @@ impl<S: Store> ControlPlane<S> {
             tokio::select! {
                 changed = current.changed() => if changed.is_err() { break },
                 () = tx.closed() => break,
+                _ = closing.wait_for(|c| *c) => break,
             }
         }
         self.update(node_id, Some(stream), |e| e.status.connected = false)

@@ -66,6 +66,10 @@ struct Shared<S> {
     first_syncs: Semaphore,
     /// What this replica knows of each node it has served.
     nodes: Mutex<HashMap<String, NodeEntry>>,
+    /// Set when the server stops: every Watch stream ends (its node
+    /// reconnects, to another replica or to this one restarted), so a
+    /// graceful shutdown does not wait for streams that never end.
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 /// A node's status and the stream serving it now.
@@ -85,6 +89,7 @@ impl<S: Store> ControlPlane<S> {
             replica: replica.into(),
             first_syncs: Semaphore::new(FIRST_SYNCS_AT_ONCE),
             nodes: Mutex::default(),
+            closing: tokio::sync::watch::Sender::new(false),
         });
         metric::follow_version(shared.store.current());
         Self { shared }
@@ -104,7 +109,8 @@ impl<S: Store> ControlPlane<S> {
 }
 
 /// Serves `plane` on `listener` with mTLS (`tls`) until `shutdown`
-/// resolves, with HTTP/2 keepalive.
+/// resolves (then every Watch stream ends, and calls in progress finish),
+/// with HTTP/2 keepalive.
 ///
 /// # Errors
 /// When the TLS settings are refused or the server fails.
@@ -115,6 +121,11 @@ pub async fn serve<S: Store>(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let (admin, discovery) = plane.services();
+    let closing = plane.shared.closing.clone();
+    let shutdown = async move {
+        shutdown.await;
+        closing.send_replace(true);
+    };
     tonic::transport::Server::builder()
         .tls_config(tls)?
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
