@@ -7,7 +7,7 @@ use bytes::Bytes;
 use ferry_config::{ClusterConfig, ConfigError};
 use tonic::{Request, Response, Status};
 
-use super::{admin, now, sha_of, store_status, version_of, ControlPlane};
+use super::{admin, now, store_status, version_of, ControlPlane};
 use crate::proto::config_admin_server::ConfigAdmin;
 use crate::proto::{
     ApplyRequest, ApplyResponse, ConfigSnapshot, DiffRequest, DiffResponse, GetRequest,
@@ -271,13 +271,9 @@ impl<S: Store> ConfigAdmin for ControlPlane<S> {
         admin(&request)?;
         let current = self.current();
         let current_version = current.as_deref().map_or(0, version_of);
-        let current_sha = current.as_deref().map_or("", sha_of).to_string();
         let mut nodes = self.shared.store.nodes().await.map_err(store_status)?;
         for node in &mut nodes {
             node.lag = current_version.saturating_sub(node.applied_version);
-            if node.lag == 0 && !current_sha.is_empty() && node.applied_sha256 != current_sha {
-                node.lag = 1;
-            }
         }
         nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
         Ok(Response::new(NodesResponse {
