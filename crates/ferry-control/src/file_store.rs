@@ -8,6 +8,10 @@
 //! rename is only durable once the directory is). A crash leaves at most a
 //! temp file, removed at the next open. Node status is kept in memory: with
 //! one replica, it dies with the process that would refresh it.
+//!
+//! One process at a time: the store holds an exclusive `flock` on
+//! `DIR/lock` while open, since two control planes appending to one
+//! directory would both win the compare-and-swap.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -23,6 +27,7 @@ use crate::{sha256_hex, HISTORY_KEPT, MAX_CONFIG_OCTETS};
 
 const SUFFIX: &str = ".snapshot";
 const TEMP_SUFFIX: &str = ".snapshot.tmp";
+const LOCK: &str = "lock";
 
 /// The history in a directory, node status in memory.
 pub struct FileStore {
@@ -32,6 +37,8 @@ pub struct FileStore {
     history: tokio::sync::Mutex<BTreeMap<u64, SnapshotMeta>>,
     current: watch::Sender<Option<Arc<ConfigSnapshot>>>,
     nodes: Mutex<BTreeMap<String, NodeStatus>>,
+    /// Held while open; released when the store is dropped.
+    _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
 impl std::fmt::Debug for FileStore {
@@ -56,6 +63,7 @@ impl FileStore {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| io(format!("cannot create {}", dir.display()), e))?;
+        let lock = lock(dir)?;
         let entries =
             std::fs::read_dir(dir).map_err(|e| io(format!("cannot read {}", dir.display()), e))?;
         let mut history = BTreeMap::new();
@@ -101,12 +109,37 @@ impl FileStore {
             history: tokio::sync::Mutex::new(history),
             current,
             nodes: Mutex::default(),
+            _lock: lock,
         })
     }
 
     fn path_of(&self, version: u64) -> PathBuf {
         self.dir.join(format!("{version:020}{SUFFIX}"))
     }
+}
+
+/// Takes the store's lock, or says who holds it.
+fn lock(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, StoreError> {
+    let path = dir.join(LOCK);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| io(format!("cannot open {}", path.display()), e))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+        |(_, errno)| match errno {
+            nix::errno::Errno::EWOULDBLOCK => StoreError::Unavailable(format!(
+                "{} is in use by another ferry control (it holds {})",
+                dir.display(),
+                path.display()
+            )),
+            other => io(
+                format!("cannot lock {}", path.display()),
+                std::io::Error::from(other),
+            ),
+        },
+    )
 }
 
 /// Reads and checks one snapshot file.
@@ -306,6 +339,16 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn one_process_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let busy = FileStore::open(dir.path()).unwrap_err().to_string();
+        assert!(busy.contains("in use by another ferry control"), "{busy}");
+        drop(store);
+        FileStore::open(dir.path()).unwrap();
+    }
+
+    #[tokio::test]
     async fn keeps_a_bounded_history() {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStore::open(dir.path()).unwrap();
@@ -323,7 +366,8 @@ mod tests {
         drop(store);
         // The removal runs in the background: poll, bounded.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let count = || std::fs::read_dir(dir.path()).unwrap().count();
+        // The snapshots and the lock file.
+        let count = || std::fs::read_dir(dir.path()).unwrap().count() - 1;
         while count() != HISTORY_KEPT && std::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }

@@ -273,3 +273,64 @@ fn truncate(text: &str, max: usize) -> String {
     }
     text.get(..end).unwrap_or_default().to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::file_store::FileStore;
+    use crate::proto::SnapshotMeta;
+
+    fn snapshot(version: u64) -> ConfigSnapshot {
+        let text = format!("# version {version}\n");
+        ConfigSnapshot {
+            meta: Some(SnapshotMeta {
+                version,
+                sha256: crate::sha256_hex(text.as_bytes()),
+                ..SnapshotMeta::default()
+            }),
+            config: text.into_bytes().into(),
+        }
+    }
+
+    fn request(id: &str) -> WatchRequest {
+        WatchRequest {
+            node_id: id.into(),
+            ..WatchRequest::default()
+        }
+    }
+
+    async fn received(rx: &mut mpsc::Receiver<Result<ConfigSnapshot, Status>>) -> u64 {
+        let next = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
+        version_of(&next.unwrap().unwrap().unwrap())
+    }
+
+    /// A node that reads nothing holds back only itself, and when it reads
+    /// again gets the newest version, not each one it missed.
+    #[tokio::test]
+    async fn a_stuck_stream_skips_to_the_newest_and_holds_back_no_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FileStore::open(dir.path()).unwrap());
+        store.append(0, snapshot(1)).await.unwrap();
+        let plane = ControlPlane::new(Arc::clone(&store), "test");
+        let (stuck_tx, mut stuck) = mpsc::channel(1);
+        let (live_tx, mut live) = mpsc::channel(1);
+        tokio::spawn(plane.clone().feed(request("stuck"), 0, stuck_tx));
+        tokio::spawn(plane.clone().feed(request("live"), 0, live_tx));
+        assert_eq!(received(&mut live).await, 1);
+        for v in 2..=20 {
+            store.append(v - 1, snapshot(v)).await.unwrap();
+            // The reading node gets every version as it comes.
+            assert_eq!(received(&mut live).await, v);
+        }
+        // The stuck one: what sat in its channel, at most one more that
+        // was on its way, then the newest.
+        let mut seen = vec![received(&mut stuck).await];
+        while seen.last() != Some(&20) && seen.len() < 20 {
+            seen.push(received(&mut stuck).await);
+        }
+        assert_eq!(seen.first(), Some(&1), "{seen:?}");
+        assert_eq!(seen.last(), Some(&20), "{seen:?}");
+        assert!(seen.len() <= 3, "{seen:?}");
+    }
+}
