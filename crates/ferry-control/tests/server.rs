@@ -505,3 +505,55 @@ async fn a_nacked_version_is_not_resent_and_superseded_reports_are_ignored() {
     );
     assert!(status.nack_error.is_empty());
 }
+
+/// Fan-out timing, not a pass/fail test: N nodes (default 100,
+/// `FERRY_FANOUT_NODES`), each on its own mTLS connection, watch; the
+/// time from Apply returning until every node has its snapshot, over 20
+/// changes. Run with
+/// `cargo test --release -p ferry-control --test server fan_out -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore]
+async fn fan_out_timing() {
+    let n: usize = std::env::var("FERRY_FANOUT_NODES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let cp = ControlPlaneUnderTest::start().await;
+    let mut admin = cp.admin("alice").await;
+    apply(&mut admin, 0, EXAMPLE).await;
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    for i in 0..n {
+        let id = format!("node-{i}");
+        let mut node = cp.node(&id).await;
+        let mut stream = watch(&mut node, &id, None).await.unwrap();
+        let seen = seen_tx.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(s)) = stream.message().await {
+                let v = snapshot_version(&s);
+                report(&mut node, &id, v, &s, "").await;
+                let _ = seen.send(v);
+            }
+        });
+    }
+    for _ in 0..n {
+        tokio::time::timeout(WAIT, seen_rx.recv()).await.unwrap();
+    }
+    let mut times = Vec::new();
+    for v in 1..=20u64 {
+        apply(&mut admin, v, &edited(&format!("Banner {v}"))).await;
+        let start = tokio::time::Instant::now();
+        let mut got = 0;
+        while got < n {
+            if tokio::time::timeout(WAIT, seen_rx.recv()).await.unwrap() == Some(v + 1) {
+                got += 1;
+            }
+        }
+        times.push(start.elapsed());
+    }
+    times.sort();
+    println!(
+        "{n} nodes, 20 changes: apply to all received and ACKed: p50 {:?}, max {:?}",
+        times[times.len() / 2],
+        times[times.len() - 1]
+    );
+}
