@@ -8,6 +8,7 @@
 
 pub mod binary;
 pub mod control;
+pub mod control_plane;
 pub mod dns;
 pub mod sink;
 

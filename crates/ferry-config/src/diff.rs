@@ -1,7 +1,9 @@
 //! What changed between two configs: connectors, users, routes, accepted
 //! domains, balancer listeners and backends added, removed or changed, and
 //! the settings that are one of a kind. `ferry config diff` prints it; a
-//! node reloading its config will report the same summary.
+//! node reloading its config will report the same summary. [`emptied`]
+//! names a change that would empty what serves mail (a node's reload and
+//! the control plane's Apply both refuse it).
 
 use std::fmt;
 
@@ -139,6 +141,37 @@ pub fn changes(old: &ClusterConfig, new: &ClusterConfig) -> Vec<Change> {
     out
 }
 
+/// What a new config would empty that the one in service has: all
+/// connectors (every SMTP port closes), all routes (accepted mail goes
+/// nowhere and bounces), all balancer backends. Most likely an empty or
+/// cut-short file (an editor's save caught half-way), so a node's reload
+/// refuses it, and the control plane refuses such a change unless forced:
+/// both call this one function.
+pub fn emptied(old: &ClusterConfig, new: &ClusterConfig) -> Vec<String> {
+    const WHY: &str = "an empty or cut-short file? The config in service keeps serving";
+    let mut out = Vec::new();
+    if !old.connectors.is_empty() && new.connectors.is_empty() {
+        out.push(format!(
+            "the new config has no connectors: every SMTP port would close ({WHY})"
+        ));
+    }
+    if !old.routes.is_empty() && new.routes.is_empty() {
+        out.push(format!(
+            "the new config has no routes: accepted mail would be delivered nowhere ({WHY})"
+        ));
+    }
+    let backends = |c: &ClusterConfig| c.balancer.as_ref().map_or(0, |b| b.backends.len());
+    // A file cut before its [balancer] section counts too: every node
+    // refuses it alike, rather than the workers taking it and the
+    // balancers not.
+    if backends(old) > 0 && backends(new) == 0 {
+        out.push(format!(
+            "the new config has no balancer backends: a balancer would answer every client 421 ({WHY})"
+        ));
+    }
+    out
+}
+
 /// A route is named by its domain patterns.
 fn route_name(r: &Route) -> String {
     r.domains
@@ -186,7 +219,7 @@ fn setting<T: PartialEq>(out: &mut Vec<Change>, item: &'static str, old: &T, new
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
 
     use std::path::Path;
 
@@ -264,5 +297,26 @@ address = "127.0.0.11"
             .map(ToString::to_string)
             .collect();
         assert_eq!(lines, ["~ auth settings"]);
+    }
+
+    const EXAMPLE: &str = include_str!("../../../deploy/examples/ferry.toml");
+
+    #[test]
+    fn an_empty_or_cut_short_file_is_refused_but_an_ordinary_edit_is_not() {
+        let full = parse(EXAMPLE);
+        let edited = parse(&EXAMPLE.replace("Ferry Default Frontend ready", "Edited ready"));
+        assert!(emptied(&full, &edited).is_empty());
+        let empty = emptied(&full, &parse(""));
+        assert_eq!(empty.len(), 3, "{empty:?}");
+        assert!(empty[0].starts_with("the new config has no connectors"));
+        assert!(empty[1].starts_with("the new config has no routes"));
+        assert!(empty[2].starts_with("the new config has no balancer backends"));
+        // Cut before its [balancer] section: refused by every node alike.
+        let cut = EXAMPLE.find("\n[balancer]").unwrap();
+        let no_balancer = emptied(&full, &parse(&EXAMPLE[..cut]));
+        assert_eq!(no_balancer.len(), 1, "{no_balancer:?}");
+        assert!(no_balancer[0].starts_with("the new config has no balancer backends"));
+        // A node started on a config without them may get them or not.
+        assert!(emptied(&parse(""), &full).is_empty());
     }
 }

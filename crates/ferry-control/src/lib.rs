@@ -10,12 +10,17 @@
 //!   ([`store::Store`]); a file store for one replica, etcd for several.
 //! - [`subscriber`]: the node side: Watch, apply through the node's
 //!   [`subscriber::Applier`], keep a last-good copy, Report, reconnect.
+//! - [`file_store`]: the embedded store, `file:DIR`.
+//! - [`server`]: the gRPC services ([`server::ControlPlane`]) over any
+//!   store, and the mTLS settings of the server and of its clients.
 //!
 //! The data-plane crates never see gRPC: a node's subscriber hands each
 //! snapshot to the role's `apply` and reports the result. No SMTP here.
 #![forbid(unsafe_code)]
 
+pub mod file_store;
 pub mod identity;
+pub mod server;
 pub mod store;
 pub mod subscriber;
 
@@ -33,3 +38,16 @@ pub const MAX_CONFIG_OCTETS: usize = 1024 * 1024;
 /// How many versions a store keeps; older ones are dropped from the
 /// history (their configs cannot be fetched or rolled back to).
 pub const HISTORY_KEPT: usize = 100;
+
+/// SHA-256 of `bytes`, lower-case hex: a snapshot's `sha256`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    digest
+        .as_ref()
+        .iter()
+        .fold(String::with_capacity(64), |mut out, b| {
+            let _ = write!(out, "{b:02x}");
+            out
+        })
+}

@@ -149,9 +149,11 @@ impl<R: Role> Reloader<R> {
         let built = tokio::task::spawn_blocking(move || load_file::<R>(&path, version))
             .await
             .unwrap_or_else(|e| Err(vec![format!("loading the config failed: {e}")]))
-            .and_then(|snapshot| match emptied(&old.config, &snapshot.config) {
-                errors if errors.is_empty() => Ok(snapshot),
-                errors => Err(errors),
+            .and_then(|snapshot| {
+                match ferry_config::diff::emptied(&old.config, &snapshot.config) {
+                    errors if errors.is_empty() => Ok(snapshot),
+                    errors => Err(errors),
+                }
             });
         let report = match built {
             Ok(snapshot) => {
@@ -211,36 +213,6 @@ impl<R: Role> Reloader<R> {
     }
 }
 
-/// What a new config would empty that the one in service has: all
-/// connectors (every SMTP port closes), all routes (accepted mail goes
-/// nowhere and bounces), all balancer backends. Most likely an empty or
-/// cut-short file (an editor's save caught half-way), so a reload refuses
-/// it, as the control plane refuses such a change unless forced.
-pub fn emptied(old: &ClusterConfig, new: &ClusterConfig) -> Vec<String> {
-    const WHY: &str = "an empty or cut-short file? The config in service keeps serving";
-    let mut out = Vec::new();
-    if !old.connectors.is_empty() && new.connectors.is_empty() {
-        out.push(format!(
-            "the new config has no connectors: every SMTP port would close ({WHY})"
-        ));
-    }
-    if !old.routes.is_empty() && new.routes.is_empty() {
-        out.push(format!(
-            "the new config has no routes: accepted mail would be delivered nowhere ({WHY})"
-        ));
-    }
-    let backends = |c: &ClusterConfig| c.balancer.as_ref().map_or(0, |b| b.backends.len());
-    // A file cut before its [balancer] section counts too: every node
-    // refuses it alike, rather than the workers taking it and the
-    // balancers not.
-    if backends(old) > 0 && backends(new) == 0 {
-        out.push(format!(
-            "the new config has no balancer backends: a balancer would answer every client 421 ({WHY})"
-        ));
-    }
-    out
-}
-
 fn failed<M>(old: &Snapshot<M>, errors: Vec<String>) -> ReloadReport {
     ReloadReport {
         ok: false,
@@ -258,36 +230,5 @@ fn summary(changes: &[String]) -> String {
     match changes.is_empty() {
         true => "no changes".into(),
         false => changes.join(", "),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
-    use super::*;
-
-    const EXAMPLE: &str = include_str!("../../../deploy/examples/ferry.toml");
-
-    fn parse(text: &str) -> ClusterConfig {
-        ClusterConfig::parse("t.toml", text, Path::new(".")).unwrap()
-    }
-
-    #[test]
-    fn an_empty_or_cut_short_file_is_refused_but_an_ordinary_edit_is_not() {
-        let full = parse(EXAMPLE);
-        let edited = parse(&EXAMPLE.replace("Ferry Default Frontend ready", "Edited ready"));
-        assert!(emptied(&full, &edited).is_empty());
-        let empty = emptied(&full, &parse(""));
-        assert_eq!(empty.len(), 3, "{empty:?}");
-        assert!(empty[0].starts_with("the new config has no connectors"));
-        assert!(empty[1].starts_with("the new config has no routes"));
-        assert!(empty[2].starts_with("the new config has no balancer backends"));
-        // Cut before its [balancer] section: refused by every node alike.
-        let cut = EXAMPLE.find("\n[balancer]").unwrap();
-        let no_balancer = emptied(&full, &parse(&EXAMPLE[..cut]));
-        assert_eq!(no_balancer.len(), 1, "{no_balancer:?}");
-        assert!(no_balancer[0].starts_with("the new config has no balancer backends"));
-        // A node started on a config without them may get them or not.
-        assert!(emptied(&parse(""), &full).is_empty());
     }
 }

@@ -3,8 +3,11 @@
 #![forbid(unsafe_code)]
 
 mod balancer;
+mod cert;
 mod config_cmd;
+mod control;
 mod controlled;
+mod ctl;
 mod demo_certs;
 mod node;
 mod queue;
@@ -108,6 +111,54 @@ enum Command {
         #[command(subcommand)]
         command: user::UserCommand,
     },
+    /// Run the control plane: one versioned cluster config, applied with
+    /// `ferry ctl` and pushed to every subscribed node (gRPC, mTLS).
+    Control {
+        /// The gRPC address (mTLS) nodes and admins dial; port 0 picks one.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Where the config history lives: file:DIR (one replica) or
+        /// etcd:URL[,URL…] (several replicas; needs a build with --features etcd).
+        #[arg(long)]
+        store: control::StoreSpec,
+        /// The cluster CA certificate (PEM): client certificates must chain to it.
+        #[arg(long)]
+        ca: PathBuf,
+        /// This control plane's certificate (PEM; `ferry cert issue --control`).
+        #[arg(long)]
+        cert: PathBuf,
+        /// The certificate's private key (PEM).
+        #[arg(long)]
+        key: PathBuf,
+        /// The admin HTTP endpoint (/metrics, /livez, /readyz); port 0 picks one.
+        #[arg(long)]
+        admin: SocketAddr,
+    },
+    /// Talk to the control plane as an admin: apply, diff, history, get,
+    /// rollback, nodes.
+    Ctl {
+        /// The control plane's URLs (https://HOST:PORT), comma-separated,
+        /// tried in turn.
+        #[arg(long, value_delimiter = ',', required = true, value_name = "URL")]
+        control: Vec<String>,
+        /// The cluster CA certificate (PEM).
+        #[arg(long)]
+        ca: PathBuf,
+        /// Your admin certificate (PEM; `ferry cert issue --admin`).
+        #[arg(long)]
+        cert: PathBuf,
+        /// Its private key (PEM).
+        #[arg(long)]
+        key: PathBuf,
+        #[command(subcommand)]
+        command: ctl::CtlCommand,
+    },
+    /// Make the cluster CA and the certificates of control planes, nodes
+    /// and admins.
+    Cert {
+        #[command(subcommand)]
+        command: cert::CertCommand,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -117,6 +168,41 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Config { command } => config_cmd::run(command),
         Command::User { command } => user::run(command),
+        Command::Cert { command } => cert::run(command),
+        Command::Control {
+            listen,
+            store,
+            ca,
+            cert,
+            key,
+            admin,
+        } => runtime().and_then(|rt| {
+            rt.block_on(control::run(control::Args {
+                listen,
+                store,
+                ca,
+                cert,
+                key,
+                admin,
+            }))
+        }),
+        Command::Ctl {
+            control,
+            ca,
+            cert,
+            key,
+            command,
+        } => runtime().map(|rt| {
+            rt.block_on(ctl::run(
+                ctl::Target {
+                    urls: control,
+                    ca,
+                    cert,
+                    key,
+                },
+                command,
+            ))
+        }),
         Command::Queue {
             admin,
             token_file,
