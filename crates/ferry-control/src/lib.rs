@@ -8,11 +8,15 @@
 //!   identity (admin, node, control) each carries.
 //! - [`store`]: where the history of snapshots and the node status live
 //!   ([`store::Store`]); a file store for one replica, etcd for several.
+//! - `etcd_store` (feature `etcd`, which needs a system `protoc` to
+//!   build): the store on an etcd cluster, for several replicas.
 //!
 //! The data-plane crates never see gRPC: a node's subscriber hands each
 //! snapshot to the role's `apply` and reports the result. No SMTP here.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "etcd")]
+pub mod etcd_store;
 pub mod identity;
 pub mod store;
 
