@@ -93,7 +93,7 @@ pub(super) async fn follow(
                 }
                 Err(e) => {
                     if !lost {
-                        tracing::warn!(error = %e, "etcd store: cannot read the current version; retrying");
+                        tracing::warn!(replica = %shared.replica, error = %e, "etcd store: cannot read the current version; retrying");
                         lost = true;
                         pause = FIRST_PAUSE;
                     }
@@ -108,8 +108,7 @@ pub(super) async fn follow(
             Ended::Stopped => return,
             Ended::Compacted(compacted) => {
                 // Not a failure to report as such: read again, go on.
-                tracing::info!(
-                    revision = start,
+                tracing::info!(replica = %shared.replica, revision = start,
                     compacted,
                     "etcd store: the watch's revision was compacted; reading the current version again"
                 );
@@ -117,7 +116,7 @@ pub(super) async fn follow(
             }
             Ended::Lost(why) => {
                 if !lost {
-                    tracing::warn!(error = %why, "etcd store: lost the watch on etcd; reading again and watching anew");
+                    tracing::warn!(replica = %shared.replica, error = %why, "etcd store: lost the watch on etcd; reading again and watching anew");
                     lost = true;
                     pause = FIRST_PAUSE;
                 }
@@ -179,7 +178,7 @@ async fn watch_from(
             return Ended::Lost(format!("etcd canceled the watch: {reason}"));
         }
         if *lost {
-            tracing::info!("etcd store: following etcd again");
+            tracing::info!(replica = %shared.replica, "etcd store: following etcd again");
             *lost = false;
         }
         // Deletions (history trimmed) carry no value; the kind of an
@@ -190,7 +189,9 @@ async fn watch_from(
             }
             match decode_snapshot(kv.key(), kv.value()) {
                 Ok(snapshot) => publish(publisher, snapshot),
-                Err(e) => tracing::warn!(error = %e, "etcd store: skipping a damaged snapshot"),
+                Err(e) => {
+                    tracing::warn!(replica = %shared.replica, error = %e, "etcd store: skipping a damaged snapshot")
+                }
             }
         }
     }

@@ -69,19 +69,18 @@ pub(super) async fn keep(shared: Arc<Shared>, stop: CancellationToken) {
         match keep_alive(&shared, id).await {
             Kept::Alive => {
                 if lost {
-                    tracing::info!("etcd store: the lease is kept alive again");
+                    tracing::info!(replica = %shared.replica, "etcd store: the lease is kept alive again");
                     lost = false;
                 }
             }
             Kept::Unreachable(e) => {
                 if !lost {
-                    tracing::warn!(error = %e, "etcd store: cannot keep the lease alive; retrying");
+                    tracing::warn!(replica = %shared.replica, error = %e, "etcd store: cannot keep the lease alive; retrying");
                     lost = true;
                 }
             }
             Kept::Expired => {
-                tracing::warn!(
-                    lease = id,
+                tracing::warn!(replica = %shared.replica, lease = id,
                     "etcd store: etcd let this replica's lease expire; granting a new one and recording its nodes again"
                 );
                 match grant(&shared).await {
@@ -91,7 +90,7 @@ pub(super) async fn keep(shared: Arc<Shared>, stop: CancellationToken) {
                         lost = false;
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "etcd store: cannot grant a new lease; retrying");
+                        tracing::warn!(replica = %shared.replica, error = %e, "etcd store: cannot grant a new lease; retrying");
                         lost = true;
                     }
                 }
@@ -101,7 +100,7 @@ pub(super) async fn keep(shared: Arc<Shared>, stop: CancellationToken) {
     let id = shared.lease.load(Ordering::SeqCst);
     let revoke = |mut c: etcd_client::Client| async move { c.lease_revoke(id).await };
     if let Err(e) = shared.read("revoking the lease", revoke).await {
-        tracing::info!(error = %e, "etcd store: could not revoke the lease; its nodes expire with it");
+        tracing::info!(replica = %shared.replica, error = %e, "etcd store: could not revoke the lease; its nodes expire with it");
     }
 }
 
@@ -128,7 +127,7 @@ async fn rewrite_nodes(shared: &Shared, old: i64, new: i64) {
                 .first()
                 .map_or((0, old), |kv| (kv.mod_revision(), kv.lease())),
             Err(e) => {
-                tracing::warn!(error = %e, node = %status.node_id, "etcd store: cannot record a node again");
+                tracing::warn!(replica = %shared.replica, error = %e, node = %status.node_id, "etcd store: cannot record a node again");
                 continue;
             }
         };
@@ -155,7 +154,7 @@ async fn rewrite_nodes(shared: &Shared, old: i64, new: i64) {
             async move { c.txn(txn).await }
         };
         if let Err(e) = shared.read("recording a node again", rewrite).await {
-            tracing::warn!(error = %e, node = %status.node_id, "etcd store: cannot record a node again");
+            tracing::warn!(replica = %shared.replica, error = %e, node = %status.node_id, "etcd store: cannot record a node again");
         }
     }
 }

@@ -40,6 +40,8 @@ pub fn skip_without_etcd() -> bool {
 struct Member {
     name: String,
     client_url: String,
+    /// etcd's arguments, to start it again on its data directory.
+    args: Vec<std::ffi::OsString>,
     child: Option<Child>,
 }
 
@@ -77,30 +79,43 @@ impl Cluster {
         for i in 0..3 {
             let name = format!("m{i}");
             let client_url = format!("http://127.0.0.1:{}", ports[2 * i]);
-            let log = std::fs::File::create(dir.path().join(format!("{name}.log"))).unwrap();
-            let child = Command::new("etcd")
-                .args(["--name", &name])
-                .arg("--data-dir")
-                .arg(dir.path().join(&name))
-                .args(["--listen-client-urls", &client_url])
-                .args(["--advertise-client-urls", &client_url])
-                .args(["--listen-peer-urls", &peer(i)])
-                .args(["--initial-advertise-peer-urls", &peer(i)])
-                .args(["--initial-cluster", &initial])
-                .args(["--initial-cluster-state", "new"])
-                .args(["--initial-cluster-token", "ferry-test"])
-                .args(["--logger", "zap", "--log-outputs", "stderr"])
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap();
+            let data = dir.path().join(&name);
+            let args = [
+                "--name",
+                &name,
+                "--listen-client-urls",
+                &client_url,
+                "--advertise-client-urls",
+                &client_url,
+                "--listen-peer-urls",
+                &peer(i),
+                "--initial-advertise-peer-urls",
+                &peer(i),
+                "--initial-cluster",
+                &initial,
+                "--initial-cluster-state",
+                "new",
+                "--initial-cluster-token",
+                "ferry-test",
+                "--logger",
+                "zap",
+                "--log-outputs",
+                "stderr",
+                "--data-dir",
+            ];
+            let mut args: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
+            args.push(data.into_os_string());
             members.push(Member {
                 name,
                 client_url,
-                child: Some(child),
+                args,
+                child: None,
             });
         }
-        let cluster = Self { members, dir };
+        let mut cluster = Self { members, dir };
+        for i in 0..3 {
+            cluster.restart(i);
+        }
         cluster.leader().await;
         Some(cluster)
     }
@@ -146,6 +161,27 @@ impl Cluster {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Starts member `i` (again, on its data directory: the initial
+    /// cluster flags are then ignored).
+    pub fn restart(&mut self, i: usize) {
+        let member = &mut self.members[i];
+        if member.child.is_some() {
+            return;
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{}.log", member.name)))
+            .unwrap();
+        let child = Command::new("etcd")
+            .args(&member.args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        member.child = Some(child);
     }
 
     /// Kills member `i` (SIGKILL) and reaps it.

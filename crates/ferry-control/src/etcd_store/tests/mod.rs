@@ -224,6 +224,25 @@ async fn without_a_quorum_appends_fail_quickly_and_current_holds() {
     assert_eq!(a.current().borrow().as_deref(), Some(&snapshot(1, "one")));
     let e = b.history(0).await.unwrap_err();
     assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
+    // The majority back, both replicas go on without a restart.
+    cluster.restart(1);
+    cluster.restart(2);
+    let back = Instant::now();
+    // Bounded: 20 tries, 20 s.
+    for tries in 1.. {
+        match a.append(1, snapshot(2, "two")).await {
+            Ok(()) => break,
+            Err(e) => assert!(
+                tries < 20 && back.elapsed() < Duration::from_secs(20),
+                "no append {:?} after the majority came back: {e}",
+                back.elapsed()
+            ),
+        }
+    }
+    eprintln!("appended {:?} after the majority came back", back.elapsed());
+    sees(&b, 2, Duration::from_secs(5)).await;
+    b.append(2, snapshot(3, "three")).await.unwrap();
+    sees(&a, 3, Duration::from_secs(2)).await;
 }
 
 #[tokio::test]
