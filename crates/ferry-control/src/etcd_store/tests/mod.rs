@@ -446,3 +446,66 @@ async fn a_config_over_the_cap_is_refused_before_etcd_is_asked() {
     let e = a.append(1, snapshot(2, "small")).await.unwrap_err();
     assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
 }
+
+#[tokio::test]
+async fn an_append_repeated_after_a_lost_answer_is_not_a_conflict() {
+    let Some(cluster) = Cluster::start().await else {
+        return;
+    };
+    let a = replica(&cluster, "a", EtcdOptions::default()).await;
+    a.append(0, snapshot(1, "one")).await.unwrap();
+    // What a try whose answer was lost looks like to the next try.
+    a.append(0, snapshot(1, "one")).await.unwrap();
+    let history: Vec<u64> = a
+        .history(0)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.version)
+        .collect();
+    assert_eq!(history, [1]);
+    // Another config against the same version is a conflict.
+    let e = a.append(0, snapshot(1, "another")).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            StoreError::Conflict {
+                expected: 0,
+                current: 1
+            }
+        ),
+        "{e:?}"
+    );
+}
+
+#[tokio::test]
+async fn connecting_without_etcd_fails_clearly_and_in_time() {
+    let e = EtcdStore::connect(&[], "a").await.unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "the store is unavailable: etcd: no endpoint given (etcd:http://HOST:PORT[,...])"
+    );
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let options = EtcdOptions {
+        request_timeout: Duration::from_secs(1),
+        ..EtcdOptions::default()
+    };
+    let start = Instant::now();
+    let e = EtcdStore::connect_with(&[format!("http://127.0.0.1:{port}")], "a", options)
+        .await
+        .unwrap_err();
+    let took = start.elapsed();
+    let StoreError::Unavailable(why) = &e else {
+        panic!("not Unavailable: {e:?}");
+    };
+    assert!(
+        why.starts_with("etcd: reading the current version failed for 1000 ms"),
+        "{why}"
+    );
+    assert!(took < Duration::from_secs(2), "{took:?}");
+}
