@@ -462,26 +462,19 @@ impl Store for EtcdStore {
         if let Ok(mut mine) = self.shared.mine.lock() {
             mine.insert(status.node_id.clone(), status);
         }
-        let mut last = None;
-        // A second try for a lease replaced between the read and the put.
-        for _ in 0..2 {
-            let lease = self.lease_id();
-            let put = |mut c: Client| {
-                let (key, value) = (key.clone(), value.clone());
-                async move {
-                    c.put(key, value, Some(PutOptions::new().with_lease(lease)))
-                        .await
-                }
-            };
-            match self.shared.read("recording a node", put).await {
-                Ok(_) => return Ok(()),
-                Err(e) => last = Some(e),
+        // The lease is read at each try: one replaced meanwhile (the old
+        // one expired) is taken up by the next.
+        let shared = &self.shared;
+        let put = |mut c: Client| {
+            let (key, value) = (key.clone(), value.clone());
+            let lease = shared.lease.load(std::sync::atomic::Ordering::SeqCst);
+            async move {
+                c.put(key, value, Some(PutOptions::new().with_lease(lease)))
+                    .await
             }
-            if self.lease_id() == lease {
-                break;
-            }
-        }
-        Err(last.unwrap_or_else(|| StoreError::Unavailable("etcd: recording a node".into())))
+        };
+        shared.read("recording a node", put).await?;
+        Ok(())
     }
 
     async fn nodes(&self) -> Result<Vec<NodeStatus>, StoreError> {

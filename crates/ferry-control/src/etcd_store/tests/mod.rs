@@ -356,7 +356,13 @@ async fn a_replica_whose_lease_expired_records_its_nodes_again() {
     // What etcd does to a lease not kept alive for its TTL.
     let mut etcd = cluster.client().await;
     etcd.lease_revoke(old).await.unwrap();
-    lists(&b, &["w1"], Duration::from_secs(5)).await;
+    // A node recorded meanwhile waits for the new lease (a tick, 1 s),
+    // not for the request timeout (3 s).
+    let start = Instant::now();
+    a.put_node(node("w2")).await.unwrap();
+    let took = start.elapsed();
+    assert!(took < Duration::from_millis(2500), "{took:?}");
+    lists(&b, &["w1", "w2"], Duration::from_secs(5)).await;
     let key = etcd
         .get("/ferry/nodes/w1", Some(GetOptions::new()))
         .await
@@ -366,7 +372,7 @@ async fn a_replica_whose_lease_expired_records_its_nodes_again() {
     assert_eq!(lease, a.lease_id());
     // And the new lease is kept alive past its TTL.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert_eq!(node_ids(&b).await, ["w1"]);
+    assert_eq!(node_ids(&b).await, ["w1", "w2"]);
 }
 
 #[tokio::test]
