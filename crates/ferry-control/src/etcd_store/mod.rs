@@ -12,7 +12,7 @@
 //!
 //! [`Store::append`] is one transaction: compare `current`, put the
 //! snapshot, its metadata and the new `current`, delete what falls out of
-//! the history. Every replica watches `snapshots/` ([`follow`]), so an
+//! the history. Every replica watches `snapshots/` (module `follow`), so an
 //! append through one replica reaches the subscribers of all. Every call
 //! is bounded by [`EtcdOptions::request_timeout`]: without a quorum an
 //! append fails with [`StoreError::Unavailable`] instead of hanging, and
