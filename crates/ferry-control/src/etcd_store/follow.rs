@@ -47,7 +47,7 @@ pub(super) async fn read_newest(
         .with_limit(1);
     let key = shared.keys.snapshots();
     let reply = shared
-        .read("reading the current version", |mut c| {
+        .retried("reading the current version", |mut c| {
             let (key, options) = (key.clone(), options.clone());
             async move { c.get(key, Some(options)).await }
         })
@@ -151,7 +151,7 @@ async fn watch_from(
     let options = WatchOptions::new().with_prefix().with_start_revision(start);
     let key = shared.keys.snapshots();
     let opened = shared
-        .read("watching the snapshots", |mut c| {
+        .retried("watching the snapshots", |mut c| {
             let (key, options) = (key.clone(), options.clone());
             async move { c.watch(key, Some(options)).await }
         })

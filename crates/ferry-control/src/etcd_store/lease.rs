@@ -22,7 +22,7 @@ pub(super) async fn grant(shared: &Shared) -> Result<i64, StoreError> {
     let ttl = i64::try_from(shared.options.lease_ttl.as_secs().max(1)).unwrap_or(10);
     // A lease granted twice (an answer lost) expires unused.
     let reply = shared
-        .read("granting a lease", |mut c| async move {
+        .retried("granting a lease", |mut c| async move {
             c.lease_grant(ttl, None).await
         })
         .await?;
@@ -99,7 +99,7 @@ pub(super) async fn keep(shared: Arc<Shared>, stop: CancellationToken) {
     }
     let id = shared.lease.load(Ordering::SeqCst);
     let revoke = |mut c: etcd_client::Client| async move { c.lease_revoke(id).await };
-    if let Err(e) = shared.read("revoking the lease", revoke).await {
+    if let Err(e) = shared.retried("revoking the lease", revoke).await {
         tracing::info!(replica = %shared.replica, error = %e, "etcd store: could not revoke the lease; its nodes expire with it");
     }
 }
@@ -116,7 +116,7 @@ async fn rewrite_nodes(shared: &Shared, old: i64, new: i64) {
     for status in mine {
         let key = shared.keys.node(&status.node_id);
         let read = shared
-            .read("reading a node", |mut c| {
+            .retried("reading a node", |mut c| {
                 let key = key.clone();
                 async move { c.get(key, None).await }
             })
@@ -153,7 +153,7 @@ async fn rewrite_nodes(shared: &Shared, old: i64, new: i64) {
             let txn = txn.clone();
             async move { c.txn(txn).await }
         };
-        if let Err(e) = shared.read("recording a node again", rewrite).await {
+        if let Err(e) = shared.retried("recording a node again", rewrite).await {
             tracing::warn!(replica = %shared.replica, error = %e, node = %status.node_id, "etcd store: cannot record a node again");
         }
     }

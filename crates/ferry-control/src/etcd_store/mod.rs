@@ -124,7 +124,7 @@ impl Shared {
     /// guarded by a compare), trying again after any failure or a try
     /// without an answer within [`try_timeout`], until the request
     /// timeout.
-    async fn read<T, F, Fut>(&self, what: &str, mut call: F) -> Result<T, StoreError>
+    async fn retried<T, F, Fut>(&self, what: &str, mut call: F) -> Result<T, StoreError>
     where
         F: FnMut(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
@@ -326,7 +326,7 @@ impl Store for EtcdStore {
         let key = self.shared.keys.snapshot(version);
         let reply = self
             .shared
-            .read("reading a snapshot", |mut c| {
+            .retried("reading a snapshot", |mut c| {
                 let key = key.clone();
                 async move { c.get(key, None).await }
             })
@@ -348,7 +348,7 @@ impl Store for EtcdStore {
         let key = self.shared.keys.metas();
         let reply = self
             .shared
-            .read("reading the history", |mut c| {
+            .retried("reading the history", |mut c| {
                 let (key, options) = (key.clone(), options.clone());
                 async move { c.get(key, Some(options)).await }
             })
@@ -425,7 +425,7 @@ impl Store for EtcdStore {
         ]);
         let reply = self
             .shared
-            .read("storing a new version", |mut c| {
+            .retried("storing a new version", |mut c| {
                 let txn = txn.clone();
                 async move { c.txn(txn).await }
             })
@@ -473,7 +473,7 @@ impl Store for EtcdStore {
                     .await
             }
         };
-        shared.read("recording a node", put).await?;
+        shared.retried("recording a node", put).await?;
         Ok(())
     }
 
@@ -481,7 +481,7 @@ impl Store for EtcdStore {
         let key = self.shared.keys.nodes();
         let reply = self
             .shared
-            .read("reading the nodes", |mut c| {
+            .retried("reading the nodes", |mut c| {
                 let key = key.clone();
                 async move { c.get(key, Some(GetOptions::new().with_prefix())).await }
             })
