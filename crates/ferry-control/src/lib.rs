@@ -13,11 +13,15 @@
 //! - [`file_store`]: the embedded store, `file:DIR`.
 //! - [`server`]: the gRPC services ([`server::ControlPlane`]) over any
 //!   store, and the mTLS settings of the server and of its clients.
+//! - `etcd_store` (feature `etcd`, which needs a system `protoc` to
+//!   build): the store on an etcd cluster, for several replicas.
 //!
 //! The data-plane crates never see gRPC: a node's subscriber hands each
 //! snapshot to the role's `apply` and reports the result. No SMTP here.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "etcd")]
+pub mod etcd_store;
 pub mod file_store;
 pub mod identity;
 pub mod server;

@@ -61,37 +61,54 @@ pub struct Args {
     pub admin: SocketAddr,
 }
 
-/// Opens the store and serves until SIGTERM or SIGINT.
+/// Binds the gRPC address, opens the store and serves until SIGTERM or
+/// SIGINT. The bound address names this replica in node status.
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    match args.store.clone() {
-        StoreSpec::File(dir) => {
-            let opened = tokio::task::spawn_blocking(move || FileStore::open(&dir)).await?;
-            let store = opened.context("cannot open the file store")?;
-            serve(Arc::new(store), args).await
-        }
-        StoreSpec::Etcd(urls) => etcd(urls, args).await,
-    }
-}
-
-#[cfg(feature = "etcd")]
-async fn etcd(urls: Vec<String>, args: Args) -> anyhow::Result<ExitCode> {
-    let store = ferry_control::etcd_store::EtcdStore::connect(&urls)
-        .await
-        .context("cannot open the etcd store")?;
-    serve(Arc::new(store), args).await
-}
-
-#[cfg(not(feature = "etcd"))]
-async fn etcd(_urls: Vec<String>, _args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("this ferry was built without the etcd store; build with --features etcd")
-}
-
-/// Serves the control plane over `store` (any [`Store`]).
-async fn serve<S: Store>(store: Arc<S>, args: Args) -> anyhow::Result<ExitCode> {
     let pem = Pem::read(&args.ca, &args.cert, &args.key).map_err(anyhow::Error::msg)?;
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    match args.store.clone() {
+        StoreSpec::File(dir) => {
+            let opened = tokio::task::spawn_blocking(move || FileStore::open(&dir)).await?;
+            let store = opened.context("cannot open the file store")?;
+            serve(Arc::new(store), pem, listener, args).await
+        }
+        StoreSpec::Etcd(urls) => etcd(urls, pem, listener, args).await,
+    }
+}
+
+#[cfg(feature = "etcd")]
+async fn etcd(
+    urls: Vec<String>,
+    pem: Pem,
+    listener: TcpListener,
+    args: Args,
+) -> anyhow::Result<ExitCode> {
+    let replica = listener.local_addr()?.to_string();
+    let store = ferry_control::etcd_store::EtcdStore::connect(&urls, &replica)
+        .await
+        .context("cannot open the etcd store")?;
+    serve(Arc::new(store), pem, listener, args).await
+}
+
+#[cfg(not(feature = "etcd"))]
+async fn etcd(
+    _urls: Vec<String>,
+    _pem: Pem,
+    _listener: TcpListener,
+    _args: Args,
+) -> anyhow::Result<ExitCode> {
+    anyhow::bail!("this ferry was built without the etcd store; build with --features etcd")
+}
+
+/// Serves the control plane over `store` (any [`Store`]) on `listener`.
+async fn serve<S: Store>(
+    store: Arc<S>,
+    pem: Pem,
+    listener: TcpListener,
+    args: Args,
+) -> anyhow::Result<ExitCode> {
     let grpc = listener.local_addr()?;
     let endpoint = TcpListener::bind(args.admin)
         .await
@@ -119,8 +136,10 @@ async fn serve<S: Store>(store: Arc<S>, args: Args) -> anyhow::Result<ExitCode> 
     println!("control metrics http://{admin}/metrics");
     println!("control ready");
     tracing::info!(%grpc, %admin, "control plane started");
+    let signal = tokio_util::sync::CancellationToken::new();
+    crate::node::cancel_on_signal(signal.clone());
     tokio::select! {
-        () = wait_for_signal() => {
+        () = signal.cancelled() => {
             tracing::info!("signal received; stopping");
             serving.store(false, Ordering::Relaxed);
             let _ = stop.send(());
@@ -135,22 +154,6 @@ async fn serve<S: Store>(store: Arc<S>, args: Args) -> anyhow::Result<ExitCode> 
             Ok(Err(e)) => Err(anyhow::Error::new(e).context("the gRPC server failed")),
             Err(e) => Err(anyhow::Error::new(e).context("the gRPC server failed")),
         },
-    }
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without handlers the process still stops on SIGTERM (default action).
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
     }
 }
 
