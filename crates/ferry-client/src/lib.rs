@@ -101,11 +101,24 @@ impl Error {
     }
 }
 
+/// A SASL mechanism for AUTH.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mechanism {
+    /// RFC 4616, with the initial response on the AUTH line.
+    Plain,
+    /// The user name and password in answer to two challenges
+    /// (draft-murchison-sasl-login), for servers that offer only LOGIN.
+    Login,
+}
+
 /// A user name and password for AUTH.
 #[derive(Clone)]
 pub struct Credentials {
     pub user: String,
     pub password: Zeroizing<String>,
+    /// The mechanism to use; `None`: PLAIN when offered, else LOGIN when
+    /// offered, else PLAIN anyway (so the server's refusal says why).
+    pub mechanism: Option<Mechanism>,
 }
 
 impl std::fmt::Debug for Credentials {

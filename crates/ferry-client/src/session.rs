@@ -16,7 +16,7 @@ use zeroize::Zeroizing;
 use crate::connect::Attempt;
 use crate::io::{read_reply, Line, Stream, Transcript};
 use crate::tls::{server_name, TlsMode, Verify};
-use crate::{Credentials, Error, Settings, Timeouts};
+use crate::{Credentials, Error, Mechanism, Settings, Timeouts};
 
 /// What a transcript shows instead of a secret.
 const MASK: &str = "********";
@@ -294,14 +294,23 @@ impl Session {
         Ok(())
     }
 
-    /// AUTH (RFC 4954) with PLAIN when offered (RFC 4616), else LOGIN
-    /// when offered, else PLAIN anyway, so the server's refusal says why.
+    /// AUTH (RFC 4954) with the credentials' mechanism, or by default
+    /// PLAIN when offered (RFC 4616), else LOGIN when offered, else PLAIN
+    /// anyway, so the server's refusal says why.
     ///
     /// # Errors
     /// [`Error::Refused`] with the server's reply.
     pub async fn authenticate(&mut self, credentials: &Credentials) -> Result<(), Error> {
         let user = &credentials.user;
-        if self.caps.auth_login && !self.caps.auth_plain {
+        let mechanism =
+            credentials
+                .mechanism
+                .unwrap_or(if self.caps.auth_login && !self.caps.auth_plain {
+                    Mechanism::Login
+                } else {
+                    Mechanism::Plain
+                });
+        if mechanism == Mechanism::Login {
             let reply = self.command("AUTH LOGIN").await?;
             if reply.code() != 334 {
                 return Err(self.refused("AUTH", reply));

@@ -192,6 +192,7 @@ impl Job {
             Some(user) => Some(Credentials {
                 user: user.clone(),
                 password: read_password(user)?,
+                mechanism: None,
             }),
             None => None,
         };

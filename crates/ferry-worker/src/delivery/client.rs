@@ -135,6 +135,7 @@ impl HopSettings<'_> {
             auth: self.auth.map(|(user, password)| Credentials {
                 user: user.clone(),
                 password: Zeroizing::new(password.clone()),
+                mechanism: None,
             }),
             timeouts: ferry_client::Timeouts {
                 connect: self.connect_timeout,
