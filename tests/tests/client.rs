@@ -350,3 +350,31 @@ async fn implicit_tls_is_verified_from_the_first_byte() {
         "{err}"
     );
 }
+
+/// A name goes through the system resolver (here `/etc/hosts`): every
+/// address of `localhost` is tried, and the one the sink listens on wins.
+#[tokio::test]
+async fn a_name_is_resolved_by_the_system() {
+    let sink = SmtpSink::start().await;
+    let kept = Arc::new(Kept::default());
+    let session = ferry_client::connect(
+        &Target::new("localhost", sink.addr.port()),
+        &settings(&kept),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(session.peer(), sink.addr);
+    assert_eq!(
+        session.label(),
+        format!("localhost[127.0.0.1]:{}", sink.addr.port())
+    );
+    session.quit().await;
+    let err = ferry_client::connect(
+        &Target::new("no-such-host.invalid", 25),
+        &Settings::default(),
+    )
+    .await
+    .err()
+    .unwrap();
+    assert!(matches!(err, Error::Resolve { .. }), "{err}");
+}

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_smtp::client::ReplyReader;
@@ -152,18 +152,16 @@ impl fmt::Display for AttemptFailure {
     }
 }
 
-/// The process's system resolver (`/etc/resolv.conf`, `/etc/hosts`),
-/// built once.
+/// A resolver with the system's settings (`/etc/resolv.conf`,
+/// `/etc/hosts`). Built for each lookup rather than kept for the process:
+/// its connections belong to the runtime that made them, and a process
+/// may run several runtimes one after the other (tests do). Only names
+/// need it; addresses given or literal never do.
 fn system_resolver() -> Result<TokioResolver, String> {
-    static RESOLVER: OnceLock<Result<TokioResolver, String>> = OnceLock::new();
-    RESOLVER
-        .get_or_init(|| {
-            TokioResolver::builder_tokio()
-                .map_err(|e| e.to_string())?
-                .build()
-                .map_err(|e| e.to_string())
-        })
-        .clone()
+    TokioResolver::builder_tokio()
+        .map_err(|e| e.to_string())?
+        .build()
+        .map_err(|e| e.to_string())
 }
 
 /// The addresses of `target`, in the order to try them.

@@ -75,13 +75,16 @@ pub trait Transcript: Send + Sync {
 /// that speak raw SMTP (the tests' deliberately plain client).
 #[derive(Debug)]
 pub enum Stream {
+    /// Clear text.
     Plain(TcpStream),
+    /// TLS over TCP.
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     /// Between taking the TCP stream for a handshake and getting TLS back.
     Gone,
 }
 
 impl Stream {
+    /// Whether TLS is on.
     pub fn is_tls(&self) -> bool {
         matches!(self, Stream::Tls(_))
     }

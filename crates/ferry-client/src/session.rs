@@ -135,6 +135,7 @@ impl Session {
         &self.label
     }
 
+    /// Whether TLS is on (implicit, or after STARTTLS).
     pub fn is_tls(&self) -> bool {
         self.stream.is_tls()
     }
