@@ -150,6 +150,7 @@ pub fn is_enhanced_code(word: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
     use super::*;
 
     #[test]
@@ -191,6 +192,55 @@ mod tests {
         ));
         r.push(&[b'2'; 5000]);
         assert_eq!(r.next_reply(), Some(Err(ReplyError::TooLong)));
+    }
+
+    proptest::proptest! {
+        /// However the bytes are cut, the replies read are those sent, and
+        /// their wire forms put together are the bytes sent.
+        #[test]
+        fn replies_cut_anywhere_read_the_same(
+            replies in proptest::collection::vec(
+                (200u16..600, proptest::collection::vec("[ -~]{0,40}", 1..4)),
+                1..6,
+            ),
+            cuts in proptest::collection::vec(0usize..400, 0..8),
+        ) {
+            let sent: Vec<Reply> = replies
+                .into_iter()
+                .map(|(code, lines)| Reply::multi(code, lines))
+                .collect();
+            let wire: Vec<u8> = sent.iter().flat_map(Reply::to_wire).collect();
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(wire.len())).collect();
+            cuts.push(wire.len());
+            cuts.sort_unstable();
+            let mut r = ReplyReader::new();
+            let (mut got, mut rewired, mut from) = (Vec::new(), Vec::new(), 0);
+            for cut in cuts {
+                r.push(&wire[from..cut]);
+                from = cut;
+                while let Some(reply) = r.next_reply() {
+                    got.push(reply.unwrap());
+                    rewired.extend_from_slice(r.last_wire());
+                }
+            }
+            proptest::prop_assert_eq!(got, sent);
+            proptest::prop_assert_eq!(rewired, wire);
+            proptest::prop_assert!(r.buffered().is_empty());
+        }
+
+        /// Any bytes: a reply, an error, or a wait for more; never a panic,
+        /// and never a line longer than the limit held.
+        #[test]
+        fn any_bytes_are_answered(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..3000)) {
+            let mut r = ReplyReader::new();
+            r.push(&bytes);
+            for _ in 0..200 {
+                match r.next_reply() {
+                    None | Some(Err(_)) => break,
+                    Some(Ok(_)) => {}
+                }
+            }
+        }
     }
 
     #[test]
