@@ -1,7 +1,7 @@
 //! Ferry's async SMTP client, shared by delivery to next hops, the
 //! balancer's probes and hand-offs, `ferry send` and the test suite.
 //!
-//! [`connect`] tries every address of a name (A and AAAA, or addresses
+//! [`connect()`] tries every address of a name (A and AAAA, or addresses
 //! given), racing them as RFC 8305 "happy eyeballs" does, and keeps the
 //! first that greets with `220`; each address that refused, timed out or
 //! greeted otherwise is reported with its reason. A [`Session`] then does
@@ -11,7 +11,7 @@
 //! server offers PIPELINING (RFC 2920), DATA, with a result per recipient.
 //! [`open`] does all of that up to a session ready for a transaction.
 //!
-//! Modules: [`connect`] (names, addresses, the race), [`session`] (the
+//! Modules: [`connect`](mod@connect) (names, addresses, the race), [`session`] (the
 //! dialogue), [`tls`] (when to start TLS, whom to trust), [`io`] (the one
 //! reply-reading loop, over `ferry-smtp`'s sans-IO
 //! [`ReplyReader`](ferry_smtp::client::ReplyReader), and the transcript
