@@ -312,3 +312,60 @@ pub fn http_with(base: &str, method: &str, path: &str, token: Option<&str>) -> (
         .unwrap_or_default();
     (status, body)
 }
+
+/// What a `ferry send` run printed and how it exited.
+#[derive(Debug)]
+pub struct SendRun {
+    /// The exit code (`None`: killed by a signal).
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl SendRun {
+    /// The last line of standard output: which recipient got what.
+    pub fn last_line(&self) -> &str {
+        self.stdout.lines().last().unwrap_or("")
+    }
+}
+
+/// Runs `ferry send ARGS` with extra environment variables and `stdin`
+/// as its standard input; killed if it runs longer than a minute.
+pub fn ferry_send(args: &[&str], env: &[(&str, &str)], stdin: &str) -> SendRun {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let (out, err) = (dir.path().join("out"), dir.path().join("err"));
+    let started = std::time::Instant::now();
+    let mut child = Command::new(ferry_bin())
+        .arg("send")
+        .args(args)
+        .env_remove("FERRY_SEND_PASSWORD")
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .expect("start ferry send");
+    let mut input = child.stdin.take().unwrap();
+    // The child may exit without reading it: a broken pipe is fine.
+    let _ = input.write_all(stdin.as_bytes());
+    drop(input);
+    let deadline = started + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            break child.wait().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    SendRun {
+        code: status.code(),
+        stdout: std::fs::read_to_string(&out).unwrap(),
+        stderr: std::fs::read_to_string(&err).unwrap(),
+        elapsed: started.elapsed(),
+    }
+}

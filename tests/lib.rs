@@ -19,25 +19,23 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_client::io::Stream as Conn;
+use ferry_client::ReadError;
+use ferry_smtp::client::{ReplyError, ReplyReader};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpSocket;
 
 /// How long a test waits for any one reply.
 pub const REPLY_WAIT: Duration = Duration::from_secs(15);
 
-enum Conn {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-    Gone,
-}
-
 /// A deliberately plain SMTP client: it sends what the test says and
-/// returns replies as text, so tests assert the exact wire replies.
+/// returns replies as text, so tests assert the exact wire replies. The
+/// replies are read by the shared client's reader (`ferry-client`).
 pub struct SmtpClient {
     conn: Conn,
-    buf: Vec<u8>,
+    reader: ReplyReader,
 }
 
 impl SmtpClient {
@@ -59,7 +57,7 @@ impl SmtpClient {
             })??;
         Ok(Self {
             conn: Conn::Plain(stream),
-            buf: Vec::new(),
+            reader: ReplyReader::new(),
         })
     }
 
@@ -71,59 +69,37 @@ impl SmtpClient {
     }
 
     pub async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        match &mut self.conn {
-            Conn::Plain(s) => s.write_all(bytes).await,
-            Conn::Tls(s) => {
-                s.write_all(bytes).await?;
-                s.flush().await
-            }
-            Conn::Gone => Err(std::io::ErrorKind::NotConnected.into()),
-        }
+        self.conn.write_all(bytes).await?;
+        self.conn.flush().await
     }
 
     /// Closes the sending side (half-close); replies can still be read.
     pub async fn shutdown_write(&mut self) {
-        let _ = match &mut self.conn {
-            Conn::Plain(s) => s.shutdown().await,
-            Conn::Tls(s) => s.shutdown().await,
-            Conn::Gone => Ok(()),
-        };
+        let _ = self.conn.shutdown().await;
     }
 
     async fn read_more(&mut self) -> std::io::Result<usize> {
         let mut chunk = [0u8; 8192];
-        let n = match &mut self.conn {
-            Conn::Plain(s) => s.read(&mut chunk).await?,
-            Conn::Tls(s) => s.read(&mut chunk).await?,
-            Conn::Gone => 0,
-        };
-        self.buf.extend_from_slice(&chunk[..n]);
+        let n = self.conn.read(&mut chunk).await?;
+        self.reader.push(&chunk[..n]);
         Ok(n)
     }
 
     /// Reads one whole reply (all its lines), CRLFs kept between lines and
-    /// the last one trimmed. Returns "" if the server closed first.
+    /// the last one trimmed. Returns "" if the server closed first, and
+    /// the line itself if it is not an SMTP reply.
     pub async fn reply(&mut self) -> String {
-        tokio::time::timeout(REPLY_WAIT, async {
-            loop {
-                let mut start = 0;
-                while let Some(pos) = self.buf[start..].windows(2).position(|w| w == b"\r\n") {
-                    let line = &self.buf[start..start + pos];
-                    if line.len() < 4 || line[3] == b' ' {
-                        let text = String::from_utf8_lossy(&self.buf[..start + pos]).to_string();
-                        self.buf.drain(..start + pos + 2);
-                        return text;
-                    }
-                    start += pos + 2;
-                }
-                match self.read_more().await {
-                    Ok(0) | Err(_) => return String::new(),
-                    Ok(_) => {}
-                }
-            }
-        })
-        .await
-        .expect("no reply in time")
+        let read = ferry_client::read_reply(&mut self.conn, &mut self.reader);
+        match tokio::time::timeout(REPLY_WAIT, read)
+            .await
+            .expect("no reply in time")
+        {
+            Ok(_) => String::from_utf8_lossy(self.reader.last_wire())
+                .trim_end_matches(['\r', '\n'])
+                .to_string(),
+            Err(ReadError::Malformed(ReplyError::Malformed(line))) => line,
+            Err(_) => String::new(),
+        }
     }
 
     /// Sends one command line and reads its reply.

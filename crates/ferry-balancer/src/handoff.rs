@@ -10,8 +10,6 @@ use proxy_header::{ProxiedAddress, ProxyHeader, Tlv};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::probe::read_reply;
-
 /// Why a worker was skipped; `reason` is the metric label.
 #[derive(Debug, thiserror::Error)]
 #[error("{detail}")]
@@ -98,11 +96,14 @@ pub async fn handoff(
                 .await
                 .map_err(|e| skip("connect", e.to_string()))?;
         }
-        let mut raw = Vec::new();
-        let reply = read_reply(&mut stream, &mut ReplyReader::new(), &mut raw)
+        let mut reader = ReplyReader::new();
+        let reply = ferry_client::read_reply(&mut stream, &mut reader)
             .await
-            .map_err(|e| skip("greeting", e))?;
+            .map_err(|e| skip("greeting", e.to_string()))?;
         if reply.code() == 220 {
+            // The greeting as it came, and anything the worker sent after.
+            let mut raw = reader.last_wire().to_vec();
+            raw.extend_from_slice(reader.buffered());
             Ok((stream, raw))
         } else {
             Err(skip("greeting", format!("greeted with {}", reply.code())))

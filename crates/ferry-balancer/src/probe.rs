@@ -1,18 +1,16 @@
 //! SMTP health probes: TCP connect, PROXY v2 LOCAL (when the listener
 //! speaks PROXY), expect `220`, `EHLO`, expect `250`, `QUIT` — the whole
 //! probe within the configured timeout. A `421` greeting means the worker
-//! is draining.
+//! is draining. The probe is the shared client's (`ferry-client`): the
+//! same connect, greeting and reply reading as delivery and `ferry send`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ferry_client::{AttemptFailure, Settings, Timeouts};
 use ferry_config::ProbeSettings;
-use ferry_smtp::client::ReplyReader;
-use ferry_smtp::Reply;
 use proxy_header::ProxyHeader;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -34,29 +32,6 @@ fn failed(stage: &'static str, reason: impl Into<String>) -> ProbeResult {
     ProbeResult::Failed {
         stage,
         reason: reason.into(),
-    }
-}
-
-/// Reads one whole reply.
-pub async fn read_reply(
-    stream: &mut TcpStream,
-    reader: &mut ReplyReader,
-    raw: &mut Vec<u8>,
-) -> Result<Reply, String> {
-    let mut chunk = [0u8; 1024];
-    loop {
-        match reader.next_reply() {
-            Some(Ok(reply)) => return Ok(reply),
-            Some(Err(e)) => return Err(e.to_string()),
-            None => {}
-        }
-        let n = stream.read(&mut chunk).await.map_err(|e| e.to_string())?;
-        if n == 0 {
-            return Err("connection closed".into());
-        }
-        let bytes = chunk.get(..n).unwrap_or_default();
-        raw.extend_from_slice(bytes);
-        reader.push(bytes);
     }
 }
 
@@ -83,34 +58,44 @@ pub async fn probe(
 }
 
 async fn probe_inner(addr: SocketAddr, source: Option<IpAddr>, proxy: bool) -> ProbeResult {
-    let mut s = match crate::handoff::connect(addr, source).await {
-        Ok(s) => s,
-        Err(e) => return failed("connect", e.to_string()),
+    let settings = Settings {
+        helo: "ferry-balancer".into(),
+        source,
+        preamble: proxy.then(|| Arc::from(local_header())),
+        // The caller's limit bounds the whole probe.
+        timeouts: Timeouts {
+            connect: Duration::MAX,
+            greeting: Duration::MAX,
+            command: Duration::MAX,
+            data_end: Duration::MAX,
+        },
+        ..Settings::default()
     };
-    let _ = s.set_nodelay(true);
-    if proxy {
-        if let Err(e) = s.write_all(&local_header()).await {
-            return failed("connect", e.to_string());
-        }
-    }
-    let mut reader = ReplyReader::new();
-    let mut raw = Vec::new();
-    match read_reply(&mut s, &mut reader, &mut raw).await {
-        Ok(r) if r.code() == 220 => {}
-        Ok(r) if r.code() == 421 => return ProbeResult::Draining,
-        Ok(r) => return failed("greeting", format!("greeted with {}", r.code())),
-        Err(e) => return failed("greeting", e),
-    }
-    if let Err(e) = s.write_all(b"EHLO ferry-balancer\r\n").await {
-        return failed("ehlo", e.to_string());
-    }
-    match read_reply(&mut s, &mut reader, &mut raw).await {
+    let mut session =
+        match ferry_client::connect(&ferry_client::Target::address(addr), &settings).await {
+            Ok(session) => session,
+            Err(ferry_client::Error::Unreachable { attempts, .. }) => {
+                return match attempts.last().map(|a| &a.failure) {
+                    Some(AttemptFailure::Greeted(r)) if r.code() == 421 => ProbeResult::Draining,
+                    Some(AttemptFailure::Greeted(r)) => {
+                        failed("greeting", format!("greeted with {}", r.code()))
+                    }
+                    Some(
+                        f @ (AttemptFailure::NoGreeting(_) | AttemptFailure::GreetingTimeout(_)),
+                    ) => failed("greeting", f.reason()),
+                    Some(f) => failed("connect", f.reason()),
+                    None => failed("connect", "no address"),
+                };
+            }
+            Err(e) => return failed("connect", e.to_string()),
+        };
+    match session.command("EHLO ferry-balancer").await {
         Ok(r) if r.code() == 250 => {}
         Ok(r) => return failed("ehlo", format!("EHLO answered {}", r.code())),
-        Err(e) => return failed("ehlo", e),
+        Err(ferry_client::Error::Connection { reason, .. }) => return failed("ehlo", reason),
+        Err(e) => return failed("ehlo", e.to_string()),
     }
-    let _ = s.write_all(b"QUIT\r\n").await;
-    let _ = read_reply(&mut s, &mut reader, &mut raw).await;
+    session.quit().await;
     ProbeResult::Up
 }
 

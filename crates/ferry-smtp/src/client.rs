@@ -21,11 +21,17 @@ pub enum ReplyError {
     TooManyLines,
 }
 
-/// Collects replies from the bytes a server sends.
+/// Collects replies from the bytes a server sends. The I/O loop that feeds
+/// it is `ferry-client`'s `read_reply`, the only one in the workspace.
 #[derive(Debug, Default)]
 pub struct ReplyReader {
     buf: Vec<u8>,
     lines: Vec<String>,
+    /// The bytes of the reply being read, and of the last one completed:
+    /// a transcript shows what the server sent, and a balancer forwards a
+    /// greeting as it came.
+    wire: Vec<u8>,
+    last_wire: Vec<u8>,
 }
 
 impl ReplyReader {
@@ -33,8 +39,20 @@ impl ReplyReader {
         Self::default()
     }
 
+    /// Bytes as they arrived from the server.
     pub fn push(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);
+    }
+
+    /// The last complete reply as it came on the wire, CRLFs included.
+    pub fn last_wire(&self) -> &[u8] {
+        &self.last_wire
+    }
+
+    /// Bytes received past the last complete reply (a pipelining server's
+    /// next replies, or the start of one).
+    pub fn buffered(&self) -> &[u8] {
+        &self.buf
     }
 
     /// The next complete reply, if one has arrived.
@@ -44,6 +62,10 @@ impl ReplyReader {
                 return (self.buf.len() > MAX_REPLY_LINE).then_some(Err(ReplyError::TooLong));
             };
             let raw: Vec<u8> = self.buf.drain(..=lf).collect();
+            if self.lines.is_empty() {
+                self.wire.clear();
+            }
+            self.wire.extend_from_slice(&raw);
             let line = String::from_utf8_lossy(&raw)
                 .trim_end_matches(['\r', '\n'])
                 .to_string();
@@ -60,6 +82,7 @@ impl ReplyReader {
                 return Some(Err(ReplyError::TooManyLines));
             }
             if sep != Some(b'-') {
+                self.last_wire = std::mem::take(&mut self.wire);
                 return Some(Ok(Reply::multi(code, std::mem::take(&mut self.lines))));
             }
         }
@@ -75,7 +98,12 @@ pub struct Capabilities {
     pub smtputf8: bool,
     /// SIZE's limit; `Some(0)` means no stated limit.
     pub size: Option<u64>,
+    /// AUTH offers PLAIN (RFC 4616).
     pub auth_plain: bool,
+    /// AUTH offers LOGIN (draft-murchison-sasl-login).
+    pub auth_login: bool,
+    /// EHLO has an AUTH line at all.
+    pub auth: bool,
 }
 
 impl Capabilities {
@@ -90,7 +118,13 @@ impl Capabilities {
                 "8BITMIME" => c.eight_bit_mime = true,
                 "SMTPUTF8" => c.smtputf8 = true,
                 "SIZE" => c.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
-                "AUTH" => c.auth_plain = words.any(|m| m.eq_ignore_ascii_case("PLAIN")),
+                "AUTH" => {
+                    c.auth = true;
+                    for m in words {
+                        c.auth_plain |= m.eq_ignore_ascii_case("PLAIN");
+                        c.auth_login |= m.eq_ignore_ascii_case("LOGIN");
+                    }
+                }
                 _ => {}
             }
         }
@@ -116,6 +150,7 @@ pub fn is_enhanced_code(word: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
     use super::*;
 
     #[test]
@@ -130,6 +165,21 @@ mod tests {
         assert!(caps.pipelining && caps.starttls && !caps.auth_plain);
         assert_eq!(caps.size, Some(1000));
         assert_eq!(r.next_reply().unwrap().unwrap(), Reply::new(220, "next"));
+        assert_eq!(r.last_wire(), b"220 next\r\n");
+        assert!(r.buffered().is_empty());
+    }
+
+    #[test]
+    fn keeps_the_wire_form_of_each_reply() {
+        let mut r = ReplyReader::new();
+        r.push(b"250-one\r\n250 two\n354 go");
+        assert_eq!(r.next_reply().unwrap().unwrap().code(), 250);
+        assert_eq!(r.last_wire(), b"250-one\r\n250 two\n");
+        assert!(r.next_reply().is_none());
+        assert_eq!(r.buffered(), b"354 go");
+        let caps =
+            Capabilities::from_ehlo(&Reply::multi(250, vec!["x".into(), "AUTH LOGIN".into()]));
+        assert!(caps.auth && caps.auth_login && !caps.auth_plain);
     }
 
     #[test]
@@ -142,6 +192,55 @@ mod tests {
         ));
         r.push(&[b'2'; 5000]);
         assert_eq!(r.next_reply(), Some(Err(ReplyError::TooLong)));
+    }
+
+    proptest::proptest! {
+        /// However the bytes are cut, the replies read are those sent, and
+        /// their wire forms put together are the bytes sent.
+        #[test]
+        fn replies_cut_anywhere_read_the_same(
+            replies in proptest::collection::vec(
+                (200u16..600, proptest::collection::vec("[ -~]{0,40}", 1..4)),
+                1..6,
+            ),
+            cuts in proptest::collection::vec(0usize..400, 0..8),
+        ) {
+            let sent: Vec<Reply> = replies
+                .into_iter()
+                .map(|(code, lines)| Reply::multi(code, lines))
+                .collect();
+            let wire: Vec<u8> = sent.iter().flat_map(Reply::to_wire).collect();
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(wire.len())).collect();
+            cuts.push(wire.len());
+            cuts.sort_unstable();
+            let mut r = ReplyReader::new();
+            let (mut got, mut rewired, mut from) = (Vec::new(), Vec::new(), 0);
+            for cut in cuts {
+                r.push(&wire[from..cut]);
+                from = cut;
+                while let Some(reply) = r.next_reply() {
+                    got.push(reply.unwrap());
+                    rewired.extend_from_slice(r.last_wire());
+                }
+            }
+            proptest::prop_assert_eq!(got, sent);
+            proptest::prop_assert_eq!(rewired, wire);
+            proptest::prop_assert!(r.buffered().is_empty());
+        }
+
+        /// Any bytes: a reply, an error, or a wait for more; never a panic,
+        /// and never a line longer than the limit held.
+        #[test]
+        fn any_bytes_are_answered(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..3000)) {
+            let mut r = ReplyReader::new();
+            r.push(&bytes);
+            for _ in 0..200 {
+                match r.next_reply() {
+                    None | Some(Err(_)) => break,
+                    Some(Ok(_)) => {}
+                }
+            }
+        }
     }
 
     #[test]

@@ -213,7 +213,12 @@ async fn a_worker_behind_the_control_plane_refuses_probes_only() {
     let h = Harness::start(LIMITS).await;
     let mut local = Vec::new();
     ProxyHeader::with_local().encode_v2(&mut local).unwrap();
-    assert!(h.worker.is_ready());
+    // Ready once its accept loop runs (the harness starts it).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !h.worker.is_ready() {
+        assert!(Instant::now() < deadline, "the worker never became ready");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 
     h.worker.core().set_config_behind(true);
     assert!(

@@ -11,6 +11,7 @@ mod ctl;
 mod demo_certs;
 mod node;
 mod queue;
+mod send;
 mod token;
 mod up;
 mod user;
@@ -159,6 +160,15 @@ enum Command {
         #[command(subcommand)]
         command: cert::CertCommand,
     },
+    /// Send one message through a relay, trying every address of its
+    /// name (`ferry send --help` lists the options).
+    #[command(disable_help_flag = true)]
+    Send {
+        /// The options of `ferry send` (see `ferry send --help`); parsed
+        /// by it, so that a usage error exits with 4.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -166,6 +176,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     ferry_telemetry::init_logging(cli.log_json);
     let result = match cli.command {
+        Command::Send { args } => return send::run(args),
         Command::Config { command } => config_cmd::run(command),
         Command::User { command } => user::run(command),
         Command::Cert { command } => cert::run(command),
