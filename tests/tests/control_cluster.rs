@@ -443,10 +443,12 @@ async fn an_invalid_change_is_refused_with_every_error_and_changes_nothing() {
 /// place, the next version brings it back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_cannot_apply_a_change_nacks_keeps_serving_and_leaves_the_rotation() {
-    let cl = Cluster::start(|p| config(p, "One ready", "")).await;
-    let certs = |i: usize| cl.data(i).join("certs");
-    std::fs::create_dir_all(certs(0)).unwrap();
-    make_certificate(&certs(0));
+    let mut cl = Cluster::start(|p| config(p, "One ready", "")).await;
+    let certs: Vec<PathBuf> = (0..WORKERS.len())
+        .map(|i| cl.data(i).join("certs"))
+        .collect();
+    std::fs::create_dir_all(&certs[0]).unwrap();
+    make_certificate(&certs[0]);
     for name in ["w1", "w2"] {
         until("both workers in rotation", WAIT, || {
             let b = cl.backend(name);
@@ -464,7 +466,7 @@ async fn a_worker_that_cannot_apply_a_change_nacks_keeps_serving_and_leaves_the_
     greets(cl.at(0, devices), "220 Devices ready", WAIT).await;
 
     // The NACK, with its error, for w2 only.
-    let missing = certs(1).join("test.crt");
+    let missing = certs[1].join("test.crt");
     let nack = format!(
         "version {v2}: connector 'Devices': cannot read {}",
         missing.display()
@@ -515,10 +517,38 @@ async fn a_worker_that_cannot_apply_a_change_nacks_keeps_serving_and_leaves_the_
     assert_eq!(cl.workers[1].metric(nacks), Some(1.0));
     assert_eq!(cl.workers[0].metric(nacks), Some(0.0));
 
+    // w2 restarted: it serves version 1 from its last-good copy, is not
+    // sent version 2 again on its new stream, and, having refused the
+    // newest version for longer than the grace period, stays out of
+    // rotation.
+    cl.workers[1].kill();
+    until("w2's stream gone", WAIT, || {
+        let (_, nodes) = cl.nodes();
+        (nodes["w2"]["CONNECTED"] == "no", nodes)
+    });
+    until("w2 down for the balancer", WAIT, || {
+        let b = cl.backend("w2");
+        (b["up"] == false, b)
+    });
+    cl.workers[1] = cl.worker(1);
+    assert_eq!(greeting(cl.at(1, cl.ports.relay)).await, "220 One ready");
+    until("w2 subscribed again", WAIT, || {
+        let (_, nodes) = cl.nodes();
+        (nodes["w2"]["CONNECTED"] == "yes", nodes)
+    });
+    until("w2 probed again, and refusing the probes", WAIT, || {
+        let b = cl.backend("w2");
+        (b["up"] == true && b["draining"] == true, b)
+    });
+    assert_eq!(cl.backend("w2")["eligible"], false);
+    for _ in 0..4 {
+        assert_eq!(cl.through_balancer().await.0, "w1.test");
+    }
+
     // The file in place on w2, the next version applies everywhere and
     // w2 is back in rotation.
-    std::fs::create_dir_all(certs(1)).unwrap();
-    make_certificate(&certs(1));
+    std::fs::create_dir_all(&certs[1]).unwrap();
+    make_certificate(&certs[1]);
     let v3 = cl.apply(
         &config(cl.ports, "Three ready", &tls_connector(devices)),
         "again",
@@ -537,7 +567,12 @@ async fn a_worker_that_cannot_apply_a_change_nacks_keeps_serving_and_leaves_the_
         landed.push(cl.through_balancer().await.0);
     }
     assert!(landed.iter().any(|n| n == "w2.test"), "{landed:?}");
-    assert_eq!(cl.workers[1].metric(nacks), Some(1.0));
+    // The restarted w2 got version 3 and nothing before it: version 2 was
+    // not sent to it again.
+    let acks = "ferry_control_reports_total{result=\"ack\"}";
+    assert_eq!(cl.workers[1].metric(nacks), Some(0.0));
+    assert_eq!(cl.workers[1].metric(acks), Some(1.0));
+    assert_eq!(cl.control.metric(nacks), Some(1.0));
 }
 
 /// The control plane killed: the workers and the balancer keep serving,
