@@ -213,7 +213,14 @@ async fn a_worker_behind_the_control_plane_refuses_probes_only() {
     let h = Harness::start(LIMITS).await;
     let mut local = Vec::new();
     ProxyHeader::with_local().encode_v2(&mut local).unwrap();
-    assert!(h.worker.is_ready());
+    // Ready once its accept loop runs, a moment after the start.
+    let ready = tokio::time::timeout(Duration::from_secs(5), async {
+        while !h.worker.is_ready() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(ready.is_ok(), "not ready in time");
 
     h.worker.core().set_config_behind(true);
     assert!(
