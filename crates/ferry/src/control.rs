@@ -114,13 +114,16 @@ async fn serve<S: Store>(store: Arc<S>, args: Args) -> anyhow::Result<ExitCode> 
     let mut served = tokio::spawn(server::serve(plane, listener, tls, async {
         let _ = stopped.await;
     }));
+    // The handlers before `control ready`: a SIGTERM right after it
+    // stops the server cleanly, not by the default action.
+    let signal = signals();
     println!("control grpc {grpc}");
     println!("control admin http://{admin}");
     println!("control metrics http://{admin}/metrics");
     println!("control ready");
     tracing::info!(%grpc, %admin, "control plane started");
     tokio::select! {
-        () = wait_for_signal() => {
+        () = signal => {
             tracing::info!("signal received; stopping");
             serving.store(false, Ordering::Relaxed);
             let _ = stop.send(());
@@ -138,19 +141,24 @@ async fn serve<S: Store>(store: Arc<S>, args: Args) -> anyhow::Result<ExitCode> 
     }
 }
 
-async fn wait_for_signal() {
+/// Installs the SIGTERM and SIGINT handlers now; the future resolves on
+/// either signal.
+fn signals() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        // Without handlers the process still stops on SIGTERM (default action).
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            // Without handlers the process still stops on SIGTERM (default action).
+            std::future::pending::<()>().await;
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
     }
 }
 
