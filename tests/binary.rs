@@ -222,14 +222,7 @@ impl WorkerProcess {
     /// exported (`ferry_config_reloads_total{result="failed"}`); `None` when
     /// absent.
     pub fn metric(&self, name_and_labels: &str) -> Option<f64> {
-        let (_, body) = http(&self.admin, "GET", "/metrics");
-        body.lines()
-            .find(|l| {
-                l.strip_prefix(name_and_labels)
-                    .is_some_and(|rest| rest.starts_with(' '))
-            })
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
+        metric(&self.admin, name_and_labels)
     }
 
     /// The process's resident memory (VmRSS), in KiB.
@@ -283,6 +276,19 @@ pub fn user_hash(password: &str) -> String {
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "ferry user hash failed");
     String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// The value of one sample on the `/metrics` of the admin endpoint at
+/// `base`, named with its labels as exported; `None` when absent.
+pub fn metric(base: &str, name_and_labels: &str) -> Option<f64> {
+    let (_, body) = http(base, "GET", "/metrics");
+    body.lines()
+        .find(|l| {
+            l.strip_prefix(name_and_labels)
+                .is_some_and(|rest| rest.starts_with(' '))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }
 
 /// One HTTP/1.1 request to an admin endpoint (`http://ADDR`); the status

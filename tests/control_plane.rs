@@ -2,6 +2,7 @@
 //! `ferry cert`, `ferry control` started on port 0 and its printed
 //! addresses read, `ferry ctl` run as an admin would.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -43,6 +44,26 @@ impl Pki {
         self
     }
 
+    /// Issues a node certificate for `id` (unless it was, for a restart)
+    /// and returns the flags a node subscribes with: `--node-id ID --ca …
+    /// --cert … --key …`.
+    pub fn node_flags(&self, id: &str) -> Vec<String> {
+        if !self.cert(id).exists() {
+            self.issue("node", id);
+        }
+        let s = |p: PathBuf| p.display().to_string();
+        vec![
+            "--node-id".into(),
+            id.into(),
+            "--ca".into(),
+            s(self.ca()),
+            "--cert".into(),
+            s(self.cert(id)),
+            "--key".into(),
+            s(self.key(id)),
+        ]
+    }
+
     pub fn ca(&self) -> PathBuf {
         self.dir.join("ca/ca.crt")
     }
@@ -54,6 +75,35 @@ impl Pki {
     pub fn key(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.key"))
     }
+}
+
+/// The rows of a table `ferry ctl` prints (left-aligned columns, two
+/// spaces apart, under `header`), each cell by its column's title. A
+/// column starts where its title does; the last runs to the end of the line.
+fn table_rows<'a>(
+    header: &str,
+    lines: impl Iterator<Item = &'a str>,
+) -> Vec<BTreeMap<String, String>> {
+    let mut columns: Vec<(usize, String)> = Vec::new();
+    let mut start = 0;
+    for cell in header.split("  ").filter(|c| !c.trim().is_empty()) {
+        let at = header[start..].find(cell.trim()).unwrap() + start;
+        columns.push((at, cell.trim().to_string()));
+        start = at + cell.trim().len();
+    }
+    lines
+        .map(|line| {
+            columns
+                .iter()
+                .enumerate()
+                .map(|(i, (at, name))| {
+                    let end = columns.get(i + 1).map_or(line.len(), |(next, _)| *next);
+                    let cell = line.get(*at..end.min(line.len())).unwrap_or("");
+                    (name.clone(), cell.trim().to_string())
+                })
+                .collect()
+        })
+        .collect()
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -82,9 +132,19 @@ impl ControlProcess {
     /// of `pki`; its log goes to `log`. Waits (bounded) for `control
     /// ready`.
     pub fn start(store: &str, pki: &Pki, log: &Path) -> Self {
-        let log = std::fs::File::create(log).unwrap();
+        Self::start_on("127.0.0.1:0", store, pki, log)
+    }
+
+    /// The same on `listen` (`IP:PORT`): a restart on the address the
+    /// nodes know, with [`ControlProcess::listen`] of the one before.
+    pub fn start_on(listen: &str, store: &str, pki: &Pki, log: &Path) -> Self {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
         let mut child = Command::new(ferry_bin())
-            .args(["control", "--listen", "127.0.0.1:0", "--store", store])
+            .args(["control", "--listen", listen, "--store", store])
             .arg("--ca")
             .arg(pki.ca())
             .arg("--cert")
@@ -145,6 +205,39 @@ impl ControlProcess {
             text(&out.stdout),
             text(&out.stderr),
         )
+    }
+
+    /// The `IP:PORT` it serves gRPC on.
+    pub fn listen(&self) -> &str {
+        self.url.trim_start_matches("https://")
+    }
+
+    /// The value of one sample on its `/metrics`
+    /// (`ferry_control_snapshots_sent_total{sync="first"}`).
+    pub fn metric(&self, name_and_labels: &str) -> Option<f64> {
+        crate::binary::metric(&self.admin, name_and_labels)
+    }
+
+    /// `ferry ctl nodes` as admin `admin`: the current version and a row
+    /// per node, each column by its header (`NODE`, `APPLIED`, `LAG`,
+    /// `LAST NACK`…). Panics when the command fails.
+    pub fn nodes(&self, pki: &Pki, admin: &str) -> (u64, Vec<BTreeMap<String, String>>) {
+        let (code, out, err) = self.ctl(pki, admin, &["nodes"]);
+        assert_eq!(code, 0, "ferry ctl nodes: {out}{err}");
+        let mut lines = out.lines();
+        let current = lines
+            .next()
+            .and_then(|l| l.strip_prefix("current version "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no current version in {out:?}"));
+        let header = lines.next().unwrap_or_default().to_string();
+        (current, table_rows(&header, lines))
+    }
+
+    /// SIGKILL, and reap: the control plane dies without a word to anyone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// SIGTERM, and the exit status (bounded wait).

@@ -131,13 +131,15 @@ async fn serve<S: Store>(
     let mut served = tokio::spawn(server::serve(plane, listener, tls, async {
         let _ = stopped.await;
     }));
+    // The handlers before `control ready`: a SIGTERM right after it
+    // stops the server cleanly, not by the default action.
+    let signal = tokio_util::sync::CancellationToken::new();
+    crate::node::cancel_on_signal(signal.clone());
     println!("control grpc {grpc}");
     println!("control admin http://{admin}");
     println!("control metrics http://{admin}/metrics");
     println!("control ready");
     tracing::info!(%grpc, %admin, "control plane started");
-    let signal = tokio_util::sync::CancellationToken::new();
-    crate::node::cancel_on_signal(signal.clone());
     tokio::select! {
         () = signal.cancelled() => {
             tracing::info!("signal received; stopping");

@@ -27,6 +27,13 @@ use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+/// The file in the data directory naming the newest control-plane
+/// version this node refused; its modification time says when. The
+/// control plane does not send a refused version again, so without it a
+/// node restarted from its last-good copy would not know it is behind
+/// and would go back into the balancers' rotation.
+const REFUSED_FILE: &str = "refused-version";
+
 /// `--control` and the flags that go with it.
 pub struct ControlArgs {
     pub urls: Vec<String>,
@@ -82,6 +89,9 @@ pub struct Controlled<R: Role> {
     last: Mutex<Option<ReloadReport>>,
     /// Since when the newest snapshot has been refused (`None`: in step).
     refused_since: Mutex<Option<Instant>>,
+    /// A version newer than the last-good copy that was refused before
+    /// the node started, and when ([`REFUSED_FILE`]).
+    refused_before: Option<(u64, Instant)>,
     nack_grace: Duration,
     on_behind: OnceLock<BehindHook>,
 }
@@ -104,6 +114,9 @@ impl<R: Role> Controlled<R> {
         let base = control.config_dir.unwrap_or_else(|| data.to_path_buf());
         let last_good = load_last_good::<R>(data, &base).await;
         let serving = last_good.as_ref().map(|s| (s.version, s.sha256.clone()));
+        let refused_before = serving
+            .as_ref()
+            .and_then(|(version, _)| refused_before(data, *version));
         let subscriber = Subscriber::new(
             SubscriberOptions {
                 urls: control.urls,
@@ -136,6 +149,7 @@ impl<R: Role> Controlled<R> {
             first_rx: tokio::sync::Mutex::new(first_rx),
             last: Mutex::default(),
             refused_since: Mutex::default(),
+            refused_before,
             nack_grace: control.nack_grace,
             on_behind: OnceLock::new(),
         }))
@@ -149,14 +163,17 @@ impl<R: Role> Controlled<R> {
         let _ = self.on_behind.set(Box::new(hook));
     }
 
-    /// Follows applies and refusals for [`Controlled::when_behind`].
-    fn track_behind(self: &Arc<Self>, applied: bool) {
+    /// Follows applies and refusals of `version` for
+    /// [`Controlled::when_behind`], and keeps the refusal in
+    /// [`REFUSED_FILE`] for a restart.
+    fn track_behind(self: &Arc<Self>, applied: bool, version: u64) {
         if self.serving.get().is_none() {
             return;
         }
         let mut since = lock(&self.refused_since);
         if applied {
             *since = None;
+            forget_refusal(&self.data);
             if let Some(hook) = self.on_behind.get() {
                 hook(false);
             }
@@ -165,11 +182,17 @@ impl<R: Role> Controlled<R> {
         if since.is_some() {
             return;
         }
-        let at = Instant::now();
+        remember_refusal(&self.data, version);
+        self.behind_after_grace(&mut since, Instant::now());
+    }
+
+    /// Refusing since `at`: behind once the grace period from then is
+    /// over, unless a version applies first.
+    fn behind_after_grace(self: &Arc<Self>, since: &mut Option<Instant>, at: Instant) {
         *since = Some(at);
         let node = Arc::clone(self);
         tokio::spawn(async move {
-            tokio::time::sleep(node.nack_grace).await;
+            tokio::time::sleep(node.nack_grace.saturating_sub(at.elapsed())).await;
             // Still refusing since the same moment: behind.
             if *lock(&node.refused_since) == Some(at) {
                 if let Some(hook) = node.on_behind.get() {
@@ -177,6 +200,23 @@ impl<R: Role> Controlled<R> {
                 }
             }
         });
+    }
+
+    /// Serving the last-good copy after a restart: a newer version it
+    /// refused before still counts, from when it was refused (the control
+    /// plane will not send that version again).
+    fn resume_refusal(self: &Arc<Self>) {
+        let Some((version, at)) = self.refused_before else {
+            return;
+        };
+        tracing::warn!(
+            version,
+            "version {version} was refused before this start and the control plane does not send it again: behind until a later version applies"
+        );
+        let mut since = lock(&self.refused_since);
+        if since.is_none() {
+            self.behind_after_grace(&mut since, at);
+        }
     }
 
     /// Whether the role serves and is ready.
@@ -404,8 +444,9 @@ struct Apply<R: Role>(Arc<Controlled<R>>);
 
 impl<R: Role> Applier for Apply<R> {
     async fn apply(&self, snapshot: Received) -> Result<(), String> {
+        let version = snapshot.version;
         let result = self.0.apply(snapshot).await;
-        self.0.track_behind(result.is_ok());
+        self.0.track_behind(result.is_ok(), version);
         result
     }
 }
@@ -491,6 +532,42 @@ async fn load_last_good<R: Role>(data: &Path, base: &Path) -> Option<Snapshot<R:
     }
 }
 
+/// The version in [`REFUSED_FILE`] if it is newer than `serving`, with
+/// when it was refused (the file's modification time).
+fn refused_before(data: &Path, serving: u64) -> Option<(u64, Instant)> {
+    let path = data.join(REFUSED_FILE);
+    let version: u64 = std::fs::read_to_string(&path).ok()?.trim().parse().ok()?;
+    if version <= serving {
+        return None;
+    }
+    let age = std::fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .unwrap_or_default();
+    let now = Instant::now();
+    Some((version, now.checked_sub(age).unwrap_or(now)))
+}
+
+/// Notes that `version` was refused (a small file; losing it only means a
+/// restart starts the grace period again).
+fn remember_refusal(data: &Path, version: u64) {
+    let path = data.join(REFUSED_FILE);
+    if let Err(e) = std::fs::write(&path, format!("{version}\n")) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot note the refused version");
+    }
+}
+
+fn forget_refusal(data: &Path) {
+    let path = data.join(REFUSED_FILE);
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove the refused-version note");
+        }
+        _ => {}
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -538,6 +615,9 @@ pub async fn start<R: Role>(
                 let role = Arc::clone(&serving.role);
                 let role_stop = serving.shutdown.clone();
                 node.serve(reply, serving);
+                if from_last_good {
+                    node.resume_refusal();
+                }
                 crate::node::announce(node.role_name, listen, &smtp);
                 tokio::spawn(async move {
                     stop.cancelled().await;

@@ -66,8 +66,9 @@ pub async fn start(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     serve_admin(role, admin_addr, admin).await?;
-    announce(role, listen, smtp);
+    // The handlers before `ROLE ready`: a SIGTERM right after it drains.
     cancel_on_signal(shutdown.clone());
+    announce(role, listen, smtp);
     Ok(())
 }
 
@@ -105,27 +106,25 @@ pub fn announce(role: &str, listen: IpAddr, smtp: &[SocketAddr]) {
     tracing::info!(%listen, smtp = ?smtp, "{role} started");
 }
 
-/// Cancels `shutdown` on SIGTERM or SIGINT.
+/// Cancels `shutdown` on SIGTERM or SIGINT. The handlers are installed
+/// before this returns (not when a spawned task first runs), so a signal
+/// that comes right after is a drain, not the default action's exit.
 pub fn cancel_on_signal(shutdown: CancellationToken) {
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("signal received; draining");
-        shutdown.cancel();
-    });
-}
-
-async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
     ) else {
         // Without signal handlers the process still stops on SIGTERM (default action).
-        std::future::pending::<()>().await;
+        tracing::warn!("cannot install SIGTERM/SIGINT handlers: a signal ends the process at once");
         return;
     };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("signal received; draining");
+        shutdown.cancel();
+    });
 }
