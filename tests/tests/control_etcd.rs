@@ -121,6 +121,12 @@ impl Setup {
         self.dir.path().join(name)
     }
 
+    /// Worker `id`'s log, for a failing assertion.
+    fn log(&self, id: &str) -> String {
+        let log = self.path(id).join("worker.log");
+        std::fs::read_to_string(&log).unwrap_or_else(|e| format!("{}: {e}", log.display()))
+    }
+
     /// `ferry control --store etcd:…` named `name` (its log `NAME.log`).
     fn replica(&self, name: &str) -> ControlProcess {
         let log = self.path(&format!("{name}.log"));
@@ -272,8 +278,9 @@ async fn an_apply_through_a_is_served_through_b_and_a_dead_replica_s_worker_move
     let wa = s.worker("wa", ip_a, &[&a, &b]);
     let wb = s.worker("wb", ip_b, &[&b]);
     let wc = s.worker("wc", ip_c, &[&a]);
-    for ip in [ip_a, ip_b, ip_c] {
-        assert_eq!(banner(at(ip)).await, "220 One");
+    for (id, ip) in [("wa", ip_a), ("wb", ip_b), ("wc", ip_c)] {
+        let greeting = banner(at(ip)).await;
+        assert_eq!(greeting, "220 One", "{id}: {}", s.log(id));
     }
 
     // Through A, served by B's worker (and A's) within a second.
