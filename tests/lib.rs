@@ -10,6 +10,8 @@ pub mod binary;
 pub mod control;
 pub mod control_plane;
 pub mod dns;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod sink;
 
 pub use serde_json::json;

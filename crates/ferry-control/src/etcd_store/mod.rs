@@ -20,8 +20,6 @@
 
 mod follow;
 mod lease;
-#[cfg(test)]
-mod tests;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -57,9 +55,9 @@ pub struct EtcdOptions {
     /// The longest any one etcd call may take; past it the call fails
     /// with [`StoreError::Unavailable`].
     pub request_timeout: Duration,
-    /// Test hook: the revision the first watch starts from (instead of
-    /// the one after the initial read), to start it on a compacted one.
-    #[cfg(test)]
+    /// The revision the first watch starts from; `None` (the default):
+    /// the one after the initial read. Only tests set it, to start the
+    /// watch on a compacted revision (the store then reads again).
     pub first_watch_revision: Option<i64>,
 }
 
@@ -70,7 +68,6 @@ impl Default for EtcdOptions {
             history_kept: HISTORY_KEPT,
             lease_ttl: Duration::from_secs(10),
             request_timeout: Duration::from_secs(3),
-            #[cfg(test)]
             first_watch_revision: None,
         }
     }
@@ -260,10 +257,7 @@ impl EtcdStore {
         let (publisher, current) = watch::channel(newest.map(Arc::new));
         let publisher = Arc::new(publisher);
         let stop = CancellationToken::new();
-        #[cfg(test)]
         let first = shared.options.first_watch_revision.unwrap_or(revision + 1);
-        #[cfg(not(test))]
-        let first = revision + 1;
         tokio::spawn(follow::follow(
             shared.clone(),
             publisher.clone(),

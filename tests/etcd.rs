@@ -1,5 +1,7 @@
 //! A real three-member etcd cluster on loopback (Debian's `etcd-server`),
-//! killed on drop.
+//! killed on drop: the one harness of every etcd test (the store's own in
+//! `tests/etcd_store.rs`, the control plane's over the real binary in
+//! `tests/control_etcd.rs`). Feature `etcd` of this package.
 
 use std::net::TcpListener;
 use std::path::Path;
@@ -15,15 +17,9 @@ pub const REQUIRE_ETCD: &str = "FERRY_REQUIRE_ETCD";
 /// `SKIPPED: TEST: WHY` on standard error (as `ferry_tests::skip_for_want_of`
 /// does, which `.ci/run` counts), or fails with [`REQUIRE_ETCD`]`=1`.
 pub fn skip_without_etcd() -> bool {
-    let found = Command::new("sh")
-        .args(["-c", "command -v etcd"])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if found {
+    let Some(why) = crate::missing_command("etcd", "apt-get install etcd-server") else {
         return false;
-    }
-    let why = "etcd is not installed (apt-get install etcd-server)";
+    };
     let test = std::thread::current()
         .name()
         .unwrap_or("a test")

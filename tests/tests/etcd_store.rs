@@ -1,20 +1,20 @@
-//! The etcd store against a real three-member etcd cluster on loopback:
-//! two stores on it play replicas A and B of the control plane.
+//! The etcd store (`ferry_control::etcd_store`) against a real
+//! three-member etcd cluster on loopback: two stores on it play replicas A
+//! and B of the control plane. Feature `etcd`; with
+//! `FERRY_REQUIRE_ETCD=1` a missing etcd fails the tests instead of
+//! skipping them.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
-
-mod cluster;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::{CompactionOptions, GetOptions};
+use ferry_control::etcd_store::{EtcdOptions, EtcdStore};
+use ferry_control::proto::{ConfigSnapshot, NodeRole, NodeStatus, SnapshotMeta};
+use ferry_control::store::{Store, StoreError};
+use ferry_control::MAX_CONFIG_OCTETS;
+use ferry_tests::etcd::Cluster;
 use tokio::sync::watch;
-
-use self::cluster::Cluster;
-use super::{EtcdOptions, EtcdStore};
-use crate::proto::{ConfigSnapshot, NodeRole, NodeStatus, SnapshotMeta};
-use crate::store::{Store, StoreError};
-use crate::MAX_CONFIG_OCTETS;
 
 fn snapshot(version: u64, text: &str) -> ConfigSnapshot {
     ConfigSnapshot {
@@ -30,11 +30,13 @@ fn snapshot(version: u64, text: &str) -> ConfigSnapshot {
     }
 }
 
+/// The version of a snapshot (0 without metadata).
+fn version_of(snapshot: &ConfigSnapshot) -> u64 {
+    snapshot.meta.as_ref().map_or(0, |m| m.version)
+}
+
 fn version(current: &watch::Receiver<Option<Arc<ConfigSnapshot>>>) -> u64 {
-    current
-        .borrow()
-        .as_ref()
-        .map_or(0, |s| super::version_of(s))
+    current.borrow().as_ref().map_or(0, |s| version_of(s))
 }
 
 async fn replica(cluster: &Cluster, name: &str, options: EtcdOptions) -> EtcdStore {
@@ -55,7 +57,7 @@ async fn sees(store: &EtcdStore, wanted: u64, within: Duration) -> Duration {
     let mut current = store.current();
     let seen = tokio::time::timeout(
         within,
-        current.wait_for(|s| s.as_ref().is_some_and(|s| super::version_of(s) == wanted)),
+        current.wait_for(|s| s.as_ref().is_some_and(|s| version_of(s) == wanted)),
     )
     .await;
     assert!(
