@@ -124,7 +124,7 @@ enum Command {
         /// The cluster CA certificate (PEM): client certificates must chain to it.
         #[arg(long)]
         ca: PathBuf,
-        /// This control plane's certificate (PEM; `ferry cert issue --control`).
+        /// This control plane's certificate (PEM; `ferry cert issue --role control`).
         #[arg(long)]
         cert: PathBuf,
         /// The certificate's private key (PEM).
@@ -144,7 +144,7 @@ enum Command {
         /// The cluster CA certificate (PEM).
         #[arg(long)]
         ca: PathBuf,
-        /// Your admin certificate (PEM; `ferry cert issue --admin`).
+        /// Your admin certificate (PEM; `ferry cert issue --role admin`).
         #[arg(long)]
         cert: PathBuf,
         /// Its private key (PEM).
