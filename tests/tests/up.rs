@@ -698,32 +698,53 @@ async fn changes_go_through_the_control_plane_and_survive_a_restart() {
     assert_eq!(up.history(), [2, 1]);
     wait_greeting(&up.every_smtp(), "220 Edited Frontend ready").await;
 
+    // A valid edit the workers cannot apply (a certificate file missing
+    // on them): stored as version 3, and ferry up prints each worker's
+    // NACK with its error; they keep serving version 2.
+    let missing = good.replacen("certs/ferry.crt", "certs/missing.crt", 1);
+    assert_ne!(missing, good);
+    std::fs::write(&config, missing).unwrap();
+    signal(up.pid(), "HUP");
+    up.wait_stderr(&format!("applied {} as version 3", config.display()));
+    for name in ["worker-1", "worker-2"] {
+        up.wait_stderr(&format!(
+            "ferry up: {name}: refused version 3 (NACK), version 2 keeps serving: "
+        ));
+    }
+    let err = up.stderr();
+    let nack = err
+        .lines()
+        .find(|l| l.starts_with("ferry up: worker-1: refused version 3"))
+        .unwrap();
+    assert!(nack.contains("missing.crt"), "{nack}");
+    wait_greeting(&up.every_smtp(), "220 Edited Frontend ready").await;
+
     // ferry ctl apply (the printed line) of another edit changes the
     // whole demo cluster: the balancer and each worker's own address.
     let by_ctl = config.with_file_name("by-ctl.toml");
     std::fs::write(&by_ctl, good.replace("Edited Frontend", "Applied Frontend")).unwrap();
     let (code, out, err) = up.ctl(&["apply", by_ctl.to_str().unwrap(), "-m", "new banner"]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("applied version 3"), "{out}");
+    assert!(out.contains("applied version 4"), "{out}");
     wait_greeting(&up.every_smtp(), "220 Applied Frontend ready").await;
 
     // Stopped and started again without --config: the file (repaired,
-    // version 2's text) differs from the current version 3, so it is
-    // applied as version 4; started again with it unchanged, it adds no
+    // version 2's text) differs from the current version 4, so it is
+    // applied as version 5; started again with it unchanged, it adds no
     // version.
     std::fs::write(&config, &good).unwrap();
     signal(up.pid(), "TERM");
     let up = up.restart();
     assert!(up.stderr().contains("ferry up: running"), "{}", up.stderr());
-    up.wait_stderr(&format!("applied {} as version 4", config.display()));
-    assert_eq!(up.history(), [4, 3, 2, 1]);
+    up.wait_stderr(&format!("applied {} as version 5", config.display()));
+    assert_eq!(up.history(), [5, 4, 3, 2, 1]);
     wait_greeting(&up.every_smtp(), "220 Edited Frontend ready").await;
     signal(up.pid(), "TERM");
     let up = up.restart();
-    up.wait_stderr(&format!("running version 4, which is {}", config.display()));
+    up.wait_stderr(&format!("running version 5, which is {}", config.display()));
     assert_eq!(
         up.history(),
-        [4, 3, 2, 1],
+        [5, 4, 3, 2, 1],
         "an unchanged file adds no version"
     );
     wait_greeting(&up.every_smtp(), "220 Edited Frontend ready").await;
