@@ -37,9 +37,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a demo cluster on loopback with the example config.
+    /// Run a demo cluster on loopback: a control plane, then two workers
+    /// and a balancer configured through it, with the example config.
     Up {
-        /// Where the demo keeps its config, certificates, spools and logs
+        /// Where the demo keeps its config, certificates (DATA/pki for the
+        /// control plane), the control plane's history, spools and logs
         /// (each node's output goes to DATA/logs/NAME.log).
         #[arg(long, default_value = "ferry-data")]
         data: PathBuf,
