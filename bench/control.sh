@@ -31,9 +31,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-$ferry cert ca --out "$work/ca" >/dev/null
-$ferry cert issue --ca "$work/ca" --control bench-control --host 127.0.0.1 --out "$work/control" >/dev/null
-$ferry cert issue --ca "$work/ca" --admin bench --out "$work/admin" >/dev/null
+$ferry cert init "$work/ca" >/dev/null
+$ferry cert issue --ca "$work/ca" --role control bench-control --host 127.0.0.1 --out "$work/control" >/dev/null
+$ferry cert issue --ca "$work/ca" --role admin bench --out "$work/admin" >/dev/null
 
 for n in $SUBSCRIBERS; do
   rm -rf "$work/store"

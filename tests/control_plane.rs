@@ -18,24 +18,23 @@ pub struct Pki {
 }
 
 impl Pki {
-    /// `ferry cert ca --out DIR/ca`.
+    /// `ferry cert init DIR/ca`.
     pub fn new(dir: &Path) -> Self {
-        let out = ferry(&["cert", "ca", "--out"], &[&dir.join("ca")]);
+        let out = ferry(&["cert", "init"], &[&dir.join("ca")]);
         assert!(out.status.success(), "{}", text(&out.stderr));
         Pki {
             dir: dir.to_path_buf(),
         }
     }
 
-    /// `ferry cert issue --ca DIR/ca --KIND NAME --out DIR` (KIND: admin,
-    /// node or control; a control certificate for 127.0.0.1).
+    /// `ferry cert issue --ca DIR/ca --role KIND NAME --out DIR` (KIND:
+    /// admin, node or control; a control certificate for 127.0.0.1).
     pub fn issue(&self, kind: &str, name: &str) -> &Self {
         let ca = self.dir.join("ca");
         let mut args = vec!["cert", "issue", "--ca"];
         let ca = ca.to_str().unwrap();
         args.push(ca);
-        let flag = format!("--{kind}");
-        args.extend([flag.as_str(), name, "--out", self.dir.to_str().unwrap()]);
+        args.extend(["--role", kind, name, "--out", self.dir.to_str().unwrap()]);
         if kind == "control" {
             args.extend(["--host", "127.0.0.1"]);
         }

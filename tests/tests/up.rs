@@ -1,6 +1,7 @@
-//! End to end over the real `ferry up`: the demo cluster's processes, its
-//! signals, its certificates, its logs, and a client on the balancer's host
-//! reaching a worker directly.
+//! End to end over the real `ferry up`: the demo cluster's processes (a
+//! control plane, two workers and a balancer configured through it), its
+//! signals, its certificates, its logs, the `ferry ctl` line it prints,
+//! and a client on the balancer's host reaching a worker directly.
 //!
 //! The demo's own ports are fixed (2525, 2587), so each test runs the
 //! example config on free ports and other loopback addresses (`ferry up`'s
@@ -267,16 +268,141 @@ fn openssl_verify(addr: SocketAddr, name: &str, ca: &Path) -> String {
     String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
 }
 
+impl Up {
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    fn wait_stderr(&self, what: &str) {
+        wait_until(&format!("ferry up to say {what:?}"), || {
+            self.stderr().contains(what)
+        });
+    }
+
+    /// The `ferry ctl` command line `ferry up` printed, as words.
+    fn ctl_line(&self) -> Vec<String> {
+        let line = self
+            .startup
+            .lines()
+            .find(|l| l.contains(" ctl --control "))
+            .unwrap_or_else(|| panic!("no ferry ctl line:\n{}", self.startup));
+        line.split_whitespace().map(String::from).collect()
+    }
+
+    /// The printed `ferry ctl` line with `args` in place of its command;
+    /// the exit code, standard output and standard error.
+    fn ctl(&self, args: &[&str]) -> (i32, String, String) {
+        let words = self.ctl_line();
+        let (program, rest) = words.split_first().unwrap();
+        assert_eq!(rest.last().map(String::as_str), Some("nodes"), "{words:?}");
+        let out = Command::new(program)
+            .args(&rest[..rest.len() - 1])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// The versions `ferry ctl history` lists, newest first.
+    fn history(&self) -> Vec<u64> {
+        let (code, out, err) = self.ctl(&["history"]);
+        assert_eq!(code, 0, "{err}");
+        out.lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+            .collect()
+    }
+
+    /// Every SMTP address a client reaches the demo on: the balancer's,
+    /// then each worker's own.
+    fn every_smtp(&self) -> Vec<SocketAddr> {
+        let mut all = vec![SocketAddr::new(self.balancer, self.ports.0)];
+        all.extend((0..self.workers.len()).map(|i| self.worker_smtp(i)));
+        all
+    }
+}
+
+/// The greeting a client from 127.0.0.1 gets at `addr`.
+async fn greeting_at(addr: SocketAddr) -> String {
+    let (mut c, greeting) = SmtpClient::connect(addr, Some(ip("127.0.0.1"))).await;
+    c.cmd("QUIT").await;
+    greeting
+}
+
+/// Waits (bounded) until every address in `addrs` greets with `want`.
+async fn wait_greeting(addrs: &[SocketAddr], want: &str) {
+    let deadline = Instant::now() + WAIT;
+    for addr in addrs {
+        loop {
+            let got = greeting_at(*addr).await;
+            if got == want {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{addr} greets {got:?}, not {want:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_serves_directly_and_through_the_balancer_and_sigterm_stops_every_node() {
     let mut up = Up::start("127.0.0.70", ["127.0.0.71", "127.0.0.72"], &[]);
     assert_eq!(
         up.pids.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
-        ["worker-1", "worker-2", "balancer"],
+        ["control", "worker-1", "worker-2", "balancer"],
         "{}",
         up.startup
     );
     let data = up.data();
+    // The example went to the control plane as version 1; the control
+    // plane logs where the nodes' logs are.
+    assert!(
+        up.stderr().contains(&format!(
+            "ferry up: applied {} as version 1",
+            data.join("ferry.toml").display()
+        )),
+        "{}",
+        up.stderr()
+    );
+    assert!(read(&data.join("logs/control.log")).contains("control plane started"));
+
+    // The ferry ctl line works as printed: every node subscribed, with
+    // the certificates ferry up made, and acknowledges version 1 (its
+    // report may follow its "ready" by a moment: polled).
+    let words = up.ctl_line();
+    let rows = [
+        ("worker-1", "127.0.0.71"),
+        ("worker-2", "127.0.0.72"),
+        ("balancer", "127.0.0.70"),
+    ];
+    let mut nodes = String::new();
+    wait_until("every node to acknowledge version 1", || {
+        let out = Command::new(&words[0]).args(&words[1..]).output().unwrap();
+        nodes = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{words:?}: {nodes}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(nodes.starts_with("current version 1\n"), "{nodes}");
+        rows.iter().all(|(name, address)| {
+            nodes.lines().any(|l| {
+                let row: Vec<&str> = l.split_whitespace().collect();
+                row.len() >= 6 && row[0] == *name && row[2..6] == [*address, "yes", "1", "0"]
+            })
+        })
+    });
+    assert!(
+        words.iter().any(|w| w.ends_with("pki/admin.crt")),
+        "{words:?}"
+    );
     // The startup text says where the logs and the CA are, and gives each
     // node's admin URL then its metrics URL.
     assert!(
@@ -319,8 +445,31 @@ async fn the_demo_serves_directly_and_through_the_balancer_and_sigterm_stops_eve
     let front = SocketAddr::new(up.balancer, up.ports.0);
     let (mut via, greeting) = SmtpClient::connect(front, Some(ip("127.0.0.1"))).await;
     assert_eq!(greeting, "220 Ferry Default Frontend ready", "balancer");
+    // A message through the balancer lands in the example's folder under
+    // DATA, as before the control plane: the nodes' relative paths are
+    // taken from DATA (--config-dir).
+    assert!(via.cmd("EHLO printer").await.starts_with("250-"));
+    assert!(via
+        .cmd("MAIL FROM:<printer@example.test>")
+        .await
+        .starts_with("250 "));
+    assert!(via
+        .cmd("RCPT TO:<alice@example.test>")
+        .await
+        .starts_with("250 "));
+    assert!(via.cmd("DATA").await.starts_with("354 "));
+    let queued = via.cmd("Subject: up and running\r\n\r\nhello\r\n.").await;
+    assert!(queued.starts_with("250 2.6.0 "), "{queued}");
     via.cmd("QUIT").await;
     drop((direct, via));
+    let folder = data.join("mail/example.test");
+    wait_until("the message in DATA/mail/example.test", || {
+        std::fs::read_dir(&folder).is_ok_and(|entries| {
+            entries
+                .flatten()
+                .any(|e| read(&e.path()).contains("Subject: up and running"))
+        })
+    });
 
     // From the trusted address without a PROXY header: closed, and the
     // worker's log says why and what to do.
@@ -397,7 +546,7 @@ async fn the_demo_serves_directly_and_through_the_balancer_and_sigterm_stops_eve
     assert!(String::from_utf8_lossy(&out.stdout).ends_with("\n0 messages\n"));
 
     // A worker dies: the message names the worker that is left.
-    let (_, w2) = up.pids[1].clone();
+    let (_, w2) = up.pids[2].clone();
     signal(w2, "KILL");
     wait_until("ferry up to notice worker-2", || {
         up.stderr.lock().unwrap().contains("worker-2 exited")
@@ -407,6 +556,22 @@ async fn the_demo_serves_directly_and_through_the_balancer_and_sigterm_stops_eve
         err.contains("the balancer sends new sessions to worker-1, the one worker left"),
         "{err}"
     );
+
+    // The control plane dies: ferry up says the nodes keep serving and
+    // carries on; they do; a SIGHUP says there is nothing to apply to.
+    let (_, control) = up.pids[0].clone();
+    signal(control, "KILL");
+    up.wait_stderr("the control plane exited");
+    assert!(up
+        .stderr()
+        .contains("the nodes keep serving the version they have"));
+    assert_eq!(greeting_at(front).await, "220 Ferry Default Frontend ready");
+    assert_eq!(
+        greeting_at(up.worker_smtp(0)).await,
+        "220 Ferry Default Frontend ready"
+    );
+    signal(up.pid(), "HUP");
+    up.wait_stderr("SIGHUP: the control plane is not running");
 
     // SIGTERM: ferry up stops every node, then exits.
     signal(up.pid(), "TERM");
@@ -423,11 +588,15 @@ async fn the_demo_serves_directly_and_through_the_balancer_and_sigterm_stops_eve
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn children_log_json_and_exit_when_ferry_up_is_killed() {
     let mut up = Up::start("127.0.0.73", ["127.0.0.74", "127.0.0.75"], &["--log-json"]);
-    assert_eq!(up.pids.len(), 3, "{}", up.startup);
+    assert_eq!(up.pids.len(), 4, "{}", up.startup);
     let data = up.data();
-    for name in ["worker-1", "worker-2", "balancer"] {
+    for name in ["control", "worker-1", "worker-2", "balancer"] {
         let path = data.join(format!("logs/{name}.log"));
         let role = name.split('-').next().unwrap();
+        let started = match role {
+            "control" => "control plane started".to_string(),
+            _ => format!("{role} started"),
+        };
         let json = |log: &str| -> Vec<serde_json::Value> {
             log.lines()
                 .filter(|l| l.starts_with('{'))
@@ -439,7 +608,7 @@ async fn children_log_json_and_exit_when_ferry_up_is_killed() {
             || {
                 json(&read(&path))
                     .iter()
-                    .any(|v| v["fields"]["message"].as_str() == Some(&format!("{role} started")))
+                    .any(|v| v["fields"]["message"].as_str() == Some(&started))
             },
         );
         // Only the address lines are not JSON.
@@ -462,69 +631,123 @@ async fn children_log_json_and_exit_when_ferry_up_is_killed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sighup_reloads_every_node_and_edits_survive_a_restart() {
+async fn changes_go_through_the_control_plane_and_survive_a_restart() {
     let up = Up::start("127.0.0.76", ["127.0.0.77", "127.0.0.78"], &[]);
+    let config = up.data().join("ferry.toml");
     assert!(
         up.startup.contains(&format!(
             "To change the config: edit {}, then kill -HUP {}",
-            up.data().join("ferry.toml").display(),
+            config.display(),
             up.pid()
         )),
         "{}",
         up.startup
     );
-    let config = up.data().join("ferry.toml");
+
+    // SIGHUP applies the edited file as version 2; ferry up prints the
+    // change, then each node's outcome.
     let edited = read(&config).replace("Ferry Default Frontend ready", "Edited Frontend ready");
     assert_ne!(edited, read(&config), "the example has the default banner");
     std::fs::write(&config, edited).unwrap();
     signal(up.pid(), "HUP");
+    up.wait_stderr(&format!(
+        r#"applied {} as version 2: ~ connector "Default Frontend""#,
+        config.display()
+    ));
     for name in ["worker-1", "worker-2", "balancer"] {
-        wait_until(&format!("{name} to report its reload"), || {
-            up.stderr
-                .lock()
-                .unwrap()
-                .contains(&format!("{name}: config version 2"))
-        });
+        up.wait_stderr(&format!("ferry up: {name}: applied version 2"));
     }
-    let err = up.stderr.lock().unwrap().clone();
-    assert!(
-        err.contains(r#"worker-1: config version 2: ~ connector "Default Frontend""#),
-        "{err}"
-    );
-    let (mut c, greeting) = SmtpClient::connect(up.worker_smtp(0), Some(ip("127.0.0.1"))).await;
-    assert_eq!(greeting, "220 Edited Frontend ready");
-    c.cmd("QUIT").await;
+    wait_greeting(&up.every_smtp(), "220 Edited Frontend ready").await;
 
-    // A broken edit: each node says so with the line, and keeps serving.
+    // A broken edit: every error with its line and column, nothing
+    // applied, every node still on version 2.
     let good = read(&config);
     std::fs::write(&config, good.replace("[[connectors]]", "[[connectors]")).unwrap();
     signal(up.pid(), "HUP");
-    wait_until("the failed reload to be reported", || {
-        up.stderr
-            .lock()
-            .unwrap()
-            .contains("worker-2: reload failed, version 2 keeps serving")
-    });
-    let err = up.stderr.lock().unwrap().clone();
-    assert!(err.contains("ferry.toml:"), "{err}");
-    let (mut c, greeting) = SmtpClient::connect(up.worker_smtp(1), Some(ip("127.0.0.1"))).await;
-    assert_eq!(greeting, "220 Edited Frontend ready");
-    c.cmd("QUIT").await;
-    drop(c);
+    let refused = format!(
+        "{} refused, nothing applied (version 2 keeps serving):",
+        config.display()
+    );
+    up.wait_stderr(&refused);
+    let err = up.stderr();
+    let errors: Vec<&str> = err
+        .split(&refused)
+        .nth(1)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .take_while(|l| l.starts_with("    "))
+        .collect();
+    assert_eq!(
+        errors.len(),
+        3,
+        "one error per broken [[connectors]]: {err}"
+    );
+    for e in &errors {
+        let place: Vec<&str> = e
+            .trim()
+            .strip_prefix(&format!("{}:", config.display()))
+            .unwrap_or_else(|| panic!("{e}"))
+            .splitn(3, ':')
+            .collect();
+        assert!(
+            place[0].parse::<u32>().is_ok() && place[1].parse::<u32>().is_ok(),
+            "no line and column: {e}"
+        );
+    }
+    assert_eq!(up.history(), [2, 1]);
+    wait_greeting(&up.every_smtp(), "220 Edited Frontend ready").await;
 
-    // Stopped and started again without --config, ferry up runs the
-    // edited file (repaired first), not the example.
-    std::fs::write(&config, good).unwrap();
+    // A valid edit the workers cannot apply (a certificate file missing
+    // on them): stored as version 3, and ferry up prints each worker's
+    // NACK with its error; they keep serving version 2.
+    let missing = good.replacen("certs/ferry.crt", "certs/missing.crt", 1);
+    assert_ne!(missing, good);
+    std::fs::write(&config, missing).unwrap();
+    signal(up.pid(), "HUP");
+    up.wait_stderr(&format!("applied {} as version 3", config.display()));
+    for name in ["worker-1", "worker-2"] {
+        up.wait_stderr(&format!(
+            "ferry up: {name}: refused version 3 (NACK), version 2 keeps serving: "
+        ));
+    }
+    let err = up.stderr();
+    let nack = err
+        .lines()
+        .find(|l| l.starts_with("ferry up: worker-1: refused version 3"))
+        .unwrap();
+    assert!(nack.contains("missing.crt"), "{nack}");
+    wait_greeting(&up.every_smtp(), "220 Edited Frontend ready").await;
+
+    // ferry ctl apply (the printed line) of another edit changes the
+    // whole demo cluster: the balancer and each worker's own address.
+    let by_ctl = config.with_file_name("by-ctl.toml");
+    std::fs::write(&by_ctl, good.replace("Edited Frontend", "Applied Frontend")).unwrap();
+    let (code, out, err) = up.ctl(&["apply", by_ctl.to_str().unwrap(), "-m", "new banner"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("applied version 4"), "{out}");
+    wait_greeting(&up.every_smtp(), "220 Applied Frontend ready").await;
+
+    // Stopped and started again without --config: the file (repaired,
+    // version 2's text) differs from the current version 4, so it is
+    // applied as version 5; started again with it unchanged, it adds no
+    // version.
+    std::fs::write(&config, &good).unwrap();
     signal(up.pid(), "TERM");
     let up = up.restart();
-    assert!(
-        up.stderr.lock().unwrap().contains("ferry up: running"),
-        "{}",
-        up.stderr.lock().unwrap()
+    assert!(up.stderr().contains("ferry up: running"), "{}", up.stderr());
+    up.wait_stderr(&format!("applied {} as version 5", config.display()));
+    assert_eq!(up.history(), [5, 4, 3, 2, 1]);
+    wait_greeting(&up.every_smtp(), "220 Edited Frontend ready").await;
+    signal(up.pid(), "TERM");
+    let up = up.restart();
+    up.wait_stderr(&format!("running version 5, which is {}", config.display()));
+    assert_eq!(
+        up.history(),
+        [5, 4, 3, 2, 1],
+        "an unchanged file adds no version"
     );
-    let (mut c, greeting) = SmtpClient::connect(up.worker_smtp(0), Some(ip("127.0.0.1"))).await;
-    assert_eq!(greeting, "220 Edited Frontend ready");
-    c.cmd("QUIT").await;
+    wait_greeting(&up.every_smtp(), "220 Edited Frontend ready").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

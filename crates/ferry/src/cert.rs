@@ -9,108 +9,152 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{ArgGroup, Subcommand};
+use clap::{Subcommand, ValueEnum};
 use ferry_control::identity::{CertificateAuthority, Identity};
+
+/// The CA certificate's file name in a CA directory.
+pub const CA_CERT: &str = "ca.crt";
+/// The CA key's file name in a CA directory.
+pub const CA_KEY: &str = "ca.key";
 
 /// What `ferry cert` does.
 #[derive(Subcommand)]
 pub enum CertCommand {
     /// Make a cluster CA: DIR/ca.crt (what every party trusts) and
-    /// DIR/ca.key (keep it offline; it signs every certificate)
-    Ca {
-        /// The directory to write ca.crt and ca.key in (created if
-        /// needed; existing files are not overwritten)
-        #[arg(long)]
-        out: PathBuf,
+    /// DIR/ca.key (mode 0600; keep it offline: it signs every
+    /// certificate). Refuses to overwrite either
+    Init {
+        /// The directory to write ca.crt and ca.key in (created if needed)
+        dir: PathBuf,
     },
     /// Issue a certificate and key signed by the cluster CA: OUT/NAME.crt
-    /// and OUT/NAME.key
-    #[command(group(ArgGroup::new("identity").required(true).args(["admin", "node", "control"])))]
+    /// and OUT/NAME.key (mode 0600). Refuses to overwrite either
     Issue {
-        /// The CA's directory (as `ferry cert ca --out` made it)
-        #[arg(long)]
+        /// The CA's directory (as `ferry cert init DIR` made it)
+        #[arg(long, value_name = "DIR")]
         ca: PathBuf,
-        /// An admin certificate: may apply configs (`ferry ctl`); NAME is
-        /// recorded as the author
-        #[arg(long, value_name = "NAME")]
-        admin: Option<String>,
-        /// A node certificate: may subscribe as node ID only
-        #[arg(long, value_name = "ID")]
-        node: Option<String>,
-        /// A control-plane server certificate, for the --host names
-        /// nodes and admins dial (default: localhost, 127.0.0.1, ::1)
-        #[arg(long, value_name = "NAME")]
-        control: Option<String>,
-        /// A DNS name or IP address the certificate is valid for
-        /// (repeat for several)
+        /// What the certificate may do: node (subscribe as node NAME),
+        /// admin (apply configs with `ferry ctl`; NAME is recorded as the
+        /// author) or control (a control plane's server certificate)
+        #[arg(long, value_enum)]
+        role: CertRole,
+        /// The node ID, admin name or control-plane name (1 to 64
+        /// letters, digits, '.', '_' or '-')
+        name: String,
+        /// A DNS name or IP address the certificate is valid for (repeat
+        /// for several; a control certificate without one is made for
+        /// localhost, 127.0.0.1 and ::1)
         #[arg(long = "host", value_name = "H")]
         hosts: Vec<String>,
-        /// The directory to write NAME.crt and NAME.key in (created if
-        /// needed; existing files are not overwritten)
-        #[arg(long)]
-        out: PathBuf,
+        /// The directory to write NAME.crt and NAME.key in (default: the
+        /// CA's directory; created if needed)
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
     },
+}
+
+/// The role a certificate carries (`--role`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CertRole {
+    /// A node: may Watch and Report as its node ID.
+    Node,
+    /// An admin: may Apply, Rollback and read the history.
+    Admin,
+    /// A control-plane replica's server certificate.
+    Control,
+}
+
+impl CertRole {
+    /// The identity `name` gets in this role.
+    pub fn identity(self, name: &str) -> Identity {
+        match self {
+            CertRole::Node => Identity::Node(name.to_string()),
+            CertRole::Admin => Identity::Admin(name.to_string()),
+            CertRole::Control => Identity::Control(name.to_string()),
+        }
+    }
 }
 
 /// Runs one `ferry cert` command.
 pub fn run(command: CertCommand) -> anyhow::Result<ExitCode> {
     match command {
-        CertCommand::Ca { out } => {
-            let (_, issued) = CertificateAuthority::generate("Ferry Cluster CA")?;
-            std::fs::create_dir_all(&out)
-                .with_context(|| format!("cannot create {}", out.display()))?;
-            let (cert, key) = (out.join("ca.crt"), out.join("ca.key"));
-            refuse_existing(&[&cert, &key])?;
-            write_new(&cert, &issued.cert_pem, 0o644)?;
-            write_new(&key, &issued.key_pem, 0o600)?;
+        CertCommand::Init { dir } => {
+            let (cert, key) = init(&dir)?;
             println!("wrote {} and {}", cert.display(), key.display());
-            Ok(ExitCode::SUCCESS)
         }
         CertCommand::Issue {
             ca,
-            admin,
-            node,
-            control,
-            mut hosts,
+            role,
+            name,
+            hosts,
             out,
         } => {
-            let identity = match (admin, node, control) {
-                (Some(name), _, _) => Identity::Admin(name),
-                (_, Some(id), _) => Identity::Node(id),
-                (_, _, Some(name)) => Identity::Control(name),
-                // clap's group makes one of them required.
-                _ => anyhow::bail!("say --admin NAME, --node ID or --control NAME"),
-            };
-            let name = Identity::from_uri(&identity.uri())?;
-            let file_name = match &name {
-                Identity::Admin(n) | Identity::Node(n) | Identity::Control(n) => n.clone(),
-            };
-            if matches!(identity, Identity::Control(_)) && hosts.is_empty() {
-                hosts = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
-            }
-            let read = |p: PathBuf| {
-                std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))
-            };
-            let authority =
-                CertificateAuthority::load(&read(ca.join("ca.crt"))?, &read(ca.join("ca.key"))?)
-                    .with_context(|| format!("the CA in {}", ca.display()))?;
-            let issued = authority.issue(&identity, &hosts)?;
-            std::fs::create_dir_all(&out)
-                .with_context(|| format!("cannot create {}", out.display()))?;
-            let cert = out.join(format!("{file_name}.crt"));
-            let key = out.join(format!("{file_name}.key"));
-            refuse_existing(&[&cert, &key])?;
-            write_new(&cert, &issued.cert_pem, 0o644)?;
-            write_new(&key, &issued.key_pem, 0o600)?;
+            let identity = role.identity(&name);
+            let out = out.unwrap_or_else(|| ca.clone());
+            let (cert, key) = issue(&ca, &identity, &hosts, &out)?;
             println!(
                 "wrote {} and {} for {identity} ({})",
                 cert.display(),
                 key.display(),
                 identity.uri()
             );
-            Ok(ExitCode::SUCCESS)
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Makes a cluster CA in `dir` (created if needed): `ca.crt` and
+/// `ca.key` (0600). Returns their paths.
+///
+/// # Errors
+/// Either file exists already (nothing is written), or it cannot be
+/// written.
+pub fn init(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let (cert, key) = (dir.join(CA_CERT), dir.join(CA_KEY));
+    refuse_existing(&[&cert, &key])?;
+    let (_, issued) = CertificateAuthority::generate("Ferry Cluster CA")?;
+    write_new(&key, &issued.key_pem, 0o600)?;
+    write_new(&cert, &issued.cert_pem, 0o644)?;
+    Ok((cert, key))
+}
+
+/// Issues a certificate for `identity`, signed by the CA in `ca`, valid
+/// for `hosts` (for a control certificate, by default localhost,
+/// 127.0.0.1 and ::1), as `out/NAME.crt` and `out/NAME.key` (0600).
+/// Returns their paths.
+///
+/// # Errors
+/// A bad name or host, a CA that cannot be read, an existing file
+/// (nothing is written), a file that cannot be written.
+pub fn issue(
+    ca: &Path,
+    identity: &Identity,
+    hosts: &[String],
+    out: &Path,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
+    // The name becomes a file name: checked before it touches a path.
+    let checked = Identity::from_uri(&identity.uri())?;
+    let file_name = match &checked {
+        Identity::Admin(n) | Identity::Node(n) | Identity::Control(n) => n.clone(),
+    };
+    let mut hosts = hosts.to_vec();
+    if matches!(identity, Identity::Control(_)) && hosts.is_empty() {
+        hosts = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+    }
+    let read = |p: PathBuf| {
+        std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))
+    };
+    let authority = CertificateAuthority::load(&read(ca.join(CA_CERT))?, &read(ca.join(CA_KEY))?)
+        .with_context(|| format!("the CA in {}", ca.display()))?;
+    let issued = authority.issue(identity, &hosts)?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let cert = out.join(format!("{file_name}.crt"));
+    let key = out.join(format!("{file_name}.key"));
+    refuse_existing(&[&cert, &key])?;
+    write_new(&key, &issued.key_pem, 0o600)?;
+    write_new(&cert, &issued.cert_pem, 0o644)?;
+    Ok((cert, key))
 }
 
 fn refuse_existing(paths: &[&Path]) -> anyhow::Result<()> {
@@ -145,26 +189,51 @@ mod tests {
     fn writes_a_ca_and_certificates_with_private_keys_and_never_overwrites() {
         let dir = tempfile::tempdir().unwrap();
         let ca = dir.path().join("ca");
-        run(CertCommand::Ca { out: ca.clone() }).unwrap();
+        run(CertCommand::Init { dir: ca.clone() }).unwrap();
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&ca.join("ca.key")), 0o600);
         let before = std::fs::read(ca.join("ca.key")).unwrap();
-        assert!(run(CertCommand::Ca { out: ca.clone() }).is_err());
+        let again = run(CertCommand::Init { dir: ca.clone() }).unwrap_err();
+        assert!(
+            again.to_string().contains("exists; not overwriting"),
+            "{again}"
+        );
         assert_eq!(std::fs::read(ca.join("ca.key")).unwrap(), before);
 
-        let issue = |node: &str| CertCommand::Issue {
+        let issue = |role: CertRole, name: &str, out: Option<PathBuf>| CertCommand::Issue {
             ca: ca.clone(),
-            admin: None,
-            node: Some(node.into()),
-            control: None,
+            role,
+            name: name.into(),
             hosts: Vec::new(),
-            out: dir.path().join("pki"),
+            out,
         };
-        run(issue("worker-1")).unwrap();
-        assert_eq!(mode(&dir.path().join("pki/worker-1.key")), 0o600);
-        assert!(dir.path().join("pki/worker-1.crt").exists());
-        assert!(run(issue("worker-1")).is_err());
-        let bad = run(issue("../x")).unwrap_err().to_string();
+        let pki = dir.path().join("pki");
+        run(issue(CertRole::Node, "worker-1", Some(pki.clone()))).unwrap();
+        assert_eq!(mode(&pki.join("worker-1.key")), 0o600);
+        assert!(pki.join("worker-1.crt").exists());
+        assert!(run(issue(CertRole::Node, "worker-1", Some(pki.clone()))).is_err());
+        let bad = run(issue(CertRole::Node, "../x", Some(pki)))
+            .unwrap_err()
+            .to_string();
         assert!(bad.contains("not a valid name"), "{bad}");
+
+        // Without --out, beside the CA, carrying the role asked for.
+        run(issue(CertRole::Admin, "alice", None)).unwrap();
+        run(issue(CertRole::Control, "cp-1", None)).unwrap();
+        for (name, identity) in [
+            ("alice", Identity::Admin("alice".into())),
+            ("cp-1", Identity::Control("cp-1".into())),
+        ] {
+            let pem = std::fs::read(ca.join(format!("{name}.crt"))).unwrap();
+            let der = rustls_pemfile_der(&pem);
+            assert_eq!(Identity::of_certificate(&der).unwrap(), identity);
+        }
+    }
+
+    fn rustls_pemfile_der(pem: &[u8]) -> Vec<u8> {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::from_pem_slice(pem)
+            .unwrap()
+            .to_vec()
     }
 }

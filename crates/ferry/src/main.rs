@@ -38,9 +38,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a demo cluster on loopback with the example config.
+    /// Run a demo cluster on loopback: a control plane, then two workers
+    /// and a balancer configured through it, with the example config.
     Up {
-        /// Where the demo keeps its config, certificates, spools and logs
+        /// Where the demo keeps its config, certificates (DATA/pki for the
+        /// control plane), the control plane's history, spools and logs
         /// (each node's output goes to DATA/logs/NAME.log).
         #[arg(long, default_value = "ferry-data")]
         data: PathBuf,
@@ -125,7 +127,7 @@ enum Command {
         /// The cluster CA certificate (PEM): client certificates must chain to it.
         #[arg(long)]
         ca: PathBuf,
-        /// This control plane's certificate (PEM; `ferry cert issue --control`).
+        /// This control plane's certificate (PEM; `ferry cert issue --role control`).
         #[arg(long)]
         cert: PathBuf,
         /// The certificate's private key (PEM).
@@ -145,7 +147,7 @@ enum Command {
         /// The cluster CA certificate (PEM).
         #[arg(long)]
         ca: PathBuf,
-        /// Your admin certificate (PEM; `ferry cert issue --admin`).
+        /// Your admin certificate (PEM; `ferry cert issue --role admin`).
         #[arg(long)]
         cert: PathBuf,
         /// Its private key (PEM).
