@@ -82,9 +82,15 @@ impl ControlProcess {
     /// of `pki`; its log goes to `log`. Waits (bounded) for `control
     /// ready`.
     pub fn start(store: &str, pki: &Pki, log: &Path) -> Self {
+        Self::start_with(store, pki, log, &[])
+    }
+
+    /// As [`ControlProcess::start`], with more flags (`--grace 2s`).
+    pub fn start_with(store: &str, pki: &Pki, log: &Path, extra: &[&str]) -> Self {
         let log = std::fs::File::create(log).unwrap();
         let mut child = Command::new(ferry_bin())
             .args(["control", "--listen", "127.0.0.1:0", "--store", store])
+            .args(extra)
             .arg("--ca")
             .arg(pki.ca())
             .arg("--cert")
