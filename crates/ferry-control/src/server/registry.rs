@@ -175,7 +175,7 @@ impl<S: Store> ControlPlane<S> {
     }
 
     /// The pool as `WatchPool` sends it.
-    pub(super) async fn pool(&self) -> Result<Pool, StoreError> {
+    pub(crate) async fn pool(&self) -> Result<Pool, StoreError> {
         let (current_version, nodes) = self.registry().await?;
         let members = nodes
             .into_iter()
