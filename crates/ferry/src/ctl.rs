@@ -321,13 +321,9 @@ async fn execute(target: Target, command: CtlCommand) -> Result<(), Failure> {
             match json {
                 true => print_json(&nodes_json(&response)),
                 false => {
-                    println!(
-                        "current version {}, grace period {}",
-                        response.current_version,
-                        humantime::format_duration(std::time::Duration::from_millis(
-                            response.grace_ms
-                        ))
-                    );
+                    // The first line stays `current version N`: scripts
+                    // read it (the grace period is in --json).
+                    println!("current version {}", response.current_version);
                     print!("{}", nodes_table(&response.nodes));
                 }
             }
