@@ -14,7 +14,8 @@ use bytes::Bytes;
 use ferry_control::identity::{CertificateAuthority, Identity};
 use ferry_control::proto::config_discovery_server::{ConfigDiscovery, ConfigDiscoveryServer};
 use ferry_control::proto::{
-    ConfigSnapshot, ReportRequest, ReportResponse, SnapshotMeta, WatchRequest,
+    ConfigSnapshot, Pool, ReportRequest, ReportResponse, SnapshotMeta, WatchPoolRequest,
+    WatchRequest,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
@@ -112,6 +113,18 @@ struct Service {
 #[tonic::async_trait]
 impl ConfigDiscovery for Service {
     type WatchStream = ReceiverStream<Result<ConfigSnapshot, Status>>;
+    type WatchPoolStream = ReceiverStream<Result<Pool, Status>>;
+
+    /// The fake has no node registry, as a control plane before it had
+    /// none: balancers keep their static backends.
+    async fn watch_pool(
+        &self,
+        _request: Request<WatchPoolRequest>,
+    ) -> Result<Response<Self::WatchPoolStream>, Status> {
+        Err(Status::unimplemented(
+            "this control plane has no node registry",
+        ))
+    }
 
     async fn watch(
         &self,

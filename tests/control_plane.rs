@@ -131,12 +131,18 @@ impl ControlProcess {
     /// of `pki`; its log goes to `log`. Waits (bounded) for `control
     /// ready`.
     pub fn start(store: &str, pki: &Pki, log: &Path) -> Self {
-        Self::start_on("127.0.0.1:0", store, pki, log)
+        Self::start_on("127.0.0.1:0", store, pki, log, &[])
     }
 
-    /// The same on `listen` (`IP:PORT`): a restart on the address the
-    /// nodes know, with [`ControlProcess::listen`] of the one before.
-    pub fn start_on(listen: &str, store: &str, pki: &Pki, log: &Path) -> Self {
+    /// As [`ControlProcess::start`], with more flags (`--grace 2s`).
+    pub fn start_with(store: &str, pki: &Pki, log: &Path, extra: &[&str]) -> Self {
+        Self::start_on("127.0.0.1:0", store, pki, log, extra)
+    }
+
+    /// The same on `listen` (`IP:PORT`) with `extra` flags: a restart on
+    /// the address the nodes know, with [`ControlProcess::listen`] of the
+    /// one before.
+    pub fn start_on(listen: &str, store: &str, pki: &Pki, log: &Path, extra: &[&str]) -> Self {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -144,6 +150,7 @@ impl ControlProcess {
             .unwrap();
         let mut child = Command::new(ferry_bin())
             .args(["control", "--listen", listen, "--store", store])
+            .args(extra)
             .arg("--ca")
             .arg(pki.ca())
             .arg("--cert")

@@ -339,7 +339,7 @@ impl Cluster {
     fn restart_control(&mut self, log: &str) {
         let listen = self.control.listen().to_string();
         let log = self.dir.path().join(log);
-        self.control = ControlProcess::start_on(&listen, &self.store, &self.pki, &log);
+        self.control = ControlProcess::start_on(&listen, &self.store, &self.pki, &log, &[]);
     }
 }
 

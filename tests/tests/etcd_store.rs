@@ -342,6 +342,80 @@ async fn nodes_are_seen_by_every_replica_and_go_with_theirs() {
     eprintln!("A's nodes went {took:?} after A stopped");
 }
 
+/// A drain is no replica's: set through A, seen by B, and kept when A
+/// goes (its lease, and the node entries on it, go).
+#[tokio::test]
+async fn a_drain_is_seen_by_every_replica_and_outlives_them() {
+    let Some(cluster) = Cluster::start().await else {
+        return;
+    };
+    let a = replica(&cluster, "a", EtcdOptions::default()).await;
+    let b = replica(&cluster, "b", EtcdOptions::default()).await;
+    a.set_drained("w1", true).await.unwrap();
+    a.set_drained("w2", true).await.unwrap();
+    b.set_drained("w2", false).await.unwrap();
+    // Clearing what is not set is no error.
+    b.set_drained("w3", false).await.unwrap();
+    drop(a);
+    let drained: Vec<String> = b.drained().await.unwrap().into_iter().collect();
+    assert_eq!(drained, ["w1"]);
+    let mut etcd = cluster.client().await;
+    let key = etcd.get("/ferry/drained/w1", None).await.unwrap();
+    assert_eq!(key.kvs()[0].lease(), 0, "a drain hangs on no lease");
+}
+
+/// The pool a balancer on replica B watches lists a worker served by
+/// replica A; when A dies (its lease and the worker's entry go), B counts
+/// the worker as disconnected from then, in rotation for the grace
+/// period, then out; a drain through A takes it out on B at once.
+#[tokio::test]
+async fn the_pool_on_b_follows_a_worker_served_by_a() {
+    let Some(cluster) = Cluster::start().await else {
+        return;
+    };
+    let grace = Duration::from_secs(2);
+    let a = replica(&cluster, "a", EtcdOptions::default()).await;
+    let b = Arc::new(replica(&cluster, "b", EtcdOptions::default()).await);
+    let on_b = crate::server::ControlPlane::with_grace(Arc::clone(&b), "b", grace);
+    a.append(0, snapshot(1, "one")).await.unwrap();
+    sees(&b, 1, Duration::from_secs(1)).await;
+    a.put_node(node("w1")).await.unwrap();
+    a.put_node(node("w2")).await.unwrap();
+    let state = |pool: &crate::proto::Pool, id: &str| {
+        let m = pool.members.iter().find(|m| m.node_id == id);
+        m.map(|m| (m.in_rotation, m.out_reason.clone()))
+    };
+    let pool = on_b.pool().await.unwrap();
+    assert_eq!(state(&pool, "w1"), Some((true, String::new())), "{pool:?}");
+    a.set_drained("w2", true).await.unwrap();
+    let pool = on_b.pool().await.unwrap();
+    assert_eq!(
+        state(&pool, "w2"),
+        Some((false, "drained".into())),
+        "{pool:?}"
+    );
+    // B last saw w1 just now: its grace period runs from here.
+    let gone = Instant::now();
+    drop(a);
+    lists(&b, &[], Duration::from_secs(5)).await;
+    let pool = on_b.pool().await.unwrap();
+    assert_eq!(state(&pool, "w1"), Some((true, String::new())), "{pool:?}");
+    let mut last = pool;
+    while gone.elapsed() < grace * 3 {
+        last = on_b.pool().await.unwrap();
+        if state(&last, "w1") != Some((true, String::new())) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        state(&last, "w1"),
+        Some((false, "disconnected".into())),
+        "{last:?}"
+    );
+    assert!(gone.elapsed() >= grace - Duration::from_millis(200));
+}
+
 #[tokio::test]
 async fn a_replica_whose_lease_expired_records_its_nodes_again() {
     let Some(cluster) = Cluster::start().await else {

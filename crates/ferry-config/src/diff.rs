@@ -148,6 +148,13 @@ pub fn changes(old: &ClusterConfig, new: &ClusterConfig) -> Vec<Change> {
 /// refuses it, and the control plane refuses such a change unless forced:
 /// both call this one function.
 pub fn emptied(old: &ClusterConfig, new: &ClusterConfig) -> Vec<String> {
+    emptied_with_pool(old, new, 0)
+}
+
+/// As [`emptied`], for a cluster whose balancers also take backends from
+/// the control plane's node registry: with `pool` workers in rotation
+/// there, a config without static backends empties no balancer.
+pub fn emptied_with_pool(old: &ClusterConfig, new: &ClusterConfig, pool: usize) -> Vec<String> {
     const WHY: &str = "an empty or cut-short file? The config in service keeps serving";
     let mut out = Vec::new();
     if !old.connectors.is_empty() && new.connectors.is_empty() {
@@ -164,7 +171,8 @@ pub fn emptied(old: &ClusterConfig, new: &ClusterConfig) -> Vec<String> {
     // A file cut before its [balancer] section counts too: every node
     // refuses it alike, rather than the workers taking it and the
     // balancers not.
-    if backends(old) > 0 && backends(new) == 0 {
+    let from_pool = pool > 0 && new.balancer.is_some();
+    if backends(old) > 0 && backends(new) == 0 && !from_pool {
         out.push(format!(
             "the new config has no balancer backends: a balancer would answer every client 421 ({WHY})"
         ));
@@ -318,5 +326,16 @@ address = "127.0.0.11"
         assert!(no_balancer[0].starts_with("the new config has no balancer backends"));
         // A node started on a config without them may get them or not.
         assert!(emptied(&parse(""), &full).is_empty());
+        // With workers in the registry's pool, dropping the static
+        // backends empties no balancer; dropping the section still does.
+        let backends = EXAMPLE.find("[[balancer.backends]]").unwrap();
+        let pooled = parse(&EXAMPLE[..backends]);
+        assert!(pooled.balancer.as_ref().unwrap().backends.is_empty());
+        assert_eq!(emptied(&full, &pooled).len(), 1);
+        assert!(emptied_with_pool(&full, &pooled, 2).is_empty());
+        assert_eq!(
+            emptied_with_pool(&full, &parse(&EXAMPLE[..cut]), 2).len(),
+            1
+        );
     }
 }

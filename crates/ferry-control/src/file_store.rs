@@ -7,13 +7,15 @@
 //! applied: temp file, `sync_data`, rename, fsync of the directory (the
 //! rename is only durable once the directory is). A crash leaves at most a
 //! temp file, removed at the next open. Node status is kept in memory: with
-//! one replica, it dies with the process that would refresh it.
+//! one replica, it dies with the process that would refresh it. The
+//! drained nodes are one file, `drained` (a node ID a line), rewritten
+//! whole and as durably at each change.
 //!
 //! One process at a time: the store holds an exclusive `flock` on
 //! `DIR/lock` while open, since two control planes appending to one
 //! directory would both win the compare-and-swap.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -28,6 +30,7 @@ use crate::{sha256_hex, HISTORY_KEPT, MAX_CONFIG_OCTETS};
 const SUFFIX: &str = ".snapshot";
 const TEMP_SUFFIX: &str = ".snapshot.tmp";
 const LOCK: &str = "lock";
+const DRAINED: &str = "drained";
 
 /// The history in a directory, node status in memory.
 pub struct FileStore {
@@ -37,6 +40,9 @@ pub struct FileStore {
     history: tokio::sync::Mutex<BTreeMap<u64, SnapshotMeta>>,
     current: watch::Sender<Option<Arc<ConfigSnapshot>>>,
     nodes: Mutex<BTreeMap<String, NodeStatus>>,
+    /// The drained nodes, as in the `drained` file; the lock also makes
+    /// their writes one at a time.
+    drained: tokio::sync::Mutex<BTreeSet<String>>,
     /// Held while open; released when the store is dropped.
     _lock: nix::fcntl::Flock<std::fs::File>,
 }
@@ -103,12 +109,14 @@ impl FileStore {
             current = history.keys().next_back().copied().unwrap_or(0),
             "file store opened"
         );
+        let drained = read_drained(&dir.join(DRAINED))?;
         let (current, _) = watch::channel(newest.map(Arc::new));
         Ok(Self {
             dir: dir.to_path_buf(),
             history: tokio::sync::Mutex::new(history),
             current,
             nodes: Mutex::default(),
+            drained: tokio::sync::Mutex::new(drained),
             _lock: lock,
         })
     }
@@ -140,6 +148,20 @@ fn lock(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, StoreError> {
             ),
         },
     )
+}
+
+/// The node IDs in the `drained` file (none when it does not exist).
+fn read_drained(path: &Path) -> Result<BTreeSet<String>, StoreError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeSet::new()),
+        Err(e) => Err(io(format!("cannot read {}", path.display()), e)),
+    }
 }
 
 /// Reads and checks one snapshot file.
@@ -273,6 +295,30 @@ impl Store for FileStore {
         let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
         Ok(nodes.values().cloned().collect())
     }
+
+    async fn set_drained(&self, node_id: &str, drained: bool) -> Result<(), StoreError> {
+        let mut set = self.drained.lock().await;
+        let mut next = set.clone();
+        let changed = match drained {
+            true => next.insert(node_id.to_string()),
+            false => next.remove(node_id),
+        };
+        if !changed {
+            return Ok(());
+        }
+        let text: String = next.iter().map(|id| format!("{id}\n")).collect();
+        let dir = self.dir.clone();
+        let path = dir.join(DRAINED);
+        tokio::task::spawn_blocking(move || write_durably(&dir, &path, text.as_bytes()))
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("writing the drained nodes: {e}")))??;
+        *set = next;
+        Ok(())
+    }
+
+    async fn drained(&self) -> Result<BTreeSet<String>, StoreError> {
+        Ok(self.drained.lock().await.clone())
+    }
 }
 
 #[cfg(test)]
@@ -402,6 +448,25 @@ mod tests {
         std::fs::write(&file, b"\xff\xff\xff").unwrap();
         let err = FileStore::open(dir.path()).unwrap_err().to_string();
         assert!(err.contains("not a snapshot"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn drains_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        store.set_drained("w1", true).await.unwrap();
+        store.set_drained("w2", true).await.unwrap();
+        store.set_drained("w2", false).await.unwrap();
+        // Clearing what is not set is no error and changes nothing.
+        store.set_drained("w3", false).await.unwrap();
+        drop(store);
+        let store = FileStore::open(dir.path()).unwrap();
+        let drained: Vec<String> = store.drained().await.unwrap().into_iter().collect();
+        assert_eq!(drained, ["w1"]);
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(DRAINED)).unwrap(),
+            "w1\n"
+        );
     }
 
     #[tokio::test]

@@ -10,8 +10,11 @@
 //! - [`Store::current`] follows the newest version, wherever it was
 //!   applied (a `watch` channel: a slow reader only ever sees the newest);
 //! - node status written by one replica is read by every replica, and
-//!   goes away when the replica that wrote it dies.
+//!   goes away when the replica that wrote it dies;
+//! - an admin's drain of a node is durable and tied to no replica: it
+//!   stays until cleared, across restarts.
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::Arc;
 
@@ -96,4 +99,21 @@ pub trait Store: Send + Sync + 'static {
     /// # Errors
     /// As [`Store::get`].
     fn nodes(&self) -> impl Future<Output = Result<Vec<NodeStatus>, StoreError>> + Send;
+
+    /// Sets (`drained`) or clears an admin's drain of node `node_id`,
+    /// durably before returning, visible to every replica.
+    ///
+    /// # Errors
+    /// As [`Store::get`].
+    fn set_drained(
+        &self,
+        node_id: &str,
+        drained: bool,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The IDs of the drained nodes.
+    ///
+    /// # Errors
+    /// As [`Store::get`].
+    fn drained(&self) -> impl Future<Output = Result<BTreeSet<String>, StoreError>> + Send;
 }

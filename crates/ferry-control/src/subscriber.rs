@@ -13,6 +13,8 @@
 //!   gRPC's connection backoff between attempts ([`backoff`]), reset after
 //!   a stream that was open; HTTP/2 keepalive pings notice a control plane
 //!   that died without closing its connections;
+//! - a balancer also watches the worker pool ([`Subscriber::watch_pool`]),
+//!   kept through an outage like the config;
 //! - a snapshot is reported only after it was applied and written as
 //!   last-good ([`last_good`]); one that cannot be applied is reported
 //!   with its error while the version in service keeps serving;
@@ -21,6 +23,7 @@
 
 pub mod backoff;
 pub mod last_good;
+mod pool;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

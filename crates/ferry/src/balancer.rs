@@ -1,4 +1,6 @@
-//! `ferry balancer`: one balancer node in front of the workers.
+//! `ferry balancer`: one balancer node in front of the workers. With
+//! `--control`, its workers are the config's static backends and the
+//! control plane's worker pool (see [`crate::pool`]).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -13,6 +15,7 @@ use ferry_control::proto::NodeRole;
 use ferry_node::Role;
 
 use crate::controlled::{ConfigSource, Controlled, Serving};
+use crate::pool::Pooled;
 
 pub struct Args {
     pub source: ConfigSource,
@@ -75,7 +78,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 .data
                 .context("--control needs --data DIR for the last-good copy")?;
             ferry_telemetry::metrics_handle();
-            let node = Controlled::<Balancer>::new(
+            let node = Controlled::<Pooled>::new(
                 "balancer",
                 NodeRole::Balancer,
                 control,
@@ -83,7 +86,12 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 &data,
             )
             .await?;
+            // The worker pool, watched from the start: the first config is
+            // applied with the workers known by then.
+            let (pool_tx, mut pools) = tokio::sync::watch::channel(None);
+            tokio::spawn(node.subscriber().watch_pool(pool_tx));
             let listen = args.listen;
+            let first_pools = pools.clone();
             let made = crate::controlled::start(
                 &node,
                 listen,
@@ -91,28 +99,38 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 token,
                 hangups,
                 async |snapshot| {
-                    let first = Arc::new(snapshot);
-                    let balancer = Balancer::new(Arc::clone(&first), listen);
-                    let bound = balancer.apply(first).await?.added;
+                    let pool = first_pools.borrow().clone();
+                    let (pooled, bound) = Pooled::start(snapshot, listen, pool.as_ref()).await?;
+                    let balancer = Arc::clone(&pooled.balancer);
                     let ready = {
                         let b = Arc::clone(&balancer);
                         Arc::new(move || b.is_ready())
                     };
                     let serving = Serving {
                         shutdown: balancer.shutdown_token(),
-                        api: Arc::new(BalancerAdmin(Arc::clone(&balancer))),
-                        role: balancer,
+                        api: Arc::new(BalancerAdmin(balancer)),
+                        role: pooled,
                         ready,
                     };
                     Ok((serving, bound))
                 },
             )
             .await?;
-            let Some(balancer) = made else {
+            let Some(pooled) = made else {
                 tracing::info!("stopped before any config arrived");
                 return Ok(ExitCode::SUCCESS);
             };
-            balancer
+            let follower = Arc::clone(&pooled);
+            // For the life of the process: each pool the control plane sends.
+            tokio::spawn(async move {
+                while pools.changed().await.is_ok() {
+                    let pool = pools.borrow_and_update().clone();
+                    if let Some(pool) = pool {
+                        follower.set_pool(&pool).await;
+                    }
+                }
+            });
+            Arc::clone(&pooled.balancer)
         }
     };
     balancer.run(DRAIN_LIMIT).await;

@@ -59,6 +59,9 @@ pub struct Args {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub admin: SocketAddr,
+    /// How long a worker may be disconnected or behind before it leaves
+    /// the balancers' rotation.
+    pub grace: std::time::Duration,
 }
 
 /// Binds the gRPC address, opens the store and serves until SIGTERM or
@@ -125,7 +128,7 @@ async fn serve<S: Store>(
     tokio::spawn(ferry_telemetry::admin::serve(endpoint, state, async {
         std::future::pending::<()>().await
     }));
-    let plane = ControlPlane::new(store, grpc.to_string());
+    let plane = ControlPlane::with_grace(store, grpc.to_string(), args.grace);
     let tls = server::tls::server_config(&pem);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let mut served = tokio::spawn(server::serve(plane, listener, tls, async {

@@ -219,6 +219,12 @@ impl<R: Role> Controlled<R> {
         }
     }
 
+    /// The node's subscription (a balancer also watches the worker pool
+    /// with it).
+    pub fn subscriber(&self) -> Arc<Subscriber> {
+        Arc::clone(&self.subscriber)
+    }
+
     /// Whether the role serves and is ready.
     pub fn is_ready(&self) -> bool {
         self.serving.get().is_some_and(|s| (s.ready)())

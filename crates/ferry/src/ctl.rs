@@ -1,6 +1,8 @@
 //! `ferry ctl`: the admin's client of the control plane. Exit codes: 0
 //! done, 1 the control plane refused (invalid config, stale version, not
-//! found, not allowed), 2 it could not be reached or failed.
+//! found, not allowed), 2 it could not be reached or failed. With
+//! `--json` the answer is printed as one JSON object instead of tables
+//! (errors stay text on standard error).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -9,10 +11,11 @@ use std::time::SystemTime;
 use clap::Subcommand;
 use ferry_control::proto::config_admin_client::ConfigAdminClient;
 use ferry_control::proto::{
-    ApplyRequest, ApplyResponse, DiffRequest, GetRequest, HistoryRequest, NodeRole, NodeStatus,
-    NodesRequest, RollbackRequest, SnapshotMeta,
+    ApplyRequest, ApplyResponse, DiffRequest, DrainRequest, GetRequest, HistoryRequest, NodeRole,
+    NodeStatus, NodesRequest, NodesResponse, RollbackRequest, SnapshotMeta,
 };
 use ferry_control::server::tls::{self, Pem};
+use serde_json::{json, Value};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
@@ -79,9 +82,20 @@ pub enum CtlCommand {
         #[arg(long)]
         force: bool,
     },
-    /// List the nodes: what each runs, whether it is connected, its lag
-    /// and its last NACK
+    /// List the nodes: what each runs, whether it is connected, its lag,
+    /// its last NACK, and whether a worker is in the balancers' rotation
     Nodes,
+    /// Take a worker out of every balancer's rotation (its open sessions
+    /// finish) until `undrain`; kept across control-plane restarts
+    Drain {
+        /// The worker's node ID
+        node: String,
+    },
+    /// Put a drained worker back in rotation (once its probes pass)
+    Undrain {
+        /// The worker's node ID
+        node: String,
+    },
 }
 
 /// The connection settings of `ferry ctl`.
@@ -90,6 +104,8 @@ pub struct Target {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// Print answers as JSON.
+    pub json: bool,
 }
 
 /// Why a command stopped: refused (exit 1) or failed (exit 2).
@@ -196,6 +212,7 @@ async fn current_version(client: &mut ConfigAdminClient<Channel>) -> Result<u64,
 
 async fn execute(target: Target, command: CtlCommand) -> Result<(), Failure> {
     let mut client = connect(&target).await?;
+    let json = target.json;
     match command {
         CtlCommand::Apply {
             file,
@@ -219,7 +236,7 @@ async fn execute(target: Target, command: CtlCommand) -> Result<(), Failure> {
                     name: file.display().to_string(),
                 })
                 .await?;
-            print_applied(&response.into_inner());
+            print_applied(&response.into_inner(), json);
         }
         CtlCommand::Rollback {
             version,
@@ -239,7 +256,7 @@ async fn execute(target: Target, command: CtlCommand) -> Result<(), Failure> {
                     force,
                 })
                 .await?;
-            print_applied(&response.into_inner());
+            print_applied(&response.into_inner(), json);
         }
         CtlCommand::Diff { file, from, to } => {
             let config = match &file {
@@ -254,7 +271,11 @@ async fn execute(target: Target, command: CtlCommand) -> Result<(), Failure> {
                     name: file.map(|f| f.display().to_string()).unwrap_or_default(),
                 })
                 .await?;
-            print_changes(&response.into_inner().changes);
+            let changes = response.into_inner().changes;
+            match json {
+                true => print_json(&json!({ "changes": changes })),
+                false => print_changes(&changes),
+            }
         }
         CtlCommand::History { limit } => {
             let response = client
@@ -262,7 +283,13 @@ async fn execute(target: Target, command: CtlCommand) -> Result<(), Failure> {
                     limit: limit.unwrap_or(0),
                 })
                 .await?;
-            print!("{}", history_table(&response.into_inner().snapshots));
+            let snapshots = response.into_inner().snapshots;
+            match json {
+                true => print_json(&json!({
+                    "snapshots": snapshots.iter().map(meta_json).collect::<Vec<_>>(),
+                })),
+                false => print!("{}", history_table(&snapshots)),
+            }
         }
         CtlCommand::Get { version } => {
             let snapshot = client
@@ -272,6 +299,13 @@ async fn execute(target: Target, command: CtlCommand) -> Result<(), Failure> {
                 .await?
                 .into_inner();
             let meta = snapshot.meta.unwrap_or_default();
+            if json {
+                print_json(&json!({
+                    "meta": meta_json(&meta),
+                    "config": String::from_utf8_lossy(&snapshot.config),
+                }));
+                return Ok(());
+            }
             // The text alone on stdout: `ferry ctl get 3 > old.toml` works.
             eprintln!(
                 "# version {} by {} at {}, sha256 {}",
@@ -284,11 +318,114 @@ async fn execute(target: Target, command: CtlCommand) -> Result<(), Failure> {
         }
         CtlCommand::Nodes => {
             let response = client.nodes(NodesRequest {}).await?.into_inner();
-            println!("current version {}", response.current_version);
-            print!("{}", nodes_table(&response.nodes));
+            match json {
+                true => print_json(&nodes_json(&response)),
+                false => {
+                    // The first line stays `current version N`: scripts
+                    // read it (the grace period is in --json).
+                    println!("current version {}", response.current_version);
+                    print!("{}", nodes_table(&response.nodes));
+                }
+            }
         }
+        CtlCommand::Drain { node } => drain(&mut client, node, true, json).await?,
+        CtlCommand::Undrain { node } => drain(&mut client, node, false, json).await?,
     }
     Ok(())
+}
+
+/// `drain` or `undrain` NODE, and what the control plane says of it now.
+async fn drain(
+    client: &mut ConfigAdminClient<Channel>,
+    node: String,
+    on: bool,
+    json: bool,
+) -> Result<(), Failure> {
+    let request = DrainRequest { node_id: node };
+    let response = match on {
+        true => client.drain(request).await?,
+        false => client.undrain(request).await?,
+    };
+    let status = response.into_inner().node.unwrap_or_default();
+    match json {
+        true => print_json(&json!({ "node": node_json(&status) })),
+        false => println!(
+            "{} {}: {}",
+            if on { "drained" } else { "undrained" },
+            status.node_id,
+            rotation(&status)
+        ),
+    }
+    Ok(())
+}
+
+fn print_json(value: &Value) {
+    println!("{value:#}");
+}
+
+fn meta_json(m: &SnapshotMeta) -> Value {
+    json!({
+        "version": m.version,
+        "sha256": m.sha256,
+        "author": m.author,
+        "created_at": rfc3339(m.created_at),
+        "message": m.message,
+        "size": m.size,
+        "rollback_of": m.rollback_of,
+    })
+}
+
+fn rfc3339(t: Option<prost_types::Timestamp>) -> Value {
+    t.and_then(|t| SystemTime::try_from(t).ok())
+        .map_or(Value::Null, |t| {
+            Value::from(humantime::format_rfc3339_seconds(t).to_string())
+        })
+}
+
+fn role_name(role: i32) -> Option<&'static str> {
+    match NodeRole::try_from(role) {
+        Ok(NodeRole::Worker) => Some("worker"),
+        Ok(NodeRole::Balancer) => Some("balancer"),
+        _ => None,
+    }
+}
+
+fn node_json(n: &NodeStatus) -> Value {
+    let worker = n.role == NodeRole::Worker as i32;
+    json!({
+        "node_id": n.node_id,
+        "role": role_name(n.role),
+        "smtp_address": n.smtp_address,
+        "connected": n.connected,
+        "replica": n.replica,
+        "applied_version": n.applied_version,
+        "applied_sha256": n.applied_sha256,
+        "sent_version": n.sent_version,
+        "nacked_version": n.nacked_version,
+        "nack_error": n.nack_error,
+        "lag": n.lag,
+        "last_seen": rfc3339(n.last_seen),
+        "in_rotation": worker.then_some(n.in_rotation),
+        "out_reason": (worker && !n.in_rotation).then_some(n.out_reason.as_str()),
+        "drained": n.drained,
+    })
+}
+
+fn nodes_json(r: &NodesResponse) -> Value {
+    json!({
+        "current_version": r.current_version,
+        "grace_ms": r.grace_ms,
+        "nodes": r.nodes.iter().map(node_json).collect::<Vec<_>>(),
+    })
+}
+
+/// `in`, `out (lagging)`, or `-` for a node that is not a worker.
+fn rotation(n: &NodeStatus) -> String {
+    match (n.role == NodeRole::Worker as i32, n.in_rotation) {
+        (false, _) => "-".to_string(),
+        (true, true) => "in".to_string(),
+        (true, false) => format!("out ({})", n.out_reason),
+    }
 }
 
 fn print_changes(changes: &[String]) {
@@ -300,9 +437,17 @@ fn print_changes(changes: &[String]) {
     }
 }
 
-fn print_applied(response: &ApplyResponse) {
-    print_changes(&response.changes);
+fn print_applied(response: &ApplyResponse, json: bool) {
     let meta = response.meta.clone().unwrap_or_default();
+    if json {
+        print_json(&json!({
+            "meta": meta_json(&meta),
+            "changes": response.changes,
+            "dry_run": response.dry_run,
+        }));
+        return;
+    }
+    print_changes(&response.changes);
     match response.dry_run {
         true => println!(
             "dry run: would be version {} (sha256 {}); nothing stored",
@@ -376,16 +521,13 @@ fn nodes_table(nodes: &[NodeStatus]) -> String {
         "CONNECTED",
         "APPLIED",
         "LAG",
+        "ROTATION",
         "LAST NACK",
     ]
     .map(String::from)
     .to_vec()];
     for n in nodes {
-        let role = match NodeRole::try_from(n.role) {
-            Ok(NodeRole::Worker) => "worker",
-            Ok(NodeRole::Balancer) => "balancer",
-            _ => "-",
-        };
+        let role = role_name(n.role).unwrap_or("-");
         let nack = match n.nacked_version {
             0 => "-".to_string(),
             v => format!("version {v}: {}", n.nack_error.replace('\n', " ")),
@@ -397,6 +539,7 @@ fn nodes_table(nodes: &[NodeStatus]) -> String {
             if n.connected { "yes" } else { "no" }.to_string(),
             n.applied_version.to_string(),
             n.lag.to_string(),
+            rotation(n),
             nack,
         ]);
     }
@@ -416,6 +559,7 @@ mod tests {
                 smtp_address: "127.0.0.11:2525".into(),
                 connected: true,
                 applied_version: 3,
+                in_rotation: true,
                 ..Default::default()
             },
             NodeStatus {
@@ -425,14 +569,15 @@ mod tests {
                 lag: 1,
                 nacked_version: 3,
                 nack_error: "certs/ferry.crt: not found".into(),
+                out_reason: "nacked".into(),
                 ..Default::default()
             },
         ];
         assert_eq!(
             nodes_table(&nodes),
-            "NODE      ROLE    ADDRESS          CONNECTED  APPLIED  LAG  LAST NACK\n\
-             worker-1  worker  127.0.0.11:2525  yes        3        0    -\n\
-             w2        worker                   no         2        1    version 3: certs/ferry.crt: not found\n"
+            "NODE      ROLE    ADDRESS          CONNECTED  APPLIED  LAG  ROTATION      LAST NACK\n\
+             worker-1  worker  127.0.0.11:2525  yes        3        0    in            -\n\
+             w2        worker                   no         2        1    out (nacked)  version 3: certs/ferry.crt: not found\n"
         );
     }
 }

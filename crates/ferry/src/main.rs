@@ -10,6 +10,7 @@ mod controlled;
 mod ctl;
 mod demo_certs;
 mod node;
+mod pool;
 mod queue;
 mod send;
 mod token;
@@ -136,9 +137,14 @@ enum Command {
         /// The admin HTTP endpoint (/metrics, /livez, /readyz); port 0 picks one.
         #[arg(long)]
         admin: SocketAddr,
+        /// How long a worker may be disconnected, or behind the current
+        /// version (a NACK, a lost stream), before the balancers take it
+        /// out of rotation (e.g. 30s, 2m).
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        grace: std::time::Duration,
     },
     /// Talk to the control plane as an admin: apply, diff, history, get,
-    /// rollback, nodes.
+    /// rollback, nodes, drain, undrain.
     Ctl {
         /// The control plane's URLs (https://HOST:PORT), comma-separated,
         /// tried in turn.
@@ -153,6 +159,10 @@ enum Command {
         /// Its private key (PEM).
         #[arg(long)]
         key: PathBuf,
+        /// Print the control plane's answer as JSON (one object), for
+        /// scripts; errors stay on standard error, exit codes as without.
+        #[arg(long, global = true)]
+        json: bool,
         #[command(subcommand)]
         command: ctl::CtlCommand,
     },
@@ -189,6 +199,7 @@ fn main() -> std::process::ExitCode {
             cert,
             key,
             admin,
+            grace,
         } => runtime().and_then(|rt| {
             rt.block_on(control::run(control::Args {
                 listen,
@@ -197,6 +208,7 @@ fn main() -> std::process::ExitCode {
                 cert,
                 key,
                 admin,
+                grace,
             }))
         }),
         Command::Ctl {
@@ -204,6 +216,7 @@ fn main() -> std::process::ExitCode {
             ca,
             cert,
             key,
+            json,
             command,
         } => runtime().map(|rt| {
             rt.block_on(ctl::run(
@@ -212,6 +225,7 @@ fn main() -> std::process::ExitCode {
                     ca,
                     cert,
                     key,
+                    json,
                 },
                 command,
             ))

@@ -8,7 +8,9 @@
 //! - `meta/VERSION`: its [`SnapshotMeta`] alone, so that `History` does
 //!   not read every config text;
 //! - `nodes/NODE_ID`: a [`NodeStatus`], attached to the lease of the
-//!   replica that last wrote it.
+//!   replica that last wrote it;
+//! - `drained/NODE_ID`: present (empty) while an admin drains that node;
+//!   without a lease, as it belongs to no replica.
 //!
 //! [`Store::append`] is one transaction: compare `current`, put the
 //! snapshot, its metadata and the new `current`, delete what falls out of
@@ -21,7 +23,7 @@
 mod follow;
 mod lease;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -100,6 +102,12 @@ impl Keys {
     }
     fn node(&self, node_id: &str) -> String {
         format!("{}nodes/{node_id}", self.prefix)
+    }
+    fn drains(&self) -> String {
+        format!("{}drained/", self.prefix)
+    }
+    fn drained(&self, node_id: &str) -> String {
+        format!("{}drained/{node_id}", self.prefix)
     }
 }
 
@@ -492,6 +500,58 @@ impl Store for EtcdStore {
                 })
             })
             .collect()
+    }
+
+    async fn set_drained(&self, node_id: &str, drained: bool) -> Result<(), StoreError> {
+        self.set_drained_key(node_id, drained).await
+    }
+
+    async fn drained(&self) -> Result<BTreeSet<String>, StoreError> {
+        self.drained_keys().await
+    }
+}
+
+impl EtcdStore {
+    /// [`Store::set_drained`]: a put or a delete, both safe to repeat.
+    async fn set_drained_key(&self, node_id: &str, drained: bool) -> Result<(), StoreError> {
+        let key = self.shared.keys.drained(node_id);
+        match drained {
+            true => {
+                let put = |mut c: Client| {
+                    let key = key.clone();
+                    async move { c.put(key, Vec::new(), None).await.map(|_| ()) }
+                };
+                self.shared.retried("recording a drain", put).await
+            }
+            false => {
+                let delete = |mut c: Client| {
+                    let key = key.clone();
+                    async move { c.delete(key, None).await.map(|_| ()) }
+                };
+                self.shared.retried("clearing a drain", delete).await
+            }
+        }
+    }
+
+    /// [`Store::drained`]: the keys under `drained/`.
+    async fn drained_keys(&self) -> Result<BTreeSet<String>, StoreError> {
+        let prefix = self.shared.keys.drains();
+        let reply = self
+            .shared
+            .retried("reading the drained nodes", |mut c| {
+                let prefix = prefix.clone();
+                let options = GetOptions::new().with_prefix().with_keys_only();
+                async move { c.get(prefix, Some(options)).await }
+            })
+            .await?;
+        Ok(reply
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let key = String::from_utf8_lossy(kv.key());
+                key.strip_prefix(&prefix).map(str::to_string)
+            })
+            .collect())
     }
 }
 

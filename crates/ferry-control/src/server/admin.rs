@@ -1,5 +1,6 @@
 //! `ConfigAdmin`: what `ferry ctl` calls. Every call needs an admin
-//! certificate; the admin's name is the author of what it applies.
+//! certificate; the admin's name is the author of what it applies (and
+//! is logged with a drain).
 
 use std::path::Path;
 
@@ -10,8 +11,9 @@ use tonic::{Request, Response, Status};
 use super::{admin, now, store_status, version_of, ControlPlane};
 use crate::proto::config_admin_server::ConfigAdmin;
 use crate::proto::{
-    ApplyRequest, ApplyResponse, ConfigSnapshot, DiffRequest, DiffResponse, GetRequest,
-    HistoryRequest, HistoryResponse, NodesRequest, NodesResponse, RollbackRequest, SnapshotMeta,
+    ApplyRequest, ApplyResponse, ConfigSnapshot, DiffRequest, DiffResponse, DrainRequest,
+    DrainResponse, GetRequest, HistoryRequest, HistoryResponse, NodeRole, NodeStatus, NodesRequest,
+    NodesResponse, RollbackRequest, SnapshotMeta,
 };
 use crate::store::Store;
 use crate::{sha256_hex, MAX_CONFIG_OCTETS};
@@ -97,7 +99,9 @@ impl<S: Store> ControlPlane<S> {
             Some(snapshot) => parse_stored(snapshot)?,
             None => empty_config()?,
         };
-        let emptied = ferry_config::diff::emptied(&old, &new);
+        // Workers in the registry's rotation are backends too: a config
+        // that leaves the balancers to the registry empties nothing.
+        let emptied = ferry_config::diff::emptied_with_pool(&old, &new, self.in_rotation().await);
         if !emptied.is_empty() && !p.force {
             return Err(Status::failed_precondition(format!(
                 "{}\n(force stores it anyway: `ferry ctl apply --force`)",
@@ -144,6 +148,58 @@ impl<S: Store> ControlPlane<S> {
             changes,
             dry_run: false,
         })
+    }
+
+    /// How many workers are in the registry's rotation now (0 when the
+    /// registry cannot be read: then the rule is the static one).
+    async fn in_rotation(&self) -> usize {
+        match self.registry().await {
+            Ok((_, nodes)) => nodes.iter().filter(|n| n.in_rotation).count(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the node registry");
+                0
+            }
+        }
+    }
+
+    /// Drain's and Undrain's common part.
+    async fn set_drain(
+        &self,
+        request: Request<DrainRequest>,
+        on: bool,
+    ) -> Result<Response<DrainResponse>, Status> {
+        let author = admin(&request)?;
+        let node_id = request.into_inner().node_id;
+        crate::identity::valid_name(&node_id)
+            .map_err(|e| Status::invalid_argument(format!("node ID {node_id:?}: {e}")))?;
+        let (_, nodes) = self.registry().await.map_err(store_status)?;
+        let known = nodes
+            .iter()
+            .find(|n| n.node_id == node_id && n.role == NodeRole::Worker as i32);
+        // Undrain is always allowed: a node drained, then gone, must not
+        // stay drained for ever.
+        if on && known.is_none() {
+            return Err(Status::not_found(format!(
+                "no worker {node_id:?} has subscribed (`ferry ctl nodes` lists them)"
+            )));
+        }
+        self.shared
+            .store
+            .set_drained(&node_id, on)
+            .await
+            .map_err(store_status)?;
+        self.poke_registry();
+        tracing::info!(node = %node_id, drained = on, admin = %author, "drain set by an admin");
+        let (_, nodes) = self.registry().await.map_err(store_status)?;
+        let node = nodes
+            .into_iter()
+            .find(|n| n.node_id == node_id)
+            .unwrap_or_else(|| NodeStatus {
+                node_id,
+                drained: on,
+                ..NodeStatus::default()
+            });
+        Ok(Response::new(DrainResponse { node: Some(node) }))
     }
 
     /// A stored version (0: the current one), or NOT_FOUND.
@@ -269,16 +325,25 @@ impl<S: Store> ConfigAdmin for ControlPlane<S> {
         request: Request<NodesRequest>,
     ) -> Result<Response<NodesResponse>, Status> {
         admin(&request)?;
-        let current = self.current();
-        let current_version = current.as_deref().map_or(0, version_of);
-        let mut nodes = self.shared.store.nodes().await.map_err(store_status)?;
-        for node in &mut nodes {
-            node.lag = current_version.saturating_sub(node.applied_version);
-        }
-        nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        let (current_version, nodes) = self.registry().await.map_err(store_status)?;
         Ok(Response::new(NodesResponse {
             current_version,
             nodes,
+            grace_ms: u64::try_from(self.shared.grace.as_millis()).unwrap_or(u64::MAX),
         }))
+    }
+
+    async fn drain(
+        &self,
+        request: Request<DrainRequest>,
+    ) -> Result<Response<DrainResponse>, Status> {
+        self.set_drain(request, true).await
+    }
+
+    async fn undrain(
+        &self,
+        request: Request<DrainRequest>,
+    ) -> Result<Response<DrainResponse>, Status> {
+        self.set_drain(request, false).await
     }
 }

@@ -3,6 +3,7 @@
 //! snapshot, so a stream that cannot keep up skips to it, and no stream
 //! waits for another. Every stream sends the same `Arc`'d snapshot (its
 //! config is `Bytes`: a clone is a reference count, not a copy).
+//! WatchPool streams follow the registry's `watch` channel the same way.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +14,9 @@ use tonic::{Request, Response, Status};
 
 use super::{metric, node, now, sha_of, version_of, ControlPlane, NodeEntry};
 use crate::proto::config_discovery_server::ConfigDiscovery;
-use crate::proto::{ConfigSnapshot, NodeStatus, ReportRequest, ReportResponse, WatchRequest};
+use crate::proto::{
+    ConfigSnapshot, NodeStatus, Pool, ReportRequest, ReportResponse, WatchPoolRequest, WatchRequest,
+};
 use crate::store::Store;
 
 /// How long a first-time sync holds its place among the
@@ -81,6 +84,45 @@ impl<S: Store> ControlPlane<S> {
         if let Err(e) = self.shared.store.put_node(status).await {
             tracing::warn!(node = node_id, error = %e, "cannot record node status");
         }
+        self.poke_registry();
+    }
+
+    /// Feeds one WatchPool stream: `first`, then each pool that differs
+    /// from the last sent, the newest only, until the node goes away.
+    async fn feed_pool(
+        self,
+        node_id: String,
+        first: Pool,
+        mut pools: tokio::sync::watch::Receiver<Arc<Pool>>,
+        tx: mpsc::Sender<Result<Pool, Status>>,
+    ) {
+        let mut closing = self.shared.closing.subscribe();
+        let mut last = first.clone();
+        if tx.send(Ok(first)).await.is_err() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                changed = pools.changed() => if changed.is_err() { break },
+                () = tx.closed() => break,
+                _ = closing.wait_for(|c| *c) => break,
+            }
+            let pool = Pool::clone(&pools.borrow_and_update());
+            if pool == last {
+                continue;
+            }
+            tracing::debug!(
+                node = %node_id,
+                in_rotation = pool.members.iter().filter(|m| m.in_rotation).count(),
+                members = pool.members.len(),
+                "sending the pool"
+            );
+            if tx.send(Ok(pool.clone())).await.is_err() {
+                break;
+            }
+            last = pool;
+        }
+        tracing::info!(node = %node_id, "pool stream ended");
     }
 
     /// Feeds one Watch stream until the node goes away.
@@ -176,13 +218,24 @@ impl<S: Store> ControlPlane<S> {
 #[tonic::async_trait]
 impl<S: Store> ConfigDiscovery for ControlPlane<S> {
     type WatchStream = ReceiverStream<Result<ConfigSnapshot, Status>>;
+    type WatchPoolStream = ReceiverStream<Result<Pool, Status>>;
 
     async fn watch(
         &self,
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         node(&request, &request.get_ref().node_id)?;
-        let r = request.into_inner();
+        // A worker listening on every address gave none a balancer can
+        // dial: the address it calls from is the one to use.
+        let peer = request.remote_addr().map(|a| a.ip());
+        let mut r = request.into_inner();
+        let unspecified = r
+            .smtp_address
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_unspecified());
+        if let (true, Some(peer)) = (unspecified, peer) {
+            r.smtp_address = peer.to_string();
+        }
         let mut stream = 0;
         self.update(&r.node_id, None, |e| {
             e.stream += 1;
@@ -263,6 +316,28 @@ impl<S: Store> ConfigDiscovery for ControlPlane<S> {
         }
         Ok(Response::new(ReportResponse {}))
     }
+
+    async fn watch_pool(
+        &self,
+        request: Request<WatchPoolRequest>,
+    ) -> Result<Response<Self::WatchPoolStream>, Status> {
+        node(&request, &request.get_ref().node_id)?;
+        let node_id = request.into_inner().node_id;
+        // Subscribed before the first pool is read: a change after it is
+        // not missed.
+        let pools = self.shared.pool.subscribe();
+        let first = self.pool().await.map_err(super::store_status)?;
+        self.poke_registry();
+        tracing::info!(
+            node = %node_id,
+            members = first.members.len(),
+            complete = first.complete,
+            "balancer watches the pool"
+        );
+        let (tx, rx) = mpsc::channel(1);
+        tokio::spawn(self.clone().feed_pool(node_id, first, pools, tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
 }
 
 /// At most `max` octets of `text`, cut at a character boundary.
@@ -330,6 +405,34 @@ mod tests {
             seen.push(received(&mut stuck).await);
         }
         assert_eq!(seen.first(), Some(&1), "{seen:?}");
+        assert_eq!(seen.last(), Some(&20), "{seen:?}");
+        assert!(seen.len() <= 3, "{seen:?}");
+    }
+
+    /// A balancer that reads nothing holds back no one, and when it reads
+    /// again gets the newest pool, not each one it missed.
+    #[tokio::test]
+    async fn a_stuck_pool_stream_skips_to_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FileStore::open(dir.path()).unwrap());
+        let plane = ControlPlane::new(store, "test");
+        let pool = |v| Pool {
+            current_version: v,
+            ..Pool::default()
+        };
+        let (pools, rx) = tokio::sync::watch::channel(Arc::new(pool(0)));
+        let (tx, mut stuck) = mpsc::channel(1);
+        tokio::spawn(plane.feed_pool("b1".into(), pool(0), rx, tx));
+        for v in 1..=20 {
+            pools.send_replace(Arc::new(pool(v)));
+            tokio::task::yield_now().await;
+        }
+        let mut seen = Vec::new();
+        while seen.last() != Some(&20) && seen.len() < 20 {
+            let next = tokio::time::timeout(Duration::from_secs(10), stuck.recv()).await;
+            seen.push(next.unwrap().unwrap().unwrap().current_version);
+        }
+        assert_eq!(seen.first(), Some(&0), "{seen:?}");
         assert_eq!(seen.last(), Some(&20), "{seen:?}");
         assert!(seen.len() <= 3, "{seen:?}");
     }

@@ -7,7 +7,9 @@
 //!   node runs; certificate and key files a config names are node-local
 //!   paths and are not checked here (a node missing one NACKs).
 //! - `discovery`: Watch (one task per stream, fed from the store's
-//!   `watch` channel) and Report (ACK/NACK).
+//!   `watch` channel), Report (ACK/NACK) and WatchPool (for balancers).
+//! - `registry`: each worker's rotation state (in, or out: drained,
+//!   disconnected, nacked, lagging) and the pool balancers watch.
 //! - `tls`: the mTLS settings of the server and of its clients.
 //! - `metric`: the control plane's metrics.
 //!
@@ -17,12 +19,15 @@
 mod admin;
 mod discovery;
 mod metric;
+mod registry;
 pub mod tls;
+
+pub use registry::{rotation, Out, DEFAULT_GRACE, POOL_REFRESH};
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -31,7 +36,7 @@ use tonic::{Request, Status};
 use crate::identity::Identity;
 use crate::proto::config_admin_server::ConfigAdminServer;
 use crate::proto::config_discovery_server::ConfigDiscoveryServer;
-use crate::proto::{ConfigSnapshot, NodeStatus};
+use crate::proto::{ConfigSnapshot, NodeStatus, Pool};
 use crate::store::{Store, StoreError};
 
 /// How many first-time syncs (a node whose version is not current when
@@ -70,6 +75,18 @@ struct Shared<S> {
     /// reconnects, to another replica or to this one restarted), so a
     /// graceful shutdown does not wait for streams that never end.
     closing: tokio::sync::watch::Sender<bool>,
+    /// How long a worker may be disconnected or behind before it leaves
+    /// the balancers' rotation.
+    grace: Duration,
+    /// When this replica started: a pool is complete only once every
+    /// worker has had the grace period to reconnect.
+    started: Instant,
+    /// The newest pool, for the WatchPool streams.
+    pool: tokio::sync::watch::Sender<Arc<Pool>>,
+    /// Wakes the registry task (see `registry`).
+    poke: Arc<tokio::sync::Notify>,
+    /// The workers this replica has seen in the store, and when.
+    seen: Mutex<HashMap<String, (NodeStatus, SystemTime)>>,
 }
 
 /// A node's status and the stream serving it now.
@@ -82,16 +99,33 @@ struct NodeEntry {
 
 impl<S: Store> ControlPlane<S> {
     /// The services over `store`; `replica` names this replica in node
-    /// status (`Nodes` shows which replica serves which node).
+    /// status (`Nodes` shows which replica serves which node). The grace
+    /// period is [`DEFAULT_GRACE`].
     pub fn new(store: Arc<S>, replica: impl Into<String>) -> Self {
+        Self::with_grace(store, replica, DEFAULT_GRACE)
+    }
+
+    /// As [`ControlPlane::new`], with a worker leaving the balancers'
+    /// rotation once it has been disconnected or behind for `grace`.
+    pub fn with_grace(store: Arc<S>, replica: impl Into<String>, grace: Duration) -> Self {
         let shared = Arc::new(Shared {
             store,
             replica: replica.into(),
             first_syncs: Semaphore::new(FIRST_SYNCS_AT_ONCE),
             nodes: Mutex::default(),
             closing: tokio::sync::watch::Sender::new(false),
+            grace,
+            started: Instant::now(),
+            pool: tokio::sync::watch::Sender::new(Arc::default()),
+            poke: Arc::default(),
+            seen: Mutex::default(),
         });
         metric::follow_version(shared.store.current());
+        // Outside a runtime (a unit test building the services) there is
+        // nothing to follow.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(registry::follow(Arc::downgrade(&shared)));
+        }
         Self { shared }
     }
 
@@ -191,6 +225,10 @@ fn version_of(snapshot: &ConfigSnapshot) -> u64 {
 
 fn sha_of(snapshot: &ConfigSnapshot) -> &str {
     snapshot.meta.as_ref().map_or("", |m| m.sha256.as_str())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn now() -> prost_types::Timestamp {

@@ -1,0 +1,392 @@
+//! The node registry served by tonic over real mTLS on loopback (port 0):
+//! which workers are in the balancers' rotation, as `Nodes` shows it and
+//! `WatchPool` streams it, with a short grace period.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_control::file_store::FileStore;
+use ferry_control::identity::{CertificateAuthority, Identity};
+use ferry_control::proto::config_admin_client::ConfigAdminClient;
+use ferry_control::proto::config_discovery_client::ConfigDiscoveryClient;
+use ferry_control::proto::{
+    ApplyRequest, ConfigSnapshot, DrainRequest, NodeRole, NodeStatus, NodesRequest, Pool,
+    PoolMember, ReportRequest, WatchPoolRequest, WatchRequest,
+};
+use ferry_control::server::tls::{self, Pem};
+use ferry_control::server::{self, ControlPlane};
+use tonic::transport::Channel;
+use tonic::{Code, Streaming};
+
+const EXAMPLE: &str = include_str!("../../../deploy/examples/ferry.toml");
+/// The grace period the control plane runs with here.
+const GRACE: Duration = Duration::from_secs(1);
+/// How long a test waits for something that should happen.
+const WAIT: Duration = Duration::from_secs(10);
+
+struct Plane {
+    url: String,
+    ca: CertificateAuthority,
+    store_dir: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    served: Option<tokio::task::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Plane {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, _) = CertificateAuthority::generate("Test Cluster CA").unwrap();
+        let mut plane = Self {
+            url: String::new(),
+            ca,
+            store_dir: dir.path().join("store"),
+            stop: None,
+            served: None,
+            _dir: dir,
+        };
+        plane.serve().await;
+        plane
+    }
+
+    async fn serve(&mut self) {
+        let store = Arc::new(FileStore::open(&self.store_dir).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        self.url = format!("https://{addr}");
+        let issued = self
+            .ca
+            .issue(&Identity::Control("cp".into()), &["127.0.0.1".into()])
+            .unwrap();
+        let pem = Pem {
+            ca: self.ca.cert_pem().to_string(),
+            cert: issued.cert_pem,
+            key: issued.key_pem,
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let plane = ControlPlane::with_grace(store, addr.to_string(), GRACE);
+        self.served = Some(tokio::spawn(async move {
+            server::serve(plane, listener, tls::server_config(&pem), async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        }));
+        self.stop = Some(stop);
+    }
+
+    async fn restart(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(served) = self.served.take() {
+            tokio::time::timeout(WAIT, served).await.unwrap().unwrap();
+        }
+        self.serve().await;
+    }
+
+    fn pem(&self, identity: Identity) -> Pem {
+        let issued = self.ca.issue(&identity, &[]).unwrap();
+        Pem {
+            ca: self.ca.cert_pem().to_string(),
+            cert: issued.cert_pem,
+            key: issued.key_pem,
+        }
+    }
+
+    async fn admin(&self) -> ConfigAdminClient<Channel> {
+        let pem = self.pem(Identity::Admin("alice".into()));
+        ConfigAdminClient::new(tls::connect(&self.url, &pem).await.unwrap())
+    }
+
+    async fn node(&self, id: &str) -> ConfigDiscoveryClient<Channel> {
+        let pem = self.pem(Identity::Node(id.into()));
+        ConfigDiscoveryClient::new(tls::connect(&self.url, &pem).await.unwrap())
+    }
+
+    /// Applies `config` on top of version `expected`.
+    async fn apply(&self, expected: u64, config: &str) {
+        self.admin()
+            .await
+            .apply(ApplyRequest {
+                expected_version: expected,
+                config: config.as_bytes().to_vec().into(),
+                name: "ferry.toml".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn nodes(&self) -> Vec<NodeStatus> {
+        let r = self.admin().await.nodes(NodesRequest {}).await.unwrap();
+        let r = r.into_inner();
+        assert_eq!(r.grace_ms, 1000);
+        r.nodes
+    }
+
+    async fn status(&self, id: &str) -> NodeStatus {
+        let nodes = self.nodes().await;
+        nodes.into_iter().find(|n| n.node_id == id).unwrap()
+    }
+
+    async fn pool(&self, balancer: &str) -> Streaming<Pool> {
+        self.node(balancer)
+            .await
+            .watch_pool(WatchPoolRequest {
+                node_id: balancer.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+}
+
+/// A worker subscribed as `id` from SMTP address 127.0.0.x: its client
+/// (for reports) and its stream.
+async fn worker(
+    plane: &Plane,
+    id: &str,
+    address: &str,
+) -> (ConfigDiscoveryClient<Channel>, Streaming<ConfigSnapshot>) {
+    let mut client = plane.node(id).await;
+    let stream = client
+        .watch(WatchRequest {
+            node_id: id.into(),
+            role: NodeRole::Worker as i32,
+            smtp_address: address.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (client, stream)
+}
+
+async fn next<T>(stream: &mut Streaming<T>) -> T {
+    tokio::time::timeout(WAIT, stream.message())
+        .await
+        .expect("a message in time")
+        .unwrap()
+        .expect("the stream is open")
+}
+
+/// Reads the worker's next snapshot and ACKs (or, with `error`, NACKs)
+/// it; returns its version.
+async fn answer(
+    client: &mut ConfigDiscoveryClient<Channel>,
+    stream: &mut Streaming<ConfigSnapshot>,
+    id: &str,
+    served: u64,
+    error: &str,
+) -> u64 {
+    let snapshot = next(stream).await;
+    let meta = snapshot.meta.unwrap();
+    let applied = if error.is_empty() {
+        meta.version
+    } else {
+        served
+    };
+    client
+        .report(ReportRequest {
+            node_id: id.into(),
+            for_version: meta.version,
+            applied_version: applied,
+            sha256: String::new(),
+            error: error.into(),
+        })
+        .await
+        .unwrap();
+    meta.version
+}
+
+/// Reads pools until one where `id` is `(in_rotation, out_reason)`;
+/// returns that member, how long it took, and the whole pool.
+async fn until_member(
+    stream: &mut Streaming<Pool>,
+    id: &str,
+    wanted: (bool, &str),
+) -> (PoolMember, Duration, Pool) {
+    let start = Instant::now();
+    let mut seen = Vec::new();
+    while start.elapsed() < WAIT {
+        let pool = next(stream).await;
+        if let Some(m) = pool.members.iter().find(|m| m.node_id == id) {
+            if (m.in_rotation, m.out_reason.as_str()) == wanted {
+                return (m.clone(), start.elapsed(), pool.clone());
+            }
+        }
+        seen.push(pool);
+    }
+    panic!("{id} never became {wanted:?}; pools seen: {seen:?}");
+}
+
+fn edited(banner: &str) -> String {
+    EXAMPLE.replace("Ferry Default Frontend ready", banner)
+}
+
+#[tokio::test]
+async fn a_worker_in_step_is_in_and_one_that_nacks_leaves_after_the_grace() {
+    let plane = Plane::start().await;
+    plane.apply(0, EXAMPLE).await;
+    let (mut w1, mut w1_stream) = worker(&plane, "w1", "127.0.0.11").await;
+    assert_eq!(answer(&mut w1, &mut w1_stream, "w1", 0, "").await, 1);
+    let (mut w2, mut w2_stream) = worker(&plane, "w2", "127.0.0.12").await;
+    assert_eq!(answer(&mut w2, &mut w2_stream, "w2", 0, "").await, 1);
+    let mut pool = plane.pool("b1").await;
+    let (member, _, _) = until_member(&mut pool, "w1", (true, "")).await;
+    assert_eq!(member.smtp_address, "127.0.0.11");
+    let status = plane.status("w1").await;
+    assert!(status.in_rotation && status.connected, "{status:?}");
+
+    // Version 2: w1 cannot apply it, w2 can.
+    plane.apply(1, &edited("Second")).await;
+    assert_eq!(
+        answer(&mut w1, &mut w1_stream, "w1", 1, "certs/x.crt: not found").await,
+        2
+    );
+    assert_eq!(answer(&mut w2, &mut w2_stream, "w2", 1, "").await, 2);
+    // Within the grace period it stays in.
+    let status = plane.status("w1").await;
+    assert_eq!((status.lag, status.nacked_version), (1, 2), "{status:?}");
+    let (_, took, _) = until_member(&mut pool, "w1", (false, "nacked")).await;
+    assert!(
+        took >= GRACE / 2,
+        "out after {took:?}, before the grace period"
+    );
+    let status = plane.status("w1").await;
+    assert!(!status.in_rotation, "{status:?}");
+    assert_eq!(status.out_reason, "nacked");
+    let w2_status = plane.status("w2").await;
+    assert!(w2_status.in_rotation, "{w2_status:?}");
+
+    // Version 3 fixes it: w1 ACKs and is back in.
+    plane.apply(2, &edited("Third")).await;
+    assert_eq!(answer(&mut w1, &mut w1_stream, "w1", 1, "").await, 3);
+    until_member(&mut pool, "w1", (true, "")).await;
+}
+
+#[tokio::test]
+async fn a_worker_disconnected_past_the_grace_leaves_and_a_balancer_is_no_member() {
+    let plane = Plane::start().await;
+    plane.apply(0, EXAMPLE).await;
+    let (mut w1, mut w1_stream) = worker(&plane, "w1", "127.0.0.11").await;
+    answer(&mut w1, &mut w1_stream, "w1", 0, "").await;
+    let mut pool = plane.pool("b1").await;
+    until_member(&mut pool, "w1", (true, "")).await;
+    drop((w1, w1_stream));
+    // Disconnected, still in for the grace period, then out.
+    let deadline = Instant::now() + WAIT;
+    while plane.status("w1").await.connected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = plane.status("w1").await;
+    assert!(!status.connected, "{status:?}");
+    let (_, _, last) = until_member(&mut pool, "w1", (false, "disconnected")).await;
+    assert_eq!(plane.status("w1").await.out_reason, "disconnected");
+    // A balancer watching the pool is not in it.
+    assert!(last.members.iter().all(|m| m.node_id == "w1"), "{last:?}");
+    assert!(
+        last.complete,
+        "the replica has run longer than the grace period"
+    );
+    // Back: in again.
+    let (mut w1, mut w1_stream) = worker(&plane, "w1", "127.0.0.11").await;
+    let _ = (&mut w1, &mut w1_stream);
+    until_member(&mut pool, "w1", (true, "")).await;
+}
+
+#[tokio::test]
+async fn drain_is_for_admins_takes_a_worker_out_and_outlives_a_restart() {
+    let mut plane = Plane::start().await;
+    plane.apply(0, EXAMPLE).await;
+    let (mut w1, mut w1_stream) = worker(&plane, "w1", "127.0.0.11").await;
+    answer(&mut w1, &mut w1_stream, "w1", 0, "").await;
+    let mut pool = plane.pool("b1").await;
+    until_member(&mut pool, "w1", (true, "")).await;
+
+    // A node certificate may not drain; an unknown worker is not found.
+    let pem = plane.pem(Identity::Node("w1".into()));
+    let mut as_node = ConfigAdminClient::new(tls::connect(&plane.url, &pem).await.unwrap());
+    let refused = as_node
+        .drain(DrainRequest {
+            node_id: "w1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    let mut admin = plane.admin().await;
+    let unknown = admin
+        .drain(DrainRequest {
+            node_id: "w9".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
+
+    let drained = admin
+        .drain(DrainRequest {
+            node_id: "w1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .node
+        .unwrap();
+    assert!(drained.drained && !drained.in_rotation, "{drained:?}");
+    assert_eq!(drained.out_reason, "drained");
+    // At once, not after the grace period.
+    let (_, took, _) = until_member(&mut pool, "w1", (false, "drained")).await;
+    assert!(took < GRACE, "{took:?}");
+
+    // The control plane restarts: the worker reconnects and is still
+    // drained.
+    plane.restart().await;
+    let (mut w1, mut w1_stream) = worker(&plane, "w1", "127.0.0.11").await;
+    let _ = (&mut w1, &mut w1_stream);
+    let status = plane.status("w1").await;
+    assert!(status.drained && !status.in_rotation, "{status:?}");
+    let mut pool = plane.pool("b1").await;
+    let first = next(&mut pool).await;
+    let member = first.members.iter().find(|m| m.node_id == "w1").unwrap();
+    assert_eq!(
+        (member.in_rotation, member.out_reason.as_str()),
+        (false, "drained")
+    );
+
+    let mut admin = plane.admin().await;
+    let undrained = admin
+        .undrain(DrainRequest {
+            node_id: "w1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .node
+        .unwrap();
+    assert!(!undrained.drained, "{undrained:?}");
+    until_member(&mut pool, "w1", (true, "")).await;
+}
+
+#[tokio::test]
+async fn a_pool_right_after_a_restart_is_incomplete() {
+    let plane = Plane::start().await;
+    let mut pool = plane.pool("b1").await;
+    let first = next(&mut pool).await;
+    assert!(!first.complete, "{first:?}");
+    assert!(first.members.is_empty(), "{first:?}");
+    // Once the grace period has passed, the pool says it is complete.
+    let start = Instant::now();
+    let mut pools = vec![];
+    while start.elapsed() < WAIT {
+        let p = next(&mut pool).await;
+        if p.complete {
+            assert!(start.elapsed() + Duration::from_millis(100) >= GRACE / 2);
+            return;
+        }
+        pools.push(p);
+    }
+    panic!("never complete: {pools:?}");
+}

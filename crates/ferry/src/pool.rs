@@ -1,0 +1,240 @@
+//! A balancer fed by the control plane balances over two lists: the
+//! config's static `[[balancer.backends]]` and the control plane's worker
+//! pool (`WatchPool`), the workers in rotation there, each named by its
+//! node ID at its SMTP address, on every listener's backend port.
+//!
+//! [`Pooled`] is the balancer's role as the control-plane glue sees it:
+//! its `apply` takes the config's snapshot, adds the pool's workers and
+//! applies the result with the balancer's own `apply`; a new pool is
+//! applied the same way on top of the config in service. So the balancer
+//! crate knows nothing of gRPC, and a worker that joins waits for `rise`
+//! good probes while one that leaves gets no new session (its open ones
+//! finish), as for any backend a reload adds or removes. One lock makes
+//! config and pool applies one at a time, each on the newest of the other.
+
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use ferry_balancer::Balancer;
+use ferry_config::{Backend, BalancerConfig, ClusterConfig};
+use ferry_control::proto::Pool;
+use ferry_node::{ApplyError, Reconciled, Role, Snapshot};
+
+/// The balancer with the pool's workers added to its config.
+pub struct Pooled {
+    pub balancer: Arc<Balancer>,
+    /// The config's snapshot in service, without the pool's workers.
+    base: Mutex<Arc<Snapshot<BalancerConfig>>>,
+    /// The pool's workers in service; the lock is held across each apply.
+    members: tokio::sync::Mutex<Vec<Backend>>,
+}
+
+impl Pooled {
+    /// A balancer on `listen` serving `first` with the workers of `pool`
+    /// (if one came already): the first apply binds the listeners and
+    /// counts every worker up at once. Returns the bound addresses.
+    ///
+    /// # Errors
+    /// When the first apply fails (a port cannot be bound).
+    pub async fn start(
+        first: Snapshot<BalancerConfig>,
+        listen: IpAddr,
+        pool: Option<&Pool>,
+    ) -> anyhow::Result<(Arc<Self>, Vec<std::net::SocketAddr>)> {
+        let first = Arc::new(first);
+        let members = pool.map(|p| members(p, &[])).unwrap_or_default();
+        let composed = compose(&first, &members);
+        let balancer = Balancer::new(Arc::clone(&composed), listen);
+        let bound = balancer.apply(composed).await?.added;
+        let pooled = Arc::new(Self {
+            balancer,
+            base: Mutex::new(first),
+            members: tokio::sync::Mutex::new(members),
+        });
+        Ok((pooled, bound))
+    }
+
+    /// Puts a new pool in service: the workers in rotation there, plus,
+    /// while the pool is incomplete (its control plane just started), the
+    /// ones it does not list yet. A pool that changes nothing applies
+    /// nothing.
+    pub async fn set_pool(&self, pool: &Pool) {
+        let mut current = self.members.lock().await;
+        let next = members(pool, &current);
+        if next == *current {
+            return;
+        }
+        let names = |m: &[Backend]| m.iter().map(|b| b.name.clone()).collect::<Vec<_>>();
+        let base = Arc::clone(&self.base());
+        match self.balancer.apply(compose(&base, &next)).await {
+            Ok(_) => {
+                tracing::info!(
+                    workers = ?names(&next),
+                    before = ?names(&current),
+                    complete = pool.complete,
+                    "the control plane's worker pool changed"
+                );
+                *current = next;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot put the control plane's worker pool in service")
+            }
+        }
+    }
+
+    fn base(&self) -> Arc<Snapshot<BalancerConfig>> {
+        Arc::clone(&self.base.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+impl Role for Pooled {
+    type Material = BalancerConfig;
+
+    fn prepare(config: &ClusterConfig) -> Result<BalancerConfig, Vec<String>> {
+        Balancer::prepare(config)
+    }
+
+    /// The config's snapshot, without the pool's workers: what the node
+    /// serves of the control plane's config.
+    fn current(&self) -> Arc<Snapshot<BalancerConfig>> {
+        self.base()
+    }
+
+    async fn apply(
+        &self,
+        snapshot: Arc<Snapshot<BalancerConfig>>,
+    ) -> Result<Reconciled, ApplyError> {
+        let members = self.members.lock().await;
+        let done = self.balancer.apply(compose(&snapshot, &members)).await?;
+        *self.base.lock().unwrap_or_else(|p| p.into_inner()) = snapshot;
+        Ok(done)
+    }
+}
+
+/// The workers of `pool` to balance over, by name; `had` is the list in
+/// service, kept for workers an incomplete pool does not list.
+fn members(pool: &Pool, had: &[Backend]) -> Vec<Backend> {
+    let mut out: Vec<Backend> = pool
+        .members
+        .iter()
+        .filter(|m| m.in_rotation)
+        .filter_map(|m| match address(&m.smtp_address) {
+            Some(address) => Some(Backend {
+                name: m.node_id.clone(),
+                address,
+                weight: 1,
+            }),
+            None => {
+                tracing::warn!(node = %m.node_id, address = %m.smtp_address, "a pool worker without a usable SMTP address is left out");
+                None
+            }
+        })
+        .collect();
+    if !pool.complete {
+        let listed = |b: &Backend| pool.members.iter().any(|m| m.node_id == b.name);
+        out.extend(had.iter().filter(|b| !listed(b)).cloned());
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// A worker's SMTP address as it subscribed: an IP address (with a port,
+/// which is ignored: each listener names its backend port). An
+/// unspecified address cannot be dialled.
+fn address(text: &str) -> Option<IpAddr> {
+    let ip = text
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| text.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))?;
+    (!ip.is_unspecified()).then_some(ip.to_canonical())
+}
+
+/// `base` with `members` added after its static backends. A member whose
+/// name or address a static backend has already is left out (the
+/// config's entry wins), as is one of another IP family than the
+/// balancer's `source`.
+fn compose(
+    base: &Arc<Snapshot<BalancerConfig>>,
+    members: &[Backend],
+) -> Arc<Snapshot<BalancerConfig>> {
+    if members.is_empty() {
+        return Arc::clone(base);
+    }
+    let mut material = base.material.clone();
+    for m in members {
+        let taken = material
+            .backends
+            .iter()
+            .any(|b| b.name == m.name || b.address == m.address);
+        let family = material
+            .source
+            .is_none_or(|s| s.is_ipv4() == m.address.is_ipv4());
+        match (taken, family) {
+            (false, true) => material.backends.push(m.clone()),
+            (true, _) => {
+                tracing::debug!(worker = %m.name, "a pool worker the config lists already")
+            }
+            (false, false) => {
+                tracing::warn!(worker = %m.name, address = %m.address, "a pool worker of another IP family than the balancer's source is left out")
+            }
+        }
+    }
+    Arc::new(Snapshot {
+        version: base.version,
+        sha256: base.sha256.clone(),
+        source: base.source.clone(),
+        loaded_at: base.loaded_at,
+        config: Arc::clone(&base.config),
+        material,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use ferry_control::proto::PoolMember;
+
+    fn member(id: &str, address: &str, in_rotation: bool) -> PoolMember {
+        PoolMember {
+            node_id: id.into(),
+            smtp_address: address.into(),
+            in_rotation,
+            out_reason: String::new(),
+        }
+    }
+
+    fn names(backends: &[Backend]) -> Vec<&str> {
+        backends.iter().map(|b| b.name.as_str()).collect()
+    }
+
+    #[test]
+    fn members_in_rotation_join_and_an_incomplete_pool_drops_no_unlisted_one() {
+        let pool = Pool {
+            members: vec![
+                member("w2", "127.0.0.12", true),
+                member("w1", "127.0.0.11:2525", true),
+                member("w3", "127.0.0.13", false),
+                member("w4", "0.0.0.0", true),
+            ],
+            complete: true,
+            current_version: 1,
+        };
+        let had = members(&pool, &[]);
+        assert_eq!(names(&had), ["w1", "w2"]);
+        assert_eq!(had[0].address, "127.0.0.11".parse::<IpAddr>().unwrap());
+        // Right after a control-plane restart: w1 not heard of yet stays;
+        // w2, listed out of rotation, leaves.
+        let restarted = Pool {
+            members: vec![member("w2", "127.0.0.12", false)],
+            complete: false,
+            current_version: 1,
+        };
+        assert_eq!(names(&members(&restarted, &had)), ["w1"]);
+        let complete = Pool {
+            complete: true,
+            ..restarted
+        };
+        assert!(members(&complete, &had).is_empty());
+    }
+}
