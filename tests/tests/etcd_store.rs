@@ -376,12 +376,12 @@ async fn the_pool_on_b_follows_a_worker_served_by_a() {
     let grace = Duration::from_secs(2);
     let a = replica(&cluster, "a", EtcdOptions::default()).await;
     let b = Arc::new(replica(&cluster, "b", EtcdOptions::default()).await);
-    let on_b = crate::server::ControlPlane::with_grace(Arc::clone(&b), "b", grace);
+    let on_b = ferry_control::server::ControlPlane::with_grace(Arc::clone(&b), "b", grace);
     a.append(0, snapshot(1, "one")).await.unwrap();
     sees(&b, 1, Duration::from_secs(1)).await;
     a.put_node(node("w1")).await.unwrap();
     a.put_node(node("w2")).await.unwrap();
-    let state = |pool: &crate::proto::Pool, id: &str| {
+    let state = |pool: &ferry_control::proto::Pool, id: &str| {
         let m = pool.members.iter().find(|m| m.node_id == id);
         m.map(|m| (m.in_rotation, m.out_reason.clone()))
     };

@@ -174,8 +174,12 @@ impl<S: Store> ControlPlane<S> {
         }
     }
 
-    /// The pool as `WatchPool` sends it.
-    pub(crate) async fn pool(&self) -> Result<Pool, StoreError> {
+    /// The worker pool as `WatchPool` sends it now: every worker with
+    /// whether it is in the balancers' rotation and why not.
+    ///
+    /// # Errors
+    /// The store cannot be read ([`StoreError`]).
+    pub async fn pool(&self) -> Result<Pool, StoreError> {
         let (current_version, nodes) = self.registry().await?;
         let members = nodes
             .into_iter()
