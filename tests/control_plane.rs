@@ -246,6 +246,18 @@ impl ControlProcess {
         let _ = self.child.wait();
     }
 
+    /// Sends SIGHUP.
+    pub fn hang_up(&self) {
+        use nix::sys::signal::{kill, Signal};
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        kill(pid, Signal::SIGHUP).unwrap();
+    }
+
+    /// Whether the process has exited.
+    pub fn has_exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
     /// SIGTERM, and the exit status (bounded wait).
     pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
         use nix::sys::signal::{kill, Signal};

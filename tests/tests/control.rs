@@ -91,6 +91,25 @@ fn an_admin_applies_the_example_and_a_bad_key_is_refused_with_its_place() {
         "{out}"
     );
 
+    // SIGHUP (a service manager's reload) neither stops it nor changes
+    // anything; it says why in its log.
+    control.hang_up();
+    let log = dir.path().join("control.log");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("SIGHUP ignored")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no SIGHUP line in the log"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(!control.has_exited(), "SIGHUP ended the control plane");
+    let (code, _, err) = control.ctl(&pki, "alice", &["history"]);
+    assert_eq!(code, 0, "{err}");
+
     // The history survives a restart of the control plane.
     assert!(control.terminate().is_some_and(|s| s.success()));
     let control = ControlProcess::start(&store, &pki, &dir.path().join("control2.log"));

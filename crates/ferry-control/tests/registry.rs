@@ -268,6 +268,52 @@ async fn a_worker_in_step_is_in_and_one_that_nacks_leaves_after_the_grace() {
     until_member(&mut pool, "w1", (true, "")).await;
 }
 
+/// A version every worker refuses (a typo in a certificate path) leaves
+/// them all serving the one before: none is taken out for being behind,
+/// or the balancers would have no worker at all.
+#[tokio::test]
+async fn a_version_every_worker_refuses_takes_none_out() {
+    let plane = Plane::start().await;
+    plane.apply(0, EXAMPLE).await;
+    let (mut w1, mut w1_stream) = worker(&plane, "w1", "127.0.0.11").await;
+    assert_eq!(answer(&mut w1, &mut w1_stream, "w1", 0, "").await, 1);
+    let (mut w2, mut w2_stream) = worker(&plane, "w2", "127.0.0.12").await;
+    assert_eq!(answer(&mut w2, &mut w2_stream, "w2", 0, "").await, 1);
+    plane.apply(1, &edited("Second")).await;
+    for (id, client, stream) in [
+        ("w1", &mut w1, &mut w1_stream),
+        ("w2", &mut w2, &mut w2_stream),
+    ] {
+        assert_eq!(
+            answer(client, stream, id, 1, "certs/typo.crt: not found").await,
+            2
+        );
+    }
+    // Well past the grace period, both are still in rotation...
+    tokio::time::sleep(GRACE * 3).await;
+    for id in ["w1", "w2"] {
+        let status = plane.status(id).await;
+        assert_eq!((status.lag, status.nacked_version), (1, 2), "{status:?}");
+        assert!(status.in_rotation, "{status:?}");
+    }
+    // ...until one applies a later version: then the other is behind it.
+    plane.apply(2, &edited("Third")).await;
+    assert_eq!(answer(&mut w1, &mut w1_stream, "w1", 1, "").await, 3);
+    assert_eq!(
+        answer(
+            &mut w2,
+            &mut w2_stream,
+            "w2",
+            1,
+            "certs/typo.crt: not found"
+        )
+        .await,
+        3
+    );
+    let mut pool = plane.pool("b1").await;
+    until_member(&mut pool, "w2", (false, "nacked")).await;
+}
+
 #[tokio::test]
 async fn a_worker_disconnected_past_the_grace_leaves_and_a_balancer_is_no_member() {
     let plane = Plane::start().await;

@@ -67,6 +67,17 @@ pub struct Args {
 /// Binds the gRPC address, opens the store and serves until SIGTERM or
 /// SIGINT. The bound address names this replica in node status.
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    // SIGHUP (a systemd reload, logrotate, a closed terminal) must not
+    // end the control plane by its default action: it has no file to
+    // re-read, so say so.
+    let mut hangups = ferry_node::watch_hangups().context("watching SIGHUP")?;
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            tracing::warn!(
+                "SIGHUP ignored: the control plane has no config file to re-read; apply changes with ferry ctl apply"
+            );
+        }
+    });
     let pem = Pem::read(&args.ca, &args.cert, &args.key).map_err(anyhow::Error::msg)?;
     let listener = TcpListener::bind(args.listen)
         .await

@@ -46,7 +46,7 @@ pub struct ControlArgs {
     pub config_dir: Option<PathBuf>,
     /// How long the node may refuse the control plane's newest config
     /// before it counts as behind ([`Controlled::when_behind`]).
-    pub nack_grace: Duration,
+    pub nack_grace: Option<Duration>,
 }
 
 /// Called with `true` when the node has refused the control plane's
@@ -92,7 +92,7 @@ pub struct Controlled<R: Role> {
     /// A version newer than the last-good copy that was refused before
     /// the node started, and when ([`REFUSED_FILE`]).
     refused_before: Option<(u64, Instant)>,
-    nack_grace: Duration,
+    nack_grace: Option<Duration>,
     on_behind: OnceLock<BehindHook>,
 }
 
@@ -190,9 +190,12 @@ impl<R: Role> Controlled<R> {
     /// over, unless a version applies first.
     fn behind_after_grace(self: &Arc<Self>, since: &mut Option<Instant>, at: Instant) {
         *since = Some(at);
+        let Some(grace) = self.nack_grace else {
+            return;
+        };
         let node = Arc::clone(self);
         tokio::spawn(async move {
-            tokio::time::sleep(node.nack_grace.saturating_sub(at.elapsed())).await;
+            tokio::time::sleep(grace.saturating_sub(at.elapsed())).await;
             // Still refusing since the same moment: behind.
             if *lock(&node.refused_since) == Some(at) {
                 if let Some(hook) = node.on_behind.get() {
@@ -672,9 +675,11 @@ pub struct SourceFlags {
     pub config_dir: Option<PathBuf>,
     /// With --control: how long a worker may refuse the control plane's
     /// newest config (a NACK) before it refuses the balancers' probes, so
-    /// that they take it out of rotation (e.g. 30s, 2m).
-    #[arg(long, requires = "control", default_value = "30s", value_parser = humantime::parse_duration)]
-    pub nack_grace: Duration,
+    /// that static backends leave their rotation (e.g. 30s, 2m); unset,
+    /// never (a version every worker refuses would take them all out; a
+    /// balancer's pool from the control plane needs no such flag).
+    #[arg(long, requires = "control", value_parser = humantime::parse_duration)]
+    pub nack_grace: Option<Duration>,
 }
 
 /// Where a node's config comes from.

@@ -135,14 +135,30 @@ impl<S: Store> ControlPlane<S> {
                 })
                 .collect(),
         };
+        let mut outs = Vec::with_capacity(nodes.len());
         for node in &mut nodes {
             node.lag = current.saturating_sub(node.applied_version);
             node.drained = drained.contains(&node.node_id);
+            let behind_since = applied_at.get(&(node.applied_version + 1)).copied();
+            outs.push(
+                is_worker(node)
+                    .then(|| rotation(node, current, behind_since, node.drained, now, grace))
+                    .flatten(),
+            );
+        }
+        // Being behind takes a worker out only while another serves the
+        // current version: a version that every worker refuses (a typo in
+        // a certificate path) must not take the whole pool out, when each
+        // still serves the one before (Envoy's panic threshold, at zero).
+        let in_step = nodes
+            .iter()
+            .zip(&outs)
+            .any(|(n, out)| is_worker(n) && out.is_none());
+        for (node, out) in nodes.iter_mut().zip(outs) {
             if !is_worker(node) {
                 continue;
             }
-            let behind_since = applied_at.get(&(node.applied_version + 1)).copied();
-            let out = rotation(node, current, behind_since, node.drained, now, grace);
+            let out = out.filter(|o| in_step || !matches!(o, Out::Nacked | Out::Lagging));
             node.in_rotation = out.is_none();
             node.out_reason = out.map(Out::as_str).unwrap_or_default().to_string();
         }
