@@ -25,6 +25,10 @@
 mod committer;
 mod index;
 mod record;
+#[cfg(test)]
+mod sim;
+#[cfg(test)]
+mod sim_tests;
 mod storage;
 #[cfg(test)]
 mod tests;
