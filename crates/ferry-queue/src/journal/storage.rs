@@ -88,12 +88,19 @@ impl Dir {
     /// here has its entry fsynced in its parent, so that a crash cannot
     /// take the spool away with the segments it held.
     pub fn create(path: &Path) -> io::Result<Self> {
-        let made: Vec<&Path> = path.ancestors().take_while(|p| !p.exists()).collect();
+        let made: Vec<&Path> = path
+            .ancestors()
+            .filter(|p| !p.as_os_str().is_empty())
+            .take_while(|p| !p.exists())
+            .collect();
         fs::create_dir_all(path)?;
         for dir in made {
-            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-                File::open(parent)?.sync_all()?;
-            }
+            // A relative path's first component lives in the working directory.
+            let parent = match dir.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            File::open(parent)?.sync_all()?;
         }
         Ok(Self::at(path))
     }
