@@ -8,24 +8,34 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-/// The `ferry` binary built for this test run.
+/// The `ferry` binary built from this tree. Unless cargo names it
+/// (`CARGO_BIN_EXE_ferry`), it is built here, once per test process, so
+/// that a test never runs a stale one left in `target/` (`cargo test -p
+/// ferry-tests` alone does not rebuild it; an up-to-date build costs a
+/// second).
 pub fn ferry_bin() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     if let Some(p) = option_env!("CARGO_BIN_EXE_ferry") {
         return PathBuf::from(p);
     }
-    // The tests package is not the binary's package: find it beside us.
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("ferry");
-    if !bin.exists() {
-        // Run alone (`cargo test -p ferry-tests`), nothing built it yet.
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "ferry", "--bin", "ferry"])
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "building the ferry binary failed");
-    }
-    bin
+    BUILT
+        .get_or_init(|| {
+            // The tests package is not the binary's package: it is beside us.
+            let exe = std::env::current_exe().unwrap();
+            let profile = exe.parent().unwrap().parent().unwrap();
+            let bin = profile.join("ferry");
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut build = Command::new(cargo);
+            build.args(["build", "-p", "ferry", "--bin", "ferry"]);
+            if profile.ends_with("release") {
+                build.arg("--release");
+            }
+            let status = build.status().expect("run cargo build");
+            assert!(status.success(), "building the ferry binary failed");
+            assert!(bin.exists(), "no {} after building it", bin.display());
+            bin
+        })
+        .clone()
 }
 
 /// A running Ferry node process (`ferry worker` or `ferry balancer`).

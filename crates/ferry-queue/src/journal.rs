@@ -26,18 +26,22 @@ mod committer;
 mod index;
 mod record;
 #[cfg(test)]
+mod sim;
+#[cfg(test)]
+mod sim_tests;
+mod storage;
+#[cfg(test)]
 mod tests;
 
-use std::fs::{self, File};
-use std::io::{self, Read, Seek, SeekFrom};
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::io::{self, Read};
+use std::path::Path;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use committer::{Committer, Effect, Job, Request};
 use index::Index;
 use record::{Record, HEADER, MAX_RECORD};
+use storage::{Dir, Reader, Storage};
 
 use crate::envelope::{QueueId, StoredEnvelope};
 use crate::state::DeliveryState;
@@ -76,7 +80,7 @@ impl SpooledMessage {
 }
 
 struct Shared {
-    dir: PathBuf,
+    storage: Arc<dyn Storage>,
     /// Every stored message's id, for delivery to pick up.
     arrivals: tokio::sync::mpsc::UnboundedSender<QueueId>,
     arrivals_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<QueueId>>>,
@@ -110,12 +114,8 @@ fn stopped() -> io::Error {
     io::Error::other("spool committer stopped")
 }
 
-fn segment_path(dir: &Path, n: u64) -> PathBuf {
-    dir.join(format!("{n:012}.seg"))
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
+fn segment_name(n: u64) -> String {
+    format!("{n:012}.seg")
 }
 
 /// A segment read back.
@@ -130,13 +130,15 @@ struct SegmentScan {
 
 /// Reads the records of one segment, up to the first that is torn or
 /// damaged.
-fn read_segment(path: &Path) -> io::Result<SegmentScan> {
-    let mut file = io::BufReader::with_capacity(1 << 20, File::open(path)?);
-    let size = file.get_ref().metadata()?.len();
+fn read_segment(storage: &dyn Storage, name: &str) -> io::Result<SegmentScan> {
+    let file = storage.open(name)?;
+    let size = file.len()?;
+    // A buffer of at most 1 MiB, no larger than the segment.
+    let buffer = usize::try_from(size).map_or(1 << 20, |s| s.clamp(HEADER, 1 << 20));
+    let mut file = io::BufReader::with_capacity(buffer, Reader::new(file));
     let mut records = Vec::new();
     let mut offset = 0u64;
     let mut head = [0u8; HEADER];
-    file.seek(SeekFrom::Start(0))?;
     loop {
         if offset + HEADER as u64 > size {
             break;
@@ -161,7 +163,7 @@ fn read_segment(path: &Path) -> io::Result<SegmentScan> {
         match record::decode(&payload, offset + HEADER as u64) {
             Some(r) => records.push((offset, end - offset, r)),
             None => tracing::error!(
-                segment = %path.display(),
+                segment = name,
                 offset,
                 "a spool record this version cannot read; skipped"
             ),
@@ -175,11 +177,12 @@ fn read_segment(path: &Path) -> io::Result<SegmentScan> {
     })
 }
 
-/// Segment numbers in `dir`, oldest first.
-fn segments(dir: &Path) -> io::Result<Vec<u64>> {
-    let mut found: Vec<u64> = fs::read_dir(dir)?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".seg")?.parse().ok())
+/// Segment numbers in the spool, oldest first.
+fn segments(storage: &dyn Storage) -> io::Result<Vec<u64>> {
+    let mut found: Vec<u64> = storage
+        .list()?
+        .iter()
+        .filter_map(|name| name.strip_suffix(".seg")?.parse().ok())
         .collect();
     found.sort_unstable();
     Ok(found)
@@ -188,35 +191,37 @@ fn segments(dir: &Path) -> io::Result<Vec<u64>> {
 /// Reads a spool without changing it (for tests and inspection): every
 /// live message with its envelope and body.
 pub fn scan(data_dir: &Path) -> io::Result<Vec<(QueueId, StoredEnvelope, Vec<u8>)>> {
-    let dir = data_dir.join("spool");
-    Index::replay(&dir, false)?
+    let storage = Dir::at(&data_dir.join("spool"));
+    Index::replay(&storage, false)?
         .messages
         .into_values()
-        .map(|m| Ok((m.id, m.envelope, read_body(&dir, &m.location)?)))
+        .map(|m| Ok((m.id, m.envelope, read_body(&storage, &m.location)?)))
         .collect()
 }
 
-fn read_body(dir: &Path, at: &Location) -> io::Result<Vec<u8>> {
+fn read_body(storage: &dyn Storage, at: &Location) -> io::Result<Vec<u8>> {
     let len = usize::try_from(at.len).map_err(io::Error::other)?;
     let mut body = vec![0u8; len];
-    File::open(segment_path(dir, at.segment))?.read_exact_at(&mut body, at.offset)?;
+    storage
+        .open(&segment_name(at.segment))?
+        .read_exact_at(&mut body, at.offset)?;
     Ok(body)
 }
 
 /// The delivery state of every live message (for tests and inspection),
 /// as a restart would read it back. Reads without changing the spool.
 pub fn scan_states(data_dir: &Path) -> io::Result<Vec<DeliveryState>> {
-    let index = Index::replay(&data_dir.join("spool"), false)?;
+    let index = Index::replay(&Dir::at(&data_dir.join("spool")), false)?;
     Ok(index.messages.into_values().map(|m| m.state).collect())
 }
 
 /// Bytes in the spool that are not whole, valid records (a torn write at
 /// the end, or damage); 0 for a clean spool. Reads without changing it.
 pub fn damaged_bytes(data_dir: &Path) -> io::Result<u64> {
-    let dir = data_dir.join("spool");
+    let storage = Dir::at(&data_dir.join("spool"));
     let mut bad = 0;
-    for n in segments(&dir)? {
-        let scan = read_segment(&segment_path(&dir, n))?;
+    for n in segments(&storage)? {
+        let scan = read_segment(&storage, &segment_name(n))?;
         bad += scan.size - scan.good_end;
     }
     Ok(bad)
@@ -238,20 +243,29 @@ impl Journal {
     /// # Errors
     /// As [`Journal::open`].
     pub fn open_with(data_dir: &Path, segment_size: u64) -> io::Result<Self> {
-        let dir = data_dir.join("spool");
-        fs::create_dir_all(&dir)?;
-        let index = Index::replay(&dir, true)?;
+        let storage = Dir::create(&data_dir.join("spool"))?;
+        Self::open_on(Arc::new(storage), segment_size)
+    }
+
+    /// `open_with`, on any storage (the tests' simulated disk).
+    fn open_on(storage: Arc<dyn Storage>, segment_size: u64) -> io::Result<Self> {
+        let index = Index::replay(&*storage, true)?;
         let current = index.current;
         let index = Arc::new(Mutex::new(index));
         let (tx, rx) = mpsc::channel();
         let (arrivals, arrivals_rx) = tokio::sync::mpsc::unbounded_channel();
-        let writer = Committer::open(&dir, current, segment_size, Arc::clone(&index))?;
+        let writer = Committer::open(
+            Arc::clone(&storage),
+            current,
+            segment_size,
+            Arc::clone(&index),
+        )?;
         let committer = std::thread::Builder::new()
             .name("ferry-spool-commit".into())
             .spawn(move || writer.run(rx))?;
         let journal = Self {
             shared: Arc::new(Shared {
-                dir,
+                storage,
                 arrivals,
                 arrivals_rx: Mutex::new(Some(arrivals_rx)),
                 index,
@@ -291,12 +305,12 @@ impl Journal {
             if let Some(now) = self.index().messages.get(&m.id) {
                 at = now.location;
             }
-            match read_body(&self.shared.dir, &at) {
+            match read_body(&*self.shared.storage, &at) {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 other => return other,
             }
         }
-        read_body(&self.shared.dir, &at)
+        read_body(&*self.shared.storage, &at)
     }
 
     /// Hands a record to the committer; resolves once it is durable and

@@ -4,15 +4,13 @@
 //! spool's housekeeping off the async runtime: compaction steps and the
 //! deletion of segments nothing needs any more.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::io;
 use std::sync::{mpsc, Arc, Mutex};
 
 use super::index::Index;
 use super::record::{self, HEADER, MAX_RECORD};
-use super::{lock, segment_path, sync_dir, Location, SpooledMessage};
+use super::storage::{Storage, StorageFile};
+use super::{lock, segment_name, Location, SpooledMessage};
 use crate::envelope::{QueueId, StoredEnvelope};
 use crate::state::DeliveryState;
 
@@ -59,9 +57,9 @@ pub(super) struct Request {
 
 /// Owns the segment being written.
 pub(super) struct Committer {
-    dir: PathBuf,
+    storage: Arc<dyn Storage>,
     number: u64,
-    file: File,
+    file: Box<dyn StorageFile>,
     size: u64,
     limit: u64,
     index: Arc<Mutex<Index>>,
@@ -71,13 +69,17 @@ pub(super) struct Committer {
 }
 
 impl Committer {
-    pub fn open(dir: &Path, number: u64, limit: u64, index: Arc<Mutex<Index>>) -> io::Result<Self> {
-        let path = segment_path(dir, number);
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
-        let size = file.metadata()?.len();
-        sync_dir(dir)?;
+    pub fn open(
+        storage: Arc<dyn Storage>,
+        number: u64,
+        limit: u64,
+        index: Arc<Mutex<Index>>,
+    ) -> io::Result<Self> {
+        let file = storage.open_append(&segment_name(number))?;
+        let size = file.len()?;
+        storage.sync_dir()?;
         Ok(Self {
-            dir: dir.to_path_buf(),
+            storage,
             number,
             file,
             size,
@@ -142,7 +144,7 @@ impl Committer {
         };
         if self.size >= self.limit {
             match Committer::open(
-                &self.dir,
+                Arc::clone(&self.storage),
                 self.number + 1,
                 self.limit,
                 Arc::clone(&self.index),
@@ -157,7 +159,7 @@ impl Committer {
         for req in batch.iter_mut() {
             match record::seal(&mut req.payload) {
                 Ok(()) if written.is_ok() => {
-                    written = self.file.write_all(&req.payload);
+                    written = self.file.append(&req.payload);
                     places.push(Ok((self.number, end)));
                     end += req.payload.len() as u64;
                 }
@@ -196,7 +198,7 @@ impl Committer {
         if self.unreadable == Some(segment) || segment >= self.number {
             return;
         }
-        let batch = match copies(&self.dir, segment, &plan) {
+        let batch = match copies(&*self.storage, segment, &plan) {
             Ok(batch) => batch,
             Err(e) => {
                 tracing::error!(segment, error = %e, "cannot read live messages back for compaction; the segment stays");
@@ -217,12 +219,16 @@ impl Committer {
     fn delete_retired_segments(&mut self) {
         let mut doomed = lock(&self.index).take_retired_segments().into_iter();
         while let Some((n, info)) = doomed.next() {
-            let path = segment_path(&self.dir, n);
-            match fs::remove_file(&path).and_then(|()| sync_dir(&self.dir)) {
+            let name = segment_name(n);
+            match self
+                .storage
+                .remove(&name)
+                .and_then(|()| self.storage.sync_dir())
+            {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => {
-                    tracing::warn!(segment = %path.display(), error = %e, "could not delete a retired segment; trying again later");
+                    tracing::warn!(segment = name, error = %e, "could not delete a retired segment; trying again later");
                     lock(&self.index).restore_segments(std::iter::once((n, info)).chain(doomed));
                     return;
                 }
@@ -275,8 +281,12 @@ fn apply(index: &mut Index, effect: Effect, segment: u64, at: u64, len: u64) {
 
 /// Reads the planned messages' records back from `segment` (checking
 /// their CRC) and makes each a `copy` record with its current state.
-fn copies(dir: &Path, segment: u64, plan: &[SpooledMessage]) -> io::Result<Vec<Request>> {
-    let file = File::open(segment_path(dir, segment))?;
+fn copies(
+    storage: &dyn Storage,
+    segment: u64,
+    plan: &[SpooledMessage],
+) -> io::Result<Vec<Request>> {
+    let file = storage.open(&segment_name(segment))?;
     let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
     let mut batch = Vec::with_capacity(plan.len());
     for m in plan {

@@ -4,12 +4,11 @@
 //! reach the disk, so the index always says what a restart would read.
 
 use std::collections::{BTreeMap, HashSet};
-use std::fs::OpenOptions;
 use std::io;
-use std::path::Path;
 
 use super::record::Record;
-use super::{read_segment, segment_path, segments, Location, SegmentScan, SpooledMessage};
+use super::storage::Storage;
+use super::{read_segment, segment_name, segments, Location, SegmentScan, SpooledMessage};
 use crate::envelope::QueueId;
 use crate::state::DeliveryState;
 
@@ -42,17 +41,17 @@ pub(super) struct Index {
 impl Index {
     /// Reads every segment back. With `repair`, a torn record at the end of
     /// the newest segment is cut off; without, nothing is changed.
-    pub fn replay(dir: &Path, repair: bool) -> io::Result<Self> {
+    pub fn replay(storage: &dyn Storage, repair: bool) -> io::Result<Self> {
         let mut index = Index::default();
-        let found = segments(dir)?;
+        let found = segments(storage)?;
         let newest = found.last().copied();
         for &n in &found {
-            let path = segment_path(dir, n);
+            let name = segment_name(n);
             let SegmentScan {
                 records,
                 good_end,
                 size,
-            } = match read_segment(&path) {
+            } = match read_segment(storage, &name) {
                 // Deleted since the listing by the journal that runs (an
                 // inspection while it works): it held nothing live.
                 Err(e) if e.kind() == io::ErrorKind::NotFound && !repair => continue,
@@ -61,14 +60,19 @@ impl Index {
             let mut kept = size;
             if good_end < size && repair {
                 if Some(n) == newest {
-                    tracing::warn!(segment = %path.display(), cut = size - good_end, "cutting a torn record (never acknowledged) off the spool's end");
-                    OpenOptions::new()
-                        .write(true)
-                        .open(&path)?
-                        .set_len(good_end)?;
+                    tracing::warn!(
+                        segment = name,
+                        cut = size - good_end,
+                        "cutting a torn record (never acknowledged) off the spool's end"
+                    );
+                    storage.open_append(&name)?.set_len(good_end)?;
                     kept = good_end;
                 } else {
-                    tracing::error!(segment = %path.display(), offset = good_end, "spool segment damaged; later records in it are skipped");
+                    tracing::error!(
+                        segment = name,
+                        offset = good_end,
+                        "spool segment damaged; later records in it are skipped"
+                    );
                 }
             }
             index.note_segment(n, kept);
