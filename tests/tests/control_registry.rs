@@ -4,8 +4,9 @@
 //! relies on: both workers join the balancer's pool on their own; `ferry
 //! ctl drain` sends every new client to the other worker, `undrain` brings
 //! it back; a worker that dies leaves the pool once the grace period has
-//! passed. Clients tell the workers apart by the host name in their EHLO
-//! reply.
+//! passed; a balancer restarted while the control plane is down still
+//! reaches the workers of the last pool it kept. Clients tell the
+//! workers apart by the host name in their EHLO reply.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::collections::BTreeSet;
@@ -279,4 +280,79 @@ async fn workers_join_the_balancer_from_the_registry_drain_moves_clients_and_a_d
     assert_eq!(status["w1"]["connected"], false, "{status:#}");
     assert_eq!(status["w1"]["out_reason"], "disconnected", "{status:#}");
     all_land_on(front, "w2", 5).await;
+}
+
+/// A balancer restarted while the control plane is down serves the last
+/// pool it kept: with no static backend, clients still reach the workers.
+#[tokio::test]
+async fn a_balancer_restarted_during_a_control_plane_outage_keeps_its_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&dir.path().join("pki"));
+    pki.issue("control", "control").issue("admin", "alice");
+    for id in ["w1", "w2", "b1"] {
+        pki.issue("node", id);
+    }
+    let store = format!("file:{}", dir.path().join("store").display());
+    let mut control = ControlProcess::start_with(
+        &store,
+        &pki,
+        &dir.path().join("control.log"),
+        &["--grace", "2s"],
+    );
+    let worker_port = free_port("127.0.0.11".parse().unwrap());
+    let balancer_port = free_port("127.0.0.1".parse().unwrap());
+    let file = dir.path().join("ferry.toml");
+    std::fs::write(&file, config(worker_port, balancer_port)).unwrap();
+    let (code, out, err) = control.ctl(&pki, "alice", &["apply", file.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let _w1 = worker(
+        &pki,
+        &control.url,
+        "w1",
+        "127.0.0.11",
+        &dir.path().join("w1"),
+    );
+    let _w2 = worker(
+        &pki,
+        &control.url,
+        "w2",
+        "127.0.0.12",
+        &dir.path().join("w2"),
+    );
+    let data = dir.path().join("b1");
+    let mut args = vec![
+        "--control".to_string(),
+        control.url.clone(),
+        "--listen".into(),
+        "127.0.0.1".into(),
+        "--data".into(),
+        data.display().to_string(),
+    ];
+    args.extend(node_flags(&pki, "b1"));
+    let mut balancer = WorkerProcess::start_args("balancer", &args, &data, "ready");
+    let front = SocketAddr::new("127.0.0.1".parse().unwrap(), balancer_port);
+    reaches_all(front, &["w1", "w2"]).await;
+
+    // The control plane goes away, then the balancer restarts: it serves
+    // its last-good config with the last pool it kept.
+    control.kill();
+    balancer.kill();
+    let balancer = WorkerProcess::start_args("balancer", &args, &data, "ready");
+    assert_eq!(balancer.smtp, [front]);
+    reaches_all(front, &["w1", "w2"]).await;
+    let both: BTreeSet<String> = ["w1", "w2"].map(String::from).into();
+    assert_eq!(backends(&balancer), both);
+    let log = std::fs::read_to_string(data.join("balancer.log")).unwrap();
+    assert!(log.contains("serving the last pool kept"), "{log}");
+
+    // A damaged copy is ignored: no worker, so every client gets 421.
+    drop(balancer);
+    std::fs::write(data.join("last-pool.json"), b"{\"workers\": [").unwrap();
+    let balancer = WorkerProcess::start_args("balancer", &args, &data, "ready");
+    assert!(backends(&balancer).is_empty());
+    let mut client = SmtpClient::connect_from(front, None).await.unwrap();
+    let greeting = client.reply().await;
+    assert!(greeting.starts_with("421 "), "{greeting}");
+    let log = std::fs::read_to_string(data.join("balancer.log")).unwrap();
+    assert!(log.contains("the last worker pool is damaged"), "{log}");
 }

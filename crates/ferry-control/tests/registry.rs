@@ -334,10 +334,9 @@ async fn a_worker_disconnected_past_the_grace_leaves_and_a_balancer_is_no_member
     assert_eq!(plane.status("w1").await.out_reason, "disconnected");
     // A balancer watching the pool is not in it.
     assert!(last.members.iter().all(|m| m.node_id == "w1"), "{last:?}");
-    assert!(
-        last.complete,
-        "the replica has run longer than the grace period"
-    );
+    // Listed out of rotation, it leaves even while the pool is still
+    // incomplete (the replica started less than a backoff cap ago).
+    assert!(!last.complete, "{last:?}");
     // Back: in again.
     let (mut w1, mut w1_stream) = worker(&plane, "w1", "127.0.0.11").await;
     let _ = (&mut w1, &mut w1_stream);
@@ -423,16 +422,11 @@ async fn a_pool_right_after_a_restart_is_incomplete() {
     let first = next(&mut pool).await;
     assert!(!first.complete, "{first:?}");
     assert!(first.members.is_empty(), "{first:?}");
-    // Once the grace period has passed, the pool says it is complete.
-    let start = Instant::now();
-    let mut pools = vec![];
-    while start.elapsed() < WAIT {
-        let p = next(&mut pool).await;
-        if p.complete {
-            assert!(start.elapsed() + Duration::from_millis(100) >= GRACE / 2);
-            return;
-        }
-        pools.push(p);
+    // Past the grace period it is still incomplete: a worker may be in
+    // its longest reconnect backoff (the window itself is unit-tested
+    // with a paused clock in `server::registry`).
+    match tokio::time::timeout(GRACE * 3, next(&mut pool)).await {
+        Err(_) => {}
+        Ok(p) => assert!(!p.complete, "{p:?}"),
     }
-    panic!("never complete: {pools:?}");
 }

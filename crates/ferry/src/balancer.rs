@@ -92,6 +92,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             tokio::spawn(node.subscriber().watch_pool(pool_tx));
             let listen = args.listen;
             let first_pools = pools.clone();
+            let pool_dir = data.clone();
             let made = crate::controlled::start(
                 &node,
                 listen,
@@ -100,7 +101,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 hangups,
                 async |snapshot| {
                     let pool = first_pools.borrow().clone();
-                    let (pooled, bound) = Pooled::start(snapshot, listen, pool.as_ref()).await?;
+                    let (pooled, bound) =
+                        Pooled::start(snapshot, listen, pool.as_ref(), &pool_dir).await?;
                     let balancer = Arc::clone(&pooled.balancer);
                     let ready = {
                         let b = Arc::clone(&balancer);

@@ -9,6 +9,7 @@ mod control;
 mod controlled;
 mod ctl;
 mod demo_certs;
+mod last_pool;
 mod node;
 mod pool;
 mod queue;

@@ -11,8 +11,14 @@
 //! good probes while one that leaves gets no new session (its open ones
 //! finish), as for any backend a reload adds or removes. One lock makes
 //! config and pool applies one at a time, each on the newest of the other.
+//!
+//! Each pool put in service is kept in the data directory
+//! ([`crate::last_pool`]); a balancer that starts before the control plane
+//! sends a pool serves the workers of that copy, so a restart during a
+//! control-plane outage does not leave it without workers.
 
 use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use ferry_balancer::Balancer;
@@ -27,12 +33,15 @@ pub struct Pooled {
     base: Mutex<Arc<Snapshot<BalancerConfig>>>,
     /// The pool's workers in service; the lock is held across each apply.
     members: tokio::sync::Mutex<Vec<Backend>>,
+    /// The data directory, where the pool in service is kept.
+    data: PathBuf,
 }
 
 impl Pooled {
     /// A balancer on `listen` serving `first` with the workers of `pool`
-    /// (if one came already): the first apply binds the listeners and
-    /// counts every worker up at once. Returns the bound addresses.
+    /// (if one came already), else those of the copy kept in `data`: the
+    /// first apply binds the listeners and counts every worker up at once.
+    /// Returns the bound addresses.
     ///
     /// # Errors
     /// When the first apply fails (a port cannot be bound).
@@ -40,9 +49,23 @@ impl Pooled {
         first: Snapshot<BalancerConfig>,
         listen: IpAddr,
         pool: Option<&Pool>,
+        data: &Path,
     ) -> anyhow::Result<(Arc<Self>, Vec<std::net::SocketAddr>)> {
         let first = Arc::new(first);
-        let members = pool.map(|p| members(p, &[])).unwrap_or_default();
+        let dir = data.to_path_buf();
+        let kept = tokio::task::spawn_blocking(move || crate::last_pool::load(&dir))
+            .await
+            .unwrap_or_default();
+        let members = match pool {
+            Some(p) => members(p, &kept),
+            None => {
+                if !kept.is_empty() {
+                    let names: Vec<&str> = kept.iter().map(|b| b.name.as_str()).collect();
+                    tracing::info!(workers = ?names, "no pool from the control plane yet; serving the last pool kept");
+                }
+                kept
+            }
+        };
         let composed = compose(&first, &members);
         let balancer = Balancer::new(Arc::clone(&composed), listen);
         let bound = balancer.apply(composed).await?.added;
@@ -50,7 +73,11 @@ impl Pooled {
             balancer,
             base: Mutex::new(first),
             members: tokio::sync::Mutex::new(members),
+            data: data.to_path_buf(),
         });
+        if pool.is_some() {
+            pooled.keep(&pooled.members.lock().await).await;
+        }
         Ok((pooled, bound))
     }
 
@@ -75,11 +102,20 @@ impl Pooled {
                     "the control plane's worker pool changed"
                 );
                 *current = next;
+                self.keep(&current).await;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot put the control plane's worker pool in service")
             }
         }
+    }
+
+    /// Keeps `members` in the data directory for the next start (called
+    /// with the members' lock held, so copies are written in order).
+    async fn keep(&self, members: &[Backend]) {
+        let dir = self.data.clone();
+        let members = members.to_vec();
+        let _ = tokio::task::spawn_blocking(move || crate::last_pool::store(&dir, &members)).await;
     }
 
     fn base(&self) -> Arc<Snapshot<BalancerConfig>> {

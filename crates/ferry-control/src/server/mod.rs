@@ -27,7 +27,9 @@ pub use registry::{rotation, Out, DEFAULT_GRACE, POOL_REFRESH};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
 
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -79,7 +81,8 @@ struct Shared<S> {
     /// the balancers' rotation.
     grace: Duration,
     /// When this replica started: a pool is complete only once every
-    /// worker has had the grace period to reconnect.
+    /// worker has had time to reconnect ([`registry::incomplete_for`]).
+    /// Tokio's clock, so tests can pause it.
     started: Instant,
     /// The newest pool, for the WatchPool streams.
     pool: tokio::sync::watch::Sender<Arc<Pool>>,

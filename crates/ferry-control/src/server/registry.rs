@@ -29,6 +29,7 @@ use std::time::{Duration, SystemTime};
 use super::{lock, version_of, ControlPlane, Shared};
 use crate::proto::{NodeRole, NodeStatus, Pool, PoolMember};
 use crate::store::{Store, StoreError};
+use crate::subscriber::backoff;
 
 /// The default grace period (`ferry control --grace`).
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
@@ -37,6 +38,18 @@ pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 /// on other replicas and grace periods running out are seen this late at
 /// most.
 pub const POOL_REFRESH: Duration = Duration::from_secs(1);
+
+/// How long after a replica starts its pool is marked incomplete (a
+/// balancer keeps the workers it does not list yet): the longer of the
+/// grace period and the longest a node can wait before it calls again.
+/// That wait is the reconnect backoff's cap with its jitter
+/// ([`backoff::MAX`] × (1 + [`backoff::JITTER`]), 144 s): the backoff
+/// clamps its sleep to the cap, so the jitter's share is the margin for
+/// the attempt itself (connect, TLS, the first report), bounded at 5 s
+/// by the subscriber's connect timeout.
+pub fn incomplete_for(grace: Duration) -> Duration {
+    grace.max(backoff::MAX.mul_f64(1.0 + backoff::JITTER))
+}
 
 /// Why a worker is out of rotation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -209,7 +222,7 @@ impl<S: Store> ControlPlane<S> {
             .collect();
         Ok(Pool {
             members,
-            complete: self.shared.started.elapsed() >= self.shared.grace,
+            complete: self.shared.started.elapsed() >= incomplete_for(self.shared.grace),
             current_version,
         })
     }
@@ -285,6 +298,30 @@ mod tests {
             last_seen: Some(last_seen.into()),
             ..NodeStatus::default()
         }
+    }
+
+    /// After a start the pool stays incomplete past the grace period,
+    /// for as long as a node in its longest backoff takes to call again.
+    #[tokio::test(start_paused = true)]
+    async fn a_started_pool_is_incomplete_until_every_node_had_its_longest_backoff() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(crate::file_store::FileStore::open(dir.path()).unwrap());
+        let plane = ControlPlane::with_grace(store, "test", Duration::from_secs(30));
+        assert_eq!(
+            incomplete_for(Duration::from_secs(30)),
+            Duration::from_secs(144)
+        );
+        assert!(!plane.pool().await.unwrap().complete);
+        // Past the grace period, a node may still be in a 120 s backoff.
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert!(!plane.pool().await.unwrap().complete);
+        tokio::time::advance(Duration::from_secs(112)).await;
+        assert!(!plane.pool().await.unwrap().complete);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(plane.pool().await.unwrap().complete);
+        // A grace period longer than any backoff wins.
+        let long = Duration::from_secs(600);
+        assert_eq!(incomplete_for(long), long);
     }
 
     #[test]

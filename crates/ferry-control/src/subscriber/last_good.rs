@@ -109,29 +109,42 @@ impl LastGood {
     /// # Errors
     /// [`LastGoodError::Io`].
     pub fn store(&self, dir: &Path) -> Result<(), LastGoodError> {
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| LastGoodError::Io { path, source }
-        };
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
-        let path = Self::path(dir);
-        let temp = dir.join(format!("{FILE}.tmp"));
-        let mut file = std::fs::File::create(&temp).map_err(io(&temp))?;
-        writeln!(
-            file,
-            "{HEADER} version={} sha256={} source={}",
+        let mut text = format!(
+            "{HEADER} version={} sha256={} source={}\n",
             self.version, self.sha256, self.source
         )
-        .and_then(|()| file.write_all(&self.config))
+        .into_bytes();
+        text.extend_from_slice(&self.config);
+        write_durably(dir, FILE, &text)
+    }
+}
+
+/// Writes `contents` to `name` in `dir` (created if missing), durably:
+/// temp file, `sync_data`, rename, fsync of the directory, so a crash at
+/// any point leaves the old file or the new one, whole (blocking). Other
+/// copies a node keeps in its data directory (a balancer's last pool) are
+/// written the same way.
+///
+/// # Errors
+/// [`LastGoodError::Io`].
+pub fn write_durably(dir: &Path, name: &str, contents: &[u8]) -> Result<(), LastGoodError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| LastGoodError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let path = dir.join(name);
+    let temp = dir.join(format!("{name}.tmp"));
+    let mut file = std::fs::File::create(&temp).map_err(io(&temp))?;
+    file.write_all(contents)
         .and_then(|()| file.sync_data())
         .map_err(io(&temp))?;
-        drop(file);
-        std::fs::rename(&temp, &path).map_err(io(&path))?;
-        // The rename is durable only once the directory is.
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(dir))
-    }
+    drop(file);
+    std::fs::rename(&temp, &path).map_err(io(&path))?;
+    // The rename is durable only once the directory is.
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))
 }
 
 #[cfg(test)]
