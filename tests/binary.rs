@@ -30,6 +30,24 @@ pub fn ferry_bin() -> PathBuf {
             if profile.ends_with("release") {
                 build.arg("--release");
             }
+            // The etcd tests run the binary with the etcd store.
+            if cfg!(feature = "etcd") {
+                build.args(["--features", "etcd"]);
+            }
+            // The variables cargo set for this test process (its package's
+            // name and folder) would look like a changed environment to
+            // the build scripts that watch them, and rebuild the binary's
+            // dependencies: build as from the shell.
+            for (key, _) in std::env::vars_os() {
+                let key = key.to_string_lossy();
+                let keep = matches!(
+                    key.as_ref(),
+                    "CARGO_HOME" | "CARGO_TARGET_DIR" | "CARGO_TERM_COLOR" | "CARGO_BUILD_JOBS"
+                );
+                if (key.starts_with("CARGO_") || key == "OUT_DIR") && !keep {
+                    build.env_remove(key.as_ref());
+                }
+            }
             let status = build.status().expect("run cargo build");
             assert!(status.success(), "building the ferry binary failed");
             assert!(bin.exists(), "no {} after building it", bin.display());

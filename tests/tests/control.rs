@@ -61,6 +61,51 @@ fn an_admin_applies_the_example_and_a_bad_key_is_refused_with_its_place() {
     assert!(err.contains("banner_colour"), "{err}");
     assert!(err.contains("INVALID_ARGUMENT"), "{err}");
 
+    // Hundreds of errors (the wrong file named): the first ones and how
+    // many more, in a reply that still fits its header.
+    let many = dir.path().join("many.toml");
+    let keys: String = (0..600).map(|i| format!("unknown_key_{i} = 1\n")).collect();
+    std::fs::write(&many, keys).unwrap();
+    let (code, _, err) = control.ctl(&pki, "alice", &["apply", many.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("INVALID_ARGUMENT") && err.contains(":1:1: "),
+        "{err}"
+    );
+    assert!(
+        err.contains(" more errors (`ferry config check FILE`"),
+        "{err}"
+    );
+
+    // Larger than the control plane takes: refused before it is sent.
+    let big = dir.path().join("big.toml");
+    std::fs::write(&big, vec![b'#'; 1024 * 1024 + 1]).unwrap();
+    let (code, _, err) = control.ctl(&pki, "alice", &["apply", big.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("larger than 1048576 octets"), "{err}");
+
+    // A message is one line: a newline would forge log and history lines.
+    let (code, _, err) = control.ctl(
+        &pki,
+        "alice",
+        &["apply", example.to_str().unwrap(), "-m", "fix\nINFO forged"],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("control characters"), "{err}");
+
+    // A node's certificate names no host: it cannot pass for the control
+    // plane.
+    let out = Command::new(ferry_bin())
+        .args(["cert", "issue", "--ca"])
+        .arg(dir.path().join("pki/ca"))
+        .args(["--role", "node", "evil", "--host", "127.0.0.1", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--host is for --role control"), "{err}");
+
     // A stale expected version: refused, exit 1.
     let (code, _, err) = control.ctl(
         &pki,

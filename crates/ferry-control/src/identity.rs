@@ -191,7 +191,7 @@ impl CertificateAuthority {
     /// A certificate for `identity`. A control-plane certificate is a
     /// server certificate for `hosts` (DNS names or IP addresses nodes and
     /// admins dial); node and admin certificates are client certificates
-    /// (a node's may also name hosts).
+    /// only, whatever hosts they name.
     ///
     /// # Errors
     /// [`IdentityError::Certificate`] for a bad host name or when signing
@@ -212,12 +212,13 @@ impl CertificateAuthority {
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
         ];
+        // Only a control certificate may serve: a node's or an admin's
+        // key, stolen or not, cannot pass for the control plane (a TLS
+        // client checks the server's extended key usage, RFC 5280
+        // 4.2.1.12).
         params.extended_key_usages = match identity {
             Identity::Control(_) => vec![ExtendedKeyUsagePurpose::ServerAuth],
-            _ => vec![
-                ExtendedKeyUsagePurpose::ClientAuth,
-                ExtendedKeyUsagePurpose::ServerAuth,
-            ],
+            _ => vec![ExtendedKeyUsagePurpose::ClientAuth],
         };
         params.use_authority_key_identifier_extension = true;
         let key = KeyPair::generate().map_err(cert_error)?;
@@ -258,6 +259,23 @@ mod tests {
             Identity::of_certificate(&rustls_pki_der(&issued.cert_pem)).unwrap(),
             Identity::Node("n".into())
         );
+    }
+
+    /// Only a control certificate may serve TLS: a stolen node or admin
+    /// key cannot pass for the control plane.
+    #[test]
+    fn only_a_control_certificate_is_a_server_certificate() {
+        let (ca, _) = CertificateAuthority::generate("Test CA").unwrap();
+        let usage = |identity: Identity| {
+            let issued = ca.issue(&identity, &["127.0.0.1".into()]).unwrap();
+            let der = rustls_pki_der(&issued.cert_pem);
+            let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+            let eku = cert.extended_key_usage().unwrap().unwrap().value.clone();
+            (eku.server_auth, eku.client_auth)
+        };
+        assert_eq!(usage(Identity::Control("cp".into())), (true, false));
+        assert_eq!(usage(Identity::Node("n".into())), (false, true));
+        assert_eq!(usage(Identity::Admin("a".into())), (false, true));
     }
 
     #[test]

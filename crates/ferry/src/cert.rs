@@ -139,6 +139,11 @@ pub fn issue(
         Identity::Admin(n) | Identity::Node(n) | Identity::Control(n) => n.clone(),
     };
     let mut hosts = hosts.to_vec();
+    if !matches!(identity, Identity::Control(_)) && !hosts.is_empty() {
+        anyhow::bail!(
+            "--host is for --role control: a node's or an admin's certificate is a client certificate and names no host"
+        );
+    }
     if matches!(identity, Identity::Control(_)) && hosts.is_empty() {
         hosts = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
     }

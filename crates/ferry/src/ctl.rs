@@ -15,6 +15,7 @@ use ferry_control::proto::{
     NodeStatus, NodesRequest, NodesResponse, RollbackRequest, SnapshotMeta,
 };
 use ferry_control::server::tls::{self, Pem};
+use ferry_control::MAX_CONFIG_OCTETS;
 use serde_json::{json, Value};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
@@ -175,9 +176,23 @@ async fn connect(target: &Target) -> Result<ConfigAdminClient<Channel>, Failure>
     let pem = Pem::read(&target.ca, &target.cert, &target.key).map_err(Failure::Failed)?;
     let mut errors = Vec::new();
     for url in &target.urls {
-        match tls::connect(url, &pem).await {
-            Ok(channel) => return Ok(ConfigAdminClient::new(channel)),
-            Err(e) => errors.push(format!("{url}: {}", chain(&e))),
+        // A control plane that accepts and never answers (stopped, hung)
+        // must not hold the admin: each connection and each call is
+        // bounded, and the next URL is tried.
+        let channel = match tls::endpoint(url, &pem) {
+            Ok(endpoint) => {
+                let endpoint = endpoint.timeout(CALL_TIMEOUT);
+                tokio::time::timeout(CONNECT_LIMIT, endpoint.connect()).await
+            }
+            Err(e) => Ok(Err(e)),
+        };
+        match channel {
+            Ok(Ok(channel)) => return Ok(ConfigAdminClient::new(channel)),
+            Ok(Err(e)) => errors.push(format!("{url}: {}", chain(&e))),
+            Err(_) => errors.push(format!(
+                "{url}: no TLS handshake within {} s",
+                CONNECT_LIMIT.as_secs()
+            )),
         }
     }
     Err(Failure::Failed(format!(
@@ -197,8 +212,28 @@ fn chain(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// The most a connection and its TLS handshake may take.
+const CONNECT_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+/// The most one call may take (etcd's own timeouts are 3 s).
+const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Reads a config file, refusing one larger than the control plane takes
+/// before reading it whole (the wrong file named, a binary).
 fn read(file: &Path) -> Result<Vec<u8>, Failure> {
-    std::fs::read(file).map_err(|e| Failure::Failed(format!("cannot read {}: {e}", file.display())))
+    use std::io::Read;
+    let cannot =
+        |e: std::io::Error| Failure::Failed(format!("cannot read {}: {e}", file.display()));
+    let mut bytes = Vec::new();
+    std::fs::File::open(file)
+        .and_then(|f| f.take(MAX_CONFIG_OCTETS as u64 + 1).read_to_end(&mut bytes))
+        .map_err(cannot)?;
+    if bytes.len() > MAX_CONFIG_OCTETS {
+        return Err(Failure::Refused(format!(
+            "(INVALID_ARGUMENT):\n  {} is larger than {MAX_CONFIG_OCTETS} octets, the most the control plane takes",
+            file.display()
+        )));
+    }
+    Ok(bytes)
 }
 
 async fn current_version(client: &mut ConfigAdminClient<Channel>) -> Result<u64, Failure> {

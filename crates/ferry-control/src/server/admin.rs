@@ -48,8 +48,13 @@ fn parse(name: &str, config: &[u8]) -> Result<ClusterConfig, Status> {
     ClusterConfig::parse(name, text, Path::new(".")).map_err(|e| invalid(name, &e))
 }
 
+/// The most of an error list a reply carries, in octets: the status
+/// message travels in an HTTP/2 header (`grpc-message`), and a header
+/// block over the peer's limit (16 KiB by default) breaks the call.
+const ERRORS_SHOWN_OCTETS: usize = 8 * 1024;
+
 /// INVALID_ARGUMENT with every error, `NAME:LINE:COLUMN: what`, one a
-/// line.
+/// line; past [`ERRORS_SHOWN_OCTETS`], the first ones and how many more.
 fn invalid(name: &str, e: &ConfigError) -> Status {
     let lines: Vec<String> = match e.errors() {
         [] => vec![format!("{name}: {e}")],
@@ -58,7 +63,38 @@ fn invalid(name: &str, e: &ConfigError) -> Status {
             .map(|l| format!("{name}:{}:{}: {}", l.line, l.column, l.message))
             .collect(),
     };
-    Status::invalid_argument(lines.join("\n"))
+    let mut shown = String::new();
+    for (i, line) in lines.iter().enumerate() {
+        if shown.len() + line.len() > ERRORS_SHOWN_OCTETS {
+            shown.push_str(&format!(
+                "... and {} more errors (`ferry config check FILE` lists them all)",
+                lines.len() - i
+            ));
+            break;
+        }
+        shown.push_str(line);
+        shown.push('\n');
+    }
+    Status::invalid_argument(shown.trim_end().to_string())
+}
+
+/// The longest change message kept, in characters.
+const MESSAGE_CHARS: usize = 1024;
+
+/// A change message is one line of text: a newline or another control
+/// character would forge lines in the log and in `ferry ctl history`.
+fn check_message(message: &str) -> Result<(), Status> {
+    if message.chars().any(char::is_control) {
+        return Err(Status::invalid_argument(
+            "the message may not hold control characters (a newline, a tab): keep it to one line",
+        ));
+    }
+    if message.chars().count() > MESSAGE_CHARS {
+        return Err(Status::invalid_argument(format!(
+            "the message is longer than {MESSAGE_CHARS} characters"
+        )));
+    }
+    Ok(())
 }
 
 /// A stored config, parsed to compare against. A stored version always
@@ -227,6 +263,7 @@ impl<S: Store> ConfigAdmin for ControlPlane<S> {
     ) -> Result<Response<ApplyResponse>, Status> {
         let author = admin(&request)?;
         let r = request.into_inner();
+        check_message(&r.message)?;
         let name = match r.name.is_empty() {
             true => UNNAMED.to_string(),
             false => r.name,
@@ -259,6 +296,7 @@ impl<S: Store> ConfigAdmin for ControlPlane<S> {
     ) -> Result<Response<ApplyResponse>, Status> {
         let author = admin(&request)?;
         let r = request.into_inner();
+        check_message(&r.message)?;
         let old = self.stored(r.to_version).await?;
         let message = match r.message.is_empty() {
             true => format!("rollback to version {}", r.to_version),
