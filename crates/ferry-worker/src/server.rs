@@ -89,6 +89,11 @@ impl Worker {
         self.listeners
             .reconcile(&ports, || {}, self.on_accept())
             .await?;
+        // Ready as soon as the ports accept, before `worker ready` is
+        // printed: `/readyz` must not say 503 to someone who read it.
+        self.core.check_space();
+        self.listening
+            .store(!self.core.shutting_down().is_cancelled(), Ordering::Relaxed);
         Ok(self.listeners.addresses().await)
     }
 
