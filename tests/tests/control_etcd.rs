@@ -316,13 +316,17 @@ async fn an_apply_through_a_is_served_through_b_and_a_dead_replica_s_worker_move
     s.applied(&b, port, "Three");
     greets(at(ip_a), "220 Three", AT_ONCE).await;
     greets(at(ip_b), "220 Three", AT_ONCE).await;
-    // wc keeps serving what it had; its entry, on A's etcd lease, goes
-    // when the lease expires (10 s): B lists the nodes it serves.
+    // wc keeps serving what it had. Its entry, on A's etcd lease, goes
+    // when the lease expires (10 s); B, which had seen it, lists it from
+    // then on as disconnected (for twice the grace period), so the
+    // balancers take it out of the pool once the grace period is over.
     assert_eq!(banner(at(ip_c)).await, "220 Two");
-    let moved = [row("wa", ip_a, 3), row("wb", ip_b, 3)];
+    let mut gone = row("wc", ip_c, 2);
+    gone.connected = "no".into();
+    let moved = [row("wa", ip_a, 3), row("wb", ip_b, 3), gone];
     let took = nodes_until(&s, &b, &moved, Duration::from_secs(15));
     eprintln!(
-        "B lists wa and wb alone {:?} after A died ({took:?} after the apply)",
+        "B lists wc as disconnected {:?} after A died ({took:?} after the apply)",
         killed.elapsed()
     );
     assert_eq!(banner(at(ip_c)).await, "220 Two");
