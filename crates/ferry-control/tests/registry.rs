@@ -3,112 +3,30 @@
 //! `WatchPool` streams it, with a short grace period.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use std::path::PathBuf;
-use std::sync::Arc;
+mod common;
+
 use std::time::{Duration, Instant};
 
-use ferry_control::file_store::FileStore;
-use ferry_control::identity::{CertificateAuthority, Identity};
+use common::{Plane, WAIT};
+use ferry_control::identity::Identity;
 use ferry_control::proto::config_admin_client::ConfigAdminClient;
 use ferry_control::proto::config_discovery_client::ConfigDiscoveryClient;
 use ferry_control::proto::{
     ApplyRequest, ConfigSnapshot, DrainRequest, NodeRole, NodeStatus, NodesRequest, Pool,
     PoolMember, ReportRequest, WatchPoolRequest, WatchRequest,
 };
-use ferry_control::server::tls::{self, Pem};
-use ferry_control::server::{self, ControlPlane};
+use ferry_control::server::tls;
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
 const EXAMPLE: &str = include_str!("../../../deploy/examples/ferry.toml");
 /// The grace period the control plane runs with here.
 const GRACE: Duration = Duration::from_secs(1);
-/// How long a test waits for something that should happen.
-const WAIT: Duration = Duration::from_secs(10);
-
-struct Plane {
-    url: String,
-    ca: CertificateAuthority,
-    store_dir: PathBuf,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    served: Option<tokio::task::JoinHandle<()>>,
-    _dir: tempfile::TempDir,
-}
 
 impl Plane {
-    async fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let (ca, _) = CertificateAuthority::generate("Test Cluster CA").unwrap();
-        let mut plane = Self {
-            url: String::new(),
-            ca,
-            store_dir: dir.path().join("store"),
-            stop: None,
-            served: None,
-            _dir: dir,
-        };
-        plane.serve().await;
-        plane
-    }
-
-    async fn serve(&mut self) {
-        let store = Arc::new(FileStore::open(&self.store_dir).unwrap());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        self.url = format!("https://{addr}");
-        let issued = self
-            .ca
-            .issue(&Identity::Control("cp".into()), &["127.0.0.1".into()])
-            .unwrap();
-        let pem = Pem {
-            ca: self.ca.cert_pem().to_string(),
-            cert: issued.cert_pem,
-            key: issued.key_pem,
-        };
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let plane = ControlPlane::with_grace(store, addr.to_string(), GRACE);
-        self.served = Some(tokio::spawn(async move {
-            server::serve(plane, listener, tls::server_config(&pem), async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-        }));
-        self.stop = Some(stop);
-    }
-
-    async fn restart(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(served) = self.served.take() {
-            tokio::time::timeout(WAIT, served).await.unwrap().unwrap();
-        }
-        self.serve().await;
-    }
-
-    fn pem(&self, identity: Identity) -> Pem {
-        let issued = self.ca.issue(&identity, &[]).unwrap();
-        Pem {
-            ca: self.ca.cert_pem().to_string(),
-            cert: issued.cert_pem,
-            key: issued.key_pem,
-        }
-    }
-
-    async fn admin(&self) -> ConfigAdminClient<Channel> {
-        let pem = self.pem(Identity::Admin("alice".into()));
-        ConfigAdminClient::new(tls::connect(&self.url, &pem).await.unwrap())
-    }
-
-    async fn node(&self, id: &str) -> ConfigDiscoveryClient<Channel> {
-        let pem = self.pem(Identity::Node(id.into()));
-        ConfigDiscoveryClient::new(tls::connect(&self.url, &pem).await.unwrap())
-    }
-
     /// Applies `config` on top of version `expected`.
     async fn apply(&self, expected: u64, config: &str) {
-        self.admin()
+        self.admin("alice")
             .await
             .apply(ApplyRequest {
                 expected_version: expected,
@@ -121,7 +39,12 @@ impl Plane {
     }
 
     async fn nodes(&self) -> Vec<NodeStatus> {
-        let r = self.admin().await.nodes(NodesRequest {}).await.unwrap();
+        let r = self
+            .admin("alice")
+            .await
+            .nodes(NodesRequest {})
+            .await
+            .unwrap();
         let r = r.into_inner();
         assert_eq!(r.grace_ms, 1000);
         r.nodes
@@ -229,7 +152,7 @@ fn edited(banner: &str) -> String {
 
 #[tokio::test]
 async fn a_worker_in_step_is_in_and_one_that_nacks_leaves_after_the_grace() {
-    let plane = Plane::start().await;
+    let plane = Plane::start(GRACE).await;
     plane.apply(0, EXAMPLE).await;
     let (mut w1, mut w1_stream) = worker(&plane, "w1", "127.0.0.11").await;
     assert_eq!(answer(&mut w1, &mut w1_stream, "w1", 0, "").await, 1);
@@ -273,7 +196,7 @@ async fn a_worker_in_step_is_in_and_one_that_nacks_leaves_after_the_grace() {
 /// or the balancers would have no worker at all.
 #[tokio::test]
 async fn a_version_every_worker_refuses_takes_none_out() {
-    let plane = Plane::start().await;
+    let plane = Plane::start(GRACE).await;
     plane.apply(0, EXAMPLE).await;
     let (mut w1, mut w1_stream) = worker(&plane, "w1", "127.0.0.11").await;
     assert_eq!(answer(&mut w1, &mut w1_stream, "w1", 0, "").await, 1);
@@ -316,7 +239,7 @@ async fn a_version_every_worker_refuses_takes_none_out() {
 
 #[tokio::test]
 async fn a_worker_disconnected_past_the_grace_leaves_and_a_balancer_is_no_member() {
-    let plane = Plane::start().await;
+    let plane = Plane::start(GRACE).await;
     plane.apply(0, EXAMPLE).await;
     let (mut w1, mut w1_stream) = worker(&plane, "w1", "127.0.0.11").await;
     answer(&mut w1, &mut w1_stream, "w1", 0, "").await;
@@ -345,7 +268,7 @@ async fn a_worker_disconnected_past_the_grace_leaves_and_a_balancer_is_no_member
 
 #[tokio::test]
 async fn drain_is_for_admins_takes_a_worker_out_and_outlives_a_restart() {
-    let mut plane = Plane::start().await;
+    let mut plane = Plane::start(GRACE).await;
     plane.apply(0, EXAMPLE).await;
     let (mut w1, mut w1_stream) = worker(&plane, "w1", "127.0.0.11").await;
     answer(&mut w1, &mut w1_stream, "w1", 0, "").await;
@@ -362,7 +285,7 @@ async fn drain_is_for_admins_takes_a_worker_out_and_outlives_a_restart() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
-    let mut admin = plane.admin().await;
+    let mut admin = plane.admin("alice").await;
     let unknown = admin
         .drain(DrainRequest {
             node_id: "w9".into(),
@@ -401,7 +324,7 @@ async fn drain_is_for_admins_takes_a_worker_out_and_outlives_a_restart() {
         (false, "drained")
     );
 
-    let mut admin = plane.admin().await;
+    let mut admin = plane.admin("alice").await;
     let undrained = admin
         .undrain(DrainRequest {
             node_id: "w1".into(),
@@ -417,7 +340,7 @@ async fn drain_is_for_admins_takes_a_worker_out_and_outlives_a_restart() {
 
 #[tokio::test]
 async fn a_pool_right_after_a_restart_is_incomplete() {
-    let plane = Plane::start().await;
+    let plane = Plane::start(GRACE).await;
     let mut pool = plane.pool("b1").await;
     let first = next(&mut pool).await;
     assert!(!first.complete, "{first:?}");

@@ -2,11 +2,11 @@
 //! with clients holding certificates from the cluster CA (or another).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use std::path::PathBuf;
-use std::sync::Arc;
+mod common;
+
 use std::time::Duration;
 
-use ferry_control::file_store::FileStore;
+use common::{Plane, WAIT};
 use ferry_control::identity::{CertificateAuthority, Identity};
 use ferry_control::proto::config_admin_client::ConfigAdminClient;
 use ferry_control::proto::config_discovery_client::ConfigDiscoveryClient;
@@ -14,102 +14,17 @@ use ferry_control::proto::{
     ApplyRequest, ApplyResponse, ConfigSnapshot, HistoryRequest, NodeRole, NodesRequest,
     ReportRequest, RollbackRequest, WatchRequest,
 };
-use ferry_control::server::tls::{self, Pem};
-use ferry_control::server::{self, ControlPlane};
+use ferry_control::server::tls::Pem;
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
 const EXAMPLE: &str = include_str!("../../../deploy/examples/ferry.toml");
-/// How long a test waits for something that should happen.
-const WAIT: Duration = Duration::from_secs(10);
 /// How long a test waits to see that nothing comes.
 const QUIET: Duration = Duration::from_millis(500);
 
-struct ControlPlaneUnderTest {
-    url: String,
-    ca: CertificateAuthority,
-    store_dir: PathBuf,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    served: Option<tokio::task::JoinHandle<()>>,
-    _dir: tempfile::TempDir,
-}
-
-impl ControlPlaneUnderTest {
-    async fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let (ca, _) = CertificateAuthority::generate("Test Cluster CA").unwrap();
-        let store_dir = dir.path().join("store");
-        let mut cp = Self {
-            url: String::new(),
-            ca,
-            store_dir,
-            stop: None,
-            served: None,
-            _dir: dir,
-        };
-        cp.serve().await;
-        cp
-    }
-
-    /// Serves the store directory (again, after a stop: a restart).
-    async fn serve(&mut self) {
-        let store = Arc::new(FileStore::open(&self.store_dir).unwrap());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        self.url = format!("https://{addr}");
-        let issued = self
-            .ca
-            .issue(&Identity::Control("cp".into()), &["127.0.0.1".into()])
-            .unwrap();
-        let pem = Pem {
-            ca: self.ca.cert_pem().to_string(),
-            cert: issued.cert_pem,
-            key: issued.key_pem,
-        };
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let plane = ControlPlane::new(store, addr.to_string());
-        self.served = Some(tokio::spawn(async move {
-            server::serve(plane, listener, tls::server_config(&pem), async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-        }));
-        self.stop = Some(stop);
-    }
-
-    async fn restart(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(served) = self.served.take() {
-            tokio::time::timeout(WAIT, served).await.unwrap().unwrap();
-        }
-        self.serve().await;
-    }
-
-    fn pem(&self, identity: Identity) -> Pem {
-        let issued = self.ca.issue(&identity, &[]).unwrap();
-        Pem {
-            ca: self.ca.cert_pem().to_string(),
-            cert: issued.cert_pem,
-            key: issued.key_pem,
-        }
-    }
-
-    async fn channel(&self, pem: &Pem) -> Result<Channel, tonic::transport::Error> {
-        tls::connect(&self.url, pem).await
-    }
-
-    async fn admin(&self, name: &str) -> ConfigAdminClient<Channel> {
-        let pem = self.pem(Identity::Admin(name.into()));
-        ConfigAdminClient::new(self.channel(&pem).await.unwrap())
-    }
-
-    async fn node(&self, id: &str) -> ConfigDiscoveryClient<Channel> {
-        let pem = self.pem(Identity::Node(id.into()));
-        ConfigDiscoveryClient::new(self.channel(&pem).await.unwrap())
-    }
+/// The control plane under test, with the default grace period.
+async fn start() -> Plane {
+    Plane::start(ferry_control::server::DEFAULT_GRACE).await
 }
 
 fn apply_request(expected: u64, config: &str) -> ApplyRequest {
@@ -209,7 +124,7 @@ async fn report(
 
 #[tokio::test]
 async fn an_invalid_config_is_refused_with_every_error_and_nothing_is_stored() {
-    let cp = ControlPlaneUnderTest::start().await;
+    let cp = start().await;
     let mut admin = cp.admin("alice").await;
     let bad = EXAMPLE.replacen("port = 2525", "port = 99999", 1).replacen(
         "name = \"Client Frontend\"",
@@ -243,7 +158,7 @@ async fn an_invalid_config_is_refused_with_every_error_and_nothing_is_stored() {
 
 #[tokio::test]
 async fn a_stale_version_and_an_emptying_change_are_refused() {
-    let cp = ControlPlaneUnderTest::start().await;
+    let cp = start().await;
     let mut admin = cp.admin("alice").await;
     assert_eq!(version(&apply(&mut admin, 0, EXAMPLE).await), 1);
     let second = apply(&mut admin, 1, &edited("Second")).await;
@@ -281,7 +196,7 @@ async fn a_stale_version_and_an_emptying_change_are_refused() {
 
 #[tokio::test]
 async fn rollback_is_a_new_version_and_history_survives_a_restart() {
-    let mut cp = ControlPlaneUnderTest::start().await;
+    let mut cp = start().await;
     let mut admin = cp.admin("alice").await;
     apply(&mut admin, 0, EXAMPLE).await;
     apply(&mut admin, 1, &edited("Second")).await;
@@ -335,7 +250,7 @@ async fn rollback_is_a_new_version_and_history_survives_a_restart() {
 
 #[tokio::test]
 async fn callers_are_who_their_certificate_says() {
-    let cp = ControlPlaneUnderTest::start().await;
+    let cp = start().await;
     // A node certificate cannot Apply.
     let node_pem = cp.pem(Identity::Node("w1".into()));
     let mut as_node = ConfigAdminClient::new(cp.channel(&node_pem).await.unwrap());
@@ -392,7 +307,7 @@ async fn callers_are_who_their_certificate_says() {
 }
 
 /// The TLS handshake refuses the certificate: no call gets through.
-async fn assert_refused(cp: &ControlPlaneUnderTest, pem: &Pem) {
+async fn assert_refused(cp: &Plane, pem: &Pem) {
     let outcome = match cp.channel(pem).await {
         Err(e) => Err(e.to_string()),
         Ok(channel) => ConfigAdminClient::new(channel)
@@ -406,7 +321,7 @@ async fn assert_refused(cp: &ControlPlaneUnderTest, pem: &Pem) {
 
 #[tokio::test]
 async fn watch_sends_what_a_node_lacks_and_only_that() {
-    let cp = ControlPlaneUnderTest::start().await;
+    let cp = start().await;
     let mut admin = cp.admin("alice").await;
     apply(&mut admin, 0, EXAMPLE).await;
     let mut w1 = cp.node("w1").await;
@@ -460,7 +375,7 @@ async fn watch_sends_what_a_node_lacks_and_only_that() {
 
 #[tokio::test]
 async fn a_nacked_version_is_not_resent_and_superseded_reports_are_ignored() {
-    let cp = ControlPlaneUnderTest::start().await;
+    let cp = start().await;
     let mut admin = cp.admin("alice").await;
     apply(&mut admin, 0, EXAMPLE).await;
     let mut w1 = cp.node("w1").await;
