@@ -246,3 +246,26 @@ pub fn spooled(data_dir: &Path) -> Vec<(serde_json::Value, Vec<u8>)> {
 pub fn spool_leftovers(data_dir: &Path) -> u64 {
     ferry_queue::journal::damaged_bytes(data_dir).unwrap()
 }
+
+/// The greeting at `addr` now, or "" when nothing answers.
+pub async fn banner(addr: SocketAddr) -> String {
+    match SmtpClient::connect_from(addr, None).await {
+        Ok(mut c) => c.reply().await,
+        Err(_) => String::new(),
+    }
+}
+
+/// Waits (bounded by `wait`) until `addr` greets with `want`; the time it
+/// took. Panics with the last greeting after `wait`.
+pub async fn greets(addr: SocketAddr, want: &str, wait: Duration) -> Duration {
+    let start = std::time::Instant::now();
+    let mut last = String::new();
+    while start.elapsed() < wait {
+        last = banner(addr).await;
+        if last == want {
+            return start.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{addr} greets {last:?}, not {want:?} after {wait:?}");
+}

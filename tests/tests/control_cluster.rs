@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use ferry_tests::binary::WorkerProcess;
 use ferry_tests::control_plane::{ControlProcess, Pki};
-use ferry_tests::{free_port, make_certificate, SmtpClient};
+use ferry_tests::{banner, free_port, greets, make_certificate, SmtpClient};
 
 /// The workers' addresses, in the order of their node IDs w1, w2.
 const WORKERS: [&str; 2] = ["127.0.0.11", "127.0.0.12"];
@@ -129,30 +129,6 @@ tls = {{ certificate = "certs/test.crt", key = "certs/test.key" }}
 banner = "Devices ready"
 "#
     )
-}
-
-/// The greeting at `addr` now, or "" when nothing answers.
-async fn greeting(addr: SocketAddr) -> String {
-    match SmtpClient::connect_from(addr, None).await {
-        Ok(mut c) => c.reply().await,
-        Err(_) => String::new(),
-    }
-}
-
-/// Waits (bounded by `wait`) until `addr` greets with `want`.
-async fn greets(addr: SocketAddr, want: &str, wait: Duration) {
-    let start = Instant::now();
-    loop {
-        let last = greeting(addr).await;
-        if last == want {
-            return;
-        }
-        assert!(
-            start.elapsed() < wait,
-            "{addr} greets {last:?}, not {want:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 /// Polls `check` every 50 ms until it holds; panics with `what` and the
@@ -351,8 +327,8 @@ async fn a_new_connector_is_served_by_every_worker_within_a_second() {
     let cl = Cluster::start(|p| config(p, "Relay ready", "")).await;
     let scanners = worker_port();
     for i in 0..WORKERS.len() {
-        assert_eq!(greeting(cl.at(i, cl.ports.relay)).await, "220 Relay ready");
-        assert_eq!(greeting(cl.at(i, scanners)).await, "", "nothing there yet");
+        assert_eq!(banner(cl.at(i, cl.ports.relay)).await, "220 Relay ready");
+        assert_eq!(banner(cl.at(i, scanners)).await, "", "nothing there yet");
     }
 
     let extra = connector("Scanners", scanners, "Scanners ready");
@@ -375,7 +351,7 @@ async fn a_new_connector_is_served_by_every_worker_within_a_second() {
             config["last_apply"]["changes"][0],
             "+ connector \"Scanners\""
         );
-        assert_eq!(greeting(cl.at(i, cl.ports.relay)).await, "220 Relay ready");
+        assert_eq!(banner(cl.at(i, cl.ports.relay)).await, "220 Relay ready");
     }
     assert_eq!(cl.through_balancer().await.1, "220 Relay ready");
 }
@@ -411,7 +387,7 @@ async fn an_invalid_change_is_refused_with_every_error_and_changes_nothing() {
     assert_eq!(cl.ctl(&["history"]).1, history);
     for i in 0..WORKERS.len() {
         assert_eq!(cl.serving(i), 1);
-        assert_eq!(greeting(cl.at(i, cl.ports.relay)).await, "220 Relay ready");
+        assert_eq!(banner(cl.at(i, cl.ports.relay)).await, "220 Relay ready");
     }
     assert_eq!(cl.balancer().status()["config"]["version"], 1);
     assert_eq!(cl.through_balancer().await.1, "220 Relay ready");
@@ -484,8 +460,8 @@ async fn a_worker_that_cannot_apply_a_change_nacks_keeps_serving_and_leaves_the_
         (done, nodes)
     });
     // w2 serves the version before.
-    assert_eq!(greeting(cl.at(1, cl.ports.relay)).await, "220 One ready");
-    assert_eq!(greeting(cl.at(1, devices)).await, "");
+    assert_eq!(banner(cl.at(1, cl.ports.relay)).await, "220 One ready");
+    assert_eq!(banner(cl.at(1, devices)).await, "");
     assert_eq!(cl.serving(1), 1);
 
     // Past the grace period the balancer takes w2 out of rotation (its
@@ -531,7 +507,7 @@ async fn a_worker_that_cannot_apply_a_change_nacks_keeps_serving_and_leaves_the_
         (b["up"] == false, b)
     });
     cl.workers[1] = cl.worker(1);
-    assert_eq!(greeting(cl.at(1, cl.ports.relay)).await, "220 One ready");
+    assert_eq!(banner(cl.at(1, cl.ports.relay)).await, "220 One ready");
     until("w2 subscribed again", WAIT, || {
         let (_, nodes) = cl.nodes();
         (nodes["w2"]["CONNECTED"] == "yes", nodes)
@@ -599,7 +575,7 @@ async fn the_cluster_serves_through_a_control_plane_outage_and_converges_without
         let c = cl.workers[0].status()["config"]["control_plane"].clone();
         (c["connected"] == false, c)
     });
-    assert_eq!(greeting(cl.at(0, cl.ports.relay)).await, "220 Two ready");
+    assert_eq!(banner(cl.at(0, cl.ports.relay)).await, "220 Two ready");
     assert_eq!(
         cl.through_balancer().await,
         ("w1.test".into(), "220 Two ready".into())
@@ -608,7 +584,7 @@ async fn the_cluster_serves_through_a_control_plane_outage_and_converges_without
     // w2 restarted while no control plane answers: its last-good copy,
     // version 1, at once.
     cl.workers[1] = cl.worker(1);
-    assert_eq!(greeting(cl.at(1, cl.ports.relay)).await, "220 One ready");
+    assert_eq!(banner(cl.at(1, cl.ports.relay)).await, "220 One ready");
     assert_eq!(cl.serving(1), 1);
     let log = std::fs::read_to_string(cl.data(1).join("worker.log")).unwrap();
     assert!(
@@ -664,7 +640,7 @@ async fn a_stale_change_is_refused_rollback_is_served_and_history_survives_a_res
     let (current, _) = cl.nodes();
     assert_eq!(current, v2);
     for i in 0..WORKERS.len() {
-        assert_eq!(greeting(cl.at(i, cl.ports.relay)).await, "220 Two ready");
+        assert_eq!(banner(cl.at(i, cl.ports.relay)).await, "220 Two ready");
     }
 
     let (code, out, err) = cl.ctl(&["rollback", "1"]);

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use ferry_tests::binary::{http, WorkerProcess};
 use ferry_tests::control_plane::{ControlProcess, Pki};
 use ferry_tests::etcd::Cluster;
-use ferry_tests::{free_port, SmtpClient};
+use ferry_tests::{banner, free_port, greets};
 
 /// How long a worker may take to reconnect to another replica: the
 /// backoff after a failed attempt or two (1 s, 1.6 s, +20 %) and the
@@ -65,29 +65,6 @@ fn port_free_on(ips: &[IpAddr]) -> u16 {
         }
     }
     panic!("no port free on all of {ips:?}");
-}
-
-/// The greeting at `addr` now, or "" when nothing answers.
-async fn banner(addr: SocketAddr) -> String {
-    match SmtpClient::connect_from(addr, None).await {
-        Ok(mut c) => c.reply().await,
-        Err(_) => String::new(),
-    }
-}
-
-/// Waits (bounded by `wait`) until `addr` greets with `want`; the time it
-/// took.
-async fn greets(addr: SocketAddr, want: &str, wait: Duration) -> Duration {
-    let start = Instant::now();
-    let mut last = String::new();
-    while start.elapsed() < wait {
-        last = banner(addr).await;
-        if last == want {
-            return start.elapsed();
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("{addr} greets {last:?}, not {want:?} after {wait:?}");
 }
 
 /// The test's world: the etcd cluster, the certificates, and files.

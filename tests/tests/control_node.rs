@@ -87,25 +87,13 @@ fn worker(pki: &Pki, urls: &[String], id: &str, data: &Path, word: &str) -> Work
 
 /// The greeting at `port` now, or "" when nothing listens.
 async fn banner(port: u16) -> String {
-    match SmtpClient::connect_from(addr(port), None).await {
-        Ok(mut c) => c.reply().await,
-        Err(_) => String::new(),
-    }
+    ferry_tests::banner(addr(port)).await
 }
 
 /// Waits (bounded by `wait`) until `port` greets with `want`; the time
 /// it took.
 async fn greets(port: u16, want: &str, wait: Duration) -> Duration {
-    let start = Instant::now();
-    let mut last = String::new();
-    while start.elapsed() < wait {
-        last = banner(port).await;
-        if last == want {
-            return start.elapsed();
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("port {port} greets {last:?}, not {want:?}");
+    ferry_tests::greets(addr(port), want, wait).await
 }
 
 fn config_status(w: &WorkerProcess) -> Value {
