@@ -26,13 +26,32 @@ use ferry_config::{Backend, BalancerConfig, ClusterConfig};
 use ferry_control::proto::Pool;
 use ferry_node::{ApplyError, Reconciled, Role, Snapshot};
 
+/// What the pool puts in service: its workers in rotation, and those it
+/// lists out of rotation (drained, behind, gone), which leave even when
+/// the config also lists them as static backends.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct InService {
+    members: Vec<Backend>,
+    out: Vec<Backend>,
+}
+
+impl InService {
+    fn of(pool: &Pool, had: &[Backend]) -> Self {
+        Self {
+            members: members(pool, had),
+            out: out_of_rotation(pool),
+        }
+    }
+}
+
 /// The balancer with the pool's workers added to its config.
 pub struct Pooled {
     pub balancer: Arc<Balancer>,
     /// The config's snapshot in service, without the pool's workers.
     base: Mutex<Arc<Snapshot<BalancerConfig>>>,
-    /// The pool's workers in service; the lock is held across each apply.
-    members: tokio::sync::Mutex<Vec<Backend>>,
+    /// The pool's workers in service and those it lists out of
+    /// rotation; the lock is held across each apply.
+    members: tokio::sync::Mutex<InService>,
     /// The data directory, where the pool in service is kept.
     data: PathBuf,
 }
@@ -57,13 +76,16 @@ impl Pooled {
             .await
             .unwrap_or_default();
         let members = match pool {
-            Some(p) => members(p, &kept),
+            Some(p) => InService::of(p, &kept),
             None => {
                 if !kept.is_empty() {
                     let names: Vec<&str> = kept.iter().map(|b| b.name.as_str()).collect();
                     tracing::info!(workers = ?names, "no pool from the control plane yet; serving the last pool kept");
                 }
-                kept
+                InService {
+                    members: kept,
+                    out: Vec::new(),
+                }
             }
         };
         let composed = compose(&first, &members);
@@ -76,7 +98,7 @@ impl Pooled {
             data: data.to_path_buf(),
         });
         if pool.is_some() {
-            pooled.keep(&pooled.members.lock().await).await;
+            pooled.keep(&pooled.members.lock().await.members).await;
         }
         Ok((pooled, bound))
     }
@@ -87,11 +109,11 @@ impl Pooled {
     /// nothing.
     pub async fn set_pool(&self, pool: &Pool) {
         let mut current = self.members.lock().await;
-        let next = members(pool, &current);
+        let next = InService::of(pool, &current.members);
         if next == *current {
             return;
         }
-        let names = |m: &[Backend]| m.iter().map(|b| b.name.clone()).collect::<Vec<_>>();
+        let names = |m: &InService| m.members.iter().map(|b| b.name.clone()).collect::<Vec<_>>();
         let base = Arc::clone(&self.base());
         match self.balancer.apply(compose(&base, &next)).await {
             Ok(_) => {
@@ -102,7 +124,7 @@ impl Pooled {
                     "the control plane's worker pool changed"
                 );
                 *current = next;
-                self.keep(&current).await;
+                self.keep(&current.members).await;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot put the control plane's worker pool in service")
@@ -174,6 +196,22 @@ fn members(pool: &Pool, had: &[Backend]) -> Vec<Backend> {
     out
 }
 
+/// The workers `pool` lists out of rotation (drained, behind, gone), by
+/// name and address.
+fn out_of_rotation(pool: &Pool) -> Vec<Backend> {
+    pool.members
+        .iter()
+        .filter(|m| !m.in_rotation)
+        .filter_map(|m| {
+            Some(Backend {
+                name: m.node_id.clone(),
+                address: address(&m.smtp_address)?,
+                weight: 1,
+            })
+        })
+        .collect()
+}
+
 /// A worker's SMTP address as it subscribed: an IP address (with a port,
 /// which is ignored: each listener names its backend port). An
 /// unspecified address cannot be dialled.
@@ -185,19 +223,27 @@ fn address(text: &str) -> Option<IpAddr> {
     (!ip.is_unspecified()).then_some(ip.to_canonical())
 }
 
-/// `base` with `members` added after its static backends. A member whose
-/// name or address a static backend has already is left out (the
-/// config's entry wins), as is one of another IP family than the
-/// balancer's `source`.
+/// `base` with the pool's workers added after its static backends. A
+/// static backend the pool lists out of rotation (by name or address)
+/// leaves: a drain or a lagging worker applies to every balancer, static
+/// list or not. A member whose name or address a static backend has
+/// already is left out (the config's entry wins), as is one of another IP
+/// family than the balancer's `source`.
 fn compose(
     base: &Arc<Snapshot<BalancerConfig>>,
-    members: &[Backend],
+    pool: &InService,
 ) -> Arc<Snapshot<BalancerConfig>> {
-    if members.is_empty() {
+    if pool.members.is_empty() && pool.out.is_empty() {
         return Arc::clone(base);
     }
     let mut material = base.material.clone();
-    for m in members {
+    let out = |b: &Backend| {
+        pool.out
+            .iter()
+            .any(|o| o.name == b.name || o.address == b.address)
+    };
+    material.backends.retain(|b| !out(b));
+    for m in &pool.members {
         let taken = material
             .backends
             .iter()
@@ -242,6 +288,46 @@ mod tests {
 
     fn names(backends: &[Backend]) -> Vec<&str> {
         backends.iter().map(|b| b.name.as_str()).collect()
+    }
+
+    /// The demo's workers are static backends and pool members at once:
+    /// a drain (or a worker left behind) must take them out all the same.
+    #[test]
+    fn a_static_backend_the_pool_lists_out_of_rotation_leaves() {
+        const EXAMPLE: &str = include_str!("../../../deploy/examples/ferry.toml");
+        let config = ClusterConfig::parse("ferry.toml", EXAMPLE, Path::new(".")).unwrap();
+        let material = Balancer::prepare(&config).unwrap();
+        let statics: Vec<(String, IpAddr)> = material
+            .backends
+            .iter()
+            .map(|b| (b.name.clone(), b.address))
+            .collect();
+        assert!(statics.len() >= 2, "{statics:?}");
+        let base = Arc::new(Snapshot {
+            version: 1,
+            sha256: String::new(),
+            source: ferry_node::Source::File("ferry.toml".into()),
+            loaded_at: std::time::SystemTime::now(),
+            config: Arc::new(config),
+            material,
+        });
+        let (drained, address) = &statics[0];
+        let pool = Pool {
+            members: vec![member(drained, &address.to_string(), false)],
+            complete: true,
+            current_version: 1,
+        };
+        let composed = compose(&base, &InService::of(&pool, &[]));
+        let left: Vec<&str> = names(&composed.material.backends);
+        assert!(!left.contains(&drained.as_str()), "{left:?}");
+        assert_eq!(left.len(), statics.len() - 1, "{left:?}");
+        // Back in rotation: the static entry serves again.
+        let undrained = Pool {
+            members: vec![member(drained, &address.to_string(), true)],
+            ..pool
+        };
+        let composed = compose(&base, &InService::of(&undrained, &[]));
+        assert_eq!(composed.material.backends.len(), statics.len());
     }
 
     #[test]
