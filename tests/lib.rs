@@ -128,21 +128,46 @@ impl SmtpClient {
 
     /// STARTTLS, then a TLS handshake trusting `ca_pem`, for `localhost`.
     pub async fn starttls(&mut self, ca_pem: &[u8]) -> Result<String, String> {
+        self.starttls_offering(ca_pem, rustls::DEFAULT_VERSIONS)
+            .await
+    }
+
+    /// [`SmtpClient::starttls`] from a client that offers only the TLS
+    /// `versions` given (`&[&rustls::version::TLS12]`: an older device).
+    /// `Err` holds a reply other than `220`, or the handshake's error.
+    pub async fn starttls_offering(
+        &mut self,
+        ca_pem: &[u8],
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> Result<String, String> {
         let reply = self.cmd("STARTTLS").await;
         if !reply.starts_with("220") {
             return Err(reply);
         }
+        self.handshake(ca_pem, versions).await?;
+        Ok(reply)
+    }
+
+    /// The TLS handshake alone (the `220` to STARTTLS already read),
+    /// offering the TLS `versions` given, trusting `ca_pem`, for
+    /// `localhost`; `Err` holds the handshake's error.
+    pub async fn handshake(
+        &mut self,
+        ca_pem: &[u8],
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> Result<(), String> {
         let Conn::Plain(tcp) = std::mem::replace(&mut self.conn, Conn::Gone) else {
             return Err("already TLS".into());
         };
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(ca_pem)));
+        let config = client_config_offering(ca_pem, versions);
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
         let name = ServerName::try_from("localhost").unwrap();
         let tls = connector
             .connect(name, tcp)
             .await
             .map_err(|e| e.to_string())?;
         self.conn = Conn::Tls(Box::new(tls));
-        Ok(reply)
+        Ok(())
     }
 
     /// Is the connection TLS 1.3 (or 1.2)?
@@ -191,12 +216,21 @@ pub fn missing_command(what: &str, hint: &str) -> Option<String> {
 
 /// A rustls client config trusting only `ca_pem`.
 pub fn client_config(ca_pem: &[u8]) -> rustls::ClientConfig {
+    client_config_offering(ca_pem, rustls::DEFAULT_VERSIONS)
+}
+
+/// A rustls client config trusting only `ca_pem` that offers only the TLS
+/// `versions` given.
+pub fn client_config_offering(
+    ca_pem: &[u8],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> rustls::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem) {
         roots.add(cert.unwrap()).unwrap();
     }
     rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth()
