@@ -112,6 +112,25 @@ impl SmtpClient {
         self.reply().await
     }
 
+    /// One transaction: `MAIL FROM:<from>` and `RCPT TO:<to>` (each must
+    /// get its `250`), `DATA` (`354`), `body` and the final dot; returns
+    /// the reply to the end of data.
+    pub async fn send_mail(&mut self, from: &str, to: &str, body: &[u8]) -> String {
+        assert_eq!(
+            self.cmd(&format!("MAIL FROM:<{from}>")).await,
+            "250 2.1.0 Sender OK"
+        );
+        assert_eq!(
+            self.cmd(&format!("RCPT TO:<{to}>")).await,
+            "250 2.1.5 Recipient OK"
+        );
+        let data = self.cmd("DATA").await;
+        assert!(data.starts_with("354"), "{data}");
+        self.send(body).await.expect("send");
+        self.send(b".\r\n").await.expect("send");
+        self.reply().await
+    }
+
     /// True once the server has closed the connection (reads return 0).
     pub async fn is_closed(&mut self) -> bool {
         let result = tokio::time::timeout(REPLY_WAIT, async {

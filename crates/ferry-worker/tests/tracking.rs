@@ -25,17 +25,6 @@ fn to_the_sink(sink: &SmtpSink) -> String {
     )
 }
 
-/// A connector with AUTH in clear for one client (as a balancer names it).
-const BASIC_AUTH: &str = r#"
-[[connectors]]
-name = "Basic Auth"
-port = FRONT
-remote_ranges = ["192.0.2.46/32"]
-permissions = ["users"]
-auth = ["basic_auth"]
-banner = "Basic Auth ready"
-"#;
-
 /// The queue id in a `250` to the end of data.
 fn queue_id(reply: &str) -> String {
     reply
@@ -278,6 +267,17 @@ async fn received_names_the_proxied_client_the_protocol_and_the_queue_id_of_the_
         .await;
         let id = queue_id(&reply);
         c.cmd("QUIT").await;
+
+        // The tracking log names the user of an authenticated session only.
+        h.worker.flush_logs().await;
+        let log = tracking(&h.data());
+        let received = events(&log, "received", &id);
+        assert_eq!(received.len(), 1, "{protocol}");
+        assert_eq!(received[0]["client_ip"], client);
+        match auth {
+            Auth::Plain => assert_eq!(received[0]["user"], "scanner"),
+            Auth::None => assert!(received[0].get("user").is_none(), "{}", received[0]),
+        }
 
         let got = sent_to(&sink, &rcpt).await;
         let text = String::from_utf8(got.data).unwrap();

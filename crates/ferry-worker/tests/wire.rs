@@ -20,7 +20,7 @@ const LIMITS: &str = r#"{ max_connections_per_source = 2, max_header_size = "1KB
 
 /// Connectors on the shared front port for one client address each (a
 /// /32 beats the Default Frontend's /0): a capped one with a short
-/// session, one that refuses TLS 1.2, one with AUTH in clear.
+/// session, one that refuses TLS 1.2 (and the harness's [`BASIC_AUTH`]).
 const EXTRA: &str = r#"
 [[connectors]]
 name = "Capped"
@@ -38,22 +38,13 @@ permissions = ["anonymous"]
 auth = ["tls"]
 tls = { certificate = "test.crt", key = "test.key", min_version = "1.3" }
 banner = "TLS 1.3 Only ready"
-
-[[connectors]]
-name = "Basic Auth"
-port = FRONT
-remote_ranges = ["127.0.0.70/32"]
-permissions = ["users"]
-auth = ["basic_auth"]
-banner = "Basic Auth ready"
-limits = { tarpit = "0s" }
 "#;
 
 /// A worker with the harness's connectors and [`EXTRA`]'s (applied as
 /// version 2), and `more` config appended.
 async fn start(more: &str) -> Harness {
     let h = Harness::start_with(LIMITS, more, None).await;
-    h.apply_more(EXTRA).await;
+    h.apply_more(&format!("{EXTRA}{BASIC_AUTH}")).await;
     h
 }
 

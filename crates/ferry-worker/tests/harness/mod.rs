@@ -331,13 +331,19 @@ pub async fn eventually(mut ready: impl FnMut() -> bool) -> bool {
 
 /// A full transaction; returns the reply to the end of data.
 pub async fn send_message(c: &mut SmtpClient, from: &str, to: &str, body: &str) -> String {
-    assert!(c
-        .cmd(&format!("MAIL FROM:<{from}>"))
-        .await
-        .starts_with("250"));
-    assert!(c.cmd(&format!("RCPT TO:<{to}>")).await.starts_with("250"));
-    assert!(c.cmd("DATA").await.starts_with("354"));
-    c.send(body.as_bytes()).await.unwrap();
-    c.send(b".\r\n").await.unwrap();
-    c.reply().await
+    c.send_mail(from, to, body.as_bytes()).await
 }
+
+/// A connector on the shared front port (`FRONT`, for
+/// [`Harness::apply_more`]) with AUTH in clear, for 127.0.0.70 and for
+/// 192.0.2.46 (as a balancer names it).
+pub const BASIC_AUTH: &str = r#"
+[[connectors]]
+name = "Basic Auth"
+port = FRONT
+remote_ranges = ["127.0.0.70/32", "192.0.2.46/32"]
+permissions = ["users"]
+auth = ["basic_auth"]
+banner = "Basic Auth ready"
+limits = { tarpit = "0s" }
+"#;
