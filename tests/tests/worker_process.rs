@@ -489,13 +489,16 @@ async fn queue_administration_through_the_admin_endpoint() {
     assert!(out.is_ok(), "the queue did not empty");
     // The bounce of the first is delivered and nothing else is queued: the
     // deleted second got none.
-    let bounces: Vec<String> = std::fs::read_dir(dir.path().join("mailbox"))
+    let bounced: Vec<String> = std::fs::read_dir(dir.path().join("mailbox"))
         .unwrap()
-        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
-        .filter(|t| t.contains("Undeliverable"))
+        .filter_map(|e| std::fs::read_to_string(e.unwrap().path()).ok())
+        .filter_map(|t| {
+            t.lines()
+                .find(|l| l.starts_with("Subject: Undeliverable"))
+                .map(String::from)
+        })
         .collect();
-    assert_eq!(bounces.len(), 1, "{bounces:?}");
-    assert!(!bounces[0].contains("Subject: second"), "{}", bounces[0]);
+    assert_eq!(bounced, ["Subject: Undeliverable: first"]);
     // The delete is in the tracking log, with the recipient it dropped.
     let deleted = tokio::time::timeout(Duration::from_secs(20), async {
         loop {

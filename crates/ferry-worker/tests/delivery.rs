@@ -31,11 +31,18 @@ path = "mailbox"
     )
 }
 
+/// A sink on loopback, and a worker whose route to sink.test leads there
+/// with `tls`, and `delivery` as its `[delivery]` settings.
+async fn worker_and_sink(tls: &str, delivery: &str) -> (SmtpSink, Harness) {
+    let sink = SmtpSink::start().await;
+    let extra = routes(&format!("\"{}\"", sink.addr), tls, delivery);
+    let h = Harness::start_with("{}", &extra, None).await;
+    (sink, h)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_delivered_one_retried_one_bounced() {
-    let sink = SmtpSink::start().await;
-    let extra = routes(&format!("\"{}\"", sink.addr), "none", "");
-    let h = Harness::start_with("{}", &extra, None).await;
+    let (sink, h) = worker_and_sink("none", "").await;
     relay(&h, &["ok@sink.test", "temp@sink.test", "perm@sink.test"]).await;
 
     // The next hop got one copy, for the one recipient it accepted, with
@@ -109,9 +116,7 @@ async fn next_hop_failover() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_required_is_never_sent_in_clear() {
-    let sink = SmtpSink::start().await;
-    let extra = routes(&format!("\"{}\"", sink.addr), "required", "");
-    let h = Harness::start_with("{}", &extra, None).await;
+    let (sink, h) = worker_and_sink("required", "").await;
     relay(&h, &["ok@sink.test"]).await;
     let states = wait_for_state(&h, "deferred").await.to_string();
     assert!(
@@ -283,13 +288,7 @@ dns_servers = ["{}"]
 /// sessions are closed with QUIT a few seconds after their last message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_per_hop_are_capped_and_idle_ones_closed() {
-    let sink = SmtpSink::start().await;
-    let extra = routes(
-        &format!("\"{}\"", sink.addr),
-        "none",
-        "max_connections_per_hop = 2",
-    );
-    let h = Harness::start_with("{}", &extra, None).await;
+    let (sink, h) = worker_and_sink("none", "max_connections_per_hop = 2").await;
     // Each delivery takes 300 ms at the hop, so eight queued messages
     // would open eight sessions without the cap.
     for _ in 0..8 {
@@ -308,10 +307,8 @@ async fn sessions_per_hop_are_capped_and_idle_ones_closed() {
 /// sender gets a bounce with `552 5.3.4`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_over_the_hops_size_is_bounced_unsent() {
-    let sink = SmtpSink::start().await;
+    let (sink, h) = worker_and_sink("none", "").await;
     sink.limit_size(100);
-    let extra = routes(&format!("\"{}\"", sink.addr), "none", "");
-    let h = Harness::start_with("{}", &extra, None).await;
     relay(&h, &["ok@sink.test"]).await;
     let bounces = wait_for_eml(&h.data().join("mailbox"), "Undeliverable").await;
     assert_eq!(bounces.len(), 1);
@@ -374,13 +371,7 @@ async fn directory_files_carry_the_queue_id_and_the_original_client() {
 /// and the sender's bounce says `Status: 4.4.7` with the last error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recipient_deferred_past_bounce_after_expires_with_4_4_7() {
-    let sink = SmtpSink::start().await;
-    let extra = routes(
-        &format!("\"{}\"", sink.addr),
-        "none",
-        "retry_interval = \"1s\"\nbounce_after = \"1s\"",
-    );
-    let h = Harness::start_with("{}", &extra, None).await;
+    let (sink, h) = worker_and_sink("none", "retry_interval = \"1s\"\nbounce_after = \"1s\"").await;
     let id = relay_from(&h, "app@example.test", &["temp@sink.test"]).await;
     let bounces = wait_for_eml(&h.data().join("mailbox"), "Undeliverable").await;
     assert_eq!(bounces.len(), 1, "{:?}", spool_states(&h.data()));
@@ -409,13 +400,11 @@ async fn a_recipient_deferred_past_bounce_after_expires_with_4_4_7() {
 /// delay notice (RFC 5321 §4.5.5: no report about a report).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_is_reported_to_the_null_sender() {
-    let sink = SmtpSink::start().await;
-    let extra = routes(
-        &format!("\"{}\"", sink.addr),
+    let (sink, h) = worker_and_sink(
         "none",
         "retry_interval = \"1s\"\ndelay_notice_after = \"1s\"",
-    );
-    let h = Harness::start_with("{}", &extra, None).await;
+    )
+    .await;
     let id = relay_from(&h, "", &["perm@sink.test", "temp@sink.test"]).await;
     // Three attempts: a bounce would be queued by the first, a delay
     // notice by the second (over a second old by then); both before the

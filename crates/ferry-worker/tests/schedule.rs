@@ -18,7 +18,6 @@ use ferry_worker::delivery::QueueAdmin;
 use harness::*;
 use serde_json::Value;
 
-const WAIT: Duration = Duration::from_secs(30);
 const MESSAGES: usize = 10;
 
 /// What happens to message `i`: retries only, or retries and bounces, or
@@ -89,38 +88,10 @@ async fn admin(api: &QueueAdmin, method: &str, path: &str) -> (u16, Value) {
     (status, serde_json::from_str(&body).unwrap())
 }
 
-/// Tracking events, as JSON, from every file of the tracking log.
-fn tracking(data: &Path) -> Vec<Value> {
-    let Ok(dir) = std::fs::read_dir(data.join("logs").join("tracking")) else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| std::fs::read_to_string(e.unwrap().path()).ok())
-        .flat_map(|t| {
-            t.lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect::<Vec<Value>>()
-        })
-        .collect()
-}
-
 fn events<'a>(all: &'a [Value], event: &str, recipient: &str) -> Vec<&'a Value> {
     all.iter()
         .filter(|e| e["event"] == event && e["recipients"].to_string().contains(recipient))
         .collect()
-}
-
-/// Polls (bounded) until `ready` holds; returns whether it did.
-async fn eventually(mut ready: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if ready() {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Bounce notices in the mailbox folder naming `recipient`.

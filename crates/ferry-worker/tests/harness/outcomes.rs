@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::Harness;
 
 /// How long a test waits for delivery to do something.
-pub const WAIT: Duration = Duration::from_secs(20);
+pub const WAIT: Duration = Duration::from_secs(30);
 
 /// Sends one message through the Anon Relay connector (may relay
 /// anywhere), from `app@example.test`.
