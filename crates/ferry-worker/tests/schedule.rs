@@ -18,7 +18,6 @@ use ferry_worker::delivery::QueueAdmin;
 use harness::*;
 use serde_json::Value;
 
-const WAIT: Duration = Duration::from_secs(30);
 const MESSAGES: usize = 10;
 
 /// What happens to message `i`: retries only, or retries and bounces, or

@@ -19,6 +19,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_client::Verify;
 use ferry_config::{ClusterConfig, NextHop, Route, RouteAction, TlsPolicy};
 use ferry_queue::dsn::{self, Report, ReportKind, ReportedRecipient};
 use ferry_queue::{
@@ -340,9 +341,14 @@ impl Deliverer {
                 next_hops,
                 tls,
                 verify_certificates,
+                ca_file,
                 auth,
             } => {
-                let settings = self.hop_settings(config, *tls, *verify_certificates, auth.as_ref());
+                let trust = (*verify_certificates, ca_file.as_deref());
+                let settings = match self.hop_settings(config, *tls, trust, auth.as_ref()) {
+                    Ok(s) => s,
+                    Err(reply) => return deferred_locally(recipients, reply),
+                };
                 let targets: Vec<Target<'_>> = next_hops
                     .iter()
                     .map(|hop| Target { hop, address: None })
@@ -354,8 +360,13 @@ impl Deliverer {
                 port,
                 tls,
                 verify_certificates,
+                ca_file,
             } => {
-                let settings = self.hop_settings(config, *tls, *verify_certificates, None);
+                let trust = (*verify_certificates, ca_file.as_deref());
+                let settings = match self.hop_settings(config, *tls, trust, None) {
+                    Ok(s) => s,
+                    Err(reply) => return deferred_locally(recipients, reply),
+                };
                 let mut results = Vec::new();
                 for (domain, recipients) in by_domain(recipients) {
                     if stop.is_cancelled() {
@@ -423,21 +434,33 @@ impl Deliverer {
         }
     }
 
+    /// How to talk to a route's hops. `trust`: whether certificates are
+    /// verified, and against which CA file (the web PKI's roots without
+    /// one). The file was checked when the config was loaded; one gone or
+    /// spoiled since is a local problem: `Err` with the reply that defers.
     fn hop_settings<'a>(
         &'a self,
         config: &ClusterConfig,
         tls: TlsPolicy,
-        verify_certificates: bool,
+        trust: (bool, Option<&'a std::path::Path>),
         auth: Option<&'a (String, String)>,
-    ) -> client::HopSettings<'a> {
-        client::HopSettings {
+    ) -> Result<client::HopSettings<'a>, String> {
+        let verify = match trust {
+            (false, _) => Verify::Off,
+            (true, None) => Verify::WebPki,
+            (true, Some(path)) => {
+                Verify::ca_file(path).map_err(|e| format!("451 4.3.0 ca_file {e}"))?
+            }
+        };
+        Ok(client::HopSettings {
             helo: &self.core.options.hostname,
             tls,
-            verify_certificates,
+            verify,
+            ca_file: trust.1,
             auth,
             connect_timeout: config.delivery.connect_timeout,
             command_timeout: config.delivery.command_timeout,
-        }
+        })
     }
 
     /// One transaction with the first of `targets` that answers; the next
@@ -730,6 +753,13 @@ fn reported(
             }
         })
         .collect()
+}
+
+/// Each of `recipients` deferred for a local problem (`reply`), logged.
+fn deferred_locally(recipients: &[Mailbox], reply: String) -> Vec<(Mailbox, RecipientState)> {
+    counter!(metric::DELIVERY_ATTEMPTS, "result" => "deferred").increment(1);
+    warn!(%reply, "cannot set up delivery on this route; deferred");
+    each(recipients, RecipientState::Deferred { reply })
 }
 
 /// The same state for each of `recipients`.

@@ -15,8 +15,12 @@ use ferry_queue::Journal;
 use ferry_worker::{Deliverer, Worker, WorkerOptions, WorkerSnapshot};
 use tokio::net::TcpListener;
 
+mod outcomes;
+
 #[allow(unused_imports)]
 pub use ferry_tests::{plain, spool_leftovers, spooled, SmtpClient};
+#[allow(unused_imports)]
+pub use outcomes::*;
 
 pub const PASSWORD: &str = "s3cret";
 /// The one peer allowed to send PROXY headers (a balancer).
