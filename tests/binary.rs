@@ -253,6 +253,62 @@ impl WorkerProcess {
         metric(&self.admin, name_and_labels)
     }
 
+    /// A balancer's `GET /backends` entry for the worker `name` (behind
+    /// its first listener).
+    pub fn backend(&self, name: &str) -> serde_json::Value {
+        let (status, body) = self.admin_call("GET", "/backends");
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["backend"] == name)
+            .unwrap_or_else(|| panic!("no backend {name} in {body}"))
+            .clone()
+    }
+
+    /// Waits (bounded by `wait`) until a balancer's view of the worker
+    /// `name` satisfies `want`; how long that took.
+    pub fn wait_backend(
+        &self,
+        name: &str,
+        wait: Duration,
+        want: impl Fn(&serde_json::Value) -> bool,
+    ) -> Duration {
+        let started = std::time::Instant::now();
+        loop {
+            let b = self.backend(name);
+            if want(&b) {
+                return started.elapsed();
+            }
+            assert!(started.elapsed() < wait, "after {wait:?}: {b}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits (bounded by `wait`) until the sample `name_and_labels` on
+    /// `/metrics` satisfies `want` (`None`: absent); its value then.
+    pub fn wait_metric(
+        &self,
+        name_and_labels: &str,
+        wait: Duration,
+        want: impl Fn(Option<f64>) -> bool,
+    ) -> Option<f64> {
+        let started = std::time::Instant::now();
+        loop {
+            let value = self.metric(name_and_labels);
+            if want(value) {
+                return value;
+            }
+            assert!(
+                started.elapsed() < wait,
+                "{name_and_labels} is {value:?} after {wait:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// The process's resident memory (VmRSS), in KiB.
     pub fn resident_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
