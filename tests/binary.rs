@@ -164,6 +164,18 @@ impl WorkerProcess {
     /// `ROLE WORD`: `ready`, or `waiting` for a node started with
     /// `--control` and nothing to serve yet.
     pub fn start_args(role: &str, args: &[String], logs: &Path, word: &str) -> Self {
+        Self::start_args_env(role, args, &[], logs, word)
+    }
+
+    /// [`WorkerProcess::start_args`] with `env` added to its environment
+    /// (`TZ`, `RUST_LOG`).
+    pub fn start_args_env(
+        role: &str,
+        args: &[String],
+        env: &[(&str, &str)],
+        logs: &Path,
+        word: &str,
+    ) -> Self {
         std::fs::create_dir_all(logs).unwrap();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -174,6 +186,7 @@ impl WorkerProcess {
         let child = Command::new(ferry_bin())
             .arg(role)
             .args(args)
+            .envs(env.iter().copied())
             .args(["--admin", "127.0.0.1:0", "--admin-token-file"])
             .arg(&token_file)
             .stdout(Stdio::piped())
