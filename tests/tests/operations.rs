@@ -208,7 +208,7 @@ async fn json_logs_carry_the_session_span_and_log_files_are_named_by_utc_date() 
         .chain(["127.0.0.1".into(), "--data".into()])
         .chain([data.display().to_string()])
         .collect();
-    let w = WorkerProcess::start_args_env("worker", &args, &[("TZ", tz)], &data, "ready");
+    let _worker = WorkerProcess::start_args_env("worker", &args, &[("TZ", tz)], &data, "ready");
     let days_before = utc("%Y%m%d");
 
     // A client at 192.0.2.7, by way of a trusted proxy (127.0.0.1).
