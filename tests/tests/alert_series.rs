@@ -446,15 +446,7 @@ path = "mail"
         assert_eq!(code, 0, "{out}{err}");
     };
     apply(&good);
-    let mut args = vec![
-        "--control".to_string(),
-        control.url.clone(),
-        "--listen".into(),
-        "127.0.0.1".into(),
-        "--data".into(),
-        data.display().to_string(),
-    ];
-    args.extend(pki.node_flags("w1"));
+    let args = pki.subscribed(&control.url, "w1", "127.0.0.1", &data);
     let _w = WorkerProcess::start_args("worker", &args, &data, "ready");
     // Before any refusal the series is there, at 0.
     let nacked = r#"ferry_control_nodes{state="nacked"}"#;
