@@ -6,6 +6,7 @@
 //! in-process tests use the client from here too.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+pub mod backend;
 pub mod binary;
 pub mod control;
 pub mod control_plane;

@@ -23,6 +23,8 @@
 //! winning.
 
 mod committer;
+#[cfg(test)]
+mod group_commit_tests;
 mod index;
 mod record;
 #[cfg(test)]

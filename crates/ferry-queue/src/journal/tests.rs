@@ -38,7 +38,7 @@ fn segments_in(spool: &Path) -> io::Result<Vec<u64>> {
     segments(&Dir::at(spool))
 }
 
-fn envelope(n: usize) -> StoredEnvelope {
+pub(super) fn envelope(n: usize) -> StoredEnvelope {
     envelope_to(n, &["b@y.test"])
 }
 
