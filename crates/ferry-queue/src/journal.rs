@@ -141,8 +141,6 @@ fn segment_name(n: u64) -> String {
 
 /// A segment read back.
 struct SegmentScan {
-    /// Each whole record with its offset and length.
-    records: Vec<(u64, u64, Record)>,
     /// Where the last whole record ends.
     good_end: u64,
     /// The file's size.
@@ -150,14 +148,20 @@ struct SegmentScan {
 }
 
 /// Reads the records of one segment, up to the first that is torn or
-/// damaged.
-fn read_segment(storage: &dyn Storage, name: &str) -> io::Result<SegmentScan> {
+/// damaged, handing each whole one to `each` with its offset and length
+/// as it is read: a segment's records (decoded envelopes and states) are
+/// never all held at once, which would leave a restarted worker's heap
+/// with tens of megabytes it no longer uses.
+fn read_segment(
+    storage: &dyn Storage,
+    name: &str,
+    mut each: impl FnMut(u64, u64, Record),
+) -> io::Result<SegmentScan> {
     let file = storage.open(name)?;
     let size = file.len()?;
     // A buffer of at most 1 MiB, no larger than the segment.
     let buffer = usize::try_from(size).map_or(1 << 20, |s| s.clamp(HEADER, 1 << 20));
     let mut file = io::BufReader::with_capacity(buffer, Reader::new(file));
-    let mut records = Vec::new();
     let mut offset = 0u64;
     let mut head = [0u8; HEADER];
     loop {
@@ -182,7 +186,7 @@ fn read_segment(storage: &dyn Storage, name: &str) -> io::Result<SegmentScan> {
         // skip it, loudly, rather than take it for a torn tail and cut
         // every acknowledged record after it.
         match record::decode(&payload, offset + HEADER as u64) {
-            Some(r) => records.push((offset, end - offset, r)),
+            Some(r) => each(offset, end - offset, r),
             None => tracing::error!(
                 segment = name,
                 offset,
@@ -192,7 +196,6 @@ fn read_segment(storage: &dyn Storage, name: &str) -> io::Result<SegmentScan> {
         offset = end;
     }
     Ok(SegmentScan {
-        records,
         good_end: offset,
         size,
     })
@@ -249,7 +252,7 @@ pub fn damaged_bytes(data_dir: &Path) -> io::Result<u64> {
     let storage = Dir::at(&data_dir.join("spool"));
     let mut bad = 0;
     for n in segments(&storage)? {
-        let scan = read_segment(&storage, &segment_name(n))?;
+        let scan = read_segment(&storage, &segment_name(n), |_, _, _| {})?;
         bad += scan.size - scan.good_end;
     }
     Ok(bad)

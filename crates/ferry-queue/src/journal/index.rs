@@ -103,16 +103,13 @@ impl Index {
         let newest = found.last().copied();
         for &n in &found {
             let name = segment_name(n);
-            let SegmentScan {
-                records,
-                good_end,
-                size,
-            } = match read_segment(storage, &name) {
-                // Deleted since the listing by the journal that runs (an
-                // inspection while it works): it held nothing live.
-                Err(e) if e.kind() == io::ErrorKind::NotFound && !repair => continue,
-                other => other?,
-            };
+            let SegmentScan { good_end, size } =
+                match read_segment(storage, &name, |at, len, r| index.apply(n, at, len, r)) {
+                    // Deleted since the listing by the journal that runs (an
+                    // inspection while it works): it held nothing live.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound && !repair => continue,
+                    other => other?,
+                };
             let mut kept = size;
             if good_end < size && repair {
                 if Some(n) == newest {
@@ -132,9 +129,6 @@ impl Index {
                 }
             }
             index.note_segment(n, kept);
-            for (at, len, r) in records {
-                index.apply(n, at, len, r);
-            }
         }
         index.current = newest.unwrap_or(0);
         index.segments.entry(index.current).or_default();
