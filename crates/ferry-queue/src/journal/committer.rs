@@ -7,26 +7,23 @@
 use std::io;
 use std::sync::{mpsc, Arc, Mutex};
 
-use super::index::Index;
+use super::index::{self, Entry, Index, Schedule};
 use super::record::{self, HEADER, MAX_RECORD};
 use super::storage::{Storage, StorageFile};
-use super::{lock, segment_name, Location, SpooledMessage};
-use crate::envelope::{QueueId, StoredEnvelope};
+use super::{lock, lookup, segment_name, Location};
+use crate::envelope::QueueId;
 use crate::state::DeliveryState;
 
-/// What a record does to the index once it is durable. (Made once per
-/// record and moved twice: the size of `Store` costs nothing.)
-#[allow(clippy::large_enum_variant)]
+/// What a record does to the index once it is durable.
 pub(super) enum Effect {
     /// A new message; its body starts `body_at` bytes into the record.
     Store {
         id: QueueId,
-        envelope: StoredEnvelope,
-        state: DeliveryState,
         body_at: u64,
         body_len: u64,
     },
-    State(QueueId, DeliveryState),
+    /// A message's new delivery state (what of it the index keeps).
+    State(QueueId, Schedule),
     Retire(QueueId),
     /// A compaction copy of a live message.
     Moved {
@@ -242,25 +239,23 @@ fn apply(index: &mut Index, effect: Effect, segment: u64, at: u64, len: u64) {
     match effect {
         Effect::Store {
             id,
-            envelope,
-            state,
             body_at,
             body_len,
         } => {
-            index.insert(SpooledMessage {
-                id,
-                envelope,
-                state,
-                location: Location {
-                    segment,
-                    record: at,
-                    record_len: len,
-                    offset: at + body_at,
-                    len: body_len,
-                },
-            });
+            let location = Location {
+                segment,
+                record: at,
+                record_len: len,
+                offset: at + body_at,
+                len: body_len,
+            };
+            index.insert(id, location, Schedule::default());
         }
-        Effect::State(id, state) => index.set_state(&id, state),
+        Effect::State(id, schedule) => {
+            if let Some(state) = index::state_at(segment, at, len) {
+                index.set_state(&id, state, schedule);
+            }
+        }
         Effect::Retire(id) => index.remove(&id),
         Effect::Moved {
             id,
@@ -280,16 +275,17 @@ fn apply(index: &mut Index, effect: Effect, segment: u64, at: u64, len: u64) {
 }
 
 /// Reads the planned messages' records back from `segment` (checking
-/// their CRC) and makes each a `copy` record with its current state.
+/// their CRC) and makes each a `copy` record with its current state (read
+/// from its latest `state` record, if it has one since its record).
 fn copies(
     storage: &dyn Storage,
     segment: u64,
-    plan: &[SpooledMessage],
+    plan: &[(QueueId, Entry)],
 ) -> io::Result<Vec<Request>> {
     let file = storage.open(&segment_name(segment))?;
     let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
     let mut batch = Vec::with_capacity(plan.len());
-    for m in plan {
+    for (id, m) in plan {
         let len = usize::try_from(m.location.record_len).map_err(io::Error::other)?;
         if len < HEADER || len - HEADER > MAX_RECORD as usize {
             return Err(bad("record length out of range"));
@@ -302,16 +298,28 @@ fn copies(
             _ => return Err(bad("record changed on disk")),
         }
         let parts = record::message_parts(payload).ok_or_else(|| bad("not a message"))?;
-        if parts.id != m.id {
+        if parts.id != *id {
             return Err(bad("record of another message"));
         }
-        let payload = record::encode_copy(&m.id, parts.envelope, &m.state, parts.body)?;
+        let payload = match (m.state, parts.state) {
+            (Some(at), _) => {
+                let state = lookup::read_state(storage, id, &at)?;
+                record::encode_copy(id, parts.envelope, &state, parts.body)?
+            }
+            (None, Some(json)) => {
+                let state: DeliveryState = serde_json::from_slice(json)
+                    .map_err(|e| bad(&format!("delivery state: {e}")))?;
+                record::encode_copy(id, parts.envelope, &state, parts.body)?
+            }
+            // Never tried: copied as it was stored.
+            (None, None) => record::encode_message_json(id, parts.envelope, parts.body)?,
+        };
         let body_len = parts.body.len() as u64;
         let body_at = payload.len() as u64 - body_len;
         batch.push(Request {
             payload,
             effect: Effect::Moved {
-                id: m.id.clone(),
+                id: id.clone(),
                 body_at,
                 body_len,
             },

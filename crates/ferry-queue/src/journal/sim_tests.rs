@@ -319,7 +319,7 @@ fn run_round(
 
 /// What the journal holds, read through it.
 fn spooled(j: &Journal) -> io::Result<Spooled> {
-    j.messages()
+    j.messages()?
         .into_iter()
         .map(|m| {
             let body = j.body(&m)?;

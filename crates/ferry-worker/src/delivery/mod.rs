@@ -86,8 +86,8 @@ impl Deliverer {
             warn!("a delivery agent already runs on this spool");
             return;
         };
-        for m in self.journal.messages() {
-            self.schedule.insert(m.id, m.state.next_attempt);
+        for (id, at) in self.journal.due_times() {
+            self.schedule.insert(id, at);
         }
         self.remove_directory_leftovers().await;
         let mut gauges_at = tokio::time::Instant::now();
@@ -163,27 +163,37 @@ impl Deliverer {
         }
     }
 
-    /// Messages by state and the oldest one's age.
+    /// Messages by state and the oldest one's age: counts from the
+    /// spool's index, the age from the oldest message's envelope (one
+    /// small read).
     fn queue_gauges(&self, now: i64) {
-        let messages = self.journal.messages();
-        let deferred = messages.iter().filter(|m| m.state.attempts > 0).count();
-        let oldest = messages
-            .iter()
-            .map(|m| m.envelope.received_at)
-            .min()
-            .unwrap_or(now);
+        let counts = self.journal.counts();
+        let oldest = match counts.oldest.map(|id| self.journal.message(&id)) {
+            Some(Ok(Some(m))) => m.envelope.received_at,
+            // Gone meanwhile, or unreadable (the attempt says so).
+            _ => now,
+        };
         metrics::gauge!(metric::QUEUE_MESSAGES, "state" => "new")
-            .set((messages.len() - deferred) as f64);
-        metrics::gauge!(metric::QUEUE_MESSAGES, "state" => "deferred").set(deferred as f64);
+            .set(counts.messages.saturating_sub(counts.deferred) as f64);
+        metrics::gauge!(metric::QUEUE_MESSAGES, "state" => "deferred").set(counts.deferred as f64);
         metrics::gauge!(metric::QUEUE_OLDEST_AGE).set((now - oldest).max(0) as f64);
     }
 
     /// One delivery attempt for every pending recipient of the message
-    /// `lease` holds. Returns what became of it.
+    /// `lease` holds, its envelope and state read from the spool (what
+    /// the last attempt or operation recorded). Returns what became of it.
     async fn attempt(&self, lease: &Lease) -> Outcome {
-        let Some(m) = self.journal.message(lease.id()) else {
+        let m = match self.journal.message(lease.id()) {
+            Ok(Some(m)) => m,
             // Retired while it waited (deleted, or finished by an operation).
-            return Outcome::Done;
+            Ok(None) => return Outcome::Done,
+            Err(e) => {
+                let config = Arc::clone(&self.core.current().config);
+                warn!(error = %e, "cannot read the message's envelope and state from the spool; trying later");
+                return Outcome::RetryAt(
+                    unix_now() + config.delivery.retry_interval.as_secs().max(1) as i64,
+                );
+            }
         };
         if lease.stop().is_cancelled() {
             return Outcome::Unchanged;
