@@ -112,5 +112,5 @@ fn stores_that_arrive_during_a_flush_share_the_next_one() {
     // One flush for the first, one for the 49 that came during it.
     let flushes = syncs.load(Ordering::SeqCst) - at_open;
     assert_eq!(flushes, 2, "{SESSIONS} stores, {flushes} fdatasyncs");
-    assert_eq!(j.messages().len(), SESSIONS);
+    assert_eq!(j.counts().messages, SESSIONS);
 }
