@@ -163,9 +163,12 @@ TOML
   bal=$!
   disown
   pids+=("$bal")
+  # HAProxy refuses to start when 2 x maxconn is over the open-files limit.
+  hap_maxconn=$((N + 500))
+  [ "$hard" = unlimited ] || [ "$hap_maxconn" -le $(( (hard - 100) / 2 )) ] || hap_maxconn=$(( (hard - 100) / 2 ))
   cat >"$work/haproxy.cfg" <<CFG
 global
-  maxconn $((N + BURST + 500))
+  maxconn $hap_maxconn
 defaults
   mode tcp
   timeout connect 5s
@@ -186,7 +189,7 @@ CFG
   pids+=("$hap")
   until_ok ready "$work/balancer.out"
   until_ok greets 127.0.0.1 "$FERRY_BAL"
-  until_ok greets 127.0.0.1 "$HAPROXY_BAL"
+  until_ok greets 127.0.0.1 "$HAPROXY_BAL" || { tail -3 "$work/haproxy.log" >&2; exit 1; }
   # Both of Ferry's backends up (probes: rise 2 at 2 s), as HAProxy's.
   sleep 5
 fi
@@ -234,13 +237,14 @@ fi
 
 if want burst; then
   echo "== burst: $BURST connections at once (ms from the burst's start to each 220)"
-  printf "  %-22s %8s %10s %10s %7s %7s %7s %7s\n" to greeted ">1s" ">10s" never p50 p99 max
+  printf "  %-22s %8s %10s %10s %7s %7s %7s %7s  %s\n" to greeted ">1s" ">10s" never p50 p99 max "first replies"
   # Directly to a worker from 127.0.0.5, which it reads no PROXY header from.
   for target in "worker w1=127.0.0.2:$WORKER_PORT" "Ferry balancer=127.0.0.1:$FERRY_BAL" "HAProxy=127.0.0.1:$HAPROXY_BAL"; do
     label=${target%%=*}
     out=$(timeout $((LIMIT)) python3 bench/idle_load.py burst "${target#*=}" "$BURST" 127.0.0.5)
     eval "$(echo "$out" | tr ' ' '\n' | sed -n 's/^\([a-z0-9]*\)=\([0-9.]*\)$/b_\1=\2/p')"
-    printf "  %-22s %8s %10s %10s %7s %7s %7s %7s\n" "$label" "$b_greeted" "$b_late1" "$b_late10" "$b_never" "$b_p50" "$b_p99" "$b_max"
+    printf "  %-22s %8s %10s %10s %7s %7s %7s %7s  %s\n" "$label" "$b_greeted" "$b_late1" "$b_late10" "$b_never" \
+      "$b_p50" "$b_p99" "$b_max" "$(echo "$out" | sed -n 's/.*outcomes=//p')"
     R[burst,$label]="$b_max $b_late1 $b_late10"
     sleep 2   # the closed sessions leave the balancer and workers
   done
