@@ -333,6 +333,11 @@ if want data; then
   R[data,hwm]=$hwm R[data,after]=$dafter R[data,before]=$dbefore
   R[data,rate]="$f_mb_per_s $p_mb_per_s $f_ok $p_ok"
   R[data,pss]="$f_peak_pss_kib $p_peak_pss_kib"
+  # Postfix relays them on before it stops, so no message of this run is
+  # left in its queue for the next user of the local Postfix.
+  postfix_empty() { postqueue -p 2>/dev/null | grep -q "Mail queue is empty"; }
+  for _ in $(seq 120); do postfix_empty && break; sleep 1; done
+  postfix_empty || echo "note: Postfix's queue still holds messages of this run" >&2
   postfix stop >/dev/null 2>&1 || true
   cp -p "$work/main.cf" "$work/master.cf" /etc/postfix/
   postfix_touched=
