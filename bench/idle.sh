@@ -164,7 +164,7 @@ TOML
   disown
   pids+=("$bal")
   # HAProxy refuses to start when 2 x maxconn is over the open-files limit.
-  hap_maxconn=$((N + 500))
+  hap_maxconn=$(( (N > BURST ? N : BURST) + 500 ))
   [ "$hard" = unlimited ] || [ "$hap_maxconn" -le $(( (hard - 100) / 2 )) ] || hap_maxconn=$(( (hard - 100) / 2 ))
   cat >"$work/haproxy.cfg" <<CFG
 global
