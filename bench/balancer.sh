@@ -12,6 +12,7 @@
 #
 #   bench/balancer.sh               # N=5000 sessions per run, 16 and 100 at once
 #   N=20000 ROUNDS=3 bench/balancer.sh
+#   FERRY_BIN=../old/target/release/ferry bench/balancer.sh   # another build
 #
 # Installs postfix (for smtp-source and smtp-sink) and haproxy from
 # Debian's packages if missing. Run it on a machine you can spare.
@@ -32,7 +33,9 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-cargo build --release -q
+# FERRY_BIN: another build to measure; by default this tree's.
+FERRY_BIN=${FERRY_BIN:-target/release/ferry}
+[ "$FERRY_BIN" = target/release/ferry ] && cargo build --release -q
 work=$(mktemp -d)
 pids=()
 cleanup() {
@@ -83,12 +86,12 @@ name = "local"
 address = "127.0.0.1"
 TOML
 echo "bench-admin-token-$$-$RANDOM" >"$work/admin.token"
-target/release/ferry worker --config "$work/ferry.toml" --listen 127.0.0.1 \
+"$FERRY_BIN" worker --config "$work/ferry.toml" --listen 127.0.0.1 \
   --admin-token-file "$work/admin.token" \
   --data "$work/worker" --admin 127.0.0.1:0 --hostname bench.test \
   >"$work/worker.out" 2>"$work/worker.log" &
 pids+=($!)
-target/release/ferry balancer --config "$work/ferry.toml" --listen 127.0.0.1 \
+"$FERRY_BIN" balancer --config "$work/ferry.toml" --listen 127.0.0.1 \
   --admin 127.0.0.1:0 >"$work/balancer.out" 2>"$work/balancer.log" &
 ferry_pid=$!
 pids+=($ferry_pid)
@@ -147,7 +150,7 @@ run() {
 worker_admin=$(sed -n 's|^worker admin http://\([^/ ]*\).*|\1|p' "$work/worker.out")
 settle() {
   for _ in $(seq "$LIMIT"); do
-    target/release/ferry queue --admin "$worker_admin" --token-file "$work/admin.token" list 2>/dev/null | tail -1 | grep -q '^0 messages' && return
+    "$FERRY_BIN" queue --admin "$worker_admin" --token-file "$work/admin.token" list 2>/dev/null | tail -1 | grep -q '^0 messages' && return
     sleep 1
   done
 }

@@ -24,6 +24,13 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+/// jemalloc rather than the system's malloc: an idle session costs a third
+/// of the memory, and its background thread hands freed memory back to the
+/// system within seconds of a spike (glibc kept all of it, mimalloc most of
+/// it). Figures: `bench/idle.sh`, README "Memory".
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "ferry",
