@@ -89,7 +89,7 @@ permissions = ["anonymous"]
 fn unknown_keys_and_syntax_errors_are_located() {
     assert_eq!(
         errors("[[connectors]]\nname = \"A\"\nport = 25\nremote_ranges = [\"10.0.0.0/8\"]\npermissions = [\"anonymous\"]\nprots = 1\n"),
-        ["6:1: unknown key `prots` in [[connectors]]; expected one of `name`, `port`, `local_address`, `remote_ranges`, `permissions`, `auth`, `tls`, `banner`, `limits`, `protocol_log`, `add_missing_headers`"]
+        ["6:1: unknown key `prots` in [[connectors]]; expected one of `name`, `port`, `local_address`, `remote_ranges`, `permissions`, `auth`, `tls`, `banner`, `limits`, `protocol_log`, `add_missing_headers`, `backlog`"]
     );
     assert_eq!(errors("x = [").len(), 1);
     // Every syntax error, not only the first.
