@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use ferry_config::ListenPort;
@@ -84,8 +84,9 @@ fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
 
 struct Open {
     local: SocketAddr,
-    /// Shared with the accept loop, so a new backlog can be set on it.
-    listener: Arc<TcpListener>,
+    /// The accept loop owns the socket (it closes when the loop ends, at
+    /// shutdown too); this reaches it to set a new backlog.
+    listener: Weak<TcpListener>,
     /// The backlog it listens with; `None` for an adopted listener, bound
     /// by someone else.
     backlog: Option<u32>,
@@ -107,8 +108,12 @@ impl Open {
     /// Sets the listen queue of the open socket to `backlog`; false (and
     /// a log line, the old queue serving on) if the kernel refuses.
     fn resize(&mut self, backlog: u32) -> bool {
+        // Gone with its accept loop: nothing listens to resize.
+        let Some(listener) = self.listener.upgrade() else {
+            return false;
+        };
         let length = queue_length(self.local, backlog);
-        let sock = socket2::SockRef::from(self.listener.as_ref());
+        let sock = socket2::SockRef::from(listener.as_ref());
         match sock.listen(i32::try_from(length).unwrap_or(i32::MAX)) {
             Ok(()) => {
                 tracing::info!(addr = %self.local, backlog = length, "listen queue resized");
@@ -215,17 +220,16 @@ impl ListenerSet {
         let local = listener
             .local_addr()
             .unwrap_or(SocketAddr::new(self.listen, port));
+        // The accept loop gets the only strong reference.
         let listener = Arc::new(listener);
+        let weak = Arc::downgrade(&listener);
         let stop = self.shutdown.child_token();
-        let accepting = self.tracker.spawn(accept_loop(
-            Arc::clone(&listener),
-            port,
-            stop.clone(),
-            on_accept,
-        ));
+        let accepting = self
+            .tracker
+            .spawn(accept_loop(listener, port, stop.clone(), on_accept));
         Open {
             local,
-            listener,
+            listener: weak,
             backlog,
             stop,
             accepting,
