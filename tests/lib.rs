@@ -361,3 +361,61 @@ pub async fn greets(addr: SocketAddr, want: &str, wait: Duration) -> Duration {
     }
     panic!("{addr} greets {last:?}, not {want:?} after {wait:?}");
 }
+
+/// Raises this process's limit of open files (and so its children's) to
+/// at least `want`, within the hard limit; `Some(why)` when the hard
+/// limit is lower (for [`skip_for_want_of`]).
+pub fn open_files_for(want: u64) -> Option<String> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    if soft >= want {
+        return None;
+    }
+    if hard < want {
+        return Some(format!(
+            "the open files limit is {hard}, this test needs {want} (ulimit -n)"
+        ));
+    }
+    setrlimit(Resource::RLIMIT_NOFILE, want, hard)
+        .err()
+        .map(|e| format!("cannot raise the open files limit to {want}: {e}"))
+}
+
+/// What the kernel says of the socket listening at `addr` (`ss -ltne`,
+/// read from the kernel's socket diagnostics): the length of its listen
+/// queue (the backlog, after the kernel's `somaxconn` cap) and its inode
+/// (the same inode means the same socket). `None` when nothing listens
+/// there.
+pub fn listen_queue(addr: SocketAddr) -> Option<(u32, u64)> {
+    let out = std::process::Command::new("ss")
+        .args(["-Hltne", "sport", "=", &format!(":{}", addr.port())])
+        .output()
+        .expect("run ss (iproute2)");
+    assert!(out.status.success(), "ss failed: {out:?}");
+    let local = addr.to_string();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|line| {
+            // LISTEN  RECV-Q  SEND-Q(backlog)  LOCAL  PEER  ino:N …
+            let words: Vec<&str> = line.split_whitespace().collect();
+            if words.get(3) != Some(&local.as_str()) {
+                return None;
+            }
+            let backlog = words.get(2)?.parse().ok()?;
+            let inode = words
+                .iter()
+                .find_map(|w| w.strip_prefix("ino:"))?
+                .parse()
+                .ok()?;
+            Some((backlog, inode))
+        })
+}
+
+/// The kernel's cap on listen queues (`net.core.somaxconn`).
+pub fn somaxconn() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .expect("read /proc/sys/net/core/somaxconn")
+        .trim()
+        .parse()
+        .expect("a number in /proc/sys/net/core/somaxconn")
+}

@@ -21,7 +21,9 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use ferry_config::{Backend, BalancerConfig, BalancerListener, ClusterConfig, ProbeSettings};
+use ferry_config::{
+    Backend, BalancerConfig, BalancerListener, ClusterConfig, ListenPort, ProbeSettings,
+};
 use ferry_node::{ApplyError, Reconciled, Role, Snapshot};
 use metrics::{Counter, Gauge};
 use tokio_util::sync::CancellationToken;
@@ -229,7 +231,14 @@ impl Balancer {
             snapshot: Arc::clone(&snapshot),
             frontends,
         });
-        let ports: Vec<u16> = config.listeners.iter().map(|l| l.port).collect();
+        let ports: Vec<ListenPort> = config
+            .listeners
+            .iter()
+            .map(|l| ListenPort {
+                port: l.port,
+                backlog: l.backlog,
+            })
+            .collect();
         let done = self
             .listeners
             .reconcile(&ports, || self.state.store(state), self.on_accept())

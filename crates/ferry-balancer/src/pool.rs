@@ -244,6 +244,7 @@ mod tests {
             port: 25,
             backend_port: 25,
             proxy_protocol: true,
+            backlog: ferry_config::DEFAULT_BACKLOG,
         };
         Arc::new(Target::new(
             &backend,

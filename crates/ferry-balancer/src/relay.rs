@@ -4,28 +4,46 @@
 //! silent for 30 s. With no byte in either direction for `idle`, both are
 //! closed.
 //!
-//! A read/write loop through a 16 KiB buffer. `splice(2)` through a pipe
-//! per direction was measured against it (commit 84285fc, two balancers
-//! side by side under `smtp-source -s 16`): for 4 KiB messages it used
-//! 2–8 % more CPU per session (two pipes per session cost more than the
-//! copies they save) at the same rate; only for 256 KiB messages did it
-//! save 12 % CPU, at 5 % less throughput. `tokio::io::copy_bidirectional`
-//! was measured the same way (three rounds): within the noise of the loop
-//! (about 5 % less CPU per session at 4 KiB, 7 % more at 256 KiB), and it
-//! has no idle or half-close timeout. Device mail is small: the loop stays.
+//! An idle connection holds no buffer (HAProxy allocates its buffers
+//! lazily too): the relay is one small future that waits for readiness
+//! on both sockets and one timer. When a side is readable, what it has is
+//! read into the runtime thread's 16 KiB buffer and written to the other
+//! side at once, within the same poll; only what the other side cannot
+//! take now is copied to the heap, held until written, and freed. The
+//! former loop held a 16 KiB buffer per direction for the life of the
+//! session, idle or not.
+//!
+//! `splice(2)` through a pipe per direction was measured against the
+//! former loop (commit 84285fc, two balancers side by side under
+//! `smtp-source -s 16`): for 4 KiB messages it used 2–8 % more CPU per
+//! session at the same rate (and two pipes per session cost memory);
+//! only for 256 KiB messages did it save 12 % CPU, at 5 % less
+//! throughput. `tokio::io::copy_bidirectional` was within the noise of
+//! the loop, keeps a buffer per direction, and has no idle or half-close
+//! timeout. Device mail is small: plain reads and writes stay.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::cell::RefCell;
+use std::future::{poll_fn, Future};
+use std::io::ErrorKind;
+use std::net::Shutdown;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use socket2::SockRef;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-const BUFFER: usize = 16 * 1024;
+/// The most one read takes in.
+const CHUNK: usize = 16 * 1024;
 /// Once one side has closed, the other has this long of silence to
 /// finish (HAProxy's `timeout client-fin` / `server-fin`).
-const FIN_IDLE: Duration = Duration::from_secs(30);
+pub const FIN_IDLE: Duration = Duration::from_secs(30);
+
+thread_local! {
+    /// The read buffer of the runtime thread. A chunk is read and written
+    /// within one poll, so it is free again before any task waits.
+    static BUFFER: RefCell<Box<[u8]>> = RefCell::new(vec![0; CHUNK].into_boxed_slice());
+}
 
 /// How a relayed connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,97 +64,181 @@ pub struct Relayed {
     pub end: RelayEnd,
 }
 
-struct Activity {
-    start: Instant,
-    last_ms: AtomicU64,
+/// What one read-and-write did.
+enum Step {
+    /// Nothing to read after all (the readiness was stale).
+    Nothing,
+    /// This many octets read and all written.
+    Moved(usize),
+    /// Read, but the other side took only `written`: `rest` waits.
+    Blocked {
+        written: usize,
+        rest: Vec<u8>,
+    },
+    /// The sender closed its side.
+    Eof,
+    Failed,
 }
 
-impl Activity {
-    fn touch(&self) {
-        let ms = self.start.elapsed().as_millis() as u64;
-        self.last_ms.store(ms, Ordering::Relaxed);
-    }
-
-    fn idle_for(&self) -> Duration {
-        let now = self.start.elapsed().as_millis() as u64;
-        Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
-    }
+fn would_block(e: &std::io::Error) -> bool {
+    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted)
 }
 
-async fn pipe(
-    mut from: OwnedReadHalf,
-    mut to: OwnedWriteHalf,
-    activity: &Activity,
-) -> (u64, RelayEnd) {
-    let mut buf = vec![0u8; BUFFER];
-    let mut moved = 0u64;
-    loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) => {
-                let _ = to.shutdown().await;
-                return (moved, RelayEnd::Closed);
-            }
+/// Reads what `from` has (up to a chunk) and writes it to `to`, without
+/// waiting for either.
+fn step(from: &TcpStream, to: &TcpStream) -> Step {
+    let run = |buf: &mut [u8]| {
+        let n = match from.try_read(buf) {
+            Ok(0) => return Step::Eof,
             Ok(n) => n,
-            Err(_) => return (moved, RelayEnd::Error),
+            Err(e) if would_block(&e) => return Step::Nothing,
+            Err(_) => return Step::Failed,
         };
-        activity.touch();
-        if to
-            .write_all(buf.get(..n).unwrap_or_default())
-            .await
-            .is_err()
-        {
-            return (moved, RelayEnd::Error);
+        let data = buf.get(..n).unwrap_or_default();
+        match to.try_write(data) {
+            Ok(w) if w >= n => Step::Moved(n),
+            Ok(w) => Step::Blocked {
+                written: w,
+                rest: data.get(w..).unwrap_or_default().to_vec(),
+            },
+            Err(e) if would_block(&e) => Step::Blocked {
+                written: 0,
+                rest: data.to_vec(),
+            },
+            Err(_) => Step::Failed,
         }
-        moved += n as u64;
-    }
+    };
+    // The buffer is only ever borrowed here, by one poll at a time; the
+    // fallbacks (a thread going away) cost a zeroed chunk on the stack.
+    BUFFER
+        .try_with(|b| match b.try_borrow_mut() {
+            Ok(mut buf) => run(&mut buf),
+            Err(_) => run(&mut [0; CHUNK]),
+        })
+        .unwrap_or_else(|_| run(&mut [0; CHUNK]))
 }
 
-/// Resolves once nothing has moved for `idle`. One timer for the whole
-/// connection, re-armed only when it fires, rather than one per read.
-async fn idle_watch(activity: &Activity, idle: Duration) {
-    loop {
-        let quiet = activity.idle_for();
-        if quiet >= idle {
-            return;
+/// One direction: what it moved, what it read and could not write yet,
+/// and how it ended.
+#[derive(Default)]
+struct Direction {
+    moved: u64,
+    /// Read, not yet written: `pending[written..]`. Empty (no allocation)
+    /// whenever the receiver keeps up.
+    pending: Vec<u8>,
+    written: usize,
+    end: Option<RelayEnd>,
+}
+
+impl Direction {
+    /// Moves what can be moved from `from` to `to` now; sets `end` when
+    /// this direction ends. Returns whether any octet moved. Waits (the
+    /// waker registered) on `to` while something is pending, else on
+    /// `from`; tokio's cooperative budget ends a busy direction's turn.
+    fn pump(&mut self, cx: &mut Context<'_>, from: &TcpStream, to: &TcpStream) -> bool {
+        let mut moved = false;
+        while self.end.is_none() {
+            if !self.pending.is_empty() {
+                match to.poll_write_ready(cx) {
+                    Poll::Pending => break,
+                    Poll::Ready(Err(_)) => self.end = Some(RelayEnd::Error),
+                    Poll::Ready(Ok(())) => {
+                        let left = self.pending.get(self.written..).unwrap_or_default();
+                        match to.try_write(left) {
+                            Ok(n) => {
+                                moved = true;
+                                self.moved += n as u64;
+                                self.written += n;
+                                if self.written >= self.pending.len() {
+                                    self.pending = Vec::new();
+                                    self.written = 0;
+                                }
+                            }
+                            Err(e) if would_block(&e) => {}
+                            Err(_) => self.end = Some(RelayEnd::Error),
+                        }
+                    }
+                }
+                continue;
+            }
+            match from.poll_read_ready(cx) {
+                Poll::Pending => break,
+                Poll::Ready(Err(_)) => self.end = Some(RelayEnd::Error),
+                Poll::Ready(Ok(())) => match step(from, to) {
+                    Step::Nothing => {}
+                    Step::Moved(n) => {
+                        moved = true;
+                        self.moved += n as u64;
+                    }
+                    Step::Blocked { written, rest } => {
+                        moved = true;
+                        self.moved += written as u64;
+                        self.pending = rest;
+                    }
+                    Step::Eof => {
+                        let _ = SockRef::from(to).shutdown(Shutdown::Write);
+                        self.end = Some(RelayEnd::Closed);
+                    }
+                    Step::Failed => self.end = Some(RelayEnd::Error),
+                },
+            }
         }
-        tokio::time::sleep(idle - quiet).await;
+        moved
     }
 }
 
 /// Relays until both directions end, either fails, or `idle` passes with
-/// no traffic.
+/// no traffic (after one side has closed: [`FIN_IDLE`], if shorter).
 pub async fn relay(client: TcpStream, worker: TcpStream, idle: Duration) -> Relayed {
-    let activity = Activity {
-        start: Instant::now(),
-        last_ms: AtomicU64::new(0),
-    };
-    let (cr, cw) = client.into_split();
-    let (wr, ww) = worker.into_split();
-    let up = pipe(cr, ww, &activity);
-    let down = pipe(wr, cw, &activity);
-    let idle_out = idle_watch(&activity, idle);
-    let fin_idle = idle_watch(&activity, idle.min(FIN_IDLE));
-    tokio::pin!(up, down, idle_out, fin_idle);
-    let (to_worker, to_client, end) = tokio::select! {
-        (n, end) = &mut up => match end {
-            RelayEnd::Closed => tokio::select! {
-                (m, end) = &mut down => (n, m, end),
-                _ = &mut fin_idle => (n, 0, RelayEnd::Idle),
-            },
-            other => (n, 0, other),
-        },
-        (m, end) = &mut down => match end {
-            RelayEnd::Closed => tokio::select! {
-                (n, end) = &mut up => (n, m, end),
-                _ = &mut fin_idle => (0, m, RelayEnd::Idle),
-            },
-            other => (0, m, other),
-        },
-        _ = &mut idle_out => (0, 0, RelayEnd::Idle),
-    };
+    relay_with(client, worker, idle, FIN_IDLE).await
+}
+
+/// [`relay`] with the silence allowed after one side has closed.
+pub async fn relay_with(
+    client: TcpStream,
+    worker: TcpStream,
+    idle: Duration,
+    fin_idle: Duration,
+) -> Relayed {
+    let fin_idle = idle.min(fin_idle);
+    let mut up = Direction::default();
+    let mut down = Direction::default();
+    let mut last = Instant::now();
+    // One timer for the whole connection, moved only when it fires (or
+    // when a side closes and the allowed silence gets shorter), rather
+    // than once per read.
+    let timer = tokio::time::sleep_until(last + idle);
+    tokio::pin!(timer);
+    let end = poll_fn(|cx| {
+        let moved_up = up.pump(cx, &client, &worker);
+        let moved_down = down.pump(cx, &worker, &client);
+        if moved_up || moved_down {
+            last = Instant::now();
+        }
+        let limit = match (up.end, down.end) {
+            (Some(RelayEnd::Error), _) | (_, Some(RelayEnd::Error)) => {
+                return Poll::Ready(RelayEnd::Error)
+            }
+            (Some(_), Some(_)) => return Poll::Ready(RelayEnd::Closed),
+            (Some(_), None) | (None, Some(_)) => fin_idle,
+            (None, None) => idle,
+        };
+        let deadline = last + limit;
+        if timer.deadline() > deadline {
+            timer.as_mut().reset(deadline);
+        }
+        while timer.as_mut().poll(cx).is_ready() {
+            if Instant::now() >= deadline {
+                return Poll::Ready(RelayEnd::Idle);
+            }
+            timer.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    })
+    .await;
     Relayed {
-        to_worker,
-        to_client,
+        to_worker: up.moved,
+        to_client: down.moved,
         end,
     }
 }

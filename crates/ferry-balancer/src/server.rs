@@ -21,7 +21,7 @@ use tracing::{info, warn};
 use crate::apply::{Frontend, State, Targets};
 use crate::handoff::{handoff, proxy_header};
 use crate::metric;
-use crate::pool::choose;
+use crate::pool::{choose, Target};
 use crate::relay::relay;
 
 const DENIED: &[u8] = b"554 5.7.1 Access denied\r\n";
@@ -81,6 +81,10 @@ impl Drop for SourceSlot<'_> {
 }
 
 async fn refuse(mut stream: TcpStream, reply: &[u8]) {
+    refuse_in_place(&mut stream, reply).await;
+}
+
+async fn refuse_in_place(stream: &mut TcpStream, reply: &[u8]) {
     let _ = tokio::time::timeout(REFUSAL_WRITE, async {
         stream.write_all(reply).await?;
         stream.shutdown().await
@@ -195,9 +199,11 @@ impl Balancer {
         })
     }
 
-    fn next_session_id(&self) -> String {
+    /// A session id: printed as 16 hex digits ([`SessionId`]), kept as a
+    /// number so an idle session holds no string for it.
+    fn next_session_id(&self) -> SessionId {
         let n = self.session_seq.fetch_add(1, Ordering::Relaxed);
-        format!("{:016X}", self.session_base.wrapping_add(n))
+        SessionId(self.session_base.wrapping_add(n))
     }
 
     fn take_open_slot(&self, max: u32) -> Option<OpenSlot<'_>> {
@@ -246,35 +252,75 @@ impl Balancer {
             refuse(client, OVER_LIMIT).await;
             return;
         };
-        let session_id = self.next_session_id();
-        serve(config, f, client, peer, &session_id).await;
+        serve(config, f, client, peer, self.next_session_id()).await;
     }
 }
 
+/// The balancer's id of a session, sent to the worker in the PROXY
+/// header (UNIQUE_ID) and logged by both: 16 hex digits.
+#[derive(Debug, Clone, Copy)]
+struct SessionId(u64);
+
+impl std::fmt::Display for SessionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016X}", self.0)
+    }
+}
+
+/// Hands the client to a worker, then relays. The handoff (connects,
+/// PROXY header, reading the greeting: some 5 KB of future) runs boxed
+/// and is freed before the relay starts, so an idle session's task holds
+/// only the relay's state, its two sockets and a few handles.
 async fn serve(
     config: &BalancerConfig,
     f: &Frontend,
     mut client: TcpStream,
     peer: SocketAddr,
-    session_id: &str,
+    session_id: SessionId,
 ) {
+    let handed = Box::pin(hand_over(config, f, &mut client, peer, session_id)).await;
+    let Some((worker, greeting, target)) = handed else {
+        return;
+    };
+    f.metrics().accepted.increment(1);
+    let _session = target.session();
+    f.metrics().active.increment(1.0);
+    let greeted = client.write_all(&greeting).await.is_ok();
+    drop(greeting);
+    if greeted {
+        let r = relay(client, worker, config.idle_timeout).await;
+        info!(%session_id, client = %peer, listener = %f.listener.name, backend = %target.name, to_worker = r.to_worker, to_client = r.to_client, end = ?r.end, "session relayed");
+    }
+    f.metrics().active.decrement(1.0);
+}
+
+/// Finds a worker that greets with `220` (see [`handoff`]): its stream,
+/// its greeting and its target; `None` if no worker would (the client
+/// got `421`).
+async fn hand_over(
+    config: &BalancerConfig,
+    f: &Frontend,
+    client: &mut TcpStream,
+    peer: SocketAddr,
+    session_id: SessionId,
+) -> Option<(TcpStream, Vec<u8>, Arc<Target>)> {
     let name = &f.listener.name;
     let header = match (f.listener.proxy_protocol, client.local_addr()) {
-        (true, Ok(local)) => Some(proxy_header(peer, local, session_id)),
-        (true, Err(_)) => return,
+        (true, Ok(local)) => Some(proxy_header(peer, local, &session_id.to_string())),
+        (true, Err(_)) => return None,
         (false, _) => None,
     };
     let mut tried = Vec::new();
     let start = f.rotation.fetch_add(1, Ordering::Relaxed) as usize;
-    let (worker, greeting, target) = loop {
+    loop {
         let Some(i) = choose(&f.targets, &tried, start) else {
             f.metrics().no_backend.increment(1);
-            warn!(session_id, client = %peer, listener = %name, tried = tried.len(), "no worker available; 421 to the client");
-            refuse(client, NO_BACKEND).await;
-            return;
+            warn!(%session_id, client = %peer, listener = %name, tried = tried.len(), "no worker available; 421 to the client");
+            refuse_in_place(client, NO_BACKEND).await;
+            return None;
         };
         tried.push(i);
-        let Some(t) = f.targets.get(i) else { return };
+        let t = f.targets.get(i)?;
         match handoff(
             t.addr,
             config.source,
@@ -283,21 +329,13 @@ async fn serve(
         )
         .await
         {
-            Ok((worker, greeting)) => break (worker, greeting, Arc::clone(t)),
+            Ok((worker, greeting)) => return Some((worker, greeting, Arc::clone(t))),
             Err(e) => {
                 counter!(metric::HANDOFF_RETRIES, "listener" => name.clone(), "reason" => e.reason)
                     .increment(1);
-                warn!(session_id, client = %peer, listener = %name, backend = %t.name, error = %e, "worker skipped");
+                warn!(%session_id, client = %peer, listener = %name, backend = %t.name, error = %e, "worker skipped");
                 t.mark_suspect(config.probe.interval);
             }
         }
-    };
-    f.metrics().accepted.increment(1);
-    let _session = target.session();
-    f.metrics().active.increment(1.0);
-    if client.write_all(&greeting).await.is_ok() {
-        let r = relay(client, worker, config.idle_timeout).await;
-        info!(session_id, client = %peer, listener = %name, backend = %target.name, to_worker = r.to_worker, to_client = r.to_client, end = ?r.end, "session relayed");
     }
-    f.metrics().active.decrement(1.0);
 }

@@ -13,7 +13,7 @@ use ferry_balancer::probe::{probe, ProbeResult};
 use ferry_balancer::Balancer;
 use ferry_config::ClusterConfig;
 use ferry_node::{LoadedConfig, Role, Source};
-use ferry_tests::SmtpClient;
+use ferry_tests::{open_files_for, skip_for_want_of, SmtpClient};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -133,6 +133,11 @@ async fn balancer_full(
         .enumerate()
         .map(|(i, a)| format!("[[balancer.backends]]\nname = \"b{i}\"\naddress = \"{a}\"\n"))
         .collect();
+    // A test may set its own handoff timeout in `extra`.
+    let handoff = match extra.contains("handoff_timeout") {
+        true => "",
+        false => "handoff_timeout = \"500ms\"",
+    };
     let text = format!(
         r#"
 # The `source` a test may give in `extra` must be trusted to send PROXY.
@@ -140,7 +145,7 @@ trusted_proxies = ["127.0.0.50"]
 
 [balancer]
 allow = ["127.0.0.0/8"]
-handoff_timeout = "500ms"
+{handoff}
 idle_timeout = "600ms"
 probe = {{ interval = "1h", timeout = "500ms" }}
 {extra}
@@ -339,4 +344,48 @@ async fn connections_to_workers_come_from_the_configured_source() {
     let (_c, greeting) = SmtpClient::connect(front, Some(ip("127.0.0.52"))).await;
     assert_eq!(greeting, "220-good backend\r\n220 ready");
     assert!(peers.lock().unwrap().contains(&ip("127.0.0.1")));
+}
+
+/// A burst of 1,000 clients at once: the listen queue (1,024 by default)
+/// holds every connection until it is accepted, and each is greeted. (How
+/// fast is for `bench/idle.sh`; this only bounds it, generously.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_a_thousand_clients_is_greeted_every_one() {
+    const CLIENTS: usize = 1000;
+    // Each session: the client, both ends through the balancer, the
+    // backend's end.
+    if skip_for_want_of(&[open_files_for(4 * CLIENTS as u64 + 256)]) {
+        return;
+    }
+    let good = backend("127.0.0.56:0".parse().unwrap(), Script::Good).await;
+    let extra = format!("handoff_timeout = \"20s\"\nmax_connections_per_source = {CLIENTS}");
+    let (_b, front) = balancer_with(&["127.0.0.56"], good.port(), &extra).await;
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(CLIENTS));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let start = std::sync::Arc::clone(&start);
+            tokio::spawn(async move {
+                start.wait().await;
+                let mut c = SmtpClient::connect_from(front, None).await.ok()?;
+                let greeting = c.reply().await;
+                Some((c, greeting))
+            })
+        })
+        .collect();
+    let all = async {
+        let mut greetings = Vec::new();
+        for c in clients {
+            greetings.push(c.await.unwrap());
+        }
+        greetings
+    };
+    let greetings = tokio::time::timeout(Duration::from_secs(120), all)
+        .await
+        .expect("the burst was not greeted within 120 s");
+    let greeted = greetings
+        .iter()
+        .flatten()
+        .filter(|(_, g)| g == "220-good backend\r\n220 ready")
+        .count();
+    assert_eq!(greeted, CLIENTS);
 }

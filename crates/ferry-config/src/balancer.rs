@@ -36,6 +36,9 @@ pub struct BalancerListener {
     /// Send PROXY v2 to the workers (and LOCAL on probes). Off only for
     /// backends that do not speak it.
     pub proxy_protocol: bool,
+    /// Connections the kernel may hold completed and not yet accepted
+    /// (`listen(2)`'s backlog, capped by `net.core.somaxconn`).
+    pub backlog: u32,
 }
 
 /// A worker node.

@@ -34,8 +34,8 @@ pub use auth::AuthConfig;
 pub use balancer::{AccessList, Backend, BalancerConfig, BalancerListener, ProbeSettings};
 pub use error::{ConfigError, Located};
 pub use model::{
-    AcceptedDomain, AuthSettings, ClusterConfig, Connector, DomainKind, Limits, Permissions,
-    ProtocolLog, TlsSettings, TlsVersion, User,
+    AcceptedDomain, AuthSettings, ClusterConfig, Connector, DomainKind, Limits, ListenPort,
+    Permissions, ProtocolLog, TlsSettings, TlsVersion, User, DEFAULT_BACKLOG, MAX_BACKLOG,
 };
 pub use policy::Refusal;
 pub use routes::{Delivery, DomainPattern, NextHop, Route, RouteAction, TlsPolicy};

@@ -41,6 +41,22 @@ pub struct ClusterConfig {
 pub const DEFAULT_MIN_FREE_SPACE: u64 = 128 * 1024 * 1024;
 /// The default budget of DATA held in memory, across sessions.
 pub const DEFAULT_MAX_DATA_IN_MEMORY: u64 = 1024 * 1024 * 1024;
+/// The default listen queue of a port: connections the kernel has
+/// completed and holds until the node accepts them (`listen(2)`'s
+/// backlog; the kernel caps it at `net.core.somaxconn`). HAProxy and
+/// nginx default to the same order; 128, the usual library default,
+/// drops SYNs in a burst of a few hundred devices.
+pub const DEFAULT_BACKLOG: u32 = 1024;
+/// The largest backlog a config may ask for.
+pub const MAX_BACKLOG: u32 = 65_535;
+
+/// A port to listen on with the length of its listen queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenPort {
+    pub port: u16,
+    /// Connections the kernel may hold completed and not yet accepted.
+    pub backlog: u32,
+}
 
 /// How an accepted domain is handled. Both kinds accept mail from the
 /// internal-relay connectors; `internal_relay` is for domains whose
@@ -93,6 +109,9 @@ pub struct Connector {
     /// Add `Message-ID` and `Date` to a message that lacks them, as
     /// Exchange does (RFC 5322 §3.6 requires Date and asks for Message-ID).
     pub add_missing_headers: bool,
+    /// The listen queue this connector asks for its port; `None` leaves
+    /// it to the other connectors on the port, or [`DEFAULT_BACKLOG`].
+    pub backlog: Option<u32>,
 }
 
 /// Exchange's permission groups, as far as a relay needs them.
@@ -254,6 +273,26 @@ impl ClusterConfig {
         ports.sort_unstable();
         ports.dedup();
         ports
+    }
+
+    /// The ports some connector listens on, each once, in port order,
+    /// with its listen queue: connectors that share a port share one
+    /// socket, which gets the largest backlog any of them sets
+    /// ([`DEFAULT_BACKLOG`] if none does).
+    pub fn listen_ports(&self) -> Vec<ListenPort> {
+        self.ports()
+            .into_iter()
+            .map(|port| ListenPort {
+                port,
+                backlog: self
+                    .connectors
+                    .iter()
+                    .filter(|c| c.port == port)
+                    .filter_map(|c| c.backlog)
+                    .max()
+                    .unwrap_or(DEFAULT_BACKLOG),
+            })
+            .collect()
     }
 
     /// Is `peer` allowed to send a PROXY header?

@@ -62,6 +62,7 @@ pub(crate) struct RawBalancerListener {
     pub port: Spanned<u16>,
     pub backend_port: Option<u16>,
     pub proxy_protocol: Option<bool>,
+    pub backlog: Option<Spanned<i64>>,
 }
 
 #[derive(Debug)]
@@ -126,6 +127,7 @@ pub(crate) struct RawConnector {
     pub limits: RawLimits,
     pub protocol_log: Option<Spanned<String>>,
     pub add_missing_headers: Option<bool>,
+    pub backlog: Option<Spanned<i64>>,
 }
 
 #[derive(Debug)]
@@ -248,6 +250,7 @@ impl RawBalancer {
                 port: t.req(r, "port"),
                 backend_port: t.opt(r, "backend_port"),
                 proxy_protocol: t.opt(r, "proxy_protocol"),
+                backlog: t.opt(r, "backlog"),
             }),
             backends: t.tables(r, "backends", |r, t| RawBackend {
                 name: t.req(r, "name"),
@@ -312,6 +315,7 @@ impl RawConnector {
                 .unwrap_or_default(),
             protocol_log: t.opt(r, "protocol_log"),
             add_missing_headers: t.opt(r, "add_missing_headers"),
+            backlog: t.opt(r, "backlog"),
         }
     }
 }

@@ -98,6 +98,24 @@ impl Checker<'_> {
         }
     }
 
+    /// A listen queue length: 1 to [`MAX_BACKLOG`] connections.
+    pub(crate) fn backlog(&mut self, s: &Option<Spanned<i64>>) -> Option<u32> {
+        let s = s.as_ref()?;
+        match u32::try_from(*s.get_ref()) {
+            Ok(n) if (1..=MAX_BACKLOG).contains(&n) => Some(n),
+            _ => {
+                self.err(
+                    s,
+                    format!(
+                        "backlog {} is not from 1 to {MAX_BACKLOG} connections",
+                        s.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
     fn count(&mut self, s: &Option<Spanned<u32>>, default: u32) -> u32 {
         match s {
             Some(v) if *v.get_ref() == 0 => {
@@ -677,6 +695,7 @@ fn connector(c: &mut Checker<'_>, r: &RawConnector, base_dir: &Path) -> Connecto
         limits,
         protocol_log,
         add_missing_headers: r.add_missing_headers.unwrap_or(true),
+        backlog: c.backlog(&r.backlog),
     }
 }
 

@@ -89,7 +89,7 @@ permissions = ["anonymous"]
 fn unknown_keys_and_syntax_errors_are_located() {
     assert_eq!(
         errors("[[connectors]]\nname = \"A\"\nport = 25\nremote_ranges = [\"10.0.0.0/8\"]\npermissions = [\"anonymous\"]\nprots = 1\n"),
-        ["6:1: unknown key `prots` in [[connectors]]; expected one of `name`, `port`, `local_address`, `remote_ranges`, `permissions`, `auth`, `tls`, `banner`, `limits`, `protocol_log`, `add_missing_headers`"]
+        ["6:1: unknown key `prots` in [[connectors]]; expected one of `name`, `port`, `local_address`, `remote_ranges`, `permissions`, `auth`, `tls`, `banner`, `limits`, `protocol_log`, `add_missing_headers`, `backlog`"]
     );
     assert_eq!(errors("x = [").len(), 1);
     // Every syntax error, not only the first.
@@ -565,4 +565,79 @@ fn a_password_hash_over_1_gib_or_without_output_is_refused() {
         Path::new("."),
     )
     .unwrap();
+}
+
+#[test]
+fn backlogs_default_to_1024_and_out_of_range_ones_are_located() {
+    let text = r#"
+[[connectors]]
+name = "A"
+port = 25
+remote_ranges = ["10.0.0.0/8"]
+permissions = ["anonymous"]
+backlog = 0
+
+[[connectors]]
+name = "B"
+port = 587
+remote_ranges = ["10.0.0.0/8"]
+permissions = ["anonymous"]
+backlog = 1000000
+
+[balancer]
+allow = ["0.0.0.0/0"]
+
+[[balancer.listeners]]
+name = "smtp"
+port = 2525
+backlog = -5
+
+[[balancer.backends]]
+name = "w"
+address = "127.0.0.1"
+"#;
+    assert_eq!(
+        errors(text),
+        [
+            "7:11: backlog 0 is not from 1 to 65535 connections",
+            "14:11: backlog 1000000 is not from 1 to 65535 connections",
+            "22:11: backlog -5 is not from 1 to 65535 connections",
+        ]
+    );
+
+    // Unset: 1024 everywhere. Connectors sharing a port share its socket,
+    // which takes the largest backlog one of them sets.
+    let good = text
+        .replace("backlog = 0\n", "")
+        .replace("backlog = 1000000\n", "")
+        .replace("backlog = -5\n", "");
+    let c = ClusterConfig::parse("ok.toml", &good, Path::new(".")).unwrap();
+    let ports: Vec<(u16, u32)> = c
+        .listen_ports()
+        .iter()
+        .map(|p| (p.port, p.backlog))
+        .collect();
+    assert_eq!(ports, [(25, 1024), (587, 1024)]);
+    assert_eq!(c.balancer.unwrap().listeners[0].backlog, 1024);
+    let shared = r#"
+[[connectors]]
+name = "A"
+port = 25
+remote_ranges = ["10.0.0.0/8"]
+permissions = ["anonymous"]
+
+[[connectors]]
+name = "B"
+port = 25
+remote_ranges = ["192.0.2.0/24"]
+permissions = ["anonymous"]
+backlog = 4096
+"#;
+    let c = ClusterConfig::parse("ok.toml", shared, Path::new(".")).unwrap();
+    let ports: Vec<(u16, u32)> = c
+        .listen_ports()
+        .iter()
+        .map(|p| (p.port, p.backlog))
+        .collect();
+    assert_eq!(ports, [(25, 4096)]);
 }

@@ -1,13 +1,21 @@
 //! The ports a node listens on, reconciled with each snapshot: ports that
 //! appear are bound, ports that disappear stop accepting while their open
 //! sessions finish (Envoy's listener drain on update is the model).
+//!
+//! Each port listens with the backlog its config asks for (tokio's
+//! `TcpListener::bind` always uses 128), capped by the kernel's
+//! `net.core.somaxconn`, with a log line when the cap bites. A new backlog
+//! for a port already open is applied to its socket in place: on Linux
+//! `listen(2)` on a listening socket sets its queue length, so the port is
+//! never closed and no connection waiting in the queue is lost.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use ferry_config::ListenPort;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -32,10 +40,56 @@ pub struct ListenError {
 pub struct Reconciled {
     pub added: Vec<SocketAddr>,
     pub removed: Vec<SocketAddr>,
+    /// Ports kept whose listen queue took a new length.
+    pub resized: Vec<SocketAddr>,
+}
+
+/// The kernel's cap on a listen queue, `None` where it cannot be read.
+fn somaxconn() -> Option<u32> {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The queue length to ask of `listen(2)` for `wanted` on `addr`: the
+/// kernel silently caps it at `somaxconn`, so say so when it does.
+fn queue_length(addr: SocketAddr, wanted: u32) -> u32 {
+    match somaxconn() {
+        Some(max) if wanted > max => {
+            tracing::warn!(
+                %addr,
+                backlog = wanted,
+                somaxconn = max,
+                "backlog is more than the kernel's net.core.somaxconn: the listen queue holds {max}"
+            );
+            max
+        }
+        _ => wanted,
+    }
+}
+
+/// Binds `addr` and listens with `backlog`; the address is reusable at
+/// once after a restart, as with tokio's own `bind`.
+fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(queue_length(addr, backlog))
 }
 
 struct Open {
     local: SocketAddr,
+    /// The accept loop owns the socket (it closes when the loop ends, at
+    /// shutdown too); this reaches it to set a new backlog.
+    listener: Weak<TcpListener>,
+    /// The backlog it listens with; `None` for an adopted listener, bound
+    /// by someone else.
+    backlog: Option<u32>,
     stop: CancellationToken,
     /// The accept loop; it has ended (and taken no more connections) once
     /// this resolves after `stop`.
@@ -43,11 +97,34 @@ struct Open {
 }
 
 impl Open {
-    /// Stops accepting and waits until the accept loop has ended.
+    /// Stops accepting and waits until the accept loop has ended; the
+    /// socket closes as this returns.
     async fn close(self) -> SocketAddr {
         self.stop.cancel();
         let _ = self.accepting.await;
         self.local
+    }
+
+    /// Sets the listen queue of the open socket to `backlog`; false (and
+    /// a log line, the old queue serving on) if the kernel refuses.
+    fn resize(&mut self, backlog: u32) -> bool {
+        // Gone with its accept loop: nothing listens to resize.
+        let Some(listener) = self.listener.upgrade() else {
+            return false;
+        };
+        let length = queue_length(self.local, backlog);
+        let sock = socket2::SockRef::from(listener.as_ref());
+        match sock.listen(i32::try_from(length).unwrap_or(i32::MAX)) {
+            Ok(()) => {
+                tracing::info!(addr = %self.local, backlog = length, "listen queue resized");
+                self.backlog = Some(backlog);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(addr = %self.local, backlog = length, error = %e, "cannot resize the listen queue; the old one serves on");
+                false
+            }
+        }
     }
 }
 
@@ -75,41 +152,41 @@ impl ListenerSet {
         }
     }
 
-    /// Makes the open ports equal `wanted`. Binds every new port first; if
-    /// one cannot be bound, drops what this call bound and returns the
-    /// error with nothing changed (`swap` not called). Otherwise stops
+    /// Makes the open ports equal `wanted`. Binds every new port first,
+    /// with its backlog; if one cannot be bound, drops what this call
+    /// bound and returns the error with nothing changed (`swap` not
+    /// called). Otherwise stops
     /// accepting on the ports no longer wanted and waits for their accept
     /// loops to end (so every connection they took was handed over before
     /// the swap, under the old snapshot: the accept callback should take
     /// the snapshot it serves with there and then); sessions already
     /// accepted run on. Then calls `swap` (where the caller puts its new
     /// snapshot in service) and only then accepts on the new ports, so
-    /// their first connection already sees it.
+    /// their first connection already sees it. A port that stays with
+    /// another backlog gets it in place.
     ///
     /// # Errors
     /// [`ListenError`] for the first port that cannot be bound.
     pub async fn reconcile(
         &self,
-        wanted: &[u16],
+        wanted: &[ListenPort],
         swap: impl FnOnce(),
         on_accept: OnAccept,
     ) -> Result<Reconciled, ListenError> {
         let mut open = self.open.lock().await;
-        let mut bound = Vec::new();
-        for &port in wanted {
-            if open.contains_key(&port) || bound.iter().any(|(p, _)| *p == port) {
+        let mut bound: Vec<(u16, u32, TcpListener)> = Vec::new();
+        for w in wanted {
+            if open.contains_key(&w.port) || bound.iter().any(|(p, _, _)| *p == w.port) {
                 continue;
             }
-            let addr = SocketAddr::new(self.listen, port);
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|source| ListenError { addr, source })?;
-            bound.push((port, listener));
+            let addr = SocketAddr::new(self.listen, w.port);
+            let listener = bind(addr, w.backlog).map_err(|source| ListenError { addr, source })?;
+            bound.push((w.port, w.backlog, listener));
         }
         let mut done = Reconciled::default();
         let removed: Vec<u16> = open
             .keys()
-            .filter(|p| !wanted.contains(p))
+            .filter(|p| !wanted.iter().any(|w| w.port == **p))
             .copied()
             .collect();
         for port in removed {
@@ -118,24 +195,42 @@ impl ListenerSet {
             }
         }
         swap();
-        for (port, listener) in bound {
-            let o = self.accept(port, listener, Arc::clone(&on_accept));
+        for w in wanted {
+            for o in open.get_mut(&w.port).into_iter().flatten() {
+                if o.backlog != Some(w.backlog) && o.resize(w.backlog) {
+                    done.resized.push(o.local);
+                }
+            }
+        }
+        for (port, backlog, listener) in bound {
+            let o = self.accept(port, listener, Some(backlog), Arc::clone(&on_accept));
             done.added.push(o.local);
             open.entry(port).or_default().push(o);
         }
         Ok(done)
     }
 
-    fn accept(&self, port: u16, listener: TcpListener, on_accept: OnAccept) -> Open {
+    fn accept(
+        &self,
+        port: u16,
+        listener: TcpListener,
+        backlog: Option<u32>,
+        on_accept: OnAccept,
+    ) -> Open {
         let local = listener
             .local_addr()
             .unwrap_or(SocketAddr::new(self.listen, port));
+        // The accept loop gets the only strong reference.
+        let listener = Arc::new(listener);
+        let weak = Arc::downgrade(&listener);
         let stop = self.shutdown.child_token();
         let accepting = self
             .tracker
             .spawn(accept_loop(listener, port, stop.clone(), on_accept));
         Open {
             local,
+            listener: weak,
+            backlog,
             stop,
             accepting,
         }
@@ -145,8 +240,9 @@ impl ListenerSet {
     /// an address other than the node's), as the configured port `port`;
     /// a later reconcile keeps it while `port` is wanted and stops it when
     /// not. Several listeners (on other addresses) may share a `port`.
+    /// The listener keeps its backlog until a reconcile sets the port's.
     pub async fn adopt(&self, port: u16, listener: TcpListener, on_accept: OnAccept) {
-        let o = self.accept(port, listener, on_accept);
+        let o = self.accept(port, listener, None, on_accept);
         self.open.lock().await.entry(port).or_default().push(o);
     }
 
@@ -157,7 +253,7 @@ impl ListenerSet {
     }
 }
 
-async fn accept_loop(listener: TcpListener, port: u16, stop: CancellationToken, on: OnAccept) {
+async fn accept_loop(listener: Arc<TcpListener>, port: u16, stop: CancellationToken, on: OnAccept) {
     loop {
         // Stop first: once stopped, no connection more is taken.
         let accepted = tokio::select! {
@@ -195,6 +291,16 @@ mod tests {
         })
     }
 
+    fn wanted(ports: &[u16]) -> Vec<ListenPort> {
+        ports
+            .iter()
+            .map(|&port| ListenPort {
+                port,
+                backlog: ferry_config::DEFAULT_BACKLOG,
+            })
+            .collect()
+    }
+
     fn free_port() -> u16 {
         std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -214,7 +320,7 @@ mod tests {
         let (a, b) = (free_port(), free_port());
         let mut swaps = 0;
         let r = set
-            .reconcile(&[a], || swaps += 1, greeter(Arc::clone(&count)))
+            .reconcile(&wanted(&[a]), || swaps += 1, greeter(Arc::clone(&count)))
             .await
             .unwrap();
         assert_eq!(r.added.len(), 1);
@@ -225,7 +331,11 @@ mod tests {
         let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let t = taken.local_addr().unwrap().port();
         let err = set
-            .reconcile(&[a, b, t], || swaps += 1, greeter(Arc::clone(&count)))
+            .reconcile(
+                &wanted(&[a, b, t]),
+                || swaps += 1,
+                greeter(Arc::clone(&count)),
+            )
             .await
             .unwrap_err();
         assert_eq!(err.addr.port(), t);
@@ -235,7 +345,7 @@ mod tests {
 
         // Replace a by b: b accepts, a refuses.
         let r = set
-            .reconcile(&[b], || swaps += 1, greeter(Arc::clone(&count)))
+            .reconcile(&wanted(&[b]), || swaps += 1, greeter(Arc::clone(&count)))
             .await
             .unwrap();
         assert_eq!((r.added.len(), r.removed.len(), swaps), (1, 1, 2));

@@ -85,7 +85,7 @@ impl Worker {
     /// # Errors
     /// A port cannot be bound; nothing was bound then.
     pub async fn start(&self) -> Result<Vec<SocketAddr>, ApplyError> {
-        let ports = self.core.current().config.ports();
+        let ports = self.core.current().config.listen_ports();
         self.listeners
             .reconcile(&ports, || {}, self.on_accept())
             .await?;
@@ -170,7 +170,7 @@ impl Role for Worker {
         if self.core.shutting_down().is_cancelled() {
             return Err(ApplyError::Refused("the worker is shutting down".into()));
         }
-        let ports = snapshot.config.ports();
+        let ports = snapshot.config.listen_ports();
         let core = Arc::clone(&self.core);
         let done = self
             .listeners

@@ -42,6 +42,7 @@ pub(super) fn balancer(
             port: *l.port.get_ref(),
             backend_port: l.backend_port.unwrap_or(*l.port.get_ref()),
             proxy_protocol: l.proxy_protocol.unwrap_or(true),
+            backlog: c.backlog(&l.backlog).unwrap_or(crate::DEFAULT_BACKLOG),
         });
     }
     if listeners.is_empty() {
