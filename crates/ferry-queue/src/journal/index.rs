@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::io;
 
-use super::record::Record;
+use super::record::{Piece, Record, CHUNK_BODY_AT};
 use super::storage::Storage;
 use super::{read_segment, segment_name, segments, Location, SegmentScan, SpooledMessage};
 use crate::envelope::QueueId;
@@ -19,7 +19,9 @@ pub(super) const COMPACT_SPAN: u64 = 4;
 /// One segment file.
 #[derive(Debug, Default)]
 pub(super) struct SegmentInfo {
-    /// The live messages whose record is in this segment.
+    /// The live messages with a record in this segment (a message in
+    /// chunks counts in every segment from its first chunk's to its
+    /// commit record's).
     pub live: HashSet<QueueId>,
     /// Their records' bytes.
     pub live_bytes: u64,
@@ -43,6 +45,9 @@ impl Index {
     /// the newest segment is cut off; without, nothing is changed.
     pub fn replay(storage: &dyn Storage, repair: bool) -> io::Result<Self> {
         let mut index = Index::default();
+        // Every chunk read back, so that a commit naming one that is not
+        // there (damage) is seen here rather than at delivery.
+        let mut chunks = HashSet::new();
         let found = segments(storage)?;
         let newest = found.last().copied();
         for &n in &found {
@@ -77,7 +82,7 @@ impl Index {
             }
             index.note_segment(n, kept);
             for (at, len, r) in records {
-                index.apply(n, at, len, r);
+                index.apply(n, at, len, r, &mut chunks);
             }
         }
         index.current = newest.unwrap_or(0);
@@ -85,24 +90,43 @@ impl Index {
         Ok(index)
     }
 
-    /// One record read back: `len` bytes at `at` in segment `n`.
-    fn apply(&mut self, n: u64, at: u64, len: u64, record: Record) {
+    /// One record read back: `len` bytes at `at` in segment `n`. A chunk
+    /// only goes into `seen`: a message's chunks mean nothing until its
+    /// commit record, and those of a message never committed nothing at
+    /// all.
+    fn apply(&mut self, n: u64, at: u64, len: u64, record: Record, seen: &mut HashSet<Piece>) {
         match record {
+            Record::Chunk => {
+                seen.insert(Piece {
+                    segment: n,
+                    offset: at + CHUNK_BODY_AT,
+                    len: u32::try_from(len.saturating_sub(CHUNK_BODY_AT)).unwrap_or(u32::MAX),
+                });
+            }
             Record::Message {
                 id,
                 envelope,
                 state,
                 body_offset,
                 body_len,
+                chunks,
+                before_tail,
             } => {
+                if let Some(c) = chunks.iter().find(|c| !seen.contains(c)) {
+                    tracing::error!(
+                        queue_id = %id,
+                        segment = c.segment,
+                        offset = c.offset,
+                        "a message's chunk is not in the spool (damaged); the message is skipped"
+                    );
+                    return;
+                }
                 let state = state.unwrap_or_else(|| DeliveryState::new(&envelope.rcpt_to));
-                let location = Location {
-                    segment: n,
-                    record: at,
-                    record_len: len,
-                    offset: body_offset,
-                    len: body_len,
-                };
+                let mut location = Location::whole(n, at, len, body_offset, body_len);
+                if let Some(first) = chunks.first() {
+                    location.first_segment = first.segment;
+                    location.before_tail = before_tail;
+                }
                 self.insert(SpooledMessage {
                     id,
                     envelope,
@@ -118,18 +142,38 @@ impl Index {
     /// Adds a message, or moves it where `m` says (a compaction copy).
     pub fn insert(&mut self, m: SpooledMessage) {
         self.unlink(&m.id);
-        let info = self.segments.entry(m.location.segment).or_default();
-        info.live.insert(m.id.clone());
-        info.live_bytes += m.location.record_len;
+        let at = m.location;
+        for n in at.segments() {
+            let info = self.segments.entry(n).or_default();
+            info.live.insert(m.id.clone());
+            // Chunk bytes counted in the first chunk's segment: close
+            // enough for when compaction is due.
+            if n == at.first_segment {
+                info.live_bytes += at.before_tail;
+            }
+            if n == at.segment {
+                info.live_bytes += at.record_len;
+            }
+        }
         self.messages.insert(m.id.clone(), m);
     }
 
-    /// Takes a message out of its segment's live set.
+    /// Takes a message out of its segments' live sets.
     fn unlink(&mut self, id: &QueueId) {
-        if let Some(old) = self.messages.get(id) {
-            if let Some(info) = self.segments.get_mut(&old.location.segment) {
+        let Some(at) = self.messages.get(id).map(|m| m.location) else {
+            return;
+        };
+        for n in at.segments() {
+            if let Some(info) = self.segments.get_mut(&n) {
                 if info.live.remove(id) {
-                    info.live_bytes = info.live_bytes.saturating_sub(old.location.record_len);
+                    let mut bytes = 0;
+                    if n == at.first_segment {
+                        bytes += at.before_tail;
+                    }
+                    if n == at.segment {
+                        bytes += at.record_len;
+                    }
+                    info.live_bytes = info.live_bytes.saturating_sub(bytes);
                 }
             }
         }
@@ -163,11 +207,13 @@ impl Index {
     }
 
     /// Takes the empty segments from the oldest on, never the one written
-    /// to, out of the index; the caller deletes their files in this order.
-    pub fn take_retired_segments(&mut self) -> Vec<(u64, SegmentInfo)> {
+    /// to nor any from `keep_from` on (chunks of messages still arriving),
+    /// out of the index; the caller deletes their files in this order.
+    pub fn take_retired_segments(&mut self, keep_from: Option<u64>) -> Vec<(u64, SegmentInfo)> {
+        let keep_from = keep_from.unwrap_or(self.current).min(self.current);
         let mut out = Vec::new();
         while let Some(entry) = self.segments.first_entry() {
-            if !entry.get().live.is_empty() || *entry.key() >= self.current {
+            if !entry.get().live.is_empty() || *entry.key() >= keep_from {
                 break;
             }
             out.push(entry.remove_entry());
@@ -213,13 +259,13 @@ impl Index {
             .iter()
             .filter_map(|id| self.messages.get(id))
             .collect();
-        victims.sort_by_key(|m| m.location.record);
+        victims.sort_by_key(|m| (m.location.segment, m.location.record));
         let mut taken = 0u64;
         let plan = victims
             .into_iter()
             .take_while(|m| {
                 let first = taken == 0;
-                taken += m.location.record_len;
+                taken += m.location.stored_len();
                 first || taken <= budget
             })
             .cloned()
