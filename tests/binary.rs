@@ -164,6 +164,18 @@ impl WorkerProcess {
     /// `ROLE WORD`: `ready`, or `waiting` for a node started with
     /// `--control` and nothing to serve yet.
     pub fn start_args(role: &str, args: &[String], logs: &Path, word: &str) -> Self {
+        Self::start_args_env(role, args, &[], logs, word)
+    }
+
+    /// [`WorkerProcess::start_args`] with `env` added to its environment
+    /// (`TZ`, `RUST_LOG`).
+    pub fn start_args_env(
+        role: &str,
+        args: &[String],
+        env: &[(&str, &str)],
+        logs: &Path,
+        word: &str,
+    ) -> Self {
         std::fs::create_dir_all(logs).unwrap();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -174,6 +186,7 @@ impl WorkerProcess {
         let child = Command::new(ferry_bin())
             .arg(role)
             .args(args)
+            .envs(env.iter().copied())
             .args(["--admin", "127.0.0.1:0", "--admin-token-file"])
             .arg(&token_file)
             .stdout(Stdio::piped())
@@ -251,6 +264,62 @@ impl WorkerProcess {
     /// absent.
     pub fn metric(&self, name_and_labels: &str) -> Option<f64> {
         metric(&self.admin, name_and_labels)
+    }
+
+    /// A balancer's `GET /backends` entry for the worker `name` (behind
+    /// its first listener).
+    pub fn backend(&self, name: &str) -> serde_json::Value {
+        let (status, body) = self.admin_call("GET", "/backends");
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["backend"] == name)
+            .unwrap_or_else(|| panic!("no backend {name} in {body}"))
+            .clone()
+    }
+
+    /// Waits (bounded by `wait`) until a balancer's view of the worker
+    /// `name` satisfies `want`; how long that took.
+    pub fn wait_backend(
+        &self,
+        name: &str,
+        wait: Duration,
+        want: impl Fn(&serde_json::Value) -> bool,
+    ) -> Duration {
+        let started = std::time::Instant::now();
+        loop {
+            let b = self.backend(name);
+            if want(&b) {
+                return started.elapsed();
+            }
+            assert!(started.elapsed() < wait, "after {wait:?}: {b}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits (bounded by `wait`) until the sample `name_and_labels` on
+    /// `/metrics` satisfies `want` (`None`: absent); its value then.
+    pub fn wait_metric(
+        &self,
+        name_and_labels: &str,
+        wait: Duration,
+        want: impl Fn(Option<f64>) -> bool,
+    ) -> Option<f64> {
+        let started = std::time::Instant::now();
+        loop {
+            let value = self.metric(name_and_labels);
+            if want(value) {
+                return value;
+            }
+            assert!(
+                started.elapsed() < wait,
+                "{name_and_labels} is {value:?} after {wait:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// The process's resident memory (VmRSS), in KiB.

@@ -63,6 +63,15 @@ impl Pki {
         ]
     }
 
+    /// The flags of a node `id` subscribed to the control plane at `url`:
+    /// `--control URL --listen LISTEN --data DATA` and [`Pki::node_flags`].
+    pub fn subscribed(&self, url: &str, id: &str, listen: &str, data: &Path) -> Vec<String> {
+        let mut args: Vec<String> = vec!["--control".into(), url.into(), "--listen".into()];
+        args.extend([listen.into(), "--data".into(), data.display().to_string()]);
+        args.extend(self.node_flags(id));
+        args
+    }
+
     pub fn ca(&self) -> PathBuf {
         self.dir.join("ca/ca.crt")
     }

@@ -6,6 +6,7 @@
 //! in-process tests use the client from here too.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+pub mod backend;
 pub mod binary;
 pub mod control;
 pub mod control_plane;
@@ -112,6 +113,25 @@ impl SmtpClient {
         self.reply().await
     }
 
+    /// One transaction: `MAIL FROM:<from>` and `RCPT TO:<to>` (each must
+    /// get its `250`), `DATA` (`354`), `body` and the final dot; returns
+    /// the reply to the end of data.
+    pub async fn send_mail(&mut self, from: &str, to: &str, body: &[u8]) -> String {
+        assert_eq!(
+            self.cmd(&format!("MAIL FROM:<{from}>")).await,
+            "250 2.1.0 Sender OK"
+        );
+        assert_eq!(
+            self.cmd(&format!("RCPT TO:<{to}>")).await,
+            "250 2.1.5 Recipient OK"
+        );
+        let data = self.cmd("DATA").await;
+        assert!(data.starts_with("354"), "{data}");
+        self.send(body).await.expect("send");
+        self.send(b".\r\n").await.expect("send");
+        self.reply().await
+    }
+
     /// True once the server has closed the connection (reads return 0).
     pub async fn is_closed(&mut self) -> bool {
         let result = tokio::time::timeout(REPLY_WAIT, async {
@@ -128,21 +148,46 @@ impl SmtpClient {
 
     /// STARTTLS, then a TLS handshake trusting `ca_pem`, for `localhost`.
     pub async fn starttls(&mut self, ca_pem: &[u8]) -> Result<String, String> {
+        self.starttls_offering(ca_pem, rustls::DEFAULT_VERSIONS)
+            .await
+    }
+
+    /// [`SmtpClient::starttls`] from a client that offers only the TLS
+    /// `versions` given (`&[&rustls::version::TLS12]`: an older device).
+    /// `Err` holds a reply other than `220`, or the handshake's error.
+    pub async fn starttls_offering(
+        &mut self,
+        ca_pem: &[u8],
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> Result<String, String> {
         let reply = self.cmd("STARTTLS").await;
         if !reply.starts_with("220") {
             return Err(reply);
         }
+        self.handshake(ca_pem, versions).await?;
+        Ok(reply)
+    }
+
+    /// The TLS handshake alone (the `220` to STARTTLS already read),
+    /// offering the TLS `versions` given, trusting `ca_pem`, for
+    /// `localhost`; `Err` holds the handshake's error.
+    pub async fn handshake(
+        &mut self,
+        ca_pem: &[u8],
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> Result<(), String> {
         let Conn::Plain(tcp) = std::mem::replace(&mut self.conn, Conn::Gone) else {
             return Err("already TLS".into());
         };
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(ca_pem)));
+        let config = client_config_offering(ca_pem, versions);
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
         let name = ServerName::try_from("localhost").unwrap();
         let tls = connector
             .connect(name, tcp)
             .await
             .map_err(|e| e.to_string())?;
         self.conn = Conn::Tls(Box::new(tls));
-        Ok(reply)
+        Ok(())
     }
 
     /// Is the connection TLS 1.3 (or 1.2)?
@@ -191,12 +236,21 @@ pub fn missing_command(what: &str, hint: &str) -> Option<String> {
 
 /// A rustls client config trusting only `ca_pem`.
 pub fn client_config(ca_pem: &[u8]) -> rustls::ClientConfig {
+    client_config_offering(ca_pem, rustls::DEFAULT_VERSIONS)
+}
+
+/// A rustls client config trusting only `ca_pem` that offers only the TLS
+/// `versions` given.
+pub fn client_config_offering(
+    ca_pem: &[u8],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> rustls::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem) {
         roots.add(cert.unwrap()).unwrap();
     }
     rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth()
@@ -211,6 +265,44 @@ pub fn make_certificate(dir: &Path) -> Vec<u8> {
     std::fs::write(dir.join("test.crt"), &pem).unwrap();
     std::fs::write(dir.join("test.key"), cert.signing_key.serialize_pem()).unwrap();
     pem.into_bytes()
+}
+
+/// A throwaway CA and a server certificate it issued.
+pub struct IssuedCertificate {
+    /// The CA's certificate (what a client trusts).
+    pub ca_pem: String,
+    /// The server's certificate.
+    pub cert_pem: String,
+    /// The server's private key.
+    pub key_pem: String,
+}
+
+/// A fresh CA and a server certificate it signs for `names` (DNS names,
+/// or IP addresses as text).
+pub fn issue_from_test_ca(names: &[&str]) -> IssuedCertificate {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "Ferry test CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let mut params = CertificateParams::new(names).unwrap();
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    IssuedCertificate {
+        ca_pem: ca.pem(),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    }
 }
 
 /// AUTH PLAIN's initial response for `user` and `password`.

@@ -3,7 +3,11 @@
 //! `perm…` gets `550 5.1.1`, anything else `250`; a message for a `slow…`
 //! recipient gets its final `250` after 300 ms. Every RCPT can be made
 //! slow too ([`SmtpSink::delay_rcpt`]), and the RCPTs each address got are
-//! counted ([`SmtpSink::rcpt_count`]).
+//! counted ([`SmtpSink::rcpt_count`]). It can greet with a refusal
+//! ([`SmtpSink::greet_with`]), offer SMTPUTF8, STARTTLS with a given
+//! certificate ([`SmtpSink::start_tls`]) and AUTH PLAIN over TLS
+//! ([`SmtpSink::require_auth`]); each message records its MAIL line, and
+//! whether its session was TLS and as whom it authenticated.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -11,8 +15,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
 /// One message as the sink got it.
 #[derive(Debug, Clone)]
@@ -21,6 +28,12 @@ pub struct SinkMessage {
     pub rcpt_to: Vec<String>,
     /// As sent (still dot-stuffed), without the final `.CRLF`.
     pub data: Vec<u8>,
+    /// The MAIL command as sent, parameters included.
+    pub mail_line: String,
+    /// Whether the session had started TLS.
+    pub tls: bool,
+    /// The user the session authenticated as.
+    pub auth: Option<String>,
 }
 
 #[derive(Clone)]
@@ -36,6 +49,20 @@ pub struct SmtpSink {
     rcpt_delay_ms: Arc<AtomicU64>,
     /// RCPT commands per address, whatever the reply.
     rcpts_seen: Arc<Mutex<HashMap<String, usize>>>,
+    /// A greeting other than `220` (then every command but QUIT is refused).
+    greeting: Arc<Mutex<Option<String>>>,
+    /// Whether EHLO offers SMTPUTF8.
+    smtputf8: Arc<AtomicBool>,
+    /// STARTTLS is offered when set.
+    tls: Option<TlsAcceptor>,
+    /// AUTH PLAIN is offered after STARTTLS, and required, when set.
+    credentials: Arc<Mutex<Option<(String, String)>>>,
+}
+
+/// How a session ended: over, or STARTTLS accepted on this stream.
+enum Ended<S> {
+    Closed,
+    StartTls(S),
 }
 
 impl SmtpSink {
@@ -45,6 +72,29 @@ impl SmtpSink {
 
     /// A sink on a given address (port 0 for any free port).
     pub async fn start_on(addr: SocketAddr) -> Self {
+        Self::start_inner(addr, None).await
+    }
+
+    /// A sink on 127.0.0.1 that offers STARTTLS with the certificate chain
+    /// and key in `cert_pem` and `key_pem`.
+    pub async fn start_tls(cert_pem: &[u8], key_pem: &[u8]) -> Self {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_slice(key_pem).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        let acceptor = TlsAcceptor::from(Arc::new(config));
+        Self::start_inner(SocketAddr::from(([127, 0, 0, 1], 0)), Some(acceptor)).await
+    }
+
+    async fn start_inner(addr: SocketAddr, tls: Option<TlsAcceptor>) -> Self {
         let listener = TcpListener::bind(addr).await.unwrap();
         let sink = SmtpSink {
             addr: listener.local_addr().unwrap(),
@@ -54,6 +104,10 @@ impl SmtpSink {
             max_size: Arc::new(AtomicUsize::new(100_000_000)),
             rcpt_delay_ms: Arc::default(),
             rcpts_seen: Arc::default(),
+            greeting: Arc::default(),
+            smtputf8: Arc::default(),
+            tls,
+            credentials: Arc::default(),
         };
         let s = sink.clone();
         tokio::spawn(async move {
@@ -62,7 +116,13 @@ impl SmtpSink {
                 tokio::spawn(async move {
                     let now = s.sessions.0.fetch_add(1, Ordering::SeqCst) + 1;
                     s.sessions.1.fetch_max(now, Ordering::SeqCst);
-                    let _ = s.serve(stream).await;
+                    if let (Ok(Ended::StartTls(tcp)), Some(acceptor)) =
+                        (s.serve(stream, false).await, &s.tls)
+                    {
+                        if let Ok(tls) = acceptor.accept(tcp).await {
+                            let _ = s.serve(tls, true).await;
+                        }
+                    }
                     s.sessions.0.fetch_sub(1, Ordering::SeqCst);
                 });
             }
@@ -73,6 +133,23 @@ impl SmtpSink {
     /// From now on `temp…` recipients are accepted too.
     pub fn accept_everything(&self) {
         self.accept_all.store(true, Ordering::SeqCst);
+    }
+
+    /// Greets new sessions with `reply` (e.g. `554 5.3.2 not now`) instead
+    /// of `220`, and refuses everything but QUIT in them.
+    pub fn greet_with(&self, reply: &str) {
+        *self.greeting.lock().unwrap() = Some(reply.to_string());
+    }
+
+    /// Offers SMTPUTF8 (RFC 6531) from now on.
+    pub fn offer_smtputf8(&self) {
+        self.smtputf8.store(true, Ordering::SeqCst);
+    }
+
+    /// Offers AUTH PLAIN once TLS is on, and refuses MAIL without it: only
+    /// `user` with `password` is accepted.
+    pub fn require_auth(&self, user: &str, password: &str) {
+        *self.credentials.lock().unwrap() = Some((user.to_string(), password.to_string()));
     }
 
     /// Advertises `SIZE max` from now on.
@@ -122,8 +199,67 @@ impl SmtpSink {
         }
     }
 
-    async fn serve(&self, mut stream: tokio::net::TcpStream) -> std::io::Result<()> {
-        stream.write_all(b"220 sink.test ESMTP\r\n").await?;
+    /// The EHLO reply: what this sink offers in a session with TLS on or
+    /// off.
+    fn ehlo(&self, tls: bool) -> String {
+        let mut lines = vec![
+            "sink.test".to_string(),
+            "PIPELINING".into(),
+            format!("SIZE {}", self.max_size.load(Ordering::SeqCst)),
+            "8BITMIME".into(),
+        ];
+        if self.smtputf8.load(Ordering::SeqCst) {
+            lines.push("SMTPUTF8".into());
+        }
+        if self.tls.is_some() && !tls {
+            lines.push("STARTTLS".into());
+        }
+        if tls && self.credentials.lock().unwrap().is_some() {
+            lines.push("AUTH PLAIN".into());
+        }
+        let last = lines.len() - 1;
+        lines
+            .iter()
+            .enumerate()
+            .map(|(i, l)| format!("250{}{l}", if i == last { ' ' } else { '-' }))
+            .collect::<Vec<_>>()
+            .join("\r\n")
+    }
+
+    /// `235` and the user for the right AUTH PLAIN line, else a refusal.
+    fn auth(&self, line: &str, tls: bool) -> (String, Option<String>) {
+        use base64::Engine;
+        let credentials = self.credentials.lock().unwrap().clone();
+        let Some((user, password)) = credentials.filter(|_| tls) else {
+            return ("503 5.5.1 AUTH not offered".into(), None);
+        };
+        let given = line
+            .split_whitespace()
+            .nth(2)
+            .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+            .unwrap_or_default();
+        if given == format!("\0{user}\0{password}").into_bytes() {
+            ("235 2.7.0 Authentication successful".into(), Some(user))
+        } else {
+            ("535 5.7.8 Authentication credentials invalid".into(), None)
+        }
+    }
+
+    /// Serves one session (`tls`: on a stream that is TLS already).
+    async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        mut stream: S,
+        tls: bool,
+    ) -> std::io::Result<Ended<S>> {
+        let refusal = self.greeting.lock().unwrap().clone();
+        if let Some(greeting) = refusal {
+            return refuse(stream, &greeting).await.map(|()| Ended::Closed);
+        }
+        if !tls {
+            stream.write_all(b"220 sink.test ESMTP\r\n").await?;
+        }
+        let mut authenticated: Option<String> = None;
+        let mut mail_line = String::new();
         let mut buf = Vec::new();
         let mut chunk = [0u8; 8192];
         let mut from = String::new();
@@ -152,6 +288,9 @@ impl SmtpSink {
                         mail_from: std::mem::take(&mut from),
                         rcpt_to: std::mem::take(&mut rcpts),
                         data,
+                        mail_line: std::mem::take(&mut mail_line),
+                        tls,
+                        auth: authenticated.clone(),
                     });
                     stream.write_all(b"250 2.0.0 queued as SINK\r\n").await?;
                     continue;
@@ -160,11 +299,20 @@ impl SmtpSink {
                 let line: Vec<u8> = buf.drain(..=lf).collect();
                 let line = String::from_utf8_lossy(&line).trim_end().to_string();
                 let upper = line.to_ascii_uppercase();
+                let must_auth = self.credentials.lock().unwrap().is_some();
                 let reply: String = if upper.starts_with("EHLO") {
-                    format!(
-                        "250-sink.test\r\n250-PIPELINING\r\n250-SIZE {}\r\n250 8BITMIME",
-                        self.max_size.load(Ordering::SeqCst)
-                    )
+                    self.ehlo(tls)
+                } else if upper == "STARTTLS" && self.tls.is_some() && !tls {
+                    stream
+                        .write_all(b"220 2.0.0 Ready to start TLS\r\n")
+                        .await?;
+                    return Ok(Ended::StartTls(stream));
+                } else if upper.starts_with("AUTH ") {
+                    let (reply, user) = self.auth(&line, tls);
+                    authenticated = user.or(authenticated);
+                    reply
+                } else if upper.starts_with("MAIL FROM:") && must_auth && authenticated.is_none() {
+                    "530 5.7.0 Authentication required".into()
                 } else if upper.starts_with("HELO")
                     || upper.starts_with("RSET")
                     || upper.starts_with("NOOP")
@@ -172,6 +320,7 @@ impl SmtpSink {
                     "250 2.0.0 OK".into()
                 } else if upper.starts_with("MAIL FROM:") {
                     from = addr_of(&line);
+                    mail_line = line.clone();
                     rcpts.clear();
                     "250 2.1.0 OK".into()
                 } else if upper.starts_with("RCPT TO:") {
@@ -202,7 +351,7 @@ impl SmtpSink {
                     "354 go ahead".into()
                 } else if upper == "QUIT" {
                     stream.write_all(b"221 2.0.0 bye\r\n").await?;
-                    return Ok(());
+                    return Ok(Ended::Closed);
                 } else {
                     "500 5.5.1 what?".into()
                 };
@@ -211,11 +360,46 @@ impl SmtpSink {
             }
             let n = stream.read(&mut chunk).await?;
             if n == 0 {
-                return Ok(());
+                return Ok(Ended::Closed);
             }
             buf.extend_from_slice(&chunk[..n]);
         }
     }
+}
+
+/// Greets with `greeting` and answers `503` to all but QUIT (RFC 5321
+/// §3.1: a server that greets with `554` waits for the client's QUIT).
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    greeting: &str,
+) -> std::io::Result<()> {
+    stream
+        .write_all(format!("{greeting}\r\n").as_bytes())
+        .await?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    // Bounded: a client gets 20 commands before the sink hangs up.
+    for _ in 0..20 {
+        while let Some(lf) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=lf).collect();
+            if String::from_utf8_lossy(&line)
+                .trim()
+                .eq_ignore_ascii_case("QUIT")
+            {
+                stream.write_all(b"221 2.0.0 bye\r\n").await?;
+                return Ok(());
+            }
+            stream
+                .write_all(b"503 5.5.1 Bad sequence of commands\r\n")
+                .await?;
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Ok(())
 }
 
 /// The path between `<` and its `>`, exactly as sent; a quoted local part

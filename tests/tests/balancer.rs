@@ -7,15 +7,21 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_tests::binary::{http, http_with, WorkerProcess};
 use ferry_tests::{free_port, SmtpClient};
 
 const WORKERS: [&str; 2] = ["127.0.0.11", "127.0.0.12"];
+/// The probes' `interval` (in ms) and `fall` in the cluster's config.
+const PROBE_INTERVAL_MS: u64 = 500;
+const FALL: u64 = 2;
 
 struct Cluster {
     _dir: tempfile::TempDir,
+    config: PathBuf,
     balancer: WorkerProcess,
     workers: Vec<WorkerProcess>,
     front: SocketAddr,
@@ -65,7 +71,7 @@ path = "mail"
 allow = ["127.0.0.0/8"]
 deny = ["127.0.0.66/32"]
 handoff_timeout = "2s"
-probe = {{ interval = "200ms", timeout = "1s", rise = 2, fall = 2 }}
+probe = {{ interval = "{PROBE_INTERVAL_MS}ms", timeout = "1s", rise = 2, fall = {FALL} }}
 
 [[balancer.listeners]]
 name = "smtp"
@@ -92,22 +98,25 @@ impl Cluster {
         let worker_port = shared_port();
         let balancer_port = free_port(ip("127.0.0.1").unwrap());
         let config = write_config(dir.path(), worker_port, balancer_port);
-        let workers = WORKERS
-            .iter()
-            .enumerate()
-            .map(|(i, addr)| {
-                let data = dir.path().join(format!("w{}", i + 1));
-                WorkerProcess::start_as(&config, addr, &data, &format!("w{}.test", i + 1))
-            })
+        let workers = (0..WORKERS.len())
+            .map(|i| Cluster::worker(dir.path(), &config, i))
             .collect();
         let balancer = WorkerProcess::balancer(&config, "127.0.0.1", dir.path());
         let front = balancer.smtp[0];
         Cluster {
             _dir: dir,
+            config,
             balancer,
             workers,
             front,
         }
+    }
+
+    /// Starts worker `i` (`w1.test` on 127.0.0.11, ...) on its data
+    /// directory under `dir`.
+    fn worker(dir: &Path, config: &Path, i: usize) -> WorkerProcess {
+        let data = dir.join(format!("w{}", i + 1));
+        WorkerProcess::start_as(config, WORKERS[i], &data, &format!("w{}.test", i + 1))
     }
 
     /// The worker that serves a session, from its EHLO reply.
@@ -122,25 +131,18 @@ impl Cluster {
     }
 
     /// Waits (bounded) until the balancer's view of `backend` satisfies
-    /// `want`; returns its JSON and how long that took.
+    /// `want`; how long that took.
     fn wait_backend(&self, backend: &str, want: impl Fn(&serde_json::Value) -> bool) -> Duration {
-        let started = Instant::now();
-        loop {
-            let (_, body) = self.balancer.admin_call("GET", "/backends");
-            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-            let b = v["backends"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|b| b["backend"] == backend)
-                .unwrap()
-                .clone();
-            if want(&b) {
-                return started.elapsed();
-            }
-            assert!(started.elapsed() < Duration::from_secs(20), "{b}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.balancer
+            .wait_backend(backend, Duration::from_secs(20), want)
+    }
+
+    /// The worker a new session through the balancer gets.
+    async fn next_worker(&self) -> String {
+        let (mut c, _) = SmtpClient::connect(self.front, ip("127.0.0.31")).await;
+        let name = Cluster::ehlo_name(&mut c).await;
+        c.cmd("QUIT").await;
+        name
     }
 }
 
@@ -194,8 +196,10 @@ async fn a_dead_worker_costs_no_client_a_connection() {
     // Four clients keep connecting, 40 sessions each; the first worker
     // dies (SIGKILL) while they do.
     let front = cl.front;
+    let done = Arc::new(AtomicUsize::new(0));
     let clients: Vec<_> = (0..4)
         .map(|k| {
+            let done = Arc::clone(&done);
             tokio::spawn(async move {
                 let mut cut = 0;
                 for i in 0..40 {
@@ -210,15 +214,28 @@ async fn a_dead_worker_costs_no_client_a_connection() {
                         "" => cut += 1,
                         other => panic!("{other}"),
                     }
+                    done.fetch_add(1, Ordering::SeqCst);
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 cut
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The kill comes once the clients are under way.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while done.load(Ordering::SeqCst) < 8 {
+        assert!(Instant::now() < deadline, "the clients did not get going");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     cl.workers[0].kill();
-    let killed_at = Instant::now();
+    // Probes mark it down within fall × interval (1 s); 400 ms more is a
+    // margin for a busy machine, short of one more probe.
+    let down_after = cl.wait_backend("w1", |b| b["up"] == false);
+    let promised = Duration::from_millis(FALL * PROBE_INTERVAL_MS);
+    assert!(
+        down_after < promised + Duration::from_millis(400),
+        "down {down_after:?} after the kill"
+    );
     let mut cut = 0;
     for c in clients {
         cut += c.await.expect("a client connection failed");
@@ -227,10 +244,6 @@ async fn a_dead_worker_costs_no_client_a_connection() {
         cut <= 4,
         "{cut} sessions cut: more than the ones open at the kill"
     );
-    // Probes mark it down within fall × interval plus one probe timeout.
-    cl.wait_backend("w1", |b| b["up"] == false);
-    let down_after = killed_at.elapsed();
-    assert!(down_after < Duration::from_secs(10), "{down_after:?}");
     let (_, metrics) = http(&cl.balancer.admin, "GET", "/metrics");
     assert!(metrics.contains(r#"ferry_balancer_backend_up{listener="smtp",backend="w1"} 0"#));
     // Not only 1 or 0: the HELP text says what a worker a reload removed
@@ -248,6 +261,17 @@ async fn a_dead_worker_costs_no_client_a_connection() {
             "{help}"
         );
     }
+
+    // Started again, it passes `rise` probes and gets sessions again.
+    cl.workers[0] = Cluster::worker(cl._dir.path(), &cl.config, 0);
+    cl.wait_backend("w1", |b| b["up"] == true && b["eligible"] == true);
+    let gauge = r#"ferry_balancer_backend_up{listener="smtp",backend="w1"}"#;
+    assert_eq!(cl.balancer.metric(gauge), Some(1.0));
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        seen.insert(cl.next_worker().await);
+    }
+    assert!(seen.contains("w1.test"), "{seen:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -270,9 +294,17 @@ async fn a_drained_worker_finishes_its_session_and_gets_no_new_ones() {
     assert_eq!(status, 401);
     let (status, _) = cl.balancer.admin_call("POST", &drain);
     assert_eq!(status, 200);
+    // /backends shows it drained, out of rotation, with its one session.
+    let v = cl.balancer.backend(&backend);
+    assert!(
+        v["up"] == true && v["draining"] == true && v["eligible"] == false && v["active"] == 1,
+        "{v}"
+    );
+    let draining =
+        format!(r#"ferry_balancer_backend_draining{{listener="smtp",backend="{backend}"}}"#);
+    assert_eq!(cl.balancer.metric(&draining), Some(1.0));
     for _ in 0..8 {
-        let (mut c, _) = SmtpClient::connect(cl.front, ip("127.0.0.31")).await;
-        assert_ne!(Cluster::ehlo_name(&mut c).await, name);
+        assert_ne!(cl.next_worker().await, name);
     }
     // The open session on the drained worker completes a message.
     assert_eq!(
@@ -288,8 +320,36 @@ async fn a_drained_worker_finishes_its_session_and_gets_no_new_ones() {
         .await
         .unwrap();
     assert!(open.reply().await.starts_with("250 2.6.0"));
+    assert_eq!(
+        open.cmd("QUIT").await,
+        "221 2.0.0 Service closing transmission channel"
+    );
+    drop(open);
+    // Its last session over, it shows "active": 0 (when an upgrade may
+    // stop it).
+    cl.wait_backend(&backend, |v| v["active"] == 0 && v["draining"] == true);
     let (status, _) = cl.balancer.admin_call("POST", "/backends/nope/drain");
     assert_eq!(status, 404);
+
+    // Undrained, it is back in rotation and gets sessions again.
+    let (status, _) = http(
+        &cl.balancer.admin,
+        "POST",
+        &format!("/backends/{backend}/undrain"),
+    );
+    assert_eq!(status, 401);
+    let (status, _) = cl
+        .balancer
+        .admin_call("POST", &format!("/backends/{backend}/undrain"));
+    assert_eq!(status, 200);
+    let v = cl.balancer.backend(&backend);
+    assert!(v["draining"] == false && v["eligible"] == true, "{v}");
+    assert_eq!(cl.balancer.metric(&draining), Some(0.0));
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        seen.insert(cl.next_worker().await);
+    }
+    assert!(seen.contains(&name), "{seen:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -433,11 +433,13 @@ async fn a_worker_that_cannot_apply_a_change_nacks_keeps_serving_and_leaves_the_
     }
 
     let devices = worker_port();
+    // Taken before the apply: the grace runs from when the control plane
+    // stores the version, which is before `ferry ctl` returns.
+    let applied = Instant::now();
     let v2 = cl.apply(
         &config(cl.ports, "Two ready", &tls_connector(devices)),
         "devices",
     );
-    let applied = Instant::now();
     greets(cl.at(0, cl.ports.relay), "220 Two ready", WAIT).await;
     greets(cl.at(0, devices), "220 Devices ready", WAIT).await;
 

@@ -201,7 +201,20 @@ address = "127.0.0.1"
     c.send(b"Subject: m\r\n\r\nbody\r\n.\r\n").await.unwrap();
     assert!(c.reply().await.starts_with("250 2.6.0"));
     c.cmd("QUIT").await;
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    // Until a probe has run and the message is delivered, some kinds of
+    // series are not there yet.
+    let wait = std::time::Duration::from_secs(20);
+    let once = |v: Option<f64>| v.is_some_and(|v| v >= 1.0);
+    balancer.wait_metric(
+        r#"ferry_balancer_probe_duration_seconds_count{backend="w1"}"#,
+        wait,
+        once,
+    );
+    worker.wait_metric(
+        r#"ferry_delivery_attempts_total{result="delivered"}"#,
+        wait,
+        once,
+    );
     for node in [&worker, &balancer] {
         let (status, page) = http(&node.admin, "GET", "/metrics");
         assert_eq!(status, 200);

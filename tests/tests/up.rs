@@ -777,3 +777,148 @@ async fn a_dead_terminal_neither_stops_nor_breaks_the_demo() {
         assert!(is_gone(*pid), "{name} ({pid}) still runs");
     }
 }
+
+/// Checks a reply against the README's walkthrough; `{n}`
+/// in `want` stands for the worker's number (the session's worker).
+fn readme(got: &str, want: &str) {
+    let ok = ["1", "2"].iter().any(|n| got == want.replace("{n}", n));
+    assert!(ok, "got {got:?}, the README shows {want:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_walkthrough_dialogues_get_the_readme_replies_and_land_in_the_folders() {
+    let up = Up::start("127.0.0.82", ["127.0.0.83", "127.0.0.84"], &[]);
+    // Its children: a control plane, two workers and a balancer, each
+    // running the subcommand of its role, each a child of ferry up.
+    for (name, pid) in &up.pids {
+        let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap();
+        let role = name.split('-').next().unwrap();
+        assert!(
+            cmdline.split('\0').any(|a| a == role),
+            "{name}: {cmdline:?}"
+        );
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let ppid: i32 = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(ppid, up.pid(), "{name}'s parent");
+    }
+    let data = up.data();
+    let smtp = SocketAddr::new(up.balancer, up.ports.0);
+    let submission = SocketAddr::new(up.balancer, up.ports.1);
+
+    // Internal relay accepted, external relay refused.
+    let (mut c, greeting) = SmtpClient::connect(smtp, Some(ip("127.0.0.1"))).await;
+    assert_eq!(greeting, "220 Ferry Default Frontend ready");
+    readme(
+        &c.cmd("EHLO printer").await,
+        "250-worker-{n}.ferry.test Hello printer\r\n250-SIZE 37748736\r\n250-PIPELINING\r\n\
+         250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 STARTTLS",
+    );
+    let dialogue = [
+        ("MAIL FROM:<printer@example.test>", "250 2.1.0 Sender OK"),
+        ("RCPT TO:<alice@example.test>", "250 2.1.5 Recipient OK"),
+        (
+            "RCPT TO:<bob@elsewhere.test>",
+            "550 5.7.54 SMTP; Unable to relay recipient in non-accepted domain",
+        ),
+        ("DATA", "354 Start mail input; end with <CRLF>.<CRLF>"),
+    ];
+    for (command, reply) in dialogue {
+        assert_eq!(c.cmd(command).await, reply, "{command}");
+    }
+    let queued = c
+        .cmd("Subject: scan done\r\n\r\nYour scan is ready.\r\n.")
+        .await;
+    queued_reply(&queued);
+    assert_eq!(
+        c.cmd("QUIT").await,
+        "221 2.0.0 Service closing transmission channel"
+    );
+
+    // Authenticated relay on the submission port, after STARTTLS.
+    let ca = std::fs::read(data.join("certs/ca.crt")).unwrap();
+    let (mut c, greeting) = SmtpClient::connect(submission, Some(ip("127.0.0.1"))).await;
+    assert_eq!(greeting, "220 Ferry Client Frontend ready");
+    assert!(c.cmd("EHLO scanner").await.ends_with("\r\n250 STARTTLS"));
+    let auth = format!("AUTH PLAIN {}", ferry_tests::plain("scanner", "ferry-demo"));
+    assert_eq!(
+        c.cmd(&auth).await,
+        "530 5.7.0 Must issue a STARTTLS command first"
+    );
+    c.starttls(&ca).await.unwrap();
+    let ehlo = c.cmd("EHLO scanner").await;
+    readme(
+        ehlo.lines().next().unwrap(),
+        "250-worker-{n}.ferry.test Hello scanner",
+    );
+    assert!(ehlo.ends_with("\r\n250 AUTH PLAIN LOGIN"), "{ehlo}");
+    let dialogue = [
+        (auth.as_str(), "235 2.7.0 Authentication successful"),
+        (
+            "MAIL FROM:<ceo@elsewhere.test>",
+            "550 5.7.1 Sender <ceo@elsewhere.test> is not allowed for user scanner",
+        ),
+        ("MAIL FROM:<scanner@example.test>", "250 2.1.0 Sender OK"),
+        ("RCPT TO:<someone@elsewhere.test>", "250 2.1.5 Recipient OK"),
+        ("DATA", "354 Start mail input; end with <CRLF>.<CRLF>"),
+    ];
+    for (command, reply) in dialogue {
+        assert_eq!(c.cmd(command).await, reply, "{command}");
+    }
+    queued_reply(&c.cmd("Subject: scan\r\n\r\nhello\r\n.").await);
+    assert_eq!(
+        c.cmd("QUIT").await,
+        "221 2.0.0 Service closing transmission channel"
+    );
+
+    // Anonymous relay from 127.0.0.30: the most specific range wins.
+    let (mut c, greeting) = SmtpClient::connect(smtp, Some(ip("127.0.0.30"))).await;
+    assert_eq!(greeting, "220 Ferry Anon Relay ready");
+    readme(
+        &c.cmd("HELO app").await,
+        "250 worker-{n}.ferry.test Hello app",
+    );
+    assert_eq!(
+        c.cmd("MAIL FROM:<app@example.test>").await,
+        "250 2.1.0 Sender OK"
+    );
+    assert_eq!(
+        c.cmd("RCPT TO:<someone@elsewhere.test>").await,
+        "250 2.1.5 Recipient OK"
+    );
+    c.cmd("QUIT").await;
+
+    // Delivered along the example's routes: folders under the data dir.
+    for (folder, text) in [
+        (
+            "mail/example.test",
+            "Subject: scan done\r\n\r\nYour scan is ready.\r\n",
+        ),
+        ("mail/outside", "Subject: scan\r\n\r\nhello\r\n"),
+    ] {
+        let folder = data.join(folder);
+        wait_until(&format!("{text:?} in {}", folder.display()), || {
+            std::fs::read_dir(&folder)
+                .is_ok_and(|d| d.flatten().any(|e| read(&e.path()).ends_with(text)))
+        });
+    }
+}
+
+/// `250 2.6.0 ID Queued mail for delivery`, ID being 20 hex digits.
+fn queued_reply(reply: &str) {
+    let id = reply
+        .strip_prefix("250 2.6.0 ")
+        .and_then(|r| r.strip_suffix(" Queued mail for delivery"))
+        .unwrap_or_else(|| panic!("{reply}"));
+    assert!(
+        id.len() == 20 && id.chars().all(|c| c.is_ascii_hexdigit()),
+        "{reply}"
+    );
+}

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use ferry_tests::binary::{ferry_bin, http, WorkerProcess};
-use ferry_tests::{free_port, make_certificate, plain, spooled, SmtpClient};
+use ferry_tests::{free_port, make_certificate, plain, SmtpClient};
 
 const LISTEN: &str = "127.0.0.1";
 
@@ -158,10 +158,11 @@ async fn worker_process_relays_reports_and_drains() {
     c.cmd("EHLO scanner").await;
     c.starttls(&ca).await.unwrap();
     c.cmd("EHLO scanner").await;
-    assert!(c
-        .cmd(&format!("AUTH PLAIN {}", plain("scanner", "nope")))
-        .await
-        .starts_with("535 5.7.8"));
+    assert_eq!(
+        c.cmd(&format!("AUTH PLAIN {}", plain("scanner", "nope")))
+            .await,
+        "535 5.7.8 Authentication credentials invalid"
+    );
     assert!(c
         .cmd(&format!("AUTH PLAIN {}", plain("scanner", "pw-e2e")))
         .await
@@ -242,8 +243,8 @@ async fn worker_process_relays_reports_and_drains() {
     assert!(!log.contains('\x1b'), "colour codes in the log file");
 
     // Mail for example.test was delivered to its folder; the scanner's
-    // message for the outside world waits for its next hop, and is still
-    // in the spool after a restart.
+    // message for the outside world waits for its next hop, and the
+    // restarted worker still has it queued.
     let mailbox: Vec<String> = std::fs::read_dir(dir.path().join("mailbox"))
         .unwrap()
         .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
@@ -252,12 +253,22 @@ async fn worker_process_relays_reports_and_drains() {
     assert!(mailbox[0].contains("X-Ferry-Rcpt-To: <alice@example.test>\r\n"));
     assert!(mailbox[0].ends_with("Subject: one\r\n\r\nfrom the printer\r\n"));
     let w = WorkerProcess::start(&config, LISTEN, &data);
-    let spool = spooled(&data);
-    assert_eq!(spool.len(), 1);
-    assert_eq!(spool[0].0["user"], "scanner");
-    assert_eq!(
-        spool[0].0["rcpt_to"],
-        serde_json::json!(["x@elsewhere.test"])
+    let (ok, listing) = queue_cmd(&w, &["list"]);
+    assert!(ok && listing.ends_with("\n1 message\n"), "{listing}");
+    let id = listing
+        .lines()
+        .nth(1)
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap();
+    let (ok, shown) = queue_cmd(&w, &["show", id]);
+    assert!(ok, "{shown}");
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(shown["user"], "scanner");
+    assert_eq!(shown["sender"], "scanner@example.test");
+    assert_eq!(shown["recipients"][0]["address"], "x@elsewhere.test");
+    assert!(
+        ["queued", "deferred"].contains(&shown["recipients"][0]["state"].as_str().unwrap()),
+        "{shown}"
     );
     drop(w);
 }
@@ -307,6 +318,20 @@ fn worker_fails_to_start(config: &Path, dir: &Path) -> String {
         .unwrap();
     assert!(!out.status.success(), "the worker started");
     String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+/// Runs `ferry queue ARGS` until its output passes `done` (bounded: 20 s);
+/// that output, or `None`.
+fn poll_queue(w: &WorkerProcess, args: &[&str], done: impl Fn(&str) -> bool) -> Option<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
+        let (ok, out) = queue_cmd(w, args);
+        if ok && done(&out) {
+            return Some(out);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
 }
 
 /// Runs `ferry queue ...` with the worker's token; returns (success,
@@ -412,7 +437,19 @@ async fn queue_administration_through_the_admin_endpoint() {
         .unwrap()
         .starts_with("451 4.4.0 connection to 127.0.0.1:"));
 
+    // A retry is an attempt now (the next one was minutes away): the
+    // count goes up.
+    let attempts = shown["attempts"].as_u64().unwrap();
+    assert_eq!(attempts, 1, "{shown}");
     assert!(queue_cmd(&w, &["retry", &ids[0]]).0);
+    assert!(
+        poll_queue(&w, &["show", &ids[0]], |out| {
+            serde_json::from_str::<serde_json::Value>(out)
+                .is_ok_and(|v| v["attempts"].as_u64() == Some(attempts + 1))
+        })
+        .is_some(),
+        "ferry queue retry made no attempt"
+    );
     // Bounce the first: the sender hears of it; delete the second quietly.
     assert!(queue_cmd(&w, &["bounce", &ids[0]]).0);
     assert!(queue_cmd(&w, &["delete", &ids[1]]).0);
@@ -451,6 +488,18 @@ async fn queue_administration_through_the_admin_endpoint() {
     })
     .await;
     assert!(out.is_ok(), "the queue did not empty");
+    // The bounce of the first is delivered and nothing else is queued: the
+    // deleted second got none.
+    let bounced: Vec<String> = std::fs::read_dir(dir.path().join("mailbox"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.unwrap().path()).ok())
+        .filter_map(|t| {
+            t.lines()
+                .find(|l| l.starts_with("Subject: Undeliverable"))
+                .map(String::from)
+        })
+        .collect();
+    assert_eq!(bounced, ["Subject: Undeliverable: first"]);
     // The delete is in the tracking log, with the recipient it dropped.
     let deleted = tokio::time::timeout(Duration::from_secs(20), async {
         loop {

@@ -83,6 +83,7 @@ pub(crate) struct RawRoute {
     pub next_hops: Vec<Spanned<String>>,
     pub tls: Option<Spanned<String>>,
     pub verify_certificates: Option<bool>,
+    pub ca_file: Option<Spanned<String>>,
     pub auth: Option<RawSmarthostAuth>,
     pub path: Option<Spanned<String>>,
     pub port: Option<Spanned<u16>>,
@@ -271,6 +272,7 @@ impl RawRoute {
             next_hops: t.or_default(r, "next_hops"),
             tls: t.opt(r, "tls"),
             verify_certificates: t.opt(r, "verify_certificates"),
+            ca_file: t.opt(r, "ca_file"),
             auth: t
                 .table(r, "auth", |r, t| RawSmarthostAuth {
                     username: t.req(r, "username"),

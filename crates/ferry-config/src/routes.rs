@@ -146,6 +146,9 @@ pub enum RouteAction {
         next_hops: Vec<NextHop>,
         tls: TlsPolicy,
         verify_certificates: bool,
+        /// Trust only the CA certificates in this PEM file (a private CA)
+        /// instead of the web PKI's roots; only with `verify_certificates`.
+        ca_file: Option<PathBuf>,
         /// AUTH PLAIN towards a smarthost (only ever over TLS).
         auth: Option<(String, String)>,
     },
@@ -158,6 +161,8 @@ pub enum RouteAction {
         tls: TlsPolicy,
         /// Checked against the exchanger's host name from the MX record.
         verify_certificates: bool,
+        /// As for `Smtp`.
+        ca_file: Option<PathBuf>,
     },
     /// Write each message as an `.eml` file, envelope in `X-Ferry-*` headers.
     Directory(PathBuf),

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -297,10 +297,12 @@ fn route(c: &mut Checker<'_>, r: &RawRoute, base_dir: &Path) -> Option<Route> {
                     "smarthost auth needs tls = \"required\": passwords never go in clear",
                 );
             }
+            let verify_certificates = r.verify_certificates.unwrap_or(true);
             RouteAction::Smtp {
                 next_hops,
                 tls,
-                verify_certificates: r.verify_certificates.unwrap_or(true),
+                verify_certificates,
+                ca_file: ca_file(c, r, verify_certificates, base_dir),
                 auth: r
                     .auth
                     .as_ref()
@@ -320,10 +322,12 @@ fn route(c: &mut Checker<'_>, r: &RawRoute, base_dir: &Path) -> Option<Route> {
                     "an mx route cannot authenticate; use an smtp route to a smarthost",
                 );
             }
+            let verify_certificates = r.verify_certificates.unwrap_or(false);
             RouteAction::Mx {
                 port: r.port.as_ref().map_or(25, |p| *p.get_ref()),
                 tls: tls_policy(c, r),
-                verify_certificates: r.verify_certificates.unwrap_or(false),
+                verify_certificates,
+                ca_file: ca_file(c, r, verify_certificates, base_dir),
             }
         }
         "directory" => match &r.path {
@@ -348,7 +352,33 @@ fn route(c: &mut Checker<'_>, r: &RawRoute, base_dir: &Path) -> Option<Route> {
     if let (Some(p), false) = (&r.port, matches!(action, RouteAction::Mx { .. })) {
         c.err(p, "port is for mx routes; give smtp next hops as host:port");
     }
+    if let (Some(p), RouteAction::Directory(_)) = (&r.ca_file, &action) {
+        c.err(p, "ca_file is for smtp and mx routes");
+    }
     Some(Route { domains, action })
+}
+
+/// The route's `ca_file`, relative to the config's folder; it only means
+/// something when certificates are verified. (Whether the file holds a
+/// certificate is the worker's check, when it builds its TLS material.)
+fn ca_file(
+    c: &mut Checker<'_>,
+    r: &RawRoute,
+    verify_certificates: bool,
+    base_dir: &Path,
+) -> Option<PathBuf> {
+    let p = r.ca_file.as_ref()?;
+    if p.get_ref().trim().is_empty() {
+        c.err(p, "ca_file needs a path, not an empty one");
+        return None;
+    }
+    if !verify_certificates {
+        c.err(
+            p,
+            "ca_file is trusted only where certificates are verified: set verify_certificates = true",
+        );
+    }
+    Some(base_dir.join(p.get_ref()))
 }
 
 fn tls_policy(c: &mut Checker<'_>, r: &RawRoute) -> TlsPolicy {

@@ -252,6 +252,54 @@ dns_servers = ["127.0.0.1:5353", "resolver.example.test"]
 }
 
 #[test]
+fn a_ca_file_is_only_for_routes_that_verify_certificates() {
+    let text = r#"
+[[routes]]
+domains = ["smarthost.test"]
+type = "smtp"
+next_hops = ["relay.example.test"]
+verify_certificates = false
+ca_file = "certs/ca.pem"
+
+[[routes]]
+domains = ["*"]
+type = "mx"
+ca_file = "certs/ca.pem"
+
+[[routes]]
+domains = ["example.test"]
+type = "directory"
+path = "mail"
+ca_file = "certs/ca.pem"
+"#;
+    let why =
+        "ca_file is trusted only where certificates are verified: set verify_certificates = true";
+    assert_eq!(
+        errors(text),
+        [
+            format!("7:11: {why}"),
+            format!("12:11: {why}"),
+            "18:11: ca_file is for smtp and mx routes".into(),
+        ]
+    );
+    let text = r#"
+[[routes]]
+domains = ["smarthost.test"]
+type = "smtp"
+next_hops = ["relay.example.test"]
+ca_file = "certs/ca.pem"
+"#;
+    let config = ClusterConfig::parse("ok.toml", text, Path::new("/etc/ferry")).unwrap();
+    let ferry_config::RouteAction::Smtp { ca_file, .. } = &config.routes[0].action else {
+        panic!("{:?}", config.routes[0].action);
+    };
+    assert_eq!(
+        ca_file.as_deref(),
+        Some(Path::new("/etc/ferry/certs/ca.pem"))
+    );
+}
+
+#[test]
 fn mx_route_defaults() {
     let text = r#"
 [[routes]]
@@ -268,6 +316,7 @@ dns_servers = ["127.0.0.1", "[::1]:5353"]
             port: 25,
             tls: ferry_config::TlsPolicy::Opportunistic,
             verify_certificates: false,
+            ca_file: None,
         }
     );
     assert_eq!(

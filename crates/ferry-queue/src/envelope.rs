@@ -9,8 +9,14 @@ use serde::{Deserialize, Serialize};
 /// A queue id: 20 hex digits, unique per node, and in the order the ids
 /// were made (microseconds since 1970, bumped past the last one made, then
 /// four random digits).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct QueueId(String);
+///
+/// Held as its 20 ASCII digits, inline: the queue's index and the delivery
+/// schedule keep one or two per queued message, and a `String` would cost
+/// a heap allocation and 24 more bytes each time. Serialized as the string.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct QueueId([u8; ID_DIGITS]);
+
+const ID_DIGITS: usize = 20;
 
 impl QueueId {
     pub fn new() -> Self {
@@ -26,18 +32,37 @@ impl QueueId {
                 Err(seen) => last = seen,
             }
         };
-        QueueId(format!("{stamp:016X}{:04X}", rand::random::<u16>()))
+        let digits = format!("{stamp:016X}{:04X}", rand::random::<u16>());
+        // Always 20 digits: the stamp's 16 cover every u64.
+        Self::parse(&digits).unwrap_or(QueueId([b'0'; ID_DIGITS]))
     }
 
     /// Accepts only what `new` makes, so an id can name a file safely; in
     /// any case, since people type and copy ids (`new` makes upper case).
     pub fn parse(s: &str) -> Option<Self> {
-        (s.len() == 20 && s.bytes().all(|b| b.is_ascii_hexdigit()))
-            .then(|| QueueId(s.to_ascii_uppercase()))
+        let digits: [u8; ID_DIGITS] = s.as_bytes().try_into().ok()?;
+        digits
+            .iter()
+            .all(u8::is_ascii_hexdigit)
+            .then(|| QueueId(digits.map(|b| b.to_ascii_uppercase())))
     }
 
     pub fn as_str(&self) -> &str {
-        &self.0
+        // Only ASCII hex digits get in (`parse`).
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl Serialize for QueueId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for QueueId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        QueueId::parse(&s).ok_or_else(|| serde::de::Error::custom("a queue id is 20 hex digits"))
     }
 }
 
@@ -49,7 +74,13 @@ impl Default for QueueId {
 
 impl fmt::Display for QueueId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for QueueId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
     }
 }
 

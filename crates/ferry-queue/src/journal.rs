@@ -30,9 +30,16 @@
 //! chunk's to its commit record's; compaction copies it chunk by chunk.
 //! Chunks no commit names (a session gone mid-DATA, a crash) are dead
 //! bytes: recovery passes over them and they keep no segment.
+//!
+//! In memory the journal keeps an index ([`index`]): per live message
+//! only where its records are and when it is due, not its envelope and
+//! state, which are read back from the spool when needed ([`lookup`]).
 
 mod committer;
+#[cfg(test)]
+mod group_commit_tests;
 mod index;
+mod lookup;
 mod record;
 #[cfg(test)]
 mod sim;
@@ -49,7 +56,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use committer::{Committer, Effect, Job, Request};
-use index::Index;
+use index::{Index, Schedule};
 use record::{Record, HEADER, MAX_RECORD};
 use storage::{Dir, Reader, Storage};
 pub use stream::{MessageWriter, SpooledBody, CHUNK_SIZE};
@@ -60,6 +67,10 @@ use crate::{MessageSink, Spool, SpoolError, StoreFuture};
 
 /// A new segment is started past this size.
 pub const SEGMENT_SIZE: u64 = 64 * 1024 * 1024;
+
+/// How often a read looks a message up again after finding its segment
+/// gone (a compaction moved it meanwhile).
+const MOVES: usize = 3;
 
 /// Where a message's record and bytes are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,7 +122,8 @@ impl Location {
     }
 }
 
-/// A message in the spool.
+/// A message in the spool, its envelope and latest delivery state read
+/// back from it ([`Journal::message`]).
 #[derive(Debug, Clone)]
 pub struct SpooledMessage {
     pub id: QueueId,
@@ -119,6 +131,17 @@ pub struct SpooledMessage {
     /// The latest recorded delivery state.
     pub state: DeliveryState,
     location: Location,
+}
+
+/// The queue at a glance, from the index alone (no disk read).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueCounts {
+    /// Live messages.
+    pub messages: usize,
+    /// Of them, tried at least once.
+    pub deferred: usize,
+    /// The oldest one (queue ids are in the order they were made).
+    pub oldest: Option<QueueId>,
 }
 
 impl SpooledMessage {
@@ -169,8 +192,6 @@ fn segment_name(n: u64) -> String {
 
 /// A segment read back.
 struct SegmentScan {
-    /// Each whole record with its offset and length.
-    records: Vec<(u64, u64, Record)>,
     /// Where the last whole record ends.
     good_end: u64,
     /// The file's size.
@@ -178,14 +199,20 @@ struct SegmentScan {
 }
 
 /// Reads the records of one segment, up to the first that is torn or
-/// damaged.
-fn read_segment(storage: &dyn Storage, name: &str) -> io::Result<SegmentScan> {
+/// damaged, handing each whole one to `each` with its offset and length
+/// as it is read: a segment's records (decoded envelopes and states) are
+/// never all held at once, which would leave a restarted worker's heap
+/// with tens of megabytes it no longer uses.
+fn read_segment(
+    storage: &dyn Storage,
+    name: &str,
+    mut each: impl FnMut(u64, u64, Record),
+) -> io::Result<SegmentScan> {
     let file = storage.open(name)?;
     let size = file.len()?;
     // A buffer of at most 1 MiB, no larger than the segment.
     let buffer = usize::try_from(size).map_or(1 << 20, |s| s.clamp(HEADER, 1 << 20));
     let mut file = io::BufReader::with_capacity(buffer, Reader::new(file));
-    let mut records = Vec::new();
     let mut offset = 0u64;
     let mut head = [0u8; HEADER];
     loop {
@@ -210,7 +237,7 @@ fn read_segment(storage: &dyn Storage, name: &str) -> io::Result<SegmentScan> {
         // skip it, loudly, rather than take it for a torn tail and cut
         // every acknowledged record after it.
         match record::decode(&payload, offset + HEADER as u64) {
-            Some(r) => records.push((offset, end - offset, r)),
+            Some(r) => each(offset, end - offset, r),
             None => tracing::error!(
                 segment = name,
                 offset,
@@ -220,7 +247,6 @@ fn read_segment(storage: &dyn Storage, name: &str) -> io::Result<SegmentScan> {
         offset = end;
     }
     Ok(SegmentScan {
-        records,
         good_end: offset,
         size,
     })
@@ -243,8 +269,11 @@ pub fn scan(data_dir: &Path) -> io::Result<Vec<(QueueId, StoredEnvelope, Vec<u8>
     let storage = Dir::at(&data_dir.join("spool"));
     Index::replay(&storage, false)?
         .messages
-        .into_values()
-        .map(|m| Ok((m.id, m.envelope, read_body(&storage, &m.location)?)))
+        .iter()
+        .map(|(id, entry)| {
+            let m = lookup::load(&storage, id, entry)?;
+            Ok((m.id, m.envelope, read_body(&storage, &m.location)?))
+        })
         .collect()
 }
 
@@ -255,8 +284,12 @@ fn read_body(storage: &dyn Storage, at: &Location) -> io::Result<Vec<u8>> {
 /// The delivery state of every live message (for tests and inspection),
 /// as a restart would read it back. Reads without changing the spool.
 pub fn scan_states(data_dir: &Path) -> io::Result<Vec<DeliveryState>> {
-    let index = Index::replay(&Dir::at(&data_dir.join("spool")), false)?;
-    Ok(index.messages.into_values().map(|m| m.state).collect())
+    let storage = Dir::at(&data_dir.join("spool"));
+    Index::replay(&storage, false)?
+        .messages
+        .iter()
+        .map(|(id, entry)| Ok(lookup::load(&storage, id, entry)?.state))
+        .collect()
 }
 
 /// Bytes in the spool that are not whole, valid records (a torn write at
@@ -265,7 +298,7 @@ pub fn damaged_bytes(data_dir: &Path) -> io::Result<u64> {
     let storage = Dir::at(&data_dir.join("spool"));
     let mut bad = 0;
     for n in segments(&storage)? {
-        let scan = read_segment(&storage, &segment_name(n))?;
+        let scan = read_segment(&storage, &segment_name(n), |_, _, _| {})?;
         bad += scan.size - scan.good_end;
     }
     Ok(bad)
@@ -330,9 +363,50 @@ impl Journal {
         lock(&self.shared.arrivals_rx).take()
     }
 
-    /// The live messages, oldest first.
-    pub fn messages(&self) -> Vec<SpooledMessage> {
-        self.index().messages.values().cloned().collect()
+    /// Every live message, oldest first, each read from the spool (for
+    /// tests and inspection: it reads every envelope; see
+    /// [`Journal::message`]).
+    ///
+    /// # Errors
+    /// As [`Journal::message`]; a message retired meanwhile is left out.
+    pub fn messages(&self) -> io::Result<Vec<SpooledMessage>> {
+        let ids = self.ids();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in &ids {
+            out.extend(self.message(id)?);
+        }
+        Ok(out)
+    }
+
+    /// Whether `id` is a live message.
+    pub fn contains(&self, id: &QueueId) -> bool {
+        self.index().messages.contains_key(id)
+    }
+
+    /// The ids of the live messages, oldest first.
+    pub fn ids(&self) -> Vec<QueueId> {
+        self.index().messages.keys().cloned().collect()
+    }
+
+    /// Every live message's id and next attempt (Unix seconds; 0: not
+    /// tried yet), for a scheduler to start from.
+    pub fn due_times(&self) -> Vec<(QueueId, i64)> {
+        self.index()
+            .messages
+            .iter()
+            .map(|(id, m)| (id.clone(), m.next_attempt))
+            .collect()
+    }
+
+    /// How many messages are queued, how many of them deferred, and the
+    /// oldest.
+    pub fn counts(&self) -> QueueCounts {
+        let index = self.index();
+        QueueCounts {
+            messages: index.messages.len(),
+            deferred: index.tried,
+            oldest: index.messages.keys().next().cloned(),
+        }
     }
 
     /// Reads a message's bytes, from wherever it is now (compaction may
@@ -353,10 +427,10 @@ impl Journal {
     /// A segment cannot be opened or the message's record read.
     pub fn open_body(&self, m: &SpooledMessage) -> io::Result<SpooledBody> {
         let mut at = m.location;
-        // A segment can go between the look-up and the opening (its
-        // messages were just moved): look again. Bounded: a move takes a
-        // whole compaction step.
-        for _ in 0..3 {
+        // A segment can go between the look-up and the read (its messages
+        // were just moved): look again. Bounded: a move takes a whole
+        // compaction step.
+        for _ in 0..MOVES {
             if let Some(now) = self.index().messages.get(&m.id) {
                 at = now.location;
             }
@@ -418,13 +492,30 @@ impl Journal {
     /// The record could not be written and flushed.
     pub async fn record_state(&self, id: &QueueId, state: &DeliveryState) -> io::Result<()> {
         let payload = record::encode_state(id, state)?;
-        self.append(payload, Effect::State(id.clone(), state.clone()))
+        self.append(payload, Effect::State(id.clone(), Schedule::of(state)))
             .await
     }
 
-    /// One live message.
-    pub fn message(&self, id: &QueueId) -> Option<SpooledMessage> {
-        self.index().messages.get(id).cloned()
+    /// One live message, its envelope and latest delivery state read from
+    /// the spool (two small reads: the front of its record, and its latest
+    /// state record); `None` if it is not (or no longer) in the spool.
+    ///
+    /// # Errors
+    /// Its records cannot be read, or do not decode.
+    pub fn message(&self, id: &QueueId) -> io::Result<Option<SpooledMessage>> {
+        // As in `body`: a compaction may move it and delete the segment
+        // read between the look-up and the read.
+        let mut last = None;
+        for _ in 0..MOVES {
+            let Some(entry) = self.index().messages.get(id).copied() else {
+                return Ok(None);
+            };
+            match lookup::load(&*self.shared.storage, id, &entry) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => last = Some(e),
+                other => return other.map(Some),
+            }
+        }
+        Err(last.unwrap_or_else(|| io::ErrorKind::NotFound.into()))
     }
 
     /// Retires a message (delivered or bounced): durable before it returns.
@@ -486,8 +577,6 @@ impl Journal {
         let body_at = payload.len() as u64 - body_len;
         let effect = Effect::Store {
             id: id.clone(),
-            state: DeliveryState::new(&envelope.rcpt_to),
-            envelope,
             body_at,
             body_len,
             spanned: None,

@@ -24,7 +24,7 @@ use std::future::Future;
 use std::pin::Pin;
 
 pub use envelope::{QueueId, StoredEnvelope};
-pub use journal::{Journal, MessageWriter, SpooledBody, SpooledMessage, CHUNK_SIZE};
+pub use journal::{Journal, MessageWriter, QueueCounts, SpooledBody, SpooledMessage, CHUNK_SIZE};
 pub use state::{DeliveryState, RecipientState, RecipientStatus};
 
 /// Why a message could not be stored. Every variant is temporary for the

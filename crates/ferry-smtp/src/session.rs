@@ -220,6 +220,12 @@ impl ServerSession {
         self.input.len()
     }
 
+    /// Octets of memory the input buffer holds (its capacity, not what it
+    /// holds now): 0 while the session waits for a command.
+    pub fn buffer_capacity(&self) -> usize {
+        self.input.capacity()
+    }
+
     pub fn is_closed(&self) -> bool {
         matches!(self.phase, Phase::Closed)
     }
@@ -246,7 +252,7 @@ impl ServerSession {
             Some(Pending::StartTls) if ok => {
                 // RFC 3207 §4.2: forget everything learnt in clear, and
                 // drop any command pipelined after STARTTLS.
-                self.input.clear();
+                self.input = Vec::new();
                 self.helo = None;
                 self.reset_transaction();
                 self.phase = Phase::Connected;
@@ -265,13 +271,27 @@ impl ServerSession {
     /// Ends the session now (timeouts, shutdown).
     pub fn close(&mut self) {
         self.phase = Phase::Closed;
-        self.input.clear();
+        self.input = Vec::new();
     }
 
     fn reset_transaction(&mut self) {
         self.envelope = Envelope::default();
         if !matches!(self.phase, Phase::Connected | Phase::Closed) {
             self.phase = Phase::Ready;
+        }
+    }
+
+    /// Gives back the input buffer's memory while the session waits for a
+    /// command: an idle session holds no buffer, and one long line (up to
+    /// [`MAX_AUTH_LINE`] octets, or an over-long one being skipped) or a
+    /// pipelined batch does not keep its capacity for the session's life.
+    fn release_input(&mut self) {
+        if self.input.is_empty() {
+            self.input = Vec::new();
+        } else if self.input.capacity() > MAX_COMMAND_LINE
+            && self.input.capacity() > 2 * self.input.len()
+        {
+            self.input.shrink_to_fit();
         }
     }
 
@@ -309,6 +329,7 @@ impl ServerSession {
             if self.skipping_line {
                 self.input.clear();
             }
+            self.release_input();
             return None;
         };
         let line: Vec<u8> = self.input.drain(..=lf).collect();

@@ -373,3 +373,42 @@ fn auth_plain_with_an_empty_initial_response() {
     let (out, _) = run(&mut s, b"AUTH LOGIN =\r\n");
     assert!(out.ends_with("334 UGFzc3dvcmQ6\r\n"), "{out}");
 }
+
+/// A session waiting for a command holds no input buffer, whatever came
+/// before: a 12 KB AUTH line, a 40 KB over-long line, a pipelined batch.
+/// Each still gets its reply, and the session goes on afterwards.
+#[test]
+fn a_waiting_session_holds_no_input_buffer_after_long_lines() {
+    let mut s = ServerSession::new(config());
+    assert_eq!(s.buffer_capacity(), 0);
+    let (out, _) = run(&mut s, b"EHLO x\r\n");
+    assert!(out.ends_with("250 STARTTLS\r\n"), "{out}");
+    assert_eq!(s.buffer_capacity(), 0, "after EHLO");
+    // Just under the AUTH line limit: answered (530: AUTH needs TLS here).
+    let mut auth = b"AUTH PLAIN ".to_vec();
+    auth.extend(std::iter::repeat_n(b'A', 12_000));
+    auth.extend(b"\r\n");
+    let (out, _) = run(&mut s, &auth);
+    assert_eq!(out, "530 5.7.0 Must issue a STARTTLS command first\r\n");
+    assert_eq!(s.buffer_capacity(), 0, "after a 12 KB AUTH line");
+    // Over the limit, in 4 KB reads as they come off a socket.
+    let long = vec![b'x'; 40 * 1024];
+    let mut out = String::new();
+    for chunk in long.chunks(4096) {
+        out.push_str(&run(&mut s, chunk).0);
+        assert!(s.buffer_capacity() <= 2 * 4096, "{}", s.buffer_capacity());
+    }
+    assert_eq!(out, "500 5.5.2 Line too long\r\n");
+    let (out, _) = run(&mut s, b"\r\nNOOP\r\nNOOP\r\nRSET\r\n");
+    assert_eq!(
+        out,
+        "250 2.0.0 OK\r\n250 2.0.0 OK\r\n250 2.0.0 Resetting\r\n"
+    );
+    assert_eq!(s.buffer_capacity(), 0, "after the batch");
+    // A partial line is kept until its end arrives.
+    let (out, _) = run(&mut s, b"NO");
+    assert_eq!(out, "");
+    let (out, _) = run(&mut s, b"OP\r\n");
+    assert_eq!(out, "250 2.0.0 OK\r\n");
+    assert_eq!(s.buffer_capacity(), 0);
+}

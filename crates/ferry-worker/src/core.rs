@@ -70,6 +70,8 @@ impl Core {
             << 8;
         crate::metric::describe();
         crate::metric::register_auth();
+        crate::metric::register_alerted();
+        crate::metric::register_connectors(&snapshot.config);
         let auth = Authenticator::new(&snapshot.config);
         Self {
             auth,
@@ -97,6 +99,7 @@ impl Core {
     /// of users it changes or removes.
     pub(crate) fn swap(&self, snapshot: Arc<WorkerSnapshot>) {
         self.auth.configure(&snapshot.config);
+        crate::metric::register_connectors(&snapshot.config);
         self.snapshot.store(snapshot);
     }
 

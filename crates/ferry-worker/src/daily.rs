@@ -104,8 +104,13 @@ impl DailyFile {
 
     /// Queues one whole line (with its line end) for the file of today.
     pub(crate) fn append(&self, line: String) {
+        self.append_on(Utc::now().date_naive(), line);
+    }
+
+    /// Queues one whole line for the file of `day` (UTC).
+    pub(crate) fn append_on(&self, day: NaiveDate, line: String) {
         let Some(tx) = &self.tx else { return };
-        let msg = Msg::Line(Utc::now().date_naive(), line);
+        let msg = Msg::Line(day, line);
         match tx.try_send(msg) {
             Ok(()) => {}
             Err(TrySendError::Full(msg)) => match self.overflow {
@@ -248,13 +253,19 @@ mod tests {
         "#header\n".into()
     }
 
+    /// The day the tests log on: a fixed one, so that no run breaks at
+    /// midnight.
+    fn day() -> NaiveDate {
+        NaiveDate::from_ymd_opt(2025, 12, 31).unwrap()
+    }
+
     /// A log whose file of today is a FIFO nobody reads yet: its writer
     /// blocks on it like on a stuck disk. (The file exists, so it gets no
     /// header.)
     fn stuck(overflow: Overflow, capacity: usize) -> (tempfile::TempDir, Arc<DailyFile>, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let log = DailyFile::new(dir.path().into(), "T", "log", header, overflow, capacity);
-        let path = log.path_for(Utc::now().date_naive());
+        let path = log.path_for(day());
         let made = std::process::Command::new("mkfifo")
             .arg(&path)
             .status()
@@ -282,7 +293,7 @@ mod tests {
         let writer = Arc::clone(&log);
         let sender = std::thread::spawn(move || {
             for i in 0..50 {
-                writer.append(format!("line {i}\n"));
+                writer.append_on(day(), format!("line {i}\n"));
             }
         });
         std::thread::sleep(Duration::from_millis(200));
@@ -299,7 +310,7 @@ mod tests {
         let (_dir, log, path) = stuck(Overflow::Drop, 4);
         let started = Instant::now();
         for i in 0..100 {
-            log.append(format!("line {i}\n"));
+            log.append_on(day(), format!("line {i}\n"));
         }
         assert!(started.elapsed() < Duration::from_secs(2), "appends waited");
         let dropped = log.dropped.load(Ordering::Relaxed) as usize;
@@ -325,13 +336,13 @@ mod tests {
             Overflow::Wait,
             8,
         ));
-        let path = log.path_for(Utc::now().date_naive());
+        let path = log.path_for(day());
         let threads: Vec<_> = (0..4)
             .map(|t| {
                 let log = Arc::clone(&log);
                 std::thread::spawn(move || {
                     for i in 0..500 {
-                        log.append(format!("{t} {i}\n"));
+                        log.append_on(day(), format!("{t} {i}\n"));
                     }
                 })
             })
@@ -351,5 +362,21 @@ mod tests {
             next[t] += 1;
         }
         assert_eq!(next, [500; 4]);
+    }
+
+    #[test]
+    fn each_line_goes_to_the_file_of_its_own_day() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = DailyFile::new(dir.path().into(), "RECV", "LOG", header, Overflow::Wait, 8);
+        let next = day().succ_opt().unwrap();
+        // The last line of a day, written after the next day's first.
+        log.append_on(day(), "a\n".into());
+        log.append_on(next, "b\n".into());
+        log.append_on(day(), "c\n".into());
+        drop(log);
+        let read = |name: &str| fs::read_to_string(dir.path().join(name)).unwrap();
+        assert_eq!(read("RECV20251231.LOG"), "#header\na\nc\n");
+        assert_eq!(read("RECV20260101.LOG"), "#header\nb\n");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2);
     }
 }

@@ -47,6 +47,38 @@ pub fn register_auth() {
     gauge!(AUTH_CLIENTS_COOLING_OFF).set(0.0);
 }
 
+/// Puts the other series the shipped alerts read through `increase()` on
+/// `/metrics` at 0 (call once the recorder is installed), for the reason
+/// [`register_auth`] gives: FerryBadProxyHeaders and FerryDeliveryFailing
+/// would otherwise miss the first event. The per-connector ones come
+/// with each config ([`register_connectors`]).
+pub fn register_alerted() {
+    use metrics::counter;
+    for reason in [
+        "no_connector",
+        "per_source_limit",
+        "connection_limit",
+        "proxy_header",
+        "config_behind",
+    ] {
+        counter!(CONNECTIONS_REFUSED, "reason" => reason).increment(0);
+    }
+    for result in ["delivered", "deferred", "failed", "no_route"] {
+        counter!(DELIVERY_ATTEMPTS, "result" => result).increment(0);
+    }
+}
+
+/// Puts each connector's `low_space` refusals (FerrySpoolLowSpace) on
+/// `/metrics` at 0, before its first refusal: call with every config put
+/// in service. A removed connector's series stays, as the exporter keeps
+/// every series.
+pub fn register_connectors(config: &ferry_config::ClusterConfig) {
+    for c in &config.connectors {
+        metrics::counter!(SENDERS_REJECTED, "connector" => c.name.clone(), "reason" => "low_space")
+            .increment(0);
+    }
+}
+
 /// Registers each metric's help text and unit with the recorder (call once
 /// it is installed).
 pub fn describe() {

@@ -2,12 +2,14 @@
 //! connector that has TLS settings. Building it reads certificate and key
 //! files, so it runs off the async threads, before a snapshot is put in
 //! service; a file that is missing or unusable fails the whole snapshot.
+//! The routes' `ca_file`s are checked here too, for the same reason
+//! (delivery reads them again at each attempt).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ferry_config::{ClusterConfig, TlsSettings, TlsVersion};
+use ferry_config::{ClusterConfig, RouteAction, TlsSettings, TlsVersion};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
@@ -41,6 +43,9 @@ pub enum TlsError {
         certificate: PathBuf,
         key: PathBuf,
     },
+    /// A route's `ca_file` cannot be read or holds no CA certificate.
+    #[error("route for {route}: ca_file {reason}")]
+    RouteCaFile { route: String, reason: String },
     /// rustls refuses the certificate and key for another reason.
     #[error(
         "connector '{connector}': TLS setup with the certificate in {} and the key in {} failed: {source}",
@@ -90,6 +95,26 @@ impl TlsAcceptors {
                     }
                     Err(mut e) => errors.append(&mut e),
                 }
+            }
+        }
+        for route in &config.routes {
+            let (RouteAction::Smtp {
+                ca_file: Some(path),
+                ..
+            }
+            | RouteAction::Mx {
+                ca_file: Some(path),
+                ..
+            }) = &route.action
+            else {
+                continue;
+            };
+            if let Err(e) = ferry_client::Verify::ca_file(path) {
+                let names: Vec<String> = route.domains.iter().map(ToString::to_string).collect();
+                errors.push(TlsError::RouteCaFile {
+                    route: names.join(", "),
+                    reason: e.to_string(),
+                });
             }
         }
         match errors.is_empty() {
@@ -206,6 +231,12 @@ remote_ranges = ["0.0.0.0/0"]
 permissions = ["anonymous"]
 auth = ["tls"]
 tls = { certificate = "empty.crt", key = "other.key" }
+
+[[routes]]
+domains = ["smarthost.test", "*.smarthost.test"]
+type = "smtp"
+next_hops = ["relay.example.test"]
+ca_file = "empty.crt"
 "#;
         let config = ClusterConfig::parse("t.toml", text, dir.path()).unwrap();
         let errors: Vec<String> = TlsAcceptors::build(&config)
@@ -213,7 +244,13 @@ tls = { certificate = "empty.crt", key = "other.key" }
             .iter()
             .map(ToString::to_string)
             .collect();
-        assert_eq!(errors.len(), 4, "{errors:#?}");
+        assert_eq!(errors.len(), 5, "{errors:#?}");
+        assert!(
+            errors[4].starts_with("route for smarthost.test, *.smarthost.test: ca_file ")
+                && errors[4].ends_with("empty.crt: no certificate in the CA file"),
+            "{}",
+            errors[4]
+        );
         assert!(errors[0].starts_with("connector 'One': cannot read "));
         assert!(errors[0].contains("missing.crt"));
         assert!(errors[1].contains("missing.key"));

@@ -16,17 +16,6 @@ use harness::*;
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// Every tracking-log line written so far.
-fn tracking(data: &Path) -> Vec<serde_json::Value> {
-    let dir = data.join("logs/tracking");
-    let mut lines = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
-        lines.extend(text.lines().filter_map(|l| serde_json::from_str(l).ok()));
-    }
-    lines
-}
-
 /// Waits (bounded) for a tracking event `event` to appear.
 async fn wait_tracked(data: &Path, event: &str) -> Vec<serde_json::Value> {
     let deadline = tokio::time::Instant::now() + WAIT;

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use argon2::password_hash::{rand_core::OsRng, SaltString};
 use argon2::{Algorithm, Argon2, Params, PasswordHasher, Version};
 use harness::*;
-use proxy_header::{ProxiedAddress, ProxyHeader};
 
 const LIMITS: &str = r#"{ tarpit = "0s" }"#;
 const WAIT: Duration = Duration::from_secs(15);
@@ -256,13 +255,8 @@ async fn a_stale_password_retried_does_not_cut_off_its_address_but_guesses_do() 
 /// A session on the Client Frontend through the trusted balancer, whose
 /// PROXY v2 header names `client`; after STARTTLS and EHLO.
 async fn ready_behind_balancer(h: &Harness, client: &str) -> SmtpClient {
-    let mut header = Vec::new();
-    ProxyHeader::with_address(ProxiedAddress::stream(client.parse().unwrap(), h.client))
-        .encode_v2(&mut header)
-        .unwrap();
-    let mut c = SmtpClient::connect_from(h.client, ip(PROXY)).await.unwrap();
-    c.send(&header).await.unwrap();
-    assert_eq!(c.reply().await, "220 Client Frontend ready");
+    let (mut c, greeting) = h.proxied(h.client, client).await;
+    assert_eq!(greeting, "220 Client Frontend ready");
     c.cmd("EHLO device").await;
     c.starttls(&h.ca).await.unwrap();
     c.cmd("EHLO device").await;

@@ -5,14 +5,11 @@
 
 mod harness;
 
-use std::path::Path;
 use std::time::Duration;
 
 use ferry_tests::free_port;
 use ferry_tests::sink::SmtpSink;
 use harness::*;
-
-const WAIT: Duration = Duration::from_secs(20);
 
 fn routes(hops: &str, tls: &str, delivery: &str) -> String {
     format!(
@@ -34,77 +31,18 @@ path = "mailbox"
     )
 }
 
-/// Sends one message through the Anon Relay connector (may relay anywhere).
-async fn relay(h: &Harness, to: &[&str]) {
-    let (mut c, banner) = h.front_from("127.0.0.30").await;
-    assert_eq!(banner, "220 Anon Relay ready");
-    c.cmd("EHLO app").await;
-    assert_eq!(
-        c.cmd("MAIL FROM:<app@example.test>").await,
-        "250 2.1.0 Sender OK"
-    );
-    for r in to {
-        assert_eq!(
-            c.cmd(&format!("RCPT TO:<{r}>")).await,
-            "250 2.1.5 Recipient OK"
-        );
-    }
-    c.cmd("DATA").await;
-    c.send(b"Subject: quarterly report\r\nMessage-ID: <q1@example.test>\r\n\r\n..leading dot\r\nbody\r\n.\r\n")
-        .await
-        .unwrap();
-    assert!(c.reply().await.starts_with("250 2.6.0"));
-    c.cmd("QUIT").await;
-}
-
-/// Waits (bounded) for `.eml` files in `dir` whose text contains `needle`.
-async fn wait_for_eml(dir: &Path, needle: &str) -> Vec<String> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let found: Vec<String> = std::fs::read_dir(dir)
-            .map(|d| {
-                d.filter_map(|e| e.ok())
-                    .filter(|e| e.file_name().to_string_lossy().ends_with(".eml"))
-                    .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-                    .filter(|t| t.contains(needle))
-                    .collect()
-            })
-            .unwrap_or_default();
-        if !found.is_empty() || tokio::time::Instant::now() >= deadline {
-            return found;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Waits until the spool's only message has `pending` recipients left.
-async fn wait_for_state(h: &Harness, want: &str) -> serde_json::Value {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let states = spool_states(&h.data());
-        if states.iter().any(|s| s.to_string().contains(want))
-            || tokio::time::Instant::now() >= deadline
-        {
-            return serde_json::Value::Array(states);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// The delivery states in the spool, read back as a restart would.
-fn spool_states(data: &Path) -> Vec<serde_json::Value> {
-    ferry_queue::journal::scan_states(data)
-        .unwrap()
-        .into_iter()
-        .map(|s| serde_json::to_value(s).unwrap())
-        .collect()
+/// A sink on loopback, and a worker whose route to sink.test leads there
+/// with `tls`, and `delivery` as its `[delivery]` settings.
+async fn worker_and_sink(tls: &str, delivery: &str) -> (SmtpSink, Harness) {
+    let sink = SmtpSink::start().await;
+    let extra = routes(&format!("\"{}\"", sink.addr), tls, delivery);
+    let h = Harness::start_with("{}", &extra, None).await;
+    (sink, h)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_delivered_one_retried_one_bounced() {
-    let sink = SmtpSink::start().await;
-    let extra = routes(&format!("\"{}\"", sink.addr), "none", "");
-    let h = Harness::start_with("{}", &extra, None).await;
+    let (sink, h) = worker_and_sink("none", "").await;
     relay(&h, &["ok@sink.test", "temp@sink.test", "perm@sink.test"]).await;
 
     // The next hop got one copy, for the one recipient it accepted, with
@@ -178,9 +116,7 @@ async fn next_hop_failover() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_required_is_never_sent_in_clear() {
-    let sink = SmtpSink::start().await;
-    let extra = routes(&format!("\"{}\"", sink.addr), "required", "");
-    let h = Harness::start_with("{}", &extra, None).await;
+    let (sink, h) = worker_and_sink("required", "").await;
     relay(&h, &["ok@sink.test"]).await;
     let states = wait_for_state(&h, "deferred").await.to_string();
     assert!(
@@ -352,13 +288,7 @@ dns_servers = ["{}"]
 /// sessions are closed with QUIT a few seconds after their last message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_per_hop_are_capped_and_idle_ones_closed() {
-    let sink = SmtpSink::start().await;
-    let extra = routes(
-        &format!("\"{}\"", sink.addr),
-        "none",
-        "max_connections_per_hop = 2",
-    );
-    let h = Harness::start_with("{}", &extra, None).await;
+    let (sink, h) = worker_and_sink("none", "max_connections_per_hop = 2").await;
     // Each delivery takes 300 ms at the hop, so eight queued messages
     // would open eight sessions without the cap.
     for _ in 0..8 {
@@ -377,10 +307,8 @@ async fn sessions_per_hop_are_capped_and_idle_ones_closed() {
 /// sender gets a bounce with `552 5.3.4`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_over_the_hops_size_is_bounced_unsent() {
-    let sink = SmtpSink::start().await;
+    let (sink, h) = worker_and_sink("none", "").await;
     sink.limit_size(100);
-    let extra = routes(&format!("\"{}\"", sink.addr), "none", "");
-    let h = Harness::start_with("{}", &extra, None).await;
     relay(&h, &["ok@sink.test"]).await;
     let bounces = wait_for_eml(&h.data().join("mailbox"), "Undeliverable").await;
     assert_eq!(bounces.len(), 1);
@@ -389,6 +317,119 @@ async fn a_message_over_the_hops_size_is_bounced_unsent() {
             && bounces[0].contains("exceeds the limit 100 of 127.0.0.1:"),
         "{}",
         bounces[0]
+    );
+    assert!(sink.received().is_empty());
+}
+
+/// A directory route's file carries the envelope on top: the queue id of
+/// the `250`, and the original client (named by the trusted proxy, not
+/// the proxy's own address); the file is named by the queue id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn directory_files_carry_the_queue_id_and_the_original_client() {
+    let h = Harness::start_with("{}", &routes("\"127.0.0.1:9\"", "none", ""), None).await;
+    let mut c = SmtpClient::connect_from(h.front, ip(PROXY)).await.unwrap();
+    let header = format!(
+        "PROXY TCP4 192.0.2.44 127.0.0.1 40000 {}\r\n",
+        h.front.port()
+    );
+    c.send(header.as_bytes()).await.unwrap();
+    assert_eq!(c.reply().await, "220 Default Frontend ready");
+    c.cmd("EHLO scanner").await;
+    let reply = send_message(
+        &mut c,
+        "scanner@example.test",
+        "alice@example.test",
+        "Subject: scan\r\n\r\npage 1\r\n",
+    )
+    .await;
+    c.cmd("QUIT").await;
+    let id = reply.split_whitespace().nth(2).unwrap().to_string();
+    assert_eq!(id.len(), 20, "{reply}");
+
+    let mailbox = h.data().join("mailbox");
+    let files = wait_for_eml(&mailbox, "Subject: scan").await;
+    assert_eq!(files.len(), 1);
+    assert!(
+        files[0].starts_with(&format!(
+            "X-Ferry-Queue-Id: {id}\r\nX-Ferry-Mail-From: <scanner@example.test>\r\n\
+             X-Ferry-Rcpt-To: <alice@example.test>\r\nX-Ferry-Client: 192.0.2.44\r\n"
+        )),
+        "{}",
+        files[0]
+    );
+    let names: Vec<String> = std::fs::read_dir(&mailbox)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert!(
+        names.len() == 1 && names[0].starts_with(&format!("{id}-")),
+        "{names:?}"
+    );
+}
+
+/// Still deferred after `bounce_after`: the recipient fails as expired,
+/// and the sender's bounce says `Status: 4.4.7` with the last error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recipient_deferred_past_bounce_after_expires_with_4_4_7() {
+    let (sink, h) = worker_and_sink("none", "retry_interval = \"1s\"\nbounce_after = \"1s\"").await;
+    let id = relay_from(&h, "app@example.test", &["temp@sink.test"]).await;
+    let bounces = wait_for_eml(&h.data().join("mailbox"), "Undeliverable").await;
+    assert_eq!(bounces.len(), 1, "{:?}", spool_states(&h.data()));
+    let b = &bounces[0];
+    for expected in [
+        "X-Ferry-Rcpt-To: <app@example.test>\r\n",
+        "Final-Recipient: rfc822; temp@sink.test\r\nAction: failed\r\nStatus: 4.4.7\r\n",
+        "Diagnostic-Code: smtp; 4.4.7 Message expired after ",
+        "last error: 450 4.2.0 mailbox busy",
+    ] {
+        assert!(b.contains(expected), "missing {expected:?} in\n{b}");
+    }
+    // The message is retired, and the tracking log says why.
+    assert!(eventually(|| spool_states(&h.data()).is_empty()).await);
+    assert!(
+        eventually(|| tracking(&h.data())
+            .iter()
+            .any(|e| e["event"] == "expired" && e["queue_id"] == id.as_str()))
+        .await
+    );
+    assert!(sink.received().is_empty());
+}
+
+/// A message from the null sender is never reported on: a recipient that
+/// fails gets no bounce and one deferred past `delay_notice_after` no
+/// delay notice (RFC 5321 §4.5.5: no report about a report).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_reported_to_the_null_sender() {
+    let (sink, h) = worker_and_sink(
+        "none",
+        "retry_interval = \"1s\"\ndelay_notice_after = \"1s\"",
+    )
+    .await;
+    let id = relay_from(&h, "", &["perm@sink.test", "temp@sink.test"]).await;
+    // Three attempts: a bounce would be queued by the first, a delay
+    // notice by the second (over a second old by then); both before the
+    // attempt's state is written, so before the third starts.
+    assert!(
+        eventually(|| tracking(&h.data()).iter().any(|e| {
+            e["event"] == "deferred" && e["queue_id"] == id.as_str() && e["attempt"] == 3
+        }))
+        .await,
+        "{:?}",
+        spool_states(&h.data())
+    );
+    let states = spool_states(&h.data());
+    assert_eq!(states.len(), 1, "a report was queued: {states:?}");
+    let s = states[0].to_string();
+    assert!(
+        s.contains(r#""address":"perm@sink.test","next_hop":"#) && s.contains("550 5.1.1"),
+        "{s}"
+    );
+    assert!(emls(&h.data().join("mailbox"), "").is_empty());
+    let log = tracking(&h.data());
+    assert!(
+        !log.iter()
+            .any(|e| e["event"] == "bounced" || e["event"] == "delay_notified"),
+        "{log:?}"
     );
     assert!(sink.received().is_empty());
 }

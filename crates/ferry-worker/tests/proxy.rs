@@ -15,15 +15,6 @@ use proxy_header::{ProxiedAddress, ProxyHeader, Tlv};
 
 const LIMITS: &str = "{}";
 
-fn v2(client: &str, to: SocketAddr, session: &str) -> Vec<u8> {
-    let addr = ProxiedAddress::stream(client.parse().unwrap(), to);
-    let mut out = Vec::new();
-    ProxyHeader::with_tlvs(Some(addr), [Tlv::UniqueId(session.as_bytes().into())])
-        .encode_v2(&mut out)
-        .unwrap();
-    out
-}
-
 async fn from(h: &Harness, source: &str, header: &[u8]) -> SmtpClient {
     let mut c = SmtpClient::connect_from(h.front, ip(source)).await.unwrap();
     c.send(header).await.unwrap();
@@ -55,7 +46,7 @@ async fn the_trusted_proxy_names_the_client() {
     c.cmd("QUIT").await;
 
     // v2 naming 127.0.0.1: the Default Frontend, which may not.
-    let mut c = from(&h, PROXY, &v2("127.0.0.1:40001", h.front, "BAL-1")).await;
+    let mut c = from(&h, PROXY, &proxy_v2("127.0.0.1:40001", h.front, "BAL-1")).await;
     assert_eq!(c.reply().await, "220 Default Frontend ready");
     assert_eq!(
         relay_reply(&mut c).await,
@@ -111,7 +102,7 @@ async fn anyone_elses_header_is_an_unknown_command() {
     // The v2 signature holds a line "QUIT": the session reads its lines
     // as commands (bad ones, then QUIT) and ends, as the signature's
     // designers intended for servers that do not speak PROXY.
-    c.send(&v2("127.0.0.30:40000", h.front, "FORGED"))
+    c.send(&proxy_v2("127.0.0.30:40000", h.front, "FORGED"))
         .await
         .unwrap();
     let mut replies = Vec::new();
@@ -138,7 +129,7 @@ async fn anyone_elses_header_is_an_unknown_command() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_headers_from_the_proxy_close_the_connection() {
     let h = Harness::start(LIMITS).await;
-    let good = v2("127.0.0.30:40000", h.front, "BAL-2");
+    let good = proxy_v2("127.0.0.30:40000", h.front, "BAL-2");
 
     // Truncated: half a header, then the proxy closes its side.
     let mut c = from(&h, PROXY, &good[..good.len() / 2]).await;
@@ -186,7 +177,7 @@ async fn a_literal_is_local_when_it_names_the_address_the_client_reached() {
     let routes = "[[routes]]\ndomains = [\"[192.0.2.80]\", \"[127.0.0.1]\"]\ntype = \"directory\"\npath = \"mail\"\n";
     let h = Harness::start_extra(LIMITS, routes).await;
     let balancer: SocketAddr = "192.0.2.80:25".parse().unwrap();
-    let mut c = from(&h, PROXY, &v2("127.0.0.1:40002", balancer, "BAL-2")).await;
+    let mut c = from(&h, PROXY, &proxy_v2("127.0.0.1:40002", balancer, "BAL-2")).await;
     assert_eq!(c.reply().await, "220 Default Frontend ready");
     c.cmd("EHLO device").await;
     assert_eq!(
@@ -231,7 +222,7 @@ async fn a_worker_behind_the_control_plane_refuses_probes_only() {
         "421 4.3.0 This worker's config is out of date, closing transmission channel"
     );
     assert!(probe.is_closed().await);
-    let mut client = from(&h, PROXY, &v2("127.0.0.1:40002", h.front, "BAL-2")).await;
+    let mut client = from(&h, PROXY, &proxy_v2("127.0.0.1:40002", h.front, "BAL-2")).await;
     assert_eq!(client.reply().await, "220 Default Frontend ready");
     client.cmd("QUIT").await;
 

@@ -536,3 +536,37 @@ async fn low_disk_space_refuses_new_mail_and_reports_not_ready() {
     .await;
     assert!(ready.is_ok());
 }
+
+/// Under TLS the session reads straight from rustls's buffer, holding no
+/// buffer of its own between commands: a pipelined batch is answered in
+/// order, a 12 KB AUTH line sent in pieces is read whole (its `501`, not
+/// `500 5.5.2 Line too long`), a longer one gets `500 5.5.2`, and the
+/// session goes on to authenticate after each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_session_reads_pipelined_batches_and_long_lines() {
+    let h = Harness::start(LIMITS).await;
+    let (mut c, _) = SmtpClient::connect(h.client, ip("127.0.0.1")).await;
+    c.cmd("EHLO device").await;
+    c.starttls(&h.ca).await.unwrap();
+    c.send(b"EHLO device\r\nNOOP\r\nRSET\r\n").await.unwrap();
+    let ehlo = c.reply().await;
+    assert!(ehlo.ends_with("250 AUTH PLAIN LOGIN"), "{ehlo}");
+    assert_eq!(c.reply().await, "250 2.0.0 OK");
+    assert_eq!(c.reply().await, "250 2.0.0 Resetting");
+    // 12 000 octets of base64 (zeros once decoded): a line within the
+    // AUTH limit, malformed as PLAIN.
+    let long = format!("AUTH PLAIN {}\r\n", "A".repeat(12_000));
+    for piece in long.as_bytes().chunks(5_000) {
+        c.send(piece).await.unwrap();
+    }
+    assert_eq!(c.reply().await, "501 5.5.2 malformed PLAIN response");
+    let too_long = format!("AUTH PLAIN {}\r\nNOOP\r\n", "A".repeat(20_000));
+    c.send(too_long.as_bytes()).await.unwrap();
+    assert_eq!(c.reply().await, "500 5.5.2 Line too long");
+    assert_eq!(c.reply().await, "250 2.0.0 OK");
+    assert_eq!(
+        c.cmd(&format!("AUTH PLAIN {}", plain("scanner", PASSWORD)))
+            .await,
+        "235 2.7.0 Authentication successful"
+    );
+}

@@ -18,7 +18,6 @@ use ferry_worker::delivery::QueueAdmin;
 use harness::*;
 use serde_json::Value;
 
-const WAIT: Duration = Duration::from_secs(30);
 const MESSAGES: usize = 10;
 
 /// What happens to message `i`: retries only, or retries and bounces, or
@@ -89,38 +88,10 @@ async fn admin(api: &QueueAdmin, method: &str, path: &str) -> (u16, Value) {
     (status, serde_json::from_str(&body).unwrap())
 }
 
-/// Tracking events, as JSON, from every file of the tracking log.
-fn tracking(data: &Path) -> Vec<Value> {
-    let Ok(dir) = std::fs::read_dir(data.join("logs").join("tracking")) else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| std::fs::read_to_string(e.unwrap().path()).ok())
-        .flat_map(|t| {
-            t.lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect::<Vec<Value>>()
-        })
-        .collect()
-}
-
 fn events<'a>(all: &'a [Value], event: &str, recipient: &str) -> Vec<&'a Value> {
     all.iter()
         .filter(|e| e["event"] == event && e["recipients"].to_string().contains(recipient))
         .collect()
-}
-
-/// Polls (bounded) until `ready` holds; returns whether it did.
-async fn eventually(mut ready: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if ready() {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Bounce notices in the mailbox folder naming `recipient`.
@@ -431,4 +402,106 @@ async fn operations_wait_for_a_transaction_and_stop_a_waiting_attempt() {
         })
         .await
     );
+}
+
+/// The queue's index keeps no envelope and no delivery state: after a
+/// restart, `ferry queue show` and the listing read them from the spool
+/// (sender, client, connector, each recipient's state and reply), a retry
+/// makes an attempt that starts from the state the last one wrote (the
+/// recipient it delivered is not sent again, the count goes on), and a
+/// delete removes the message for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_the_queue_is_read_from_the_spool() {
+    let sink = SmtpSink::start().await;
+    // No retry by the timers during the test: only the one asked for.
+    let extra = config(&sink).replace("retry_interval = \"1s\"", "retry_interval = \"1h\"");
+    let h = Harness::start_with("{}", &extra, None).await;
+    let api = QueueAdmin::new(Arc::clone(h.deliverer.as_ref().unwrap()), Arc::new(|| true));
+    send_to(&h, &["ok1@sink.test", "temp1@sink.test"]).await;
+    let id = id_of(&api, "temp1@sink.test").await;
+    let show = format!("/queue/{id}");
+    let mut tried = false;
+    for _ in 0..600 {
+        let (_, m) = admin(&api, "GET", &show).await;
+        if m["attempts"] == 1 {
+            tried = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(tried, "never tried");
+    drop(api);
+    let dir = h.stop().await;
+
+    let h = Harness::start_with("{}", &extra, Some(dir)).await;
+    let deliverer = Arc::clone(h.deliverer.as_ref().unwrap());
+    let api = QueueAdmin::new(Arc::clone(&deliverer), Arc::new(|| true));
+    let (status, m) = admin(&api, "GET", &show).await;
+    assert_eq!(status, 200, "{m}");
+    assert_eq!(m["id"], id.as_str());
+    assert_eq!(m["sender"], "app@example.test");
+    assert_eq!(m["client_ip"], "127.0.0.30");
+    assert_eq!(m["connector"], "Anon Relay");
+    assert_eq!(m["attempts"], 1);
+    let in_an_hour = chrono::Utc::now().timestamp() + 3000;
+    assert!(m["next_attempt"].as_i64().unwrap() > in_an_hour, "{m}");
+    let hop = sink.addr.to_string();
+    let recipients = m["recipients"].as_array().unwrap();
+    assert_eq!(recipients.len(), 2, "{m}");
+    assert_eq!(recipients[0]["address"], "ok1@sink.test");
+    assert_eq!(recipients[0]["state"], "delivered");
+    assert_eq!(recipients[0]["next_hop"], hop.as_str());
+    assert!(
+        recipients[0]["reply"].as_str().unwrap().starts_with("250"),
+        "{m}"
+    );
+    assert_eq!(recipients[1]["address"], "temp1@sink.test");
+    assert_eq!(recipients[1]["state"], "deferred");
+    assert_eq!(recipients[1]["reply"], "450 4.2.0 mailbox busy");
+    // The listing says the same, and so do the counts.
+    let (_, listing) = admin(&api, "GET", "/queue").await;
+    assert_eq!(listing["messages"], Value::Array(vec![m.clone()]));
+    let (_, status) = api.handle("GET", "/status").await.unwrap();
+    let status: Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(
+        status["queue"],
+        serde_json::json!({ "messages": 1, "deferred": 1 })
+    );
+
+    // The retry starts from what the first attempt recorded.
+    let (status, body) = admin(&api, "POST", &format!("{show}/retry")).await;
+    assert_eq!((status, &body["attempt"]), (200, &Value::from("now")));
+    assert!(eventually(|| sink.rcpt_count("temp1@sink.test") == 2).await);
+    let mut second = Value::Null;
+    for _ in 0..600 {
+        second = admin(&api, "GET", &show).await.1;
+        if second["attempts"] == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(second["attempts"], 2, "{second}");
+    assert_eq!(second["recipients"][0], m["recipients"][0]);
+    assert_eq!(sink.rcpt_count("ok1@sink.test"), 1, "delivered twice");
+    let data = h.data();
+    assert!(
+        eventually(|| events(&tracking(&data), "deferred", "temp1@sink.test").len() == 2).await
+    );
+    let numbers: Vec<u64> = events(&tracking(&data), "deferred", "temp1@sink.test")
+        .iter()
+        .map(|e| e["attempt"].as_u64().unwrap())
+        .collect();
+    assert_eq!(numbers, [1, 2]);
+
+    // Deleted: gone now, and after the next restart.
+    let (status, _) = admin(&api, "DELETE", &show).await;
+    assert_eq!(status, 200);
+    assert_eq!(admin(&api, "GET", &show).await.0, 404);
+    drop(api);
+    let dir = h.stop().await;
+    let h = Harness::start_with("{}", &extra, Some(dir)).await;
+    let api = QueueAdmin::new(Arc::clone(h.deliverer.as_ref().unwrap()), Arc::new(|| true));
+    assert_eq!(admin(&api, "GET", &show).await.0, 404);
+    let (_, listing) = admin(&api, "GET", "/queue").await;
+    assert_eq!(listing["messages"], Value::Array(Vec::new()));
 }

@@ -95,7 +95,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("opening the spool in {}", args.data.display()))?;
     // After a crash, the first thing an admin asks: what came back?
     tracing::info!(
-        messages = spool.messages().len(),
+        messages = spool.counts().messages,
         "spool recovered: messages still to deliver"
     );
     let hostname = args.hostname.unwrap_or_else(system_hostname);

@@ -8,28 +8,25 @@ use std::collections::HashMap;
 use std::io;
 use std::sync::{mpsc, Arc, Mutex};
 
-use super::index::Index;
+use super::index::{self, Entry, Index, Schedule};
 use super::record::{self, Piece, CHUNK_BODY_AT, HEADER, MAX_RECORD};
 use super::storage::{Storage, StorageFile};
-use super::{lock, segment_name, Location, SpooledMessage};
-use crate::envelope::{QueueId, StoredEnvelope};
+use super::{lock, lookup, segment_name, Location};
+use crate::envelope::QueueId;
 use crate::state::DeliveryState;
 
-/// What a record does to the index once it is durable. (Made once per
-/// record and moved twice: the size of `Store` costs nothing.)
-#[allow(clippy::large_enum_variant)]
+/// What a record does to the index once it is durable.
 pub(super) enum Effect {
     /// A new message; its body (or tail) starts `body_at` bytes into the
     /// record.
     Store {
         id: QueueId,
-        envelope: StoredEnvelope,
-        state: DeliveryState,
         body_at: u64,
         body_len: u64,
         spanned: Option<Spanned>,
     },
-    State(QueueId, DeliveryState),
+    /// A message's new delivery state (what of it the index keeps).
+    State(QueueId, Schedule),
     Retire(QueueId),
     /// A compaction copy of a live message.
     Moved {
@@ -251,11 +248,12 @@ impl Committer {
             return;
         }
         // A message in chunks is copied chunk by chunk, never held whole.
-        let (spanned, plan): (Vec<_>, Vec<_>) =
-            plan.into_iter().partition(|m| m.location.before_tail > 0);
-        for m in &spanned {
-            if let Err(e) = self.copy_spanned(m) {
-                tracing::error!(segment, queue_id = %m.id, error = %e, "cannot copy a message for compaction; the segment stays");
+        let (spanned, plan): (Vec<_>, Vec<_>) = plan
+            .into_iter()
+            .partition(|(_, m)| m.location.before_tail > 0);
+        for (id, m) in &spanned {
+            if let Err(e) = self.copy_spanned(id, m) {
+                tracing::error!(segment, queue_id = %id, error = %e, "cannot copy a message for compaction; the segment stays");
                 self.unreadable = Some(segment);
                 return;
             }
@@ -281,18 +279,19 @@ impl Committer {
     /// naming the new chunks, with its current state; one flush makes them
     /// durable before the index points at the copy. A failure cuts back
     /// what was appended, and the message stays where it was.
-    fn copy_spanned(&mut self, m: &SpooledMessage) -> io::Result<()> {
+    fn copy_spanned(&mut self, id: &QueueId, m: &Entry) -> io::Result<()> {
         let at = &m.location;
         let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
         let raw = read_record(&*self.storage, at.segment, at.record, at.record_len)?;
         let parts = record::message_parts(raw.get(HEADER..).unwrap_or_default())
             .ok_or_else(|| bad("not a message"))?;
-        if parts.id != m.id {
+        if parts.id != *id {
             return Err(bad("record of another message"));
         }
+        let state = current_state(&*self.storage, id, m, &parts)?;
         self.roll_if_full()?;
         let start = self.size;
-        let copied = self.append_copy(m, &parts);
+        let copied = self.append_copy(id, state.as_ref(), &parts);
         match copied.and_then(|r| self.file.sync_data().map(|()| r)) {
             Ok((chunks_end, commit_len, body_at, before_tail)) => {
                 self.size = chunks_end + commit_len;
@@ -301,7 +300,7 @@ impl Committer {
                 apply(
                     &mut index,
                     Effect::Moved {
-                        id: m.id.clone(),
+                        id: id.clone(),
                         body_at,
                         body_len: parts.body.len() as u64,
                         spanned: Some(Spanned {
@@ -329,7 +328,8 @@ impl Committer {
     /// message's octets before the tail.
     fn append_copy(
         &mut self,
-        m: &SpooledMessage,
+        id: &QueueId,
+        state: Option<&DeliveryState>,
         parts: &record::MessageParts<'_>,
     ) -> io::Result<(u64, u64, u64, u64)> {
         let mut end = self.size;
@@ -345,7 +345,7 @@ impl Committer {
             };
             bytes.resize(c.len as usize, 0);
             file.read_exact_at(&mut bytes, c.offset)?;
-            let mut chunk = record::encode_chunk(&m.id, &bytes);
+            let mut chunk = record::encode_chunk(id, &bytes);
             record::seal(&mut chunk)?;
             self.file.append(&chunk)?;
             chunks.push(Piece {
@@ -355,14 +355,8 @@ impl Committer {
             });
             end += chunk.len() as u64;
         }
-        let mut commit = record::encode_spanned(
-            &m.id,
-            parts.envelope,
-            Some(&m.state),
-            parts.head,
-            &chunks,
-            parts.body,
-        )?;
+        let mut commit =
+            record::encode_spanned(id, parts.envelope, state, parts.head, &chunks, parts.body)?;
         record::seal(&mut commit)?;
         self.file.append(&commit)?;
         let len = commit.len() as u64;
@@ -405,20 +399,21 @@ fn apply(index: &mut Index, effect: Effect, segment: u64, at: u64, len: u64) {
     match effect {
         Effect::Store {
             id,
-            envelope,
-            state,
             body_at,
             body_len,
             spanned,
         } => {
-            index.insert(SpooledMessage {
+            index.insert(
                 id,
-                envelope,
-                state,
-                location: location(segment, at, len, body_at, body_len, spanned),
-            });
+                location(segment, at, len, body_at, body_len, spanned),
+                Schedule::default(),
+            );
         }
-        Effect::State(id, state) => index.set_state(&id, state),
+        Effect::State(id, schedule) => {
+            if let Some(state) = index::state_at(segment, at, len) {
+                index.set_state(&id, state, schedule);
+            }
+        }
         Effect::Retire(id) => index.remove(&id),
         Effect::Moved {
             id,
@@ -466,25 +461,30 @@ fn read_record(storage: &dyn Storage, segment: u64, at: u64, len: u64) -> io::Re
 }
 
 /// Reads the planned messages' records back (checking their CRC) and
-/// makes each a `copy` record with its current state.
-fn copies(storage: &dyn Storage, plan: &[SpooledMessage]) -> io::Result<Vec<Request>> {
+/// makes each a `copy` record with its current state (read from its latest
+/// `state` record, if it has one since its record).
+fn copies(storage: &dyn Storage, plan: &[(QueueId, Entry)]) -> io::Result<Vec<Request>> {
     let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
     let mut batch = Vec::with_capacity(plan.len());
-    for m in plan {
+    for (id, m) in plan {
         let at = &m.location;
         let raw = read_record(storage, at.segment, at.record, at.record_len)?;
         let payload = raw.get(HEADER..).unwrap_or_default();
         let parts = record::message_parts(payload).ok_or_else(|| bad("not a message"))?;
-        if parts.id != m.id {
+        if parts.id != *id {
             return Err(bad("record of another message"));
         }
-        let payload = record::encode_copy(&m.id, parts.envelope, &m.state, parts.body)?;
+        let payload = match current_state(storage, id, m, &parts)? {
+            Some(state) => record::encode_copy(id, parts.envelope, &state, parts.body)?,
+            // Never tried: copied as it was stored.
+            None => record::encode_message_json(id, parts.envelope, parts.body)?,
+        };
         let body_len = parts.body.len() as u64;
         let body_at = payload.len() as u64 - body_len;
         batch.push(Request {
             payload,
             effect: Effect::Moved {
-                id: m.id.clone(),
+                id: id.clone(),
                 body_at,
                 body_len,
                 spanned: None,
@@ -493,4 +493,22 @@ fn copies(storage: &dyn Storage, plan: &[SpooledMessage]) -> io::Result<Vec<Requ
         });
     }
     Ok(batch)
+}
+
+/// A live message's delivery state for its compaction copy: from its
+/// latest `state` record, else the one its record carries (a copy's);
+/// `None` for a message never tried, copied as it was stored.
+fn current_state(
+    storage: &dyn Storage,
+    id: &QueueId,
+    m: &Entry,
+    parts: &record::MessageParts<'_>,
+) -> io::Result<Option<DeliveryState>> {
+    match (m.state, parts.state) {
+        (Some(at), _) => lookup::read_state(storage, id, &at).map(Some),
+        (None, Some(json)) => serde_json::from_slice(json).map(Some).map_err(|e| {
+            io::Error::new(io::ErrorKind::InvalidData, format!("delivery state: {e}"))
+        }),
+        (None, None) => Ok(None),
+    }
 }

@@ -1,14 +1,24 @@
-//! What the spool holds, in memory: every live message and where it is,
-//! and per segment which live messages it holds. Only the committer
-//! thread changes it once the journal is open, in the order its records
-//! reach the disk, so the index always says what a restart would read.
+//! What the spool holds, in memory: for every live message only what
+//! scheduling and the spool's housekeeping need (its id, its next attempt,
+//! where its record and its latest state record are), and per segment how
+//! many live messages it holds and their bytes. The envelope and the
+//! per-recipient state stay on disk and are read back when an attempt or
+//! an administrator needs them ([`super::lookup`]): a message costs the
+//! index 100 bytes (under 200 with the B-tree's half-full nodes), not the
+//! kilobytes of its envelope and state, so a next hop down for a day does not fill the worker's memory
+//! (Postfix likewise keeps only a bounded active queue in memory).
+//!
+//! Only the committer thread changes the index once the journal is open,
+//! in the order its records reach the disk, so the index always says what
+//! a restart would read.
 
 use std::collections::{BTreeMap, HashSet};
 use std::io;
+use std::num::NonZeroU32;
 
 use super::record::{Piece, Record, CHUNK_BODY_AT};
 use super::storage::Storage;
-use super::{read_segment, segment_name, segments, Location, SegmentScan, SpooledMessage};
+use super::{read_segment, segment_name, segments, Location, SegmentScan};
 use crate::envelope::QueueId;
 use crate::state::DeliveryState;
 
@@ -19,25 +29,71 @@ pub(super) const COMPACT_SPAN: u64 = 4;
 /// One segment file.
 #[derive(Debug, Default)]
 pub(super) struct SegmentInfo {
-    /// The live messages with a record in this segment (a message in
-    /// chunks counts in every segment from its first chunk's to its
-    /// commit record's).
-    pub live: HashSet<QueueId>,
+    /// How many live messages have a record in this segment (a message in
+    /// chunks counts in every segment from its first chunk's to its commit
+    /// record's).
+    pub live: usize,
     /// Their records' bytes.
     pub live_bytes: u64,
     /// Bytes in the file.
     pub size: u64,
 }
 
+/// Where a `state` record is: the whole record, header included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct StateAt {
+    pub segment: u64,
+    pub record: u64,
+    /// Never 0 (a record has a header), which keeps `Option<StateAt>` as
+    /// small as `StateAt`.
+    pub len: NonZeroU32,
+}
+
+/// A live message, as the index holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Entry {
+    /// Its `message` or `copy` record: envelope and body (and for a copy
+    /// the delivery state it had when it was copied).
+    pub location: Location,
+    /// Its latest `state` record; `None` while the state is the one in its
+    /// record (a copy's) or, never tried, the first one.
+    pub state: Option<StateAt>,
+    /// Unix seconds of the next attempt, as its latest state says.
+    pub next_attempt: i64,
+    /// Tried at least once (deferred rather than new).
+    pub tried: bool,
+}
+
+/// What the latest state of a message says that the index keeps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Schedule {
+    pub next_attempt: i64,
+    pub tried: bool,
+}
+
+impl Schedule {
+    pub fn of(state: &DeliveryState) -> Self {
+        Schedule {
+            next_attempt: state.next_attempt,
+            tried: state.attempts > 0,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub(super) struct Index {
-    pub messages: BTreeMap<QueueId, SpooledMessage>,
+    pub messages: BTreeMap<QueueId, Entry>,
     /// Every segment on disk. Segments are deleted from the oldest on,
     /// once empty: a newer one may hold the `done` records that retire
-    /// messages of an older one, so it must outlive them.
+    /// messages of an older one, so it must outlive them. (A message's
+    /// `state` records are never older than its record, so they too stay
+    /// as long as it does; once a compaction copy carries the state, the
+    /// older ones are not needed.)
     pub segments: BTreeMap<u64, SegmentInfo>,
     /// The segment written to.
     pub current: u64,
+    /// Live messages tried at least once.
+    pub tried: usize,
 }
 
 impl Index {
@@ -52,11 +108,9 @@ impl Index {
         let newest = found.last().copied();
         for &n in &found {
             let name = segment_name(n);
-            let SegmentScan {
-                records,
-                good_end,
-                size,
-            } = match read_segment(storage, &name) {
+            let SegmentScan { good_end, size } = match read_segment(storage, &name, |at, len, r| {
+                index.apply(n, at, len, r, &mut chunks)
+            }) {
                 // Deleted since the listing by the journal that runs (an
                 // inspection while it works): it held nothing live.
                 Err(e) if e.kind() == io::ErrorKind::NotFound && !repair => continue,
@@ -81,19 +135,16 @@ impl Index {
                 }
             }
             index.note_segment(n, kept);
-            for (at, len, r) in records {
-                index.apply(n, at, len, r, &mut chunks);
-            }
         }
         index.current = newest.unwrap_or(0);
         index.segments.entry(index.current).or_default();
         Ok(index)
     }
 
-    /// One record read back: `len` bytes at `at` in segment `n`. A chunk
-    /// only goes into `seen`: a message's chunks mean nothing until its
-    /// commit record, and those of a message never committed nothing at
-    /// all.
+    /// One record read back: `len` bytes at `at` in segment `n`. Of the
+    /// envelope and state it holds, only the schedule stays. A chunk only
+    /// goes into `seen`: a message's chunks mean nothing until its commit
+    /// record, and those of a message never committed nothing at all.
     fn apply(&mut self, n: u64, at: u64, len: u64, record: Record, seen: &mut HashSet<Piece>) {
         match record {
             Record::Chunk => {
@@ -105,6 +156,8 @@ impl Index {
             }
             Record::Message {
                 id,
+                // Decoded only to know that it reads back (a record that
+                // does not is skipped); the index keeps none of it.
                 envelope,
                 state,
                 body_offset,
@@ -121,61 +174,55 @@ impl Index {
                     );
                     return;
                 }
-                let state = state.unwrap_or_else(|| DeliveryState::new(&envelope.rcpt_to));
+                drop(envelope);
                 let mut location = Location::whole(n, at, len, body_offset, body_len);
                 if let Some(first) = chunks.first() {
                     location.first_segment = first.segment;
                     location.before_tail = before_tail;
                 }
-                self.insert(SpooledMessage {
-                    id,
-                    envelope,
-                    state,
-                    location,
-                });
+                let schedule = state.as_ref().map(Schedule::of).unwrap_or_default();
+                self.insert(id, location, schedule);
             }
             Record::Done(id) => self.remove(&id),
-            Record::State(id, state) => self.set_state(&id, state),
-        }
-    }
-
-    /// Adds a message, or moves it where `m` says (a compaction copy).
-    pub fn insert(&mut self, m: SpooledMessage) {
-        self.unlink(&m.id);
-        let at = m.location;
-        for n in at.segments() {
-            let info = self.segments.entry(n).or_default();
-            info.live.insert(m.id.clone());
-            // Chunk bytes counted in the first chunk's segment: close
-            // enough for when compaction is due.
-            if n == at.first_segment {
-                info.live_bytes += at.before_tail;
-            }
-            if n == at.segment {
-                info.live_bytes += at.record_len;
-            }
-        }
-        self.messages.insert(m.id.clone(), m);
-    }
-
-    /// Takes a message out of its segments' live sets.
-    fn unlink(&mut self, id: &QueueId) {
-        let Some(at) = self.messages.get(id).map(|m| m.location) else {
-            return;
-        };
-        for n in at.segments() {
-            if let Some(info) = self.segments.get_mut(&n) {
-                if info.live.remove(id) {
-                    let mut bytes = 0;
-                    if n == at.first_segment {
-                        bytes += at.before_tail;
-                    }
-                    if n == at.segment {
-                        bytes += at.record_len;
-                    }
-                    info.live_bytes = info.live_bytes.saturating_sub(bytes);
+            Record::State(id, state) => {
+                if let Some(at) = state_at(n, at, len) {
+                    self.set_state(&id, at, Schedule::of(&state));
                 }
             }
+        }
+    }
+
+    /// Adds a message whose record is at `location` with the state in that
+    /// record (a compaction copy's, or the first one), or moves it there.
+    pub fn insert(&mut self, id: QueueId, location: Location, schedule: Schedule) {
+        self.unlink(&id);
+        for n in location.segments() {
+            let info = self.segments.entry(n).or_default();
+            info.live += 1;
+            info.live_bytes += bytes_in(&location, n);
+        }
+        self.tried += usize::from(schedule.tried);
+        self.messages.insert(
+            id,
+            Entry {
+                location,
+                state: None,
+                next_attempt: schedule.next_attempt,
+                tried: schedule.tried,
+            },
+        );
+    }
+
+    /// Takes a message out of its segments' counts (and out of `tried`).
+    fn unlink(&mut self, id: &QueueId) {
+        if let Some(old) = self.messages.get(id) {
+            for n in old.location.segments() {
+                if let Some(info) = self.segments.get_mut(&n) {
+                    info.live = info.live.saturating_sub(1);
+                    info.live_bytes = info.live_bytes.saturating_sub(bytes_in(&old.location, n));
+                }
+            }
+            self.tried -= usize::from(old.tried);
         }
     }
 
@@ -184,19 +231,27 @@ impl Index {
         self.messages.remove(id);
     }
 
-    pub fn set_state(&mut self, id: &QueueId, state: DeliveryState) {
+    /// A message's latest state is the `state` record at `at`.
+    pub fn set_state(&mut self, id: &QueueId, at: StateAt, schedule: Schedule) {
         if let Some(m) = self.messages.get_mut(id) {
-            m.state = state;
+            self.tried = self.tried - usize::from(m.tried) + usize::from(schedule.tried);
+            m.state = Some(at);
+            m.next_attempt = schedule.next_attempt;
+            m.tried = schedule.tried;
         }
     }
 
-    /// Moves a live message's location (its compaction copy is durable).
+    /// Moves a live message's record (its compaction copy, which carries
+    /// its state, is durable).
     pub fn relocate(&mut self, id: &QueueId, location: Location) {
-        let Some(mut m) = self.messages.get(id).cloned() else {
+        let Some(m) = self.messages.get(id).copied() else {
             return;
         };
-        m.location = location;
-        self.insert(m);
+        let schedule = Schedule {
+            next_attempt: m.next_attempt,
+            tried: m.tried,
+        };
+        self.insert(id.clone(), location, schedule);
     }
 
     /// Segment `n` exists and is at least `end` bytes long.
@@ -213,7 +268,7 @@ impl Index {
         let keep_from = keep_from.unwrap_or(self.current).min(self.current);
         let mut out = Vec::new();
         while let Some(entry) = self.segments.first_entry() {
-            if !entry.get().live.is_empty() || *entry.key() >= keep_from {
+            if entry.get().live > 0 || *entry.key() >= keep_from {
                 break;
             }
             out.push(entry.remove_entry());
@@ -240,9 +295,13 @@ impl Index {
     /// copies at most the live bytes to free at least as many dead ones.
     /// So the spool on disk stays under about twice its live data plus
     /// `COMPACT_SPAN + 1` segments, whatever a few old messages do.
-    pub fn compaction_plan(&self, budget: u64) -> Option<(u64, Vec<SpooledMessage>)> {
+    ///
+    /// The index keeps no list of each segment's messages (it would cost
+    /// as much again as the entries): a due plan looks through them all,
+    /// which only happens while a compaction is due.
+    pub fn compaction_plan(&self, budget: u64) -> Option<(u64, Vec<(QueueId, Entry)>)> {
         let (&oldest, info) = self.segments.first_key_value()?;
-        if info.live.is_empty() || self.current.saturating_sub(oldest) < COMPACT_SPAN {
+        if info.live == 0 || self.current.saturating_sub(oldest) < COMPACT_SPAN {
             return None;
         }
         let (closed, live) = self
@@ -254,22 +313,46 @@ impl Index {
         if closed < live.saturating_mul(2) {
             return None;
         }
-        let mut victims: Vec<&SpooledMessage> = info
-            .live
+        let mut victims: Vec<(&QueueId, &Entry)> = self
+            .messages
             .iter()
-            .filter_map(|id| self.messages.get(id))
+            .filter(|(_, m)| m.location.segments().contains(&oldest))
             .collect();
-        victims.sort_by_key(|m| (m.location.segment, m.location.record));
+        victims.sort_by_key(|(_, m)| (m.location.segment, m.location.record));
         let mut taken = 0u64;
         let plan = victims
             .into_iter()
-            .take_while(|m| {
+            .take_while(|(_, m)| {
                 let first = taken == 0;
                 taken += m.location.stored_len();
                 first || taken <= budget
             })
-            .cloned()
+            .map(|(id, m)| (id.clone(), *m))
             .collect();
         Some((oldest, plan))
     }
+}
+
+/// Where a `state` record of `len` bytes at `at` in segment `n` is; `None`
+/// for a length no record has (never, for a record read back or written).
+pub(super) fn state_at(n: u64, at: u64, len: u64) -> Option<StateAt> {
+    Some(StateAt {
+        segment: n,
+        record: at,
+        len: NonZeroU32::new(u32::try_from(len).ok()?)?,
+    })
+}
+
+/// The bytes a message keeps in segment `n`: its chunks counted in the
+/// first chunk's segment (close enough for when compaction is due), its
+/// record in its own.
+fn bytes_in(at: &Location, n: u64) -> u64 {
+    let mut bytes = 0;
+    if n == at.first_segment {
+        bytes += at.before_tail;
+    }
+    if n == at.segment {
+        bytes += at.record_len;
+    }
+    bytes
 }

@@ -250,7 +250,6 @@ pub(super) fn encode_message(
 }
 
 /// A new message's record from the envelope's stored (JSON) form.
-#[cfg(test)]
 pub(super) fn encode_message_json(id: &QueueId, env: &[u8], body: &[u8]) -> io::Result<Vec<u8>> {
     let mut p = start(KIND_MESSAGE, id, 4 + env.len() + body.len());
     push_field(&mut p, env)?;

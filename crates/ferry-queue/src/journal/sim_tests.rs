@@ -461,7 +461,7 @@ fn run_round(
 
 /// What the journal holds, read through it.
 fn spooled(j: &Journal) -> io::Result<Spooled> {
-    j.messages()
+    j.messages()?
         .into_iter()
         .map(|m| {
             let body = j.body(&m)?;
@@ -603,9 +603,9 @@ fn run_seed(seed: u64, verbose: bool, cov: &mut Coverage) -> u64 {
             let spanned_before: BTreeMap<QueueId, Location> = journal
                 .index()
                 .messages
-                .values()
-                .filter(|m| m.location.before_tail > 0)
-                .map(|m| (m.id.clone(), m.location))
+                .iter()
+                .filter(|(_, m)| m.location.before_tail > 0)
+                .map(|(id, m)| (id.clone(), m.location))
                 .collect();
             let Some(writers) = write_chunks(&rt, &journal, &all, cov) else {
                 // Crashed while chunks were written: no commit was sent.

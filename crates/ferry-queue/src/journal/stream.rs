@@ -26,7 +26,6 @@ use super::record::{self, Piece, CHUNK_BODY_AT, HEADER, MAX_RECORD};
 use super::storage::{Storage, StorageFile};
 use super::{segment_name, spool_error, stopped, Journal, Location};
 use crate::envelope::{QueueId, StoredEnvelope};
-use crate::state::DeliveryState;
 use crate::{AppendFuture, MessageSink, SpoolError, StoreFuture};
 
 /// Octets of a message per chunk record. A message no larger is stored in
@@ -149,8 +148,6 @@ impl MessageWriter {
         let before_tail = head.len() as u64 + self.appended;
         let effect = Effect::Store {
             id: id.clone(),
-            state: DeliveryState::new(&envelope.rcpt_to),
-            envelope,
             body_at: payload.len() as u64 - body_len,
             body_len,
             spanned: Some(Spanned {

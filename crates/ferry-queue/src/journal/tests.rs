@@ -38,7 +38,7 @@ fn segments_in(spool: &Path) -> io::Result<Vec<u64>> {
     segments(&Dir::at(spool))
 }
 
-fn envelope(n: usize) -> StoredEnvelope {
+pub(super) fn envelope(n: usize) -> StoredEnvelope {
     envelope_to(n, &["b@y.test"])
 }
 
@@ -57,7 +57,7 @@ async fn concurrent_stores_share_flushes_and_read_back() {
     for t in tasks {
         t.await.unwrap();
     }
-    let all = j.messages();
+    let all = j.messages().unwrap();
     assert_eq!(all.len(), 200);
     for m in &all {
         let body = j.body(m).unwrap();
@@ -95,7 +95,7 @@ async fn recovery_keeps_live_drops_retired_and_cuts_torn_tail() {
     drop(f);
 
     let j = Journal::open(dir.path()).unwrap();
-    let live = j.messages();
+    let live = j.messages().unwrap();
     assert_eq!(live.len(), 1);
     assert_eq!(live[0].id, b);
     assert_eq!(j.body(&live[0]).unwrap(), b"two\r\n");
@@ -141,7 +141,7 @@ async fn retired_segments_are_deleted_oldest_first_and_stay_retired() {
     assert_eq!(segments_in(&spool).unwrap(), vec![3, 4, 5, 6]);
     drop(j);
     let j = Journal::open_with(dir.path(), 1000).unwrap();
-    let live: Vec<QueueId> = j.messages().into_iter().map(|m| m.id).collect();
+    let live: Vec<QueueId> = j.messages().unwrap().into_iter().map(|m| m.id).collect();
     assert_eq!(live, ids[3..].to_vec());
 }
 
@@ -173,12 +173,12 @@ async fn delivery_state_survives_a_restart() {
         .store(QueueId::new(), env.clone(), b"m\r\n".to_vec())
         .await
         .unwrap();
-    assert_eq!(j.message(&id).unwrap().state.pending().count(), 2);
+    assert_eq!(j.message(&id).unwrap().unwrap().state.pending().count(), 2);
     let state = half_done(&env);
     j.record_state(&id, &state).await.unwrap();
     drop(j);
     let j = Journal::open(dir.path()).unwrap();
-    let m = j.message(&id).unwrap();
+    let m = j.message(&id).unwrap().unwrap();
     assert_eq!(m.state, state);
     let pending: Vec<&RecipientStatus> = m.state.pending().collect();
     assert_eq!(pending.len(), 1);
@@ -198,7 +198,11 @@ async fn corrupt_record_is_not_trusted() {
     let last = bytes.len() - 1;
     bytes[last] ^= 0xff;
     fs::write(&seg, bytes).unwrap();
-    assert!(Journal::open(dir.path()).unwrap().messages().is_empty());
+    assert!(Journal::open(dir.path())
+        .unwrap()
+        .messages()
+        .unwrap()
+        .is_empty());
 }
 
 /// Bytes of the segment files in `spool`.
@@ -224,7 +228,7 @@ async fn a_deferred_message_does_not_pin_the_spool() {
     let state = half_done(&env);
     j.record_state(&stays, &state).await.unwrap();
     // As delivery holds it: taken before any compaction moves it.
-    let held = j.message(&stays).unwrap();
+    let held = j.message(&stays).unwrap().unwrap();
     let mut peak = 0;
     for n in 1..=300 {
         let id = j
@@ -241,11 +245,11 @@ async fn a_deferred_message_does_not_pin_the_spool() {
     assert!(segments_in(&spool).unwrap()[0] > 250);
     // The message moved, whole, with its state, and reads back from a
     // location taken before it moved.
-    assert_ne!(j.message(&stays).unwrap().location, held.location);
+    assert_ne!(j.message(&stays).unwrap().unwrap().location, held.location);
     assert_eq!(j.body(&held).unwrap(), body);
     drop(j);
     let j = Journal::open_with(dir.path(), 1000).unwrap();
-    let live = j.messages();
+    let live = j.messages().unwrap();
     assert_eq!(live.len(), 1);
     assert_eq!(live[0].id, stays);
     assert_eq!(live[0].envelope, env);
@@ -313,13 +317,13 @@ async fn a_crash_at_any_point_of_a_compaction_recovers_each_message_once() {
     let mut found = None;
     for n in 1..50 {
         let before = snapshot(&spool);
-        let first = j.message(&stays).unwrap().location;
+        let first = j.message(&stays).unwrap().unwrap().location;
         let id = j
             .store(QueueId::new(), envelope(n), vec![b'x'; 900])
             .await
             .unwrap();
         j.settled().await;
-        if j.message(&stays).unwrap().location != first {
+        if j.message(&stays).unwrap().unwrap().location != first {
             found = Some((before, snapshot(&spool), id));
             break;
         }
@@ -356,14 +360,14 @@ async fn a_crash_at_any_point_of_a_compaction_recovers_each_message_once() {
     states.push((appended, crashed(&after, &after, 0)));
     for (cut, dir) in states {
         let j = Journal::open_with(dir.path(), 1000).unwrap();
-        let live = j.messages();
+        let live = j.messages().unwrap();
         let ids: Vec<&QueueId> = live.iter().map(|m| &m.id).collect();
         // The deferred message exactly once, its state and bytes intact;
         // the last store's message there once it was whole.
         assert!(ids.contains(&&stays), "cut {cut}: lost it");
         assert!(ids.len() <= 2, "cut {cut}: {ids:?}");
         assert!(ids.iter().all(|id| **id == stays || **id == last));
-        let m = j.message(&stays).unwrap();
+        let m = j.message(&stays).unwrap().unwrap();
         assert_eq!(m.state, state, "cut {cut}");
         assert_eq!(m.envelope, env, "cut {cut}");
         assert_eq!(j.body(&m).unwrap(), body, "cut {cut}");
@@ -373,8 +377,8 @@ async fn a_crash_at_any_point_of_a_compaction_recovers_each_message_once() {
         // And it keeps working: the next restart reads the same.
         drop(j);
         let again = Journal::open_with(dir.path(), 1000).unwrap();
-        assert_eq!(again.messages().len(), live.len(), "cut {cut}");
-        assert_eq!(again.message(&stays).unwrap().state, state);
+        assert_eq!(again.messages().unwrap().len(), live.len(), "cut {cut}");
+        assert_eq!(again.message(&stays).unwrap().unwrap().state, state);
     }
 }
 
@@ -412,12 +416,17 @@ async fn records_this_version_parses_differently_cut_nothing() {
     }
     drop(f);
     let j = Journal::open(dir.path()).unwrap();
-    let mut live: Vec<QueueId> = j.messages().into_iter().map(|m| m.id).collect();
+    let mut live: Vec<QueueId> = j.messages().unwrap().into_iter().map(|m| m.id).collect();
     live.sort();
     let mut want = vec![a, b.clone(), c];
     want.sort();
     assert_eq!(live, want);
-    let old = j.messages().into_iter().find(|m| m.id == b).unwrap();
+    let old = j
+        .messages()
+        .unwrap()
+        .into_iter()
+        .find(|m| m.id == b)
+        .unwrap();
     assert_eq!(old.envelope.rcpt_to[0].to_string(), "ops@mail_gw.corp.test");
     assert_eq!(j.body(&old).unwrap(), b"two\r\n");
 }
@@ -439,7 +448,7 @@ async fn a_large_message_is_stored_in_chunks_and_read_back_in_pieces() {
         .store(QueueId::new(), envelope(1), body.clone())
         .await
         .unwrap();
-    let m = j.message(&id).unwrap();
+    let m = j.message(&id).unwrap().unwrap();
     assert_eq!(m.size(), body.len() as u64);
     assert!(m.location.first_segment < m.location.segment);
     let opened = j.open_body(&m).unwrap();
@@ -449,7 +458,7 @@ async fn a_large_message_is_stored_in_chunks_and_read_back_in_pieces() {
     assert_eq!(opened.read_prefix(10).unwrap(), body[..10]);
     drop(j);
     let j = Journal::open_with(dir.path(), (CHUNK_SIZE + 100) as u64).unwrap();
-    let m = j.message(&id).unwrap();
+    let m = j.message(&id).unwrap().unwrap();
     assert_eq!(j.body(&m).unwrap(), body);
     // Retired, it keeps none of its segments.
     j.retire(&id).await.unwrap();
@@ -496,7 +505,7 @@ async fn a_message_still_arriving_keeps_its_chunks_segment_and_an_abandoned_one_
     want.extend_from_slice(&pattern(600));
     want.extend_from_slice(&pattern(300));
     want.extend_from_slice(b"end\r\n");
-    assert_eq!(j.body(&j.message(&id).unwrap()).unwrap(), want);
+    assert_eq!(j.body(&j.message(&id).unwrap().unwrap()).unwrap(), want);
     // The one given up leaves nothing; once the committed one is retired
     // its segments go too, abandoned chunks or not.
     drop(dropped);
@@ -509,5 +518,140 @@ async fn a_message_still_arriving_keeps_its_chunks_segment_and_an_abandoned_one_
     assert!(!left.contains(&0), "segments left: {left:?}");
     drop(j);
     let j = Journal::open_with(dir.path(), 1000).unwrap();
-    assert_eq!(j.messages().len(), 1);
+    assert_eq!(j.messages().unwrap().len(), 1);
+}
+
+/// What the index keeps of a message is a few dozen bytes: its id inline,
+/// where its records are, when it is due. (An envelope and a state held
+/// in memory cost kilobytes a message.)
+#[test]
+fn an_index_entry_stays_small() {
+    assert_eq!(std::mem::size_of::<QueueId>(), 20);
+    assert!(std::mem::size_of::<index::Entry>() <= 96);
+    assert_eq!(
+        std::mem::size_of::<Option<index::StateAt>>(),
+        std::mem::size_of::<index::StateAt>()
+    );
+}
+
+/// The state a message is read back with is the one last recorded, from
+/// its state record, from a compaction copy, or from a state record
+/// written after the copy; the index's counts and due times follow.
+#[tokio::test]
+async fn the_latest_state_is_read_from_the_spool() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Journal::open_with(dir.path(), 1000).unwrap();
+    let env = two_recipients(0);
+    let body = b"Subject: stays\r\n\r\nstill here\r\n".to_vec();
+    let id = j
+        .store(QueueId::new(), env.clone(), body.clone())
+        .await
+        .unwrap();
+    let fresh = j.message(&id).unwrap().unwrap();
+    assert_eq!(fresh.state, DeliveryState::new(&env.rcpt_to));
+    assert_eq!(fresh.envelope, env);
+    let counts = j.counts();
+    assert_eq!((counts.messages, counts.deferred), (1, 0));
+    assert_eq!(counts.oldest.as_ref(), Some(&id));
+    assert_eq!(j.due_times(), vec![(id.clone(), 0)]);
+
+    let mut state = half_done(&env);
+    j.record_state(&id, &state).await.unwrap();
+    assert_eq!(j.message(&id).unwrap().unwrap().state, state);
+    assert_eq!(j.counts().deferred, 1);
+    assert_eq!(j.due_times(), vec![(id.clone(), 1234)]);
+
+    // Churn until a compaction copies it (with that state) and its old
+    // segment goes.
+    let first = j.message(&id).unwrap().unwrap().location;
+    for n in 1..=40 {
+        let other = j
+            .store(QueueId::new(), envelope(n), vec![b'x'; 900])
+            .await
+            .unwrap();
+        j.retire(&other).await.unwrap();
+        j.settled().await;
+    }
+    let moved = j.message(&id).unwrap().unwrap();
+    assert_ne!(moved.location, first, "never compacted");
+    assert_eq!(moved.state, state);
+    assert_eq!(j.body(&moved).unwrap(), body);
+
+    // A state recorded after the copy wins over the copy's.
+    state.attempts = 2;
+    state.next_attempt = 5678;
+    j.record_state(&id, &state).await.unwrap();
+    assert_eq!(j.message(&id).unwrap().unwrap().state, state);
+    drop(j);
+    let j = Journal::open_with(dir.path(), 1000).unwrap();
+    let m = j.message(&id).unwrap().unwrap();
+    assert_eq!((m.envelope, m.state), (env, state));
+    assert_eq!(j.due_times(), vec![(id.clone(), 5678)]);
+    assert_eq!(j.counts().deferred, 1);
+}
+
+/// A message never tried is copied by compaction as it was stored, and
+/// reads back with its first state.
+#[tokio::test]
+async fn a_message_never_tried_is_compacted_as_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Journal::open_with(dir.path(), 1000).unwrap();
+    let env = two_recipients(0);
+    let id = j
+        .store(QueueId::new(), env.clone(), b"waits\r\n".to_vec())
+        .await
+        .unwrap();
+    let first = j.message(&id).unwrap().unwrap().location;
+    for n in 1..=40 {
+        let other = j
+            .store(QueueId::new(), envelope(n), vec![b'x'; 900])
+            .await
+            .unwrap();
+        j.retire(&other).await.unwrap();
+        j.settled().await;
+    }
+    assert!(!segments_in(&dir.path().join("spool"))
+        .unwrap()
+        .contains(&first.segment));
+    drop(j);
+    let j = Journal::open_with(dir.path(), 1000).unwrap();
+    let m = j.message(&id).unwrap().unwrap();
+    assert_ne!(m.location, first);
+    assert_eq!(m.state, DeliveryState::new(&env.rcpt_to));
+    assert_eq!(m.envelope, env);
+    assert_eq!(j.body(&m).unwrap(), b"waits\r\n");
+    assert_eq!(j.counts().deferred, 0);
+}
+
+/// An envelope damaged on disk after the start (read back then, so in the
+/// index) makes reading that message an error, not a panic or a wrong
+/// envelope; the rest of the queue is still read, and the message can
+/// still be retired.
+#[tokio::test]
+async fn an_envelope_damaged_after_the_start_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Journal::open(dir.path()).unwrap();
+    let bad = j
+        .store(QueueId::new(), envelope(1), b"one\r\n".to_vec())
+        .await
+        .unwrap();
+    let good = j
+        .store(QueueId::new(), envelope(2), b"two\r\n".to_vec())
+        .await
+        .unwrap();
+    let seg = segment_path(&dir.path().join("spool"), 0);
+    let mut bytes = fs::read(&seg).unwrap();
+    // The first record's envelope starts after header, kind, id and length.
+    let at = HEADER + 1 + 20 + 4;
+    assert_eq!(bytes[at], b'{');
+    bytes[at] = b'!';
+    fs::write(&seg, bytes).unwrap();
+    let e = j.message(&bad).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+    assert!(j.messages().is_err());
+    assert_eq!(j.message(&good).unwrap().unwrap().envelope, envelope(2));
+    assert_eq!(j.counts().messages, 2);
+    j.retire(&bad).await.unwrap();
+    assert!(j.message(&bad).unwrap().is_none());
+    assert_eq!(j.messages().unwrap().len(), 1);
 }

@@ -7,10 +7,15 @@
 //! first: an attempt under way is asked to stop at its next safe point and
 //! finishes its state update before the operation reads the message; the
 //! operation runs to its end even if the caller hangs up.
+//!
+//! Envelopes and delivery states are read from the spool for each answer
+//! (the queue's index holds neither): a message's answer reads that
+//! message, a listing reads one message at a time, off the runtime's
+//! threads, and holds only the JSON it writes.
 
 use std::sync::Arc;
 
-use ferry_queue::{QueueId, RecipientState, SpooledMessage};
+use ferry_queue::{Journal, QueueId, RecipientState, SpooledMessage};
 use ferry_telemetry::admin::{AdminAnswer, AdminApi};
 use serde_json::{json, Value};
 use tracing::warn;
@@ -34,6 +39,28 @@ fn describe(m: &SpooledMessage) -> Value {
         "delay_notified": m.state.delay_notified,
         "recipients": m.state.recipients,
     })
+}
+
+/// Every queued message as `describe` says it, oldest first: `{"messages":
+/// [...]}`. One that cannot be read is listed with its id and the error.
+fn list(journal: &Journal) -> String {
+    let mut out = String::from("{\"messages\":[");
+    let mut first = true;
+    for id in journal.ids() {
+        let item = match journal.message(&id) {
+            Ok(Some(m)) => describe(&m),
+            // Delivered or removed since the ids were taken.
+            Ok(None) => continue,
+            Err(e) => json!({ "id": id.as_str(), "error": e.to_string() }),
+        };
+        if !first {
+            out.push(',');
+        }
+        first = false;
+        out.push_str(&item.to_string());
+    }
+    out.push_str("]}");
+    out
 }
 
 fn error(status: u16, text: &str) -> Option<(u16, String)> {
@@ -61,9 +88,16 @@ impl Deliverer {
     async fn bounce_now(self: Arc<Self>, id: QueueId) -> (u16, String) {
         let lease = self.schedule.hold(&id, true).await;
         // Read after the hold: the attempt's state update is in.
-        let Some(m) = self.journal.message(&id) else {
-            lease.release(Outcome::Done);
-            return answer_error(404, &not_queued(&id));
+        let m = match self.journal.message(&id) {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                lease.release(Outcome::Done);
+                return answer_error(404, &not_queued(&id));
+            }
+            Err(e) => {
+                lease.release(Outcome::Unchanged);
+                return answer_error(500, &e.to_string());
+            }
         };
         let message = match self.read_body(&m).await {
             Ok(b) => b,
@@ -89,9 +123,18 @@ impl Deliverer {
     /// under way stops first), and says so in the tracking log.
     async fn delete_now(self: Arc<Self>, id: QueueId) -> (u16, String) {
         let lease = self.schedule.hold(&id, true).await;
-        let Some(m) = self.journal.message(&id) else {
-            lease.release(Outcome::Done);
-            return answer_error(404, &not_queued(&id));
+        // A message whose envelope cannot be read can still be deleted
+        // (that may be why): without its tracking event.
+        let m = match self.journal.message(&id) {
+            Ok(Some(m)) => Some(m),
+            Ok(None) => {
+                lease.release(Outcome::Done);
+                return answer_error(404, &not_queued(&id));
+            }
+            Err(e) => {
+                warn!(queue_id = %id, error = %e, "deleting a message whose envelope cannot be read");
+                None
+            }
         };
         if let Err(e) = self.journal.retire(&id).await {
             lease.release(Outcome::Unchanged);
@@ -99,10 +142,12 @@ impl Deliverer {
         }
         lease.release(Outcome::Done);
         warn!(queue_id = %id, "message deleted by an administrator, without a bounce");
-        let mut e = TrackingEvent::new("deleted", &m.id, &m.envelope);
-        e.recipients = m.state.pending().map(|r| &r.address).collect();
-        e.attempt = Some(m.state.attempts);
-        self.core.tracking.record(&e);
+        if let Some(m) = m {
+            let mut e = TrackingEvent::new("deleted", &m.id, &m.envelope);
+            e.recipients = m.state.pending().map(|r| &r.address).collect();
+            e.attempt = Some(m.state.attempts);
+            self.core.tracking.record(&e);
+        }
         done(&id, "delete")
     }
 }
@@ -127,15 +172,14 @@ impl QueueAdmin {
     /// The node at a glance.
     fn status(&self) -> String {
         let d = &self.deliverer;
-        let messages = d.journal.messages();
-        let deferred = messages.iter().filter(|m| m.state.attempts > 0).count();
+        let counts = d.journal.counts();
         json!({
             "role": "worker",
             "version": env!("CARGO_PKG_VERSION"),
             "hostname": d.core.hostname(),
             "ready": (self.ready)(),
             "low_on_space": d.core.is_low_on_space(),
-            "queue": { "messages": messages.len(), "deferred": deferred },
+            "queue": { "messages": counts.messages, "deferred": counts.deferred },
         })
         .to_string()
     }
@@ -151,17 +195,26 @@ impl QueueAdmin {
             if method != "GET" {
                 return error(405, "GET /queue");
             }
-            let list: Vec<Value> = d.journal.messages().iter().map(describe).collect();
-            return Some((200, json!({ "messages": list }).to_string()));
+            let journal = d.journal.clone();
+            return Some(
+                match tokio::task::spawn_blocking(move || list(&journal)).await {
+                    Ok(listing) => (200, listing),
+                    Err(e) => answer_error(500, &e.to_string()),
+                },
+            );
         }
         let Some(id) = parts.first().and_then(|p| QueueId::parse(p)) else {
             return error(400, "a queue id is 20 hex digits");
         };
-        let Some(m) = d.journal.message(&id) else {
+        if !d.journal.contains(&id) {
             return error(404, &not_queued(&id));
-        };
+        }
         match (method, parts.get(1).copied()) {
-            ("GET", None) => Some((200, describe(&m).to_string())),
+            ("GET", None) => match d.journal.message(&id) {
+                Ok(Some(m)) => Some((200, describe(&m).to_string())),
+                Ok(None) => error(404, &not_queued(&id)),
+                Err(e) => error(500, &format!("cannot read {id} from the spool: {e}")),
+            },
             ("POST", Some("retry")) => {
                 let when = match d.kick(&id) {
                     Kick::AfterCurrent => "after the current attempt",

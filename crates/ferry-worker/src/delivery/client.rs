@@ -32,10 +32,15 @@ pub enum HopError {
     TlsUnavailable { hop: String },
     #[error("TLS with {hop} failed: {reason}")]
     Tls { hop: String, reason: String },
-    /// The server refused the whole session (greeting, EHLO, AUTH, MAIL or
-    /// DATA), with its reply.
+    /// The server refused the whole session (EHLO, AUTH, MAIL or DATA),
+    /// with its reply.
     #[error("{hop} said: {reply}")]
     Refused { hop: String, reply: Reply },
+    /// The server greeted with something other than `220`: even a `554`
+    /// speaks for that host only, so the next hop is tried (as Postfix's
+    /// `smtp_skip_5xx_greeting` does by default).
+    #[error("{hop} greeted with {reply}")]
+    Greeted { hop: String, reply: Reply },
     #[error("{hop}: {reason}")]
     Protocol { hop: String, reason: String },
     /// The hop cannot take this message (too big for its SIZE, or it needs
@@ -60,10 +65,8 @@ impl HopError {
         let hop = hop.to_string();
         match e {
             E::Unreachable { attempts, .. } => {
-                // A greeting other than 220 is the hop's answer, as any
-                // other refusal.
                 if let Some(AttemptFailure::Greeted(reply)) = attempts.last().map(|a| &a.failure) {
-                    return HopError::Refused {
+                    return HopError::Greeted {
                         hop,
                         reply: reply.clone(),
                     };
@@ -111,27 +114,48 @@ fn unreachable_hop(hop: String, attempts: &[ferry_client::Attempt]) -> HopError 
 pub struct HopSettings<'a> {
     pub helo: &'a str,
     pub tls: TlsPolicy,
-    pub verify_certificates: bool,
+    /// Which certificates the hop may show.
+    pub verify: Verify,
+    /// The CA file `verify` was read from, if any (sessions are pooled by
+    /// it).
+    pub ca_file: Option<&'a std::path::Path>,
     pub auth: Option<&'a (String, String)>,
     pub connect_timeout: Duration,
     pub command_timeout: Duration,
 }
 
 impl HopSettings<'_> {
+    /// What a pooled session towards `hop` was opened with: only a session
+    /// opened with the same TLS policy, trust and credential (user and a
+    /// digest of the password: two routes to one hop may log in as one
+    /// user with different passwords) serves the next message.
+    pub fn session_key(&self, hop: &str) -> String {
+        use std::hash::{Hash, Hasher};
+        let trust = match (&self.verify, self.ca_file) {
+            (Verify::Off, _) => "off".into(),
+            (_, Some(path)) => format!("ca:{}", path.display()),
+            _ => "webpki".into(),
+        };
+        let auth = self.auth.map_or(String::new(), |(user, password)| {
+            let mut digest = std::hash::DefaultHasher::new();
+            password.hash(&mut digest);
+            format!("{user}:{:x}", digest.finish())
+        });
+        format!("{hop}|{:?}|{trust}|{auth}", self.tls)
+    }
+
     fn client_settings(&self) -> ferry_client::Settings {
         let mode = match self.tls {
             TlsPolicy::None => TlsMode::Off,
             TlsPolicy::Opportunistic => TlsMode::Opportunistic,
             TlsPolicy::Required => TlsMode::Required,
         };
-        let verify = if self.verify_certificates {
-            Verify::WebPki
-        } else {
-            Verify::Off
-        };
         ferry_client::Settings {
             helo: self.helo.to_string(),
-            tls: TlsSettings { mode, verify },
+            tls: TlsSettings {
+                mode,
+                verify: self.verify.clone(),
+            },
             auth: self.auth.map(|(user, password)| Credentials {
                 user: user.clone(),
                 password: Zeroizing::new(password.clone()),

@@ -20,6 +20,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_client::Verify;
 use ferry_config::{ClusterConfig, NextHop, Route, RouteAction, TlsPolicy};
 use ferry_queue::dsn::{self, Report, ReportKind, ReportedRecipient};
 use ferry_queue::{
@@ -84,8 +85,8 @@ impl Deliverer {
             warn!("a delivery agent already runs on this spool");
             return;
         };
-        for m in self.journal.messages() {
-            self.schedule.insert(m.id, m.state.next_attempt);
+        for (id, at) in self.journal.due_times() {
+            self.schedule.insert(id, at);
         }
         self.remove_directory_leftovers().await;
         let mut gauges_at = tokio::time::Instant::now();
@@ -161,27 +162,37 @@ impl Deliverer {
         }
     }
 
-    /// Messages by state and the oldest one's age.
+    /// Messages by state and the oldest one's age: counts from the
+    /// spool's index, the age from the oldest message's envelope (one
+    /// small read).
     fn queue_gauges(&self, now: i64) {
-        let messages = self.journal.messages();
-        let deferred = messages.iter().filter(|m| m.state.attempts > 0).count();
-        let oldest = messages
-            .iter()
-            .map(|m| m.envelope.received_at)
-            .min()
-            .unwrap_or(now);
+        let counts = self.journal.counts();
+        let oldest = match counts.oldest.map(|id| self.journal.message(&id)) {
+            Some(Ok(Some(m))) => m.envelope.received_at,
+            // Gone meanwhile, or unreadable (the attempt says so).
+            _ => now,
+        };
         metrics::gauge!(metric::QUEUE_MESSAGES, "state" => "new")
-            .set((messages.len() - deferred) as f64);
-        metrics::gauge!(metric::QUEUE_MESSAGES, "state" => "deferred").set(deferred as f64);
+            .set(counts.messages.saturating_sub(counts.deferred) as f64);
+        metrics::gauge!(metric::QUEUE_MESSAGES, "state" => "deferred").set(counts.deferred as f64);
         metrics::gauge!(metric::QUEUE_OLDEST_AGE).set((now - oldest).max(0) as f64);
     }
 
     /// One delivery attempt for every pending recipient of the message
-    /// `lease` holds. Returns what became of it.
+    /// `lease` holds, its envelope and state read from the spool (what
+    /// the last attempt or operation recorded). Returns what became of it.
     async fn attempt(&self, lease: &Lease) -> Outcome {
-        let Some(m) = self.journal.message(lease.id()) else {
+        let m = match self.journal.message(lease.id()) {
+            Ok(Some(m)) => m,
             // Retired while it waited (deleted, or finished by an operation).
-            return Outcome::Done;
+            Ok(None) => return Outcome::Done,
+            Err(e) => {
+                let config = Arc::clone(&self.core.current().config);
+                warn!(error = %e, "cannot read the message's envelope and state from the spool; trying later");
+                return Outcome::RetryAt(
+                    unix_now() + config.delivery.retry_interval.as_secs().max(1) as i64,
+                );
+            }
         };
         if lease.stop().is_cancelled() {
             return Outcome::Unchanged;
@@ -337,9 +348,14 @@ impl Deliverer {
                 next_hops,
                 tls,
                 verify_certificates,
+                ca_file,
                 auth,
             } => {
-                let settings = self.hop_settings(config, *tls, *verify_certificates, auth.as_ref());
+                let trust = (*verify_certificates, ca_file.as_deref());
+                let settings = match self.hop_settings(config, *tls, trust, auth.as_ref()) {
+                    Ok(s) => s,
+                    Err(reply) => return deferred_locally(recipients, reply),
+                };
                 let targets: Vec<Target<'_>> = next_hops
                     .iter()
                     .map(|hop| Target { hop, address: None })
@@ -351,8 +367,13 @@ impl Deliverer {
                 port,
                 tls,
                 verify_certificates,
+                ca_file,
             } => {
-                let settings = self.hop_settings(config, *tls, *verify_certificates, None);
+                let trust = (*verify_certificates, ca_file.as_deref());
+                let settings = match self.hop_settings(config, *tls, trust, None) {
+                    Ok(s) => s,
+                    Err(reply) => return deferred_locally(recipients, reply),
+                };
                 let mut results = Vec::new();
                 for (domain, recipients) in by_domain(recipients) {
                     if stop.is_cancelled() {
@@ -420,21 +441,33 @@ impl Deliverer {
         }
     }
 
+    /// How to talk to a route's hops. `trust`: whether certificates are
+    /// verified, and against which CA file (the web PKI's roots without
+    /// one). The file was checked when the config was loaded; one gone or
+    /// spoiled since is a local problem: `Err` with the reply that defers.
     fn hop_settings<'a>(
         &'a self,
         config: &ClusterConfig,
         tls: TlsPolicy,
-        verify_certificates: bool,
+        trust: (bool, Option<&'a std::path::Path>),
         auth: Option<&'a (String, String)>,
-    ) -> client::HopSettings<'a> {
-        client::HopSettings {
+    ) -> Result<client::HopSettings<'a>, String> {
+        let verify = match trust {
+            (false, _) => Verify::Off,
+            (true, None) => Verify::WebPki,
+            (true, Some(path)) => {
+                Verify::ca_file(path).map_err(|e| format!("451 4.3.0 ca_file {e}"))?
+            }
+        };
+        Ok(client::HopSettings {
             helo: &self.core.options.hostname,
             tls,
-            verify_certificates,
+            verify,
+            ca_file: trust.1,
             auth,
             connect_timeout: config.delivery.connect_timeout,
             command_timeout: config.delivery.command_timeout,
-        }
+        })
     }
 
     /// One transaction with the first of `targets` that answers; the next
@@ -735,6 +768,13 @@ fn reported(
             }
         })
         .collect()
+}
+
+/// Each of `recipients` deferred for a local problem (`reply`), logged.
+fn deferred_locally(recipients: &[Mailbox], reply: String) -> Vec<(Mailbox, RecipientState)> {
+    counter!(metric::DELIVERY_ATTEMPTS, "result" => "deferred").increment(1);
+    warn!(%reply, "cannot set up delivery on this route; deferred");
+    each(recipients, RecipientState::Deferred { reply })
 }
 
 /// The same state for each of `recipients`.

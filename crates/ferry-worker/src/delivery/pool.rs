@@ -112,12 +112,7 @@ impl SessionPool {
             _ = stop.cancelled() => return Ok(None),
             slot = slots.acquire() => slot.ok(),
         };
-        let key = format!(
-            "{hop_key}|{:?}|{}|{}",
-            settings.tls,
-            settings.verify_certificates,
-            settings.auth.map_or("", |(user, _)| user.as_str())
-        );
+        let key = settings.session_key(&hop_key);
         if let Some(mut session) = self.take(&key) {
             match session.send(tx).await {
                 Ok(outcomes) => {

@@ -15,8 +15,12 @@ use ferry_queue::Journal;
 use ferry_worker::{Deliverer, Worker, WorkerOptions, WorkerSnapshot};
 use tokio::net::TcpListener;
 
+mod outcomes;
+
 #[allow(unused_imports)]
 pub use ferry_tests::{plain, spool_leftovers, spooled, SmtpClient};
+#[allow(unused_imports)]
+pub use outcomes::*;
 
 pub const PASSWORD: &str = "s3cret";
 /// The one peer allowed to send PROXY headers (a balancer).
@@ -208,6 +212,14 @@ allowed_ranges = ["127.0.0.40/32"]
         self.worker.apply(Arc::new(snapshot)).await.unwrap();
     }
 
+    /// Applies version 1's config with `more` appended as version 2; `FRONT`
+    /// in `more` stands for the shared front port (known once bound), so
+    /// extra connectors can share it.
+    pub async fn apply_more(&self, more: &str) {
+        let more = more.replace("FRONT", &self.front.port().to_string());
+        self.apply(&format!("{}\n{more}", self.text), 2).await;
+    }
+
     pub fn data(&self) -> PathBuf {
         self.dir.path().to_path_buf()
     }
@@ -222,6 +234,16 @@ allowed_ranges = ["127.0.0.40/32"]
     /// Connects to the shared front port from `source`; checks the banner.
     pub async fn front_from(&self, source: &str) -> (SmtpClient, String) {
         SmtpClient::connect(self.front, ip(source)).await
+    }
+
+    /// Connects to `to` from the trusted proxy and sends a PROXY v2 header
+    /// naming `client` (`ADDR:PORT`) as the client, as the balancer does;
+    /// returns the session's greeting.
+    pub async fn proxied(&self, to: SocketAddr, client: &str) -> (SmtpClient, String) {
+        let mut c = SmtpClient::connect_from(to, ip(PROXY)).await.unwrap();
+        c.send(&proxy_v2(client, to, "BAL-1")).await.unwrap();
+        let greeting = c.reply().await;
+        (c, greeting)
     }
 
     /// A client on the Client Frontend after STARTTLS, EHLO and AUTH.
@@ -252,15 +274,80 @@ pub fn snapshot(text: &str, dir: &std::path::Path, version: u64) -> WorkerSnapsh
     .into_snapshot(version, material)
 }
 
+/// A PROXY v2 header naming `client` (`ADDR:PORT`) connected to `to`,
+/// with the balancer's session id `session` (its UNIQUE_ID TLV).
+pub fn proxy_v2(client: &str, to: SocketAddr, session: &str) -> Vec<u8> {
+    use proxy_header::{ProxiedAddress, ProxyHeader, Tlv};
+    let client: SocketAddr = client.parse().unwrap();
+    // Both addresses of a header are of one family: an IPv6 client reached
+    // an IPv4 listener as its IPv4-mapped address.
+    let to = match to.ip() {
+        IpAddr::V4(v4) if client.is_ipv6() => {
+            SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), to.port())
+        }
+        _ => to,
+    };
+    let addr = ProxiedAddress::stream(client, to);
+    let mut out = Vec::new();
+    ProxyHeader::with_tlvs(Some(addr), [Tlv::UniqueId(session.as_bytes().into())])
+        .encode_v2(&mut out)
+        .unwrap();
+    out
+}
+
+/// Every tracking-log event written so far, from every file, in order.
+pub fn tracking(data: &std::path::Path) -> Vec<serde_json::Value> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(data.join("logs").join("tracking"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .flat_map(|t| {
+            t.lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// How long [`eventually`] polls.
+pub const EVENTUALLY: Duration = Duration::from_secs(30);
+
+/// Polls (bounded by [`EVENTUALLY`]) until `ready` holds; returns whether
+/// it did.
+pub async fn eventually(mut ready: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + EVENTUALLY;
+    loop {
+        if ready() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A full transaction; returns the reply to the end of data.
 pub async fn send_message(c: &mut SmtpClient, from: &str, to: &str, body: &str) -> String {
-    assert!(c
-        .cmd(&format!("MAIL FROM:<{from}>"))
-        .await
-        .starts_with("250"));
-    assert!(c.cmd(&format!("RCPT TO:<{to}>")).await.starts_with("250"));
-    assert!(c.cmd("DATA").await.starts_with("354"));
-    c.send(body.as_bytes()).await.unwrap();
-    c.send(b".\r\n").await.unwrap();
-    c.reply().await
+    c.send_mail(from, to, body.as_bytes()).await
 }
+
+/// A connector on the shared front port (`FRONT`, for
+/// [`Harness::apply_more`]) with AUTH in clear, for 127.0.0.70 and for
+/// 192.0.2.46 (as a balancer names it).
+pub const BASIC_AUTH: &str = r#"
+[[connectors]]
+name = "Basic Auth"
+port = FRONT
+remote_ranges = ["127.0.0.70/32", "192.0.2.46/32"]
+permissions = ["users"]
+auth = ["basic_auth"]
+banner = "Basic Auth ready"
+limits = { tarpit = "0s" }
+"#;
