@@ -427,7 +427,7 @@ async fn the_client_library_authenticates_with_login_and_plain() {
             .send(&Transaction {
                 mail_from: &from,
                 recipients: &to,
-                message: message.as_bytes(),
+                message: &message.as_bytes(),
                 body_8bit: false,
                 smtputf8: false,
             })

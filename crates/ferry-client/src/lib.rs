@@ -33,7 +33,7 @@ use zeroize::Zeroizing;
 
 pub use connect::{connect, Attempt, AttemptFailure, Target};
 pub use io::{read_reply, Line, ReadError, Transcript};
-pub use session::{Outcome, RecipientResult, Session, Transaction};
+pub use session::{MessageBody, Outcome, PieceFuture, RecipientResult, Session, Transaction};
 pub use tls::{TlsMode, TlsSettings, Verify};
 
 /// Why a session or a transaction failed. [`Error::is_permanent`] says

@@ -1,13 +1,15 @@
 //! A greeted SMTP session: EHLO or HELO, STARTTLS, AUTH, transactions.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use ferry_smtp::client::{Capabilities, ReplyReader};
-use ferry_smtp::data::dot_stuff;
+use ferry_smtp::data::DotStuffer;
 use ferry_smtp::{Mailbox, Reply, ReversePath};
 use tokio::io::AsyncWriteExt;
 use tokio::time::timeout;
@@ -21,13 +23,48 @@ use crate::{Credentials, Error, Mechanism, Settings, Timeouts};
 /// What a transcript shows instead of a secret.
 const MASK: &str = "********";
 
+/// One piece of a message, once read.
+pub type PieceFuture<'a> = Pin<Box<dyn Future<Output = std::io::Result<&'a [u8]>> + Send + 'a>>;
+
+/// A message's bytes (CRLF line endings, not dot-stuffed), sent piece by
+/// piece: delivery reads a large message from its spool a piece at a time
+/// while it sends, never the whole of it into memory. Bytes in memory
+/// (`Vec<u8>`, `&[u8]`, a byte string) are one piece.
+pub trait MessageBody: Sync {
+    /// Octets in all (for `SIZE=`).
+    fn len(&self) -> u64;
+    /// The message is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// How many pieces it is sent in.
+    fn pieces(&self) -> usize;
+    /// Piece `i`, read into `buf` if it has to be read.
+    fn piece<'a>(&'a self, i: usize, buf: &'a mut Vec<u8>) -> PieceFuture<'a>;
+}
+
+impl<T: AsRef<[u8]> + Sync + ?Sized> MessageBody for T {
+    fn len(&self) -> u64 {
+        self.as_ref().len() as u64
+    }
+
+    fn pieces(&self) -> usize {
+        1
+    }
+
+    fn piece<'a>(&'a self, i: usize, _buf: &'a mut Vec<u8>) -> PieceFuture<'a> {
+        let bytes = if i == 0 { self.as_ref() } else { &[] };
+        Box::pin(async move { Ok(bytes) })
+    }
+}
+
 /// The message of one transaction.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct Transaction<'a> {
     pub mail_from: &'a ReversePath,
     pub recipients: &'a [Mailbox],
-    /// The message, CRLF line endings, not dot-stuffed.
-    pub message: &'a [u8],
+    /// The message.
+    pub message: &'a dyn MessageBody,
     /// The message has 8-bit bytes (`BODY=8BITMIME` where offered,
     /// RFC 6152).
     pub body_8bit: bool,
@@ -380,9 +417,11 @@ impl Session {
     /// [`Error::Unsuitable`] before anything is sent when the message is
     /// over the server's SIZE or needs SMTPUTF8 it lacks;
     /// [`Error::Refused`] when MAIL, DATA or RSET is refused;
-    /// [`Error::Connection`] when the connection fails.
+    /// [`Error::Connection`] when the connection fails; [`Error::Local`]
+    /// when the message cannot be read (the connection is then closed
+    /// mid-data, so the server keeps nothing of it).
     pub async fn send(&mut self, tx: &Transaction<'_>) -> Result<Vec<RecipientResult>, Error> {
-        let size = tx.message.len() as u64;
+        let size = tx.message.len();
         if let Some(max) = self.caps.size.filter(|max| *max > 0 && size > *max) {
             return Err(Error::Unsuitable {
                 peer: self.label.clone(),
@@ -467,11 +506,7 @@ impl Session {
         if data.code() != 354 {
             return Err(self.refused("DATA", data));
         }
-        if self.transcript.is_some() {
-            self.echo_sent(&String::from_utf8_lossy(tx.message));
-            self.echo_sent(".");
-        }
-        self.write(&dot_stuff(tx.message)).await?;
+        self.send_body(tx.message).await?;
         let done = self.read(self.timeouts.data_end).await?;
         for r in results.iter_mut() {
             if r.outcome == Outcome::Accepted {
@@ -483,6 +518,37 @@ impl Session {
             }
         }
         Ok(results)
+    }
+
+    /// Sends the message, dot-stuffed, piece by piece, and the end of
+    /// data.
+    async fn send_body(&mut self, message: &dyn MessageBody) -> Result<(), Error> {
+        let mut stuffer = DotStuffer::default();
+        let mut buf = Vec::new();
+        let mut out = Vec::new();
+        let pieces = message.pieces();
+        for i in 0..pieces {
+            let piece = match message.piece(i, &mut buf).await {
+                Ok(piece) => piece,
+                Err(e) => {
+                    // Never end the data of a message sent in part.
+                    let _ = timeout(Duration::from_secs(1), self.stream.shutdown()).await;
+                    return Err(Error::Local(format!("cannot read the message: {e}")));
+                }
+            };
+            if self.transcript.is_some() {
+                self.echo_sent(&String::from_utf8_lossy(piece));
+            }
+            out.clear();
+            stuffer.push(piece, &mut out);
+            if i + 1 < pieces {
+                self.write(&out).await?;
+            }
+        }
+        // The end of data goes with the last piece: one write for most mail.
+        stuffer.finish(&mut out);
+        self.echo_sent(".");
+        self.write(&out).await
     }
 
     /// Ends the session politely (QUIT, a short wait for its reply, TLS

@@ -93,8 +93,8 @@ pub fn changes(old: &ClusterConfig, new: &ClusterConfig) -> Vec<Change> {
     setting(
         &mut out,
         "spool settings",
-        &(old.min_free_space, old.max_data_in_memory),
-        &(new.min_free_space, new.max_data_in_memory),
+        &old.min_free_space,
+        &new.min_free_space,
     );
     setting(&mut out, "auth settings", &old.auth, &new.auth);
     match (&old.balancer, &new.balancer) {

@@ -22,9 +22,6 @@ pub struct ClusterConfig {
     /// Below this much free space in the data directory, new mail gets
     /// `452 4.3.1` and the node reports not ready (back-pressure).
     pub min_free_space: u64,
-    /// Message content all sessions together may hold in memory during
-    /// DATA; a message that would go over gets `452 4.3.1`.
-    pub max_data_in_memory: u64,
     /// The `[balancer]` section, read by balancer nodes.
     pub balancer: Option<crate::balancer::BalancerConfig>,
     /// Where mail to the bare `<Postmaster>` goes (RFC 5321 §4.5.1): the
@@ -39,8 +36,6 @@ pub struct ClusterConfig {
 
 /// The default floor of free space for the spool.
 pub const DEFAULT_MIN_FREE_SPACE: u64 = 128 * 1024 * 1024;
-/// The default budget of DATA held in memory, across sessions.
-pub const DEFAULT_MAX_DATA_IN_MEMORY: u64 = 1024 * 1024 * 1024;
 /// The default listen queue of a port: connections the kernel has
 /// completed and holds until the node accepts them (`listen(2)`'s
 /// backlog; the kernel caps it at `net.core.somaxconn`). HAProxy and

@@ -75,7 +75,6 @@ pub(crate) struct RawBackend {
 #[derive(Debug, Default)]
 pub(crate) struct RawSpool {
     pub min_free_space: Option<Spanned<RawSize>>,
-    pub max_data_in_memory: Option<Spanned<RawSize>>,
 }
 
 #[derive(Debug)]
@@ -200,9 +199,16 @@ impl RawConfig {
                 .map(Spanned::into_inner)
                 .unwrap_or_default(),
             spool: t
-                .table(r, "spool", |r, t| RawSpool {
-                    min_free_space: t.opt(r, "min_free_space"),
-                    max_data_in_memory: t.opt(r, "max_data_in_memory"),
+                .table(r, "spool", |r, t| {
+                    t.removed(
+                        r,
+                        "max_data_in_memory",
+                        "a message is written to the spool as it arrives, so a session \
+                         holds a chunk of it (256 KiB), never the whole message",
+                    );
+                    RawSpool {
+                        min_free_space: t.opt(r, "min_free_space"),
+                    }
                 })
                 .map(Spanned::into_inner)
                 .unwrap_or_default(),

@@ -102,6 +102,20 @@ impl<'i> Table<'i> {
         }
     }
 
+    /// A key Ferry no longer reads: there, it is an error that says why
+    /// and what to do instead of the unknown-key one.
+    pub(crate) fn removed(&mut self, r: &mut Reader, key: &'static str, why: &str) {
+        if let Some(value) = self.entries.remove(key) {
+            r.error(
+                value.span(),
+                format!(
+                    "`{key}` in {} is no longer a setting: {why}; remove it",
+                    self.name
+                ),
+            );
+        }
+    }
+
     /// An optional key that defaults to empty.
     pub(crate) fn or_default<T: DeserializeOwned + Default>(
         &mut self,

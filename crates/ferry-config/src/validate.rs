@@ -229,7 +229,6 @@ pub(crate) fn parse(file: &str, text: &str, base_dir: &Path) -> Result<ClusterCo
         .collect();
     let delivery = delivery(&mut c, &raw.delivery);
     let min_free_space = c.size(&raw.spool.min_free_space, DEFAULT_MIN_FREE_SPACE);
-    let max_data_in_memory = c.size(&raw.spool.max_data_in_memory, DEFAULT_MAX_DATA_IN_MEMORY);
     let balancer = raw
         .balancer
         .as_ref()
@@ -252,7 +251,6 @@ pub(crate) fn parse(file: &str, text: &str, base_dir: &Path) -> Result<ClusterCo
         routes,
         delivery,
         min_free_space,
-        max_data_in_memory,
         balancer,
         postmaster,
         auth,

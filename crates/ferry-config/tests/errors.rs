@@ -102,6 +102,21 @@ fn unknown_keys_and_syntax_errors_are_located() {
     );
 }
 
+/// A setting Ferry no longer has is refused with why and what to do,
+/// not as an unknown key (a config that was valid before says so).
+#[test]
+fn the_removed_data_memory_budget_is_refused_with_a_reason() {
+    let text = "[spool]\nmin_free_space = \"1MB\"\nmax_data_in_memory = \"1GB\"\n";
+    assert_eq!(
+        errors(text),
+        [
+            "3:22: `max_data_in_memory` in [spool] is no longer a setting: a message is \
+             written to the spool as it arrives, so a session holds a chunk of it (256 KiB), \
+             never the whole message; remove it"
+        ]
+    );
+}
+
 /// Unknown keys and wrong types used to end the reading, hiding every
 /// other mistake until they were fixed: six mistakes of six kinds, one pass.
 #[test]

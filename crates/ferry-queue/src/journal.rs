@@ -22,6 +22,15 @@
 //! between the copy and the deletion) is one message, the later record
 //! winning.
 //!
+//! A message larger than [`CHUNK_SIZE`] is written as it arrives, in
+//! chunk records interleaved with other sessions' records, then a commit
+//! record naming them ([`stream`]'s comment says how a session's memory
+//! stays at a chunk or two, and why the segments of a message still
+//! arriving are pinned). Such a message keeps every segment from its first
+//! chunk's to its commit record's; compaction copies it chunk by chunk.
+//! Chunks no commit names (a session gone mid-DATA, a crash) are dead
+//! bytes: recovery passes over them and they keep no segment.
+//!
 //! In memory the journal keeps an index ([`index`]): per live message
 //! only where its records are and when it is due, not its envelope and
 //! state, which are read back from the spool when needed ([`lookup`]).
@@ -37,6 +46,7 @@ mod sim;
 #[cfg(test)]
 mod sim_tests;
 mod storage;
+mod stream;
 #[cfg(test)]
 mod tests;
 
@@ -49,10 +59,11 @@ use committer::{Committer, Effect, Job, Request};
 use index::{Index, Schedule};
 use record::{Record, HEADER, MAX_RECORD};
 use storage::{Dir, Reader, Storage};
+pub use stream::{MessageWriter, SpooledBody, CHUNK_SIZE};
 
 use crate::envelope::{QueueId, StoredEnvelope};
 use crate::state::DeliveryState;
-use crate::{Spool, SpoolError, StoreFuture};
+use crate::{MessageSink, Spool, SpoolError, StoreFuture};
 
 /// A new segment is started past this size.
 pub const SEGMENT_SIZE: u64 = 64 * 1024 * 1024;
@@ -68,9 +79,47 @@ struct Location {
     /// Offset of the record (its header) in the segment, and its length.
     record: u64,
     record_len: u64,
-    /// Offset of the message body in the segment.
+    /// Offset of the message body in the segment, and its length (for a
+    /// message streamed in chunks: of its tail, in its commit record).
     offset: u64,
     len: u64,
+    /// The oldest segment holding a chunk of the message (`segment` for a
+    /// message in one record). Its chunks are in this segment and the
+    /// later ones up to `segment`, so the message keeps them all.
+    first_segment: u64,
+    /// Octets of the message before the tail: its head and chunks (0 for
+    /// a message in one record).
+    before_tail: u64,
+}
+
+impl Location {
+    /// A message in one record: `len` body bytes at `offset`.
+    fn whole(segment: u64, record: u64, record_len: u64, offset: u64, len: u64) -> Self {
+        Self {
+            segment,
+            record,
+            record_len,
+            offset,
+            len,
+            first_segment: segment,
+            before_tail: 0,
+        }
+    }
+
+    /// The segments that hold a part of the message.
+    fn segments(&self) -> std::ops::RangeInclusive<u64> {
+        self.first_segment.min(self.segment)..=self.segment
+    }
+
+    /// Octets on disk the message keeps: its record and its chunks.
+    fn stored_len(&self) -> u64 {
+        self.record_len + self.before_tail
+    }
+
+    /// The message's size in octets.
+    fn size(&self) -> u64 {
+        self.before_tail + self.len
+    }
 }
 
 /// A message in the spool, its envelope and latest delivery state read
@@ -98,7 +147,7 @@ pub struct QueueCounts {
 impl SpooledMessage {
     /// The message's size in bytes.
     pub fn size(&self) -> u64 {
-        self.location.len
+        self.location.size()
     }
 }
 
@@ -229,12 +278,7 @@ pub fn scan(data_dir: &Path) -> io::Result<Vec<(QueueId, StoredEnvelope, Vec<u8>
 }
 
 fn read_body(storage: &dyn Storage, at: &Location) -> io::Result<Vec<u8>> {
-    let len = usize::try_from(at.len).map_err(io::Error::other)?;
-    let mut body = vec![0u8; len];
-    storage
-        .open(&segment_name(at.segment))?
-        .read_exact_at(&mut body, at.offset)?;
-    Ok(body)
+    SpooledBody::open(storage, at)?.read_all()
 }
 
 /// The delivery state of every live message (for tests and inspection),
@@ -366,11 +410,22 @@ impl Journal {
     }
 
     /// Reads a message's bytes, from wherever it is now (compaction may
-    /// have moved it since `m` was taken).
+    /// have moved it since `m` was taken). For tests and small messages:
+    /// delivery streams them with [`Journal::open_body`].
     ///
     /// # Errors
     /// The segment cannot be read.
     pub fn body(&self, m: &SpooledMessage) -> io::Result<Vec<u8>> {
+        self.open_body(m)?.read_all()
+    }
+
+    /// Opens a message's bytes for reading in pieces, from wherever it is
+    /// now. What it returns holds its segments open: it reads the message
+    /// whole even if compaction moves it and deletes them meanwhile.
+    ///
+    /// # Errors
+    /// A segment cannot be opened or the message's record read.
+    pub fn open_body(&self, m: &SpooledMessage) -> io::Result<SpooledBody> {
         let mut at = m.location;
         // A segment can go between the look-up and the read (its messages
         // were just moved): look again. Bounded: a move takes a whole
@@ -379,24 +434,38 @@ impl Journal {
             if let Some(now) = self.index().messages.get(&m.id) {
                 at = now.location;
             }
-            match read_body(&*self.shared.storage, &at) {
+            match SpooledBody::open(&*self.shared.storage, &at) {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 other => return other,
             }
         }
-        read_body(&*self.shared.storage, &at)
+        SpooledBody::open(&*self.shared.storage, &at)
+    }
+
+    /// Starts a message that arrives in chunks (see [`MessageWriter`]).
+    pub fn writer(&self, id: QueueId) -> MessageWriter {
+        MessageWriter::new(self.clone(), id)
     }
 
     /// Hands a record to the committer; resolves once it is durable and
     /// in the index.
     async fn append(&self, payload: Vec<u8>, effect: Effect) -> io::Result<()> {
+        self.hand_over(payload, effect)?
+            .await
+            .map_err(|_| stopped())?
+            .map(|_| ())
+    }
+
+    /// Hands a record to the committer; the answer says where it went
+    /// (segment, offset), once it is durable.
+    fn hand_over(&self, payload: Vec<u8>, effect: Effect) -> io::Result<committer::Answer> {
         let (done, wait) = tokio::sync::oneshot::channel();
         self.send(Job::Append(Request {
             payload,
             effect,
             done: Some(done),
         }))?;
-        wait.await.map_err(|_| stopped())?
+        Ok(wait)
     }
 
     fn send(&self, job: Job) -> io::Result<()> {
@@ -459,28 +528,61 @@ impl Journal {
     }
 }
 
+/// The spool's error for an I/O error.
+fn spool_error(e: io::Error) -> SpoolError {
+    if e.kind() == io::ErrorKind::StorageFull {
+        SpoolError::Full(e)
+    } else {
+        SpoolError::Io(e)
+    }
+}
+
 impl Spool for Journal {
     fn store(&self, id: QueueId, envelope: StoredEnvelope, message: Vec<u8>) -> StoreFuture<'_> {
         Box::pin(async move {
-            let payload = record::encode_message(&id, &envelope, &message)?;
-            let body_len = message.len() as u64;
-            let body_at = payload.len() as u64 - body_len;
-            drop(message);
-            drop(envelope);
-            let effect = Effect::Store {
-                id: id.clone(),
-                body_at,
-                body_len,
-            };
-            self.append(payload, effect).await.map_err(|e| {
-                if e.kind() == io::ErrorKind::StorageFull {
-                    SpoolError::Full(e)
-                } else {
-                    SpoolError::Io(e)
+            if message.len() > CHUNK_SIZE {
+                // One large record would be held whole by compaction and
+                // delivery: stored in chunks as a session streams them.
+                let mut writer = self.writer(id);
+                let mut rest = message.as_slice();
+                while rest.len() > CHUNK_SIZE {
+                    let (chunk, after) = rest.split_at(CHUNK_SIZE);
+                    writer.append(chunk.to_vec()).await?;
+                    rest = after;
                 }
-            })?;
-            let _ = self.shared.arrivals.send(id.clone());
-            Ok(id)
+                return writer.commit(envelope, Vec::new(), rest.to_vec()).await;
+            }
+            self.store_whole(id, envelope, &[], &message)
+                .await
+                .map_err(spool_error)
         })
+    }
+
+    fn begin(&self, id: QueueId) -> Box<dyn MessageSink> {
+        Box::new(self.writer(id))
+    }
+}
+
+impl Journal {
+    /// Stores a message in one record: `head` then `body`.
+    async fn store_whole(
+        &self,
+        id: QueueId,
+        envelope: StoredEnvelope,
+        head: &[u8],
+        body: &[u8],
+    ) -> io::Result<QueueId> {
+        let payload = record::encode_message(&id, &envelope, head, body)?;
+        let body_len = (head.len() + body.len()) as u64;
+        let body_at = payload.len() as u64 - body_len;
+        let effect = Effect::Store {
+            id: id.clone(),
+            body_at,
+            body_len,
+            spanned: None,
+        };
+        self.append(payload, effect).await?;
+        let _ = self.shared.arrivals.send(id.clone());
+        Ok(id)
     }
 }

@@ -24,7 +24,7 @@ use std::future::Future;
 use std::pin::Pin;
 
 pub use envelope::{QueueId, StoredEnvelope};
-pub use journal::{Journal, QueueCounts, SpooledMessage};
+pub use journal::{Journal, MessageWriter, QueueCounts, SpooledBody, SpooledMessage, CHUNK_SIZE};
 pub use state::{DeliveryState, RecipientState, RecipientStatus};
 
 /// Why a message could not be stored. Every variant is temporary for the
@@ -43,10 +43,36 @@ pub enum SpoolError {
 }
 
 pub type StoreFuture<'a> = Pin<Box<dyn Future<Output = Result<QueueId, SpoolError>> + Send + 'a>>;
+pub type AppendFuture<'a> = Pin<Box<dyn Future<Output = Result<(), SpoolError>> + Send + 'a>>;
 
 /// Durable storage for accepted messages.
 pub trait Spool: Send + Sync + 'static {
     /// Stores a message under `id` (made with [`QueueId::new`]); resolves
     /// once it is durable on disk.
     fn store(&self, id: QueueId, envelope: StoredEnvelope, message: Vec<u8>) -> StoreFuture<'_>;
+
+    /// Starts a message under `id` that arrives in pieces (DATA as it
+    /// comes): the session's memory is one piece, not the message.
+    fn begin(&self, id: QueueId) -> Box<dyn MessageSink>;
+}
+
+/// A message being written to the spool as it arrives. Dropped without
+/// [`MessageSink::commit`], it leaves nothing a restart would find.
+pub trait MessageSink: Send {
+    /// Appends the message's next bytes. Waits only for the piece before
+    /// (at most one is being written while the session reads on).
+    fn append(&mut self, bytes: Vec<u8>) -> AppendFuture<'_>;
+
+    /// Octets appended so far.
+    fn appended(&self) -> u64;
+
+    /// Ends the message: `head` (trace fields) goes in front of what was
+    /// appended, `tail` after it. Resolves once the whole message and its
+    /// envelope are durable (then, and only then, `250`).
+    fn commit(
+        self: Box<Self>,
+        envelope: StoredEnvelope,
+        head: Vec<u8>,
+        tail: Vec<u8>,
+    ) -> StoreFuture<'static>;
 }

@@ -12,7 +12,7 @@ use smtp_proto::{Error as ParseError, Request, AUTH_LOGIN, AUTH_PLAIN};
 
 use crate::address::{ForwardPath, ReversePath};
 use crate::command::{self, CommandError, Verb};
-use crate::data::{header_len, received_count, DataOutcome, DataReader};
+use crate::data::{DataLimits, DataOutcome, DataReader, MessageEnd};
 use crate::reply::Reply;
 use crate::sasl;
 use crate::{MAX_AUTH_LINE, MAX_COMMAND_LINE};
@@ -44,6 +44,10 @@ pub struct SessionConfig {
     pub auth: AuthOffer,
     /// Keep a transcript of received command lines for the protocol log.
     pub transcript: bool,
+    /// DATA content is handed on in pieces of at least this many octets
+    /// ([`Event::Chunk`]); a message no larger comes whole in
+    /// [`Event::Message`].
+    pub chunk_size: usize,
 }
 
 /// The reverse path and its parameters.
@@ -92,9 +96,16 @@ pub enum Event {
     Mail(MailFrom),
     /// Decide on this recipient.
     Rcpt(ForwardPath),
-    /// A complete message for the envelope in [`ServerSession::envelope`]:
-    /// spool it and decide. The transaction ends whatever the answer.
-    Message(Vec<u8>),
+    /// The next piece of the message being received (unstuffed,
+    /// CRLF-normalised): store it; more follow, then [`Event::Message`].
+    /// If any other event comes first, the message was refused: drop what
+    /// was stored of it.
+    Chunk(Vec<u8>),
+    /// The end of a message for the envelope in
+    /// [`ServerSession::envelope`]: its last bytes after every
+    /// [`Event::Chunk`], and what its header says. Spool it and decide;
+    /// the transaction ends whatever the answer.
+    Message(MessageEnd),
     /// The client asked for STARTTLS: answer `220` and then run the TLS
     /// handshake, then call [`ServerSession::tls_established`].
     StartTls,
@@ -291,10 +302,13 @@ impl ServerSession {
             return None;
         }
         if let Phase::Data(reader) = &mut self.phase {
+            if let Some(chunk) = reader.take_chunk() {
+                return Some(Event::Chunk(chunk));
+            }
             let (used, done) = reader.feed(&self.input);
             self.input.drain(..used);
             if !done {
-                return None;
+                return reader.take_chunk().map(Event::Chunk);
             }
             let Phase::Data(reader) = mem::replace(&mut self.phase, Phase::Transaction) else {
                 return None;
@@ -574,24 +588,13 @@ impl ServerSession {
         if self.envelope.rcpt_to.is_empty() {
             return self.error(503, "5.5.1 Need RCPT command");
         }
-        self.phase = Phase::Data(Box::new(DataReader::new(self.config.max_message_size)));
+        self.phase = Phase::Data(Box::new(DataReader::new(DataLimits {
+            max_size: self.config.max_message_size,
+            max_header: self.config.max_header_size,
+            max_hops: self.config.max_hop_count,
+            chunk: self.config.chunk_size,
+        })));
         Event::Reply(r(354, "Start mail input; end with <CRLF>.<CRLF>"))
-    }
-
-    /// Octets of message content held in memory now (0 outside DATA).
-    pub fn data_in_memory(&self) -> usize {
-        match &self.phase {
-            Phase::Data(reader) => reader.in_memory(),
-            _ => 0,
-        }
-    }
-
-    /// The node cannot hold this message: discard it while reading on to
-    /// the end of data, then answer `452 4.3.1`.
-    pub fn shed_data(&mut self) {
-        if let Phase::Data(reader) = &mut self.phase {
-            reader.shed();
-        }
     }
 
     fn finish_data(&mut self, outcome: DataOutcome) -> Event {
@@ -605,11 +608,10 @@ impl ServerSession {
                 552,
                 "5.3.4 Message size exceeds fixed maximum message size",
             ),
-            DataOutcome::Shed => refuse(self, 452, "4.3.1 Insufficient system resources"),
-            DataOutcome::Message(m) if header_len(&m) > self.config.max_header_size => {
+            DataOutcome::HeaderTooLarge => {
                 refuse(self, 552, "5.3.4 Message header size exceeds limit")
             }
-            DataOutcome::Message(m) if received_count(&m) > self.config.max_hop_count => {
+            DataOutcome::TooManyHops => {
                 refuse(self, 554, "5.4.6 Hop count exceeded - possible mail loop")
             }
             DataOutcome::Message(m) => {

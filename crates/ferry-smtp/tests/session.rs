@@ -14,6 +14,7 @@ fn config() -> SessionConfig {
         starttls: true,
         auth: AuthOffer::AfterTls,
         transcript: true,
+        chunk_size: 64,
     }
 }
 
@@ -23,13 +24,21 @@ fn run(session: &mut ServerSession, input: &[u8]) -> (String, Vec<Vec<u8>>) {
     session.push(input);
     let mut out = Vec::new();
     let mut messages = Vec::new();
+    let mut current = Vec::new();
     while let Some(event) = session.next_event() {
+        if let Event::Chunk(c) = &event {
+            current.extend_from_slice(c);
+            continue;
+        }
         let reply = match event {
             Event::Reply(r) | Event::Close(r) => r,
             Event::Mail(_) => session.decide(Reply::new(250, "2.1.0 Sender OK")),
             Event::Rcpt(_) => session.decide(Reply::new(250, "2.1.5 Recipient OK")),
-            Event::Message(m) => {
-                messages.push(m);
+            Event::Chunk(_) => continue,
+            Event::Message(end) => {
+                current.extend_from_slice(&end.tail);
+                assert_eq!(end.size, current.len());
+                messages.push(std::mem::take(&mut current));
                 session.decide(Reply::new(250, "2.6.0 Queued mail for delivery"))
             }
             Event::StartTls => {

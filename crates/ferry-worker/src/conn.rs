@@ -9,7 +9,8 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use ferry_config::{Connector, ProtocolLog, User};
-use ferry_queue::{QueueId, SpoolError, StoredEnvelope};
+use ferry_queue::{MessageSink, QueueId, SpoolError, StoredEnvelope};
+use ferry_smtp::data::MessageEnd;
 use ferry_smtp::{AuthOffer, Event, ForwardPath, Reply, ServerSession, SessionConfig};
 use metrics::{counter, gauge};
 use tokio::io::{AsyncBufRead, AsyncRead, AsyncWriteExt, ReadBuf};
@@ -28,8 +29,6 @@ use crate::tracking::TrackingEvent;
 /// The most read from a socket at once. The buffer lives on the stack
 /// for the one poll that fills it (see [`Stream::read_into`]).
 const READ_CHUNK: usize = 16 * 1024;
-/// DATA memory is reserved from the worker's budget in steps this big.
-const DATA_STEP: u64 = 64 * 1024;
 /// How long a refusal may take to write before we just close.
 const REFUSAL_WRITE: Duration = Duration::from_secs(2);
 
@@ -219,7 +218,8 @@ pub(crate) async fn handle(
         early,
         proxy_note,
         probe,
-        data_held: 0,
+        incoming: None,
+        spool_failed: None,
     };
     conn.run(Stream::Plain(stream)).instrument(span).await;
     drop(slot);
@@ -241,6 +241,7 @@ fn session_config(core: &Core, snapshot: &WorkerSnapshot, c: &Connector) -> Sess
             (true, false) => AuthOffer::Always,
         },
         transcript: c.protocol_log == ProtocolLog::Verbose,
+        chunk_size: ferry_queue::CHUNK_SIZE,
     }
 }
 
@@ -264,8 +265,13 @@ struct Connection {
     proxy_note: Option<String>,
     /// A balancer's health probe (PROXY LOCAL): logged at debug level only.
     probe: bool,
-    /// Octets of the worker's DATA budget this session holds.
-    data_held: u64,
+    /// The message being received, as it goes to the spool chunk by chunk
+    /// (none until its first chunk; a small message goes whole at its end).
+    /// Dropped with the session or the transaction, it leaves nothing.
+    incoming: Option<(QueueId, Box<dyn MessageSink>)>,
+    /// The spool failed to take a chunk of this message: the rest is read
+    /// and dropped, and the end of data answered with this.
+    spool_failed: Option<SpoolError>,
 }
 
 /// How a session ended, for the log.
@@ -350,7 +356,8 @@ impl Connection {
         }
 
         let end = self.serve(&mut stream).await;
-        self.release_data();
+        // What arrived of an unfinished message is given up.
+        self.incoming = None;
         let why = match &end {
             End::Quit => "Remote quit".to_string(),
             End::ClientGone => "Remote closed the connection".to_string(),
@@ -399,7 +406,6 @@ impl Connection {
                     return end;
                 }
             }
-            self.hold_data();
             if let Err(end) = self.flush(stream).await {
                 return end;
             }
@@ -437,38 +443,6 @@ impl Connection {
         }
     }
 
-    /// Keeps this session's share of the worker's DATA budget in step with
-    /// what its message holds in memory; a message that would go over the
-    /// budget is discarded as it arrives and answered `452 4.3.1`.
-    fn hold_data(&mut self) {
-        let now = self.session.data_in_memory() as u64;
-        if now > self.data_held {
-            let want = now.div_ceil(DATA_STEP) * DATA_STEP;
-            let limit = self.snapshot.config.max_data_in_memory;
-            if self.core.data_budget.reserve(want - self.data_held, limit) {
-                self.data_held = want;
-                return;
-            }
-            self.session.shed_data();
-            counter!(metric::MESSAGES_REJECTED, "connector" => self.label(), "reason" => "memory")
-                .increment(1);
-            warn!(
-                held = now,
-                limit, "DATA over the worker's memory budget; discarding it, 452 at the end"
-            );
-        }
-        if self.session.data_in_memory() == 0 {
-            self.release_data();
-        }
-    }
-
-    fn release_data(&mut self) {
-        if self.data_held > 0 {
-            self.core.data_budget.release(self.data_held);
-            self.data_held = 0;
-        }
-    }
-
     async fn say_goodbye(&mut self, stream: &mut Stream) -> End {
         let reply = Reply::new(
             421,
@@ -481,6 +455,12 @@ impl Connection {
 
     /// Handles one event; `Some` ends the session.
     async fn event(&mut self, event: Event, stream: &mut Stream) -> Option<End> {
+        if !matches!(event, Event::Chunk(_) | Event::Message(_)) {
+            // The message being received was refused (too large, a
+            // loop, ...): what was stored of it goes.
+            self.incoming = None;
+            self.spool_failed = None;
+        }
         match event {
             Event::Reply(r) => self.send(&r),
             Event::Close(r) => {
@@ -532,8 +512,9 @@ impl Connection {
                 let reply = self.session.decide(reply);
                 self.send(&reply);
             }
-            Event::Message(body) => {
-                let reply = self.queue(body).await;
+            Event::Chunk(bytes) => self.spool_chunk(bytes).await,
+            Event::Message(end) => {
+                let reply = self.queue(end).await;
                 let reply = self.session.decide(reply);
                 self.send(&reply);
             }
@@ -663,10 +644,44 @@ impl Connection {
         }
     }
 
-    /// Puts the message in the spool; the reply says whether it is ours now.
-    async fn queue(&mut self, body: Vec<u8>) -> Reply {
+    /// Appends the next piece of the message being received to the spool
+    /// (the first one starts it there). Waits while the piece before is
+    /// written: a disk slower than the client slows the client down.
+    async fn spool_chunk(&mut self, bytes: Vec<u8>) {
+        if self.spool_failed.is_some() {
+            return;
+        }
+        let (_, sink) = match &mut self.incoming {
+            Some(incoming) => incoming,
+            empty => {
+                let id = QueueId::new();
+                empty.insert((id.clone(), self.core.spool.begin(id)))
+            }
+        };
+        if let Err(e) = sink.append(bytes).await {
+            warn!(error = %e, "spool write failed mid-DATA; reading the rest of the message to refuse it");
+            self.incoming = None;
+            self.spool_failed = Some(e);
+        }
+    }
+
+    /// Puts the message in the spool: the trace fields in front of what
+    /// arrived, after every chunk already stored. The reply says whether
+    /// it is ours now.
+    async fn queue(&mut self, end: MessageEnd) -> Reply {
+        let incoming = self.incoming.take();
+        if let Some(e) = self.spool_failed.take() {
+            return self.spool_refusal(e);
+        }
+        let (id, sink) = match incoming {
+            Some((id, sink)) => (id, sink),
+            None => {
+                let id = QueueId::new();
+                let sink = self.core.spool.begin(id.clone());
+                (id, sink)
+            }
+        };
         let env = self.session.envelope();
-        let id = QueueId::new();
         let helo = self.session.helo().unwrap_or("unknown").to_string();
         // RFC 3848, and RFC 6531 §3.7.3 for SMTPUTF8 transactions.
         let utf8 = env.mail_from.as_ref().is_some_and(|m| m.smtputf8);
@@ -693,7 +708,7 @@ impl Connection {
             self.core.options.hostname,
             now.to_rfc2822()
         );
-        let found_id = ferry_smtp::data::header_value(&body, "Message-ID");
+        let found_id = end.header.message_id.clone();
         // An empty field is kept (a second one would make the header
         // invalid, RFC 5322 §3.6) but not logged as an id.
         let mut message_id = found_id.clone().filter(|v| !v.is_empty());
@@ -706,15 +721,13 @@ impl Connection {
                 added.push_str(&format!("Message-ID: {made}\r\n"));
                 message_id = Some(made);
             }
-            if ferry_smtp::data::header_value(&body, "Date").is_none() {
+            if !end.header.has_date {
                 added.push_str(&format!("Date: {}\r\n", now.to_rfc2822()));
             }
         }
-        let mut message = Vec::with_capacity(received.len() + added.len() + body.len());
-        message.extend_from_slice(received.as_bytes());
-        message.extend_from_slice(added.as_bytes());
-        message.extend_from_slice(&body);
-        let size = message.len();
+        let mut head = received.into_bytes();
+        head.extend_from_slice(added.as_bytes());
+        let size = head.len() + end.size;
         let mail_from = env.mail_from.clone();
         let postmaster = || {
             self.snapshot.config.postmaster.clone().unwrap_or_else(|| {
@@ -747,7 +760,7 @@ impl Connection {
         };
         let rcpts = stored.rcpt_to.len();
         let tracked = stored.clone();
-        match self.core.spool.store(id, stored, message).await {
+        match sink.commit(stored, head, end.tail).await {
             Ok(id) => {
                 let mut event = TrackingEvent::new("received", &id, &tracked);
                 event.size = Some(size as u64);
@@ -760,12 +773,19 @@ impl Connection {
                 self.log.log(LogEvent::Info, &id.to_string(), "Queued");
                 Reply::new(250, format!("2.6.0 {id} Queued mail for delivery"))
             }
-            Err(SpoolError::Full(e)) => {
+            Err(e) => self.spool_refusal(e),
+        }
+    }
+
+    /// The reply to a message the spool could not take.
+    fn spool_refusal(&self, e: SpoolError) -> Reply {
+        match e {
+            SpoolError::Full(e) => {
                 counter!(metric::MESSAGES_REJECTED, "connector" => self.label(), "reason" => "spool_full").increment(1);
                 warn!(error = %e, "spool full; message refused with 452");
                 Reply::new(452, "4.3.1 Insufficient system resources")
             }
-            Err(e) => {
+            e => {
                 counter!(metric::MESSAGES_REJECTED, "connector" => self.label(), "reason" => "spool_error").increment(1);
                 warn!(error = %e, "spool write failed; message refused with 451");
                 Reply::new(451, "4.3.0 Temporary local problem, please try again later")

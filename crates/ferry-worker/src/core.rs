@@ -14,7 +14,7 @@ use ferry_queue::Spool;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
-use crate::limits::{ConnectionLimits, DataBudget};
+use crate::limits::ConnectionLimits;
 use crate::protolog::ProtocolLogger;
 use crate::tls::TlsAcceptors;
 use crate::tracking::TrackingLog;
@@ -43,8 +43,6 @@ pub struct Core {
     pub(crate) protolog: Arc<ProtocolLogger>,
     pub(crate) tracking: Arc<TrackingLog>,
     pub(crate) limits: ConnectionLimits,
-    /// DATA held in memory by all sessions.
-    pub(crate) data_budget: DataBudget,
     session_base: u64,
     session_seq: AtomicU64,
     shutdown: CancellationToken,
@@ -83,7 +81,6 @@ impl Core {
             protolog,
             tracking,
             limits: ConnectionLimits::default(),
-            data_budget: DataBudget::default(),
             session_base,
             session_seq: AtomicU64::new(0),
             shutdown: CancellationToken::new(),

@@ -92,25 +92,3 @@ mod tests {
         assert!(l.acquire("c", a, 3, 2).is_ok());
     }
 }
-
-/// Octets of message content that all sessions hold in memory during DATA.
-#[derive(Default)]
-pub(crate) struct DataBudget {
-    used: std::sync::atomic::AtomicU64,
-}
-
-impl DataBudget {
-    /// Reserves `n` more octets if the total stays within `limit`.
-    pub(crate) fn reserve(&self, n: u64, limit: u64) -> bool {
-        use std::sync::atomic::Ordering;
-        self.used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                used.checked_add(n).filter(|total| *total <= limit)
-            })
-            .is_ok()
-    }
-
-    pub(crate) fn release(&self, n: u64) {
-        self.used.fetch_sub(n, std::sync::atomic::Ordering::AcqRel);
-    }
-}

@@ -12,11 +12,11 @@
 //! in the order its records reach the disk, so the index always says what
 //! a restart would read.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::io;
 use std::num::NonZeroU32;
 
-use super::record::Record;
+use super::record::{Piece, Record, CHUNK_BODY_AT};
 use super::storage::Storage;
 use super::{read_segment, segment_name, segments, Location, SegmentScan};
 use crate::envelope::QueueId;
@@ -29,7 +29,9 @@ pub(super) const COMPACT_SPAN: u64 = 4;
 /// One segment file.
 #[derive(Debug, Default)]
 pub(super) struct SegmentInfo {
-    /// How many live messages have their record in this segment.
+    /// How many live messages have a record in this segment (a message in
+    /// chunks counts in every segment from its first chunk's to its commit
+    /// record's).
     pub live: usize,
     /// Their records' bytes.
     pub live_bytes: u64,
@@ -99,17 +101,21 @@ impl Index {
     /// the newest segment is cut off; without, nothing is changed.
     pub fn replay(storage: &dyn Storage, repair: bool) -> io::Result<Self> {
         let mut index = Index::default();
+        // Every chunk read back, so that a commit naming one that is not
+        // there (damage) is seen here rather than at delivery.
+        let mut chunks = HashSet::new();
         let found = segments(storage)?;
         let newest = found.last().copied();
         for &n in &found {
             let name = segment_name(n);
-            let SegmentScan { good_end, size } =
-                match read_segment(storage, &name, |at, len, r| index.apply(n, at, len, r)) {
-                    // Deleted since the listing by the journal that runs (an
-                    // inspection while it works): it held nothing live.
-                    Err(e) if e.kind() == io::ErrorKind::NotFound && !repair => continue,
-                    other => other?,
-                };
+            let SegmentScan { good_end, size } = match read_segment(storage, &name, |at, len, r| {
+                index.apply(n, at, len, r, &mut chunks)
+            }) {
+                // Deleted since the listing by the journal that runs (an
+                // inspection while it works): it held nothing live.
+                Err(e) if e.kind() == io::ErrorKind::NotFound && !repair => continue,
+                other => other?,
+            };
             let mut kept = size;
             if good_end < size && repair {
                 if Some(n) == newest {
@@ -136,9 +142,18 @@ impl Index {
     }
 
     /// One record read back: `len` bytes at `at` in segment `n`. Of the
-    /// envelope and state it holds, only the schedule stays.
-    fn apply(&mut self, n: u64, at: u64, len: u64, record: Record) {
+    /// envelope and state it holds, only the schedule stays. A chunk only
+    /// goes into `seen`: a message's chunks mean nothing until its commit
+    /// record, and those of a message never committed nothing at all.
+    fn apply(&mut self, n: u64, at: u64, len: u64, record: Record, seen: &mut HashSet<Piece>) {
         match record {
+            Record::Chunk => {
+                seen.insert(Piece {
+                    segment: n,
+                    offset: at + CHUNK_BODY_AT,
+                    len: u32::try_from(len.saturating_sub(CHUNK_BODY_AT)).unwrap_or(u32::MAX),
+                });
+            }
             Record::Message {
                 id,
                 // Decoded only to know that it reads back (a record that
@@ -147,15 +162,24 @@ impl Index {
                 state,
                 body_offset,
                 body_len,
+                chunks,
+                before_tail,
             } => {
+                if let Some(c) = chunks.iter().find(|c| !seen.contains(c)) {
+                    tracing::error!(
+                        queue_id = %id,
+                        segment = c.segment,
+                        offset = c.offset,
+                        "a message's chunk is not in the spool (damaged); the message is skipped"
+                    );
+                    return;
+                }
                 drop(envelope);
-                let location = Location {
-                    segment: n,
-                    record: at,
-                    record_len: len,
-                    offset: body_offset,
-                    len: body_len,
-                };
+                let mut location = Location::whole(n, at, len, body_offset, body_len);
+                if let Some(first) = chunks.first() {
+                    location.first_segment = first.segment;
+                    location.before_tail = before_tail;
+                }
                 let schedule = state.as_ref().map(Schedule::of).unwrap_or_default();
                 self.insert(id, location, schedule);
             }
@@ -172,9 +196,11 @@ impl Index {
     /// record (a compaction copy's, or the first one), or moves it there.
     pub fn insert(&mut self, id: QueueId, location: Location, schedule: Schedule) {
         self.unlink(&id);
-        let info = self.segments.entry(location.segment).or_default();
-        info.live += 1;
-        info.live_bytes += location.record_len;
+        for n in location.segments() {
+            let info = self.segments.entry(n).or_default();
+            info.live += 1;
+            info.live_bytes += bytes_in(&location, n);
+        }
         self.tried += usize::from(schedule.tried);
         self.messages.insert(
             id,
@@ -187,12 +213,14 @@ impl Index {
         );
     }
 
-    /// Takes a message out of its segment's count (and out of `tried`).
+    /// Takes a message out of its segments' counts (and out of `tried`).
     fn unlink(&mut self, id: &QueueId) {
         if let Some(old) = self.messages.get(id) {
-            if let Some(info) = self.segments.get_mut(&old.location.segment) {
-                info.live = info.live.saturating_sub(1);
-                info.live_bytes = info.live_bytes.saturating_sub(old.location.record_len);
+            for n in old.location.segments() {
+                if let Some(info) = self.segments.get_mut(&n) {
+                    info.live = info.live.saturating_sub(1);
+                    info.live_bytes = info.live_bytes.saturating_sub(bytes_in(&old.location, n));
+                }
             }
             self.tried -= usize::from(old.tried);
         }
@@ -234,11 +262,13 @@ impl Index {
     }
 
     /// Takes the empty segments from the oldest on, never the one written
-    /// to, out of the index; the caller deletes their files in this order.
-    pub fn take_retired_segments(&mut self) -> Vec<(u64, SegmentInfo)> {
+    /// to nor any from `keep_from` on (chunks of messages still arriving),
+    /// out of the index; the caller deletes their files in this order.
+    pub fn take_retired_segments(&mut self, keep_from: Option<u64>) -> Vec<(u64, SegmentInfo)> {
+        let keep_from = keep_from.unwrap_or(self.current).min(self.current);
         let mut out = Vec::new();
         while let Some(entry) = self.segments.first_entry() {
-            if entry.get().live > 0 || *entry.key() >= self.current {
+            if entry.get().live > 0 || *entry.key() >= keep_from {
                 break;
             }
             out.push(entry.remove_entry());
@@ -286,15 +316,15 @@ impl Index {
         let mut victims: Vec<(&QueueId, &Entry)> = self
             .messages
             .iter()
-            .filter(|(_, m)| m.location.segment == oldest)
+            .filter(|(_, m)| m.location.segments().contains(&oldest))
             .collect();
-        victims.sort_by_key(|(_, m)| m.location.record);
+        victims.sort_by_key(|(_, m)| (m.location.segment, m.location.record));
         let mut taken = 0u64;
         let plan = victims
             .into_iter()
             .take_while(|(_, m)| {
                 let first = taken == 0;
-                taken += m.location.record_len;
+                taken += m.location.stored_len();
                 first || taken <= budget
             })
             .map(|(id, m)| (id.clone(), *m))
@@ -311,4 +341,18 @@ pub(super) fn state_at(n: u64, at: u64, len: u64) -> Option<StateAt> {
         record: at,
         len: NonZeroU32::new(u32::try_from(len).ok()?)?,
     })
+}
+
+/// The bytes a message keeps in segment `n`: its chunks counted in the
+/// first chunk's segment (close enough for when compaction is due), its
+/// record in its own.
+fn bytes_in(at: &Location, n: u64) -> u64 {
+    let mut bytes = 0;
+    if n == at.first_segment {
+        bytes += at.before_tail;
+    }
+    if n == at.segment {
+        bytes += at.record_len;
+    }
+    bytes
 }

@@ -1,11 +1,13 @@
 //! The journal on a simulated disk (`sim`): random workloads (stores,
-//! delivery states, retirements, in batches; segments small enough that
-//! they roll over and get compacted), a crash at a random operation, and
-//! after each the rule the spool exists for: every message whose store
-//! returned is back, byte for byte, with its envelope and its latest
-//! acknowledged delivery state; nothing retired comes back; and of what was
-//! in flight (handed to the committer, never answered) each record is there
-//! or not, in the order written, never damaged or in part.
+//! messages streamed in chunks that interleave with each other and cross
+//! segments, messages abandoned mid-way, delivery states, retirements, in
+//! batches; segments small enough that they roll over and get compacted),
+//! a crash at a random operation, and after each the rule the spool exists
+//! for: every message whose store returned is back, byte for byte, with its
+//! envelope and its latest acknowledged delivery state; nothing retired or
+//! abandoned comes back; and of what was in flight (handed to the
+//! committer, never answered) each record is there or not, in the order
+//! written, never damaged or in part.
 //!
 //! Each seed is a run of its own; a run tries as many as fit its time
 //! budget. A failure names its seed, and `FERRY_SIM_SEED=N` replays that
@@ -54,8 +56,30 @@ type Spooled = BTreeMap<QueueId, Msg>;
 #[derive(Debug, Clone)]
 enum Op {
     Store(QueueId, StoredEnvelope, Vec<u8>),
+    /// A message streamed in chunks: its head, chunks and tail.
+    Chunked(QueueId, StoredEnvelope, Chunked),
+    /// Chunks of a message whose writer is dropped before its commit.
+    Abandon(QueueId, Vec<Vec<u8>>),
     State(QueueId, DeliveryState),
     Retire(QueueId),
+}
+
+#[derive(Debug, Clone)]
+struct Chunked {
+    head: Vec<u8>,
+    chunks: Vec<Vec<u8>>,
+    tail: Vec<u8>,
+}
+
+impl Chunked {
+    fn body(&self) -> Vec<u8> {
+        let mut b = self.head.clone();
+        for c in &self.chunks {
+            b.extend_from_slice(c);
+        }
+        b.extend_from_slice(&self.tail);
+        b
+    }
 }
 
 impl Op {
@@ -69,6 +93,12 @@ impl Op {
                     env.rcpt_to.len()
                 )
             }
+            Op::Chunked(id, _, c) => format!(
+                "store {id} in {} chunks: {} bytes",
+                c.chunks.len(),
+                c.body().len()
+            ),
+            Op::Abandon(id, chunks) => format!("abandon {id} after {} chunks", chunks.len()),
             Op::State(id, state) => format!("state {id}: attempt {}", state.attempts),
             Op::Retire(id) => format!("retire {id}"),
         }
@@ -86,6 +116,17 @@ impl Op {
                     },
                 );
             }
+            Op::Chunked(id, envelope, c) => {
+                s.insert(
+                    id.clone(),
+                    Msg {
+                        state: DeliveryState::new(&envelope.rcpt_to),
+                        envelope: envelope.clone(),
+                        body: c.body(),
+                    },
+                );
+            }
+            Op::Abandon(..) => {}
             Op::State(id, state) => {
                 if let Some(m) = s.get_mut(id) {
                     m.state = state.clone();
@@ -97,11 +138,24 @@ impl Op {
         }
     }
 
-    /// Hands the operation to the journal; the future resolves with its
+    /// Hands the operation to the journal (a chunked one's commit to its
+    /// `writer`, whose chunks are durable); the future resolves with its
     /// answer.
-    fn submit<'a>(&self, j: &'a Journal) -> Pin<Box<dyn Future<Output = Result<(), String>> + 'a>> {
+    fn submit<'a>(
+        &self,
+        j: &'a Journal,
+        writer: Option<MessageWriter>,
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + 'a>> {
         let text = |e: &dyn std::fmt::Display| e.to_string();
         match self.clone() {
+            Op::Chunked(_, env, c) => Box::pin(async move {
+                let w = writer.ok_or("no writer")?;
+                w.commit(env, c.head, c.tail)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| text(&e))
+            }),
+            Op::Abandon(..) => Box::pin(async { Err("abandoned".to_string()) }),
             Op::Store(id, env, body) => Box::pin(async move {
                 j.store(id, env, body)
                     .await
@@ -131,6 +185,12 @@ struct Coverage {
     during_recovery: u64,
     /// The most segments a run's spool had at once.
     max_segments: usize,
+    /// Messages in chunks acknowledged; of them, with chunks in more than
+    /// one segment; moved by compaction; writers abandoned.
+    chunked: u64,
+    chunked_across_segments: u64,
+    chunked_moved: u64,
+    abandoned: u64,
 }
 
 impl Coverage {
@@ -144,6 +204,10 @@ impl Coverage {
         self.during_compaction += o.during_compaction;
         self.during_recovery += o.during_recovery;
         self.max_segments = self.max_segments.max(o.max_segments);
+        self.chunked += o.chunked;
+        self.chunked_across_segments += o.chunked_across_segments;
+        self.chunked_moved += o.chunked_moved;
+        self.abandoned += o.abandoned;
     }
 
     fn add_disk(&mut self, s: CrashStats) {
@@ -200,6 +264,22 @@ fn body(rng: &mut StdRng) -> Vec<u8> {
     let mut b = vec![0u8; len];
     rng.fill(&mut b[..]);
     b
+}
+
+/// Bytes cut into a head, 1 to 6 chunks and a tail.
+fn chunked(rng: &mut StdRng) -> Chunked {
+    let part = |rng: &mut StdRng, max: usize| {
+        let mut b = vec![0u8; rng.random_range(0..max)];
+        rng.fill(&mut b[..]);
+        b
+    };
+    Chunked {
+        head: part(rng, 200),
+        chunks: (0..rng.random_range(1..=6))
+            .map(|_| part(rng, 4000))
+            .collect(),
+        tail: part(rng, 300),
+    }
 }
 
 /// A later delivery state: some pending recipients move on.
@@ -266,7 +346,11 @@ fn round(
                 let mut env = envelopes[rng.random_range(0..envelopes.len())].clone();
                 env.received_at = rng.random_range(0..2_000_000_000);
                 env.session_id = format!("S{next_id}");
-                ops.push(Op::Store(id, env, body(rng)));
+                ops.push(match rng.random_range(0..20) {
+                    0..=3 => Op::Chunked(id, env, chunked(rng)),
+                    4 => Op::Abandon(id, chunked(rng).chunks),
+                    _ => Op::Store(id, env, body(rng)),
+                });
             }
         }
     }
@@ -277,18 +361,76 @@ fn poll_once<F: Future + ?Sized>(f: Pin<&mut F>) -> Poll<F::Output> {
     f.poll(&mut Context::from_waker(Waker::noop()))
 }
 
+/// Writes the chunks of the round's chunked and abandoned messages, each
+/// writer's in turn (so they interleave), each chunk durable before the
+/// next is handed over and an abandoned writer dropped after its last,
+/// the committer settled after each step: the batches are the same on
+/// every run of a seed. Returns the chunked messages' writers, ready to
+/// commit, by operation; `None` if the disk crashed meanwhile.
+fn write_chunks(
+    rt: &tokio::runtime::Runtime,
+    j: &Journal,
+    ops: &[Op],
+    cov: &mut Coverage,
+) -> Option<Vec<Option<MessageWriter>>> {
+    let mut writers: Vec<Option<MessageWriter>> = ops
+        .iter()
+        .map(|op| match op {
+            Op::Chunked(id, ..) | Op::Abandon(id, _) => Some(j.writer(id.clone())),
+            _ => None,
+        })
+        .collect();
+    let chunks_of = |op: &Op| match op {
+        Op::Chunked(_, _, c) => c.chunks.clone(),
+        Op::Abandon(_, chunks) => chunks.clone(),
+        _ => Vec::new(),
+    };
+    let most = ops.iter().map(|op| chunks_of(op).len()).max().unwrap_or(0);
+    for step in 0..most {
+        for (op, writer) in ops.iter().zip(writers.iter_mut()) {
+            let chunks = chunks_of(op);
+            let Some(w) = writer.as_mut() else { continue };
+            if let Some(chunk) = chunks.get(step) {
+                let written = rt.block_on(async {
+                    w.append(chunk.clone()).await?;
+                    w.flush().await
+                });
+                if written.is_err() {
+                    return None;
+                }
+            }
+            if matches!(op, Op::Abandon(..)) && step + 1 == chunks.len() {
+                *writer = None;
+                cov.abandoned += 1;
+            }
+            rt.block_on(j.settled());
+        }
+    }
+    Some(writers)
+}
+
 /// Runs a round: the first operation alone, then, while the committer is
 /// held inside its first disk operation, the rest (one batch, one flush);
 /// then waits for the housekeeping after them. Holding the committer makes
-/// the batches the same on every run of a seed.
+/// the batches the same on every run of a seed. Chunked messages' chunks
+/// are written before (`write_chunks`), their commits here like any
+/// record; abandoned ones take no part.
 fn run_round(
     rt: &tokio::runtime::Runtime,
     j: &Journal,
     disk: &SimDisk,
     ops: &[Op],
+    writers: Vec<Option<MessageWriter>>,
 ) -> Vec<Result<(), String>> {
-    let mut futures: Vec<_> = ops.iter().map(|op| op.submit(j)).collect();
+    let mut futures: Vec<_> = ops
+        .iter()
+        .zip(writers)
+        .map(|(op, w)| op.submit(j, w))
+        .collect();
     let mut results: Vec<Option<Result<(), String>>> = vec![None; ops.len()];
+    if ops.is_empty() {
+        return Vec::new();
+    }
     if ops.len() > 1 {
         disk.hold();
     }
@@ -451,14 +593,32 @@ fn run_seed(seed: u64, verbose: bool, cov: &mut Coverage) -> u64 {
         }
         let mut in_flight = Vec::new();
         for _ in 0..MAX_ROUNDS {
-            let ops = round(&mut rng, &model, &mut next_id, &envelopes);
+            let all = round(&mut rng, &model, &mut next_id, &envelopes);
             let compacting = {
                 let index = journal.index();
                 index
                     .compaction_plan((segment_size / 4).max(1))
                     .is_some_and(|(s, _)| s < index.current)
             };
-            let results = run_round(&rt, &journal, &disk, &ops);
+            let spanned_before: BTreeMap<QueueId, Location> = journal
+                .index()
+                .messages
+                .iter()
+                .filter(|(_, m)| m.location.before_tail > 0)
+                .map(|(id, m)| (id.clone(), m.location))
+                .collect();
+            let Some(writers) = write_chunks(&rt, &journal, &all, cov) else {
+                // Crashed while chunks were written: no commit was sent.
+                cov.rounds += 1;
+                break;
+            };
+            // Abandoned messages are done with; the rest commit now.
+            let (ops, writers): (Vec<Op>, Vec<Option<MessageWriter>>) = all
+                .into_iter()
+                .zip(writers)
+                .filter(|(op, _)| !matches!(op, Op::Abandon(..)))
+                .unzip();
+            let results = run_round(&rt, &journal, &disk, &ops, writers);
             cov.rounds += 1;
             if verbose {
                 for (op, r) in ops.iter().zip(&results) {
@@ -472,6 +632,24 @@ fn run_seed(seed: u64, verbose: bool, cov: &mut Coverage) -> u64 {
             );
             for op in &ops[..acked] {
                 op.apply(&mut model);
+                if let Op::Chunked(id, ..) = op {
+                    cov.chunked += 1;
+                    let index = journal.index();
+                    if index
+                        .messages
+                        .get(id)
+                        .is_some_and(|m| m.location.first_segment < m.location.segment)
+                    {
+                        cov.chunked_across_segments += 1;
+                    }
+                }
+            }
+            {
+                let index = journal.index();
+                cov.chunked_moved += spanned_before
+                    .iter()
+                    .filter(|(id, at)| index.messages.get(*id).is_some_and(|m| m.location != **at))
+                    .count() as u64;
             }
             cov.acknowledged += acked as u64;
             results.hash(&mut digest);
@@ -618,6 +796,13 @@ fn crashes_on_a_simulated_disk_lose_nothing_acknowledged() {
         ("records in flight lost", cov.in_flight_lost),
         ("crashes in a compaction round", cov.during_compaction),
         ("crashes while opening", cov.during_recovery),
+        ("messages in chunks", cov.chunked),
+        (
+            "messages in chunks across segments",
+            cov.chunked_across_segments,
+        ),
+        ("messages in chunks moved by compaction", cov.chunked_moved),
+        ("messages abandoned mid-way", cov.abandoned),
     ] {
         assert!(n > 0, "no {what} in {} seeds", cov.seeds);
     }

@@ -27,7 +27,7 @@ pub(crate) trait Storage: Send + Sync + 'static {
 }
 
 /// An open file of a [`Storage`].
-pub(crate) trait StorageFile: Send {
+pub(crate) trait StorageFile: Send + Sync {
     /// The file's size in bytes.
     fn len(&self) -> io::Result<u64>;
     /// Reads up to `buf.len()` bytes at `offset`; 0 at the end.

@@ -10,7 +10,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::Path;
 
-use ferry_queue::{QueueId, StoredEnvelope};
+use ferry_queue::{QueueId, SpooledBody, StoredEnvelope};
 use ferry_smtp::Mailbox;
 
 /// Hex digits of the recipient group's digest in a file name: 64 bits, so
@@ -37,7 +37,7 @@ pub fn write_eml(
     id: &QueueId,
     envelope: &StoredEnvelope,
     recipients: &[Mailbox],
-    message: &[u8],
+    message: &SpooledBody,
 ) -> io::Result<String> {
     let mut head = format!(
         "X-Ferry-Queue-Id: {id}\r\nX-Ferry-Mail-From: <{}>\r\n",
@@ -48,14 +48,27 @@ pub fn write_eml(
     }
     head.push_str(&format!("X-Ferry-Client: {}\r\n", envelope.client_ip));
     let name = file_name(id, recipients);
-    write_durably(dir, &name, &[head.as_bytes(), message])?;
+    // The message is copied a piece at a time, never read whole.
+    let mut piece = Vec::new();
+    write_durably(dir, &name, |f| {
+        f.write_all(head.as_bytes())?;
+        for i in 0..message.pieces() {
+            message.read_piece(i, &mut piece)?;
+            f.write_all(&piece)?;
+        }
+        Ok(())
+    })?;
     Ok(name)
 }
 
 /// `parts` as the file `dir/name`: temp file, `sync_data`, rename,
 /// directory fsync. The temp file's name is fixed too: one a crash left
 /// is truncated and reused.
-fn write_durably(dir: &Path, name: &str, parts: &[&[u8]]) -> io::Result<()> {
+fn write_durably(
+    dir: &Path,
+    name: &str,
+    write: impl FnOnce(&mut File) -> io::Result<()>,
+) -> io::Result<()> {
     fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(".{name}.tmp"));
     let mut f = OpenOptions::new()
@@ -63,9 +76,7 @@ fn write_durably(dir: &Path, name: &str, parts: &[&[u8]]) -> io::Result<()> {
         .create(true)
         .truncate(true)
         .open(&tmp)?;
-    for part in parts {
-        f.write_all(part)?;
-    }
+    write(&mut f)?;
     f.sync_data()?;
     drop(f);
     fs::rename(&tmp, dir.join(name))?;
@@ -129,10 +140,10 @@ mod tests {
         let first = file_name(&id, &[a.clone(), b.clone()]);
         assert_eq!(first, file_name(&id, &[b.clone(), a.clone()]));
         assert!(first.starts_with(&format!("{id}-")) && first.ends_with(".eml"));
-        write_durably(dir.path(), &first, &[b"one\r\n"]).unwrap();
+        write_durably(dir.path(), &first, |f| f.write_all(b"one\r\n")).unwrap();
         // A crash left a torn temp file of the next write.
         fs::write(dir.path().join(format!(".{first}.tmp")), b"torn").unwrap();
-        write_durably(dir.path(), &first, &[b"head\r\n", b"two\r\n"]).unwrap();
+        write_durably(dir.path(), &first, |f| f.write_all(b"head\r\ntwo\r\n")).unwrap();
         assert_eq!(names(dir.path()), vec![first.clone()]);
         let text = fs::read_to_string(dir.path().join(&first)).unwrap();
         assert_eq!(text, "head\r\ntwo\r\n");

@@ -7,6 +7,7 @@
 //! attempt or one administrator's operation per message at a time.
 
 mod admin;
+mod body;
 mod client;
 mod directory;
 mod mx;
@@ -36,12 +37,10 @@ pub use client::{HopError, RecipientOutcome};
 use crate::core::Core;
 use crate::metric;
 use crate::tracking::TrackingEvent;
+use body::{Body, READ_INLINE};
 use mx::{MxError, MxResolver};
 use pool::Target;
 use schedule::{Lease, Outcome, Schedule, ScheduleStats};
-
-/// Bodies up to this many octets are read on the runtime's own thread.
-const READ_INLINE: u64 = 64 * 1024;
 
 /// Attempts running at once.
 const CONCURRENT_ATTEMPTS: usize = 64;
@@ -204,21 +203,19 @@ impl Deliverer {
         outcome
     }
 
-    /// A message's bytes. A large one (up to the size limit, 36 MB by
-    /// default) is read on the blocking pool: too long to hold a runtime
-    /// thread. A small one, most mail, is one read from the page cache,
-    /// shorter than handing it to another thread and back (measured with
-    /// `bench/relay.sh`: the hand-off raised the worker's CPU per 4 KiB
-    /// message by about 15 %).
-    pub(crate) async fn read_body(&self, m: &SpooledMessage) -> std::io::Result<Arc<Vec<u8>>> {
+    /// A message's bytes, opened to be read in pieces as they are sent.
+    /// A message in chunks is opened on the blocking pool (its commit
+    /// record is read for the list of its chunks); a small one, most mail,
+    /// on the runtime's thread.
+    pub(crate) async fn read_body(&self, m: &SpooledMessage) -> std::io::Result<Arc<Body>> {
         if m.size() <= READ_INLINE {
-            return self.journal.body(m).map(Arc::new);
+            return self.journal.open_body(m).map(|b| Arc::new(Body::new(b)));
         }
         let (journal, m) = (self.journal.clone(), m.clone());
-        tokio::task::spawn_blocking(move || journal.body(&m))
+        tokio::task::spawn_blocking(move || journal.open_body(&m))
             .await
             .map_err(std::io::Error::other)?
-            .map(Arc::new)
+            .map(|b| Arc::new(Body::new(b)))
     }
 
     /// The attempt proper. `stop`: an operation wants the message; groups
@@ -290,7 +287,7 @@ impl Deliverer {
         route: Option<&Route>,
         m: &SpooledMessage,
         recipients: &[Mailbox],
-        message: &Arc<Vec<u8>>,
+        message: &Arc<Body>,
         stop: &CancellationToken,
     ) -> Vec<(Mailbox, RecipientState)> {
         let Some(route) = route else {
@@ -313,7 +310,7 @@ impl Deliverer {
                     Arc::clone(message),
                 );
                 let written = tokio::task::spawn_blocking(move || {
-                    directory::write_eml(&dir, &id, &env, &rcpts, &msg)
+                    directory::write_eml(&dir, &id, &env, &rcpts, msg.spooled())
                 })
                 .await;
                 let hop = format!("directory:{}", route_path(route));
@@ -486,7 +483,7 @@ impl Deliverer {
         settings: &client::HopSettings<'_>,
         m: &SpooledMessage,
         recipients: &[Mailbox],
-        message: &[u8],
+        message: &Body,
         stop: &CancellationToken,
     ) -> Vec<(Mailbox, RecipientState)> {
         let tx = client::Transaction {
@@ -582,7 +579,7 @@ impl Deliverer {
         config: &ClusterConfig,
         m: &SpooledMessage,
         mut state: DeliveryState,
-        message: &[u8],
+        message: &Body,
     ) -> Option<i64> {
         let d = &config.delivery;
         let now = unix_now();
@@ -645,10 +642,18 @@ impl Deliverer {
         kind: ReportKind,
         m: &SpooledMessage,
         recipients: &[ReportedRecipient],
-        message: &[u8],
+        message: &Body,
     ) {
         let Some(sender) = m.envelope.mail_from.mailbox() else {
             return;
+        };
+        // Only the header section goes into a report.
+        let message = match message.header().await {
+            Ok(h) => h,
+            Err(e) => {
+                warn!(error = %e, "cannot read the message's header for a report; sent without");
+                Vec::new()
+            }
         };
         let hostname = &self.core.options.hostname;
         let id = QueueId::new();
@@ -658,7 +663,7 @@ impl Deliverer {
             reporting_mta: hostname,
             original: &m.envelope,
             original_id: m.id.as_str(),
-            original_message: message,
+            original_message: &message,
             recipients,
             date: &now.to_rfc2822(),
             unique: id.as_str(),
