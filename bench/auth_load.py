@@ -45,46 +45,11 @@ import sys
 import threading
 import time
 
+from procfs import tree, pss_kib
+
 REPLY = 60.0
 LIMIT = 300.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def tree(roots):
-    """Process ids of `roots` and all their descendants."""
-    children = {}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                # The command name may hold spaces: fields after its ')'.
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(pid))
-    seen, todo = set(), list(roots)
-    while todo:
-        p = todo.pop()
-        if p not in seen:
-            seen.add(p)
-            todo.extend(children.get(p, []))
-    return seen
-
-
-def pss_kib(roots):
-    """Summed PSS in KiB of `roots` and their descendants."""
-    total = 0
-    for pid in tree(roots):
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                for line in f:
-                    if line.startswith("Pss:"):
-                        total += int(line.split()[1])
-                        break
-        except (OSError, ValueError):
-            continue
-    return total
 
 
 def cpu_seconds(roots):

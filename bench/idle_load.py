@@ -37,6 +37,8 @@ import sys
 import threading
 import time
 
+from procfs import vm, tree, pss_kib
+
 REPLY = 60.0
 LIMIT = 600.0
 BURST_LIMIT = 30.0
@@ -49,55 +51,6 @@ def raise_nofile():
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard
-
-
-def vm(pid, field):
-    """A /proc/PID/status field in KiB (VmRSS, VmHWM), 0 if gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
-def tree(roots):
-    """Process ids of `roots` and all their descendants."""
-    children = {}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(pid))
-    seen, todo = set(), list(roots)
-    while todo:
-        p = todo.pop()
-        if p not in seen:
-            seen.add(p)
-            todo.extend(children.get(p, []))
-    return seen
-
-
-def pss_kib(roots):
-    """Summed PSS in KiB of `roots` and their descendants: pages that
-    Postfix's processes share count once in all, not once each."""
-    total = 0
-    for pid in tree(roots):
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                for line in f:
-                    if line.startswith("Pss:"):
-                        total += int(line.split()[1])
-                        break
-        except (OSError, ValueError):
-            continue
-    return total
 
 
 class Sampler(threading.Thread):

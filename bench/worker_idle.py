@@ -23,6 +23,12 @@ import sys
 import tempfile
 import time
 
+from procfs import vm
+
+
+def vm_rss(pid):
+    return vm(pid, "VmRSS")
+
 CONFIG = """
 [[connectors]]
 name = "Idle"
@@ -33,14 +39,6 @@ auth = ["tls"]
 tls = {{ certificate = "certs/idle.crt", key = "certs/idle.key" }}
 limits = {{ max_connections = {cap}, max_connections_per_source = {cap} }}
 """
-
-
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
 
 
 def free_port():
@@ -82,14 +80,14 @@ async def measure(pid, port, n, starttls, settle):
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
-    before = rss_kib(pid)
+    before = vm_rss(pid)
     held = []
     started = time.time()
     gate = asyncio.Semaphore(200)
     await asyncio.gather(*(session(port, starttls, ctx, held, gate) for _ in range(n)))
     took = time.time() - started
     await asyncio.sleep(settle)
-    idle = rss_kib(pid)
+    idle = vm_rss(pid)
     print(
         f"{n} idle sessions{' after STARTTLS' if starttls else ''}: "
         f"VmRSS {before} KiB before, {idle} KiB idle, "
@@ -100,7 +98,7 @@ async def measure(pid, port, n, starttls, settle):
     for w in held:
         w.close()
     await asyncio.sleep(settle)
-    print(f"after they closed: VmRSS {rss_kib(pid)} KiB", flush=True)
+    print(f"after they closed: VmRSS {vm_rss(pid)} KiB", flush=True)
 
 
 def main():
