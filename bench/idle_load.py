@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 
-from procfs import vm, tree, pss_kib
+from procfs import pss_kib, vm
 
 REPLY = 60.0
 LIMIT = 600.0
