@@ -45,6 +45,7 @@ import sys
 import threading
 import time
 
+from smtpio import cmd, reply
 from procfs import tree, pss_kib
 
 REPLY = 60.0
@@ -113,30 +114,6 @@ class Tally:
 
 def label(code):
     return {0: "EOF", -1: "timeout", -2: "connect-error"}.get(code, str(code))
-
-
-async def reply(reader):
-    """One reply's code (its last line); 0 for EOF, -1 for no reply."""
-    try:
-        while True:
-            line = await asyncio.wait_for(reader.readline(), REPLY)
-            if not line:
-                return 0
-            if len(line) >= 4 and line[3:4] != b"-":
-                return int(line[:3])
-    except asyncio.TimeoutError:
-        return -1
-    except (OSError, ValueError):
-        return 0
-
-
-async def cmd(reader, writer, line):
-    try:
-        writer.write(line.encode() + b"\r\n")
-        await writer.drain()
-    except OSError:
-        return 0
-    return await reply(reader)
 
 
 def plain(user, password):

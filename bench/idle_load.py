@@ -37,6 +37,7 @@ import sys
 import threading
 import time
 
+from smtpio import cmd, reply
 from procfs import pss_kib, vm
 
 REPLY = 60.0
@@ -71,30 +72,6 @@ class Sampler(threading.Thread):
 def endpoint(arg):
     host, port = arg.rsplit(":", 1)
     return host, int(port)
-
-
-async def reply(reader, timeout=REPLY):
-    """One reply's code (its last line); 0 for EOF, -1 for no reply."""
-    try:
-        while True:
-            line = await asyncio.wait_for(reader.readline(), timeout)
-            if not line:
-                return 0
-            if len(line) >= 4 and line[3:4] != b"-":
-                return int(line[:3])
-    except asyncio.TimeoutError:
-        return -1
-    except (OSError, ValueError):
-        return 0
-
-
-async def cmd(reader, writer, line):
-    try:
-        writer.write(line.encode() + b"\r\n")
-        await writer.drain()
-    except OSError:
-        return 0
-    return await reply(reader)
 
 
 def close_all(writers):
