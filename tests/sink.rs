@@ -51,6 +51,8 @@ pub struct SmtpSink {
     rcpts_seen: Arc<Mutex<HashMap<String, usize>>>,
     /// A greeting other than `220` (then every command but QUIT is refused).
     greeting: Arc<Mutex<Option<String>>>,
+    /// Sessions greeted with a refusal that the client ended with QUIT.
+    quits_after_refusal: Arc<AtomicUsize>,
     /// Whether EHLO offers SMTPUTF8.
     smtputf8: Arc<AtomicBool>,
     /// STARTTLS is offered when set.
@@ -105,6 +107,7 @@ impl SmtpSink {
             rcpt_delay_ms: Arc::default(),
             rcpts_seen: Arc::default(),
             greeting: Arc::default(),
+            quits_after_refusal: Arc::default(),
             smtputf8: Arc::default(),
             tls,
             credentials: Arc::default(),
@@ -139,6 +142,11 @@ impl SmtpSink {
     /// of `220`, and refuses everything but QUIT in them.
     pub fn greet_with(&self, reply: &str) {
         *self.greeting.lock().unwrap() = Some(reply.to_string());
+    }
+
+    /// Sessions greeted with a refusal that the client ended with QUIT.
+    pub fn quits_after_refusal(&self) -> usize {
+        self.quits_after_refusal.load(Ordering::SeqCst)
     }
 
     /// Offers SMTPUTF8 (RFC 6531) from now on.
@@ -253,7 +261,10 @@ impl SmtpSink {
     ) -> std::io::Result<Ended<S>> {
         let refusal = self.greeting.lock().unwrap().clone();
         if let Some(greeting) = refusal {
-            return refuse(stream, &greeting).await.map(|()| Ended::Closed);
+            let quit = refuse(stream, &greeting).await?;
+            self.quits_after_refusal
+                .fetch_add(usize::from(quit), Ordering::SeqCst);
+            return Ok(Ended::Closed);
         }
         if !tls {
             stream.write_all(b"220 sink.test ESMTP\r\n").await?;
@@ -368,11 +379,12 @@ impl SmtpSink {
 }
 
 /// Greets with `greeting` and answers `503` to all but QUIT (RFC 5321
-/// §3.1: a server that greets with `554` waits for the client's QUIT).
+/// §3.1: a server that greets with `554` waits for the client's QUIT);
+/// whether the client sent QUIT.
 async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     greeting: &str,
-) -> std::io::Result<()> {
+) -> std::io::Result<bool> {
     stream
         .write_all(format!("{greeting}\r\n").as_bytes())
         .await?;
@@ -387,7 +399,7 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
                 .eq_ignore_ascii_case("QUIT")
             {
                 stream.write_all(b"221 2.0.0 bye\r\n").await?;
-                return Ok(());
+                return Ok(true);
             }
             stream
                 .write_all(b"503 5.5.1 Bad sequence of commands\r\n")
@@ -395,11 +407,11 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
         }
         let n = stream.read(&mut chunk).await?;
         if n == 0 {
-            return Ok(());
+            return Ok(false);
         }
         buf.extend_from_slice(&chunk[..n]);
     }
-    Ok(())
+    Ok(false)
 }
 
 /// The path between `<` and its `>`, exactly as sent; a quoted local part

@@ -112,7 +112,7 @@ fn start_with_token(
 fn an_admin_token_has_at_least_16_printable_characters() {
     let dir = tempfile::tempdir().unwrap();
     let config = config(dir.path(), free_port(ip("127.0.0.1")));
-    let refusal = "an admin token is at least 16 printable characters without spaces";
+    let refusal = "an admin token is at least 16 printable ASCII characters without spaces";
     for role in ["worker", "balancer"] {
         for token in ["fifteen-chars-x", "sixteen chars ok"] {
             let err = start_with_token(role, &config, dir.path(), token, |_| {})

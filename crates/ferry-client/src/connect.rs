@@ -30,6 +30,9 @@ use crate::session::Session;
 use crate::tls::{server_name, TlsMode};
 use crate::{Error, Settings, ATTEMPT_DELAY};
 
+/// How long a QUIT after a refusing greeting may take (seconds: 2).
+const QUIT_AFTER_REFUSAL: Duration = Duration::from_secs(2);
+
 /// RFC 8305 §3 "Resolution Delay": when the A answer comes first, how
 /// long the AAAA answer is waited for.
 const RESOLUTION_DELAY: Duration = Duration::from_millis(50);
@@ -402,6 +405,16 @@ async fn attempt(setup: Arc<Setup>, addr: SocketAddr) -> Result<Session, Attempt
                 Err(_) => return Err(AttemptFailure::GreetingTimeout(s.timeouts.greeting)),
             };
         if greeting.code() != 220 {
+            // RFC 5321 §3.1: a server that greets with 554 waits for QUIT
+            // before it closes; say it, briefly, and move on.
+            let quit = async {
+                stream.write_all(b"QUIT\r\n").await?;
+                stream.flush().await?;
+                read_reply(&mut stream, &mut reader)
+                    .await
+                    .map_err(std::io::Error::other)
+            };
+            let _ = timeout(QUIT_AFTER_REFUSAL, quit).await;
             return Err(AttemptFailure::Greeted(greeting));
         }
         Ok(Session::new(

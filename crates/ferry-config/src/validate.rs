@@ -320,7 +320,7 @@ fn route(c: &mut Checker<'_>, r: &RawRoute, base_dir: &Path) -> Option<Route> {
                 next_hops,
                 tls,
                 verify_certificates,
-                ca_file: ca_file(c, r, verify_certificates, base_dir),
+                ca_file: ca_file(c, r, tls, verify_certificates, base_dir),
                 auth: r
                     .auth
                     .as_ref()
@@ -341,11 +341,12 @@ fn route(c: &mut Checker<'_>, r: &RawRoute, base_dir: &Path) -> Option<Route> {
                 );
             }
             let verify_certificates = r.verify_certificates.unwrap_or(false);
+            let tls = tls_policy(c, r);
             RouteAction::Mx {
                 port: r.port.as_ref().map_or(25, |p| *p.get_ref()),
-                tls: tls_policy(c, r),
+                tls,
                 verify_certificates,
-                ca_file: ca_file(c, r, verify_certificates, base_dir),
+                ca_file: ca_file(c, r, tls, verify_certificates, base_dir),
             }
         }
         "directory" => match &r.path {
@@ -377,11 +378,13 @@ fn route(c: &mut Checker<'_>, r: &RawRoute, base_dir: &Path) -> Option<Route> {
 }
 
 /// The route's `ca_file`, relative to the config's folder; it only means
-/// something when certificates are verified. (Whether the file holds a
-/// certificate is the worker's check, when it builds its TLS material.)
+/// something when TLS may be used and certificates are verified. (Whether
+/// the file holds a certificate is the worker's check, when it builds its
+/// TLS material.)
 fn ca_file(
     c: &mut Checker<'_>,
     r: &RawRoute,
+    tls: TlsPolicy,
     verify_certificates: bool,
     base_dir: &Path,
 ) -> Option<PathBuf> {
@@ -390,7 +393,9 @@ fn ca_file(
         c.err(p, "ca_file needs a path, not an empty one");
         return None;
     }
-    if !verify_certificates {
+    if tls == TlsPolicy::None {
+        c.err(p, "ca_file means nothing with tls = \"none\": remove one");
+    } else if !verify_certificates {
         c.err(
             p,
             "ca_file is trusted only where certificates are verified: set verify_certificates = true",

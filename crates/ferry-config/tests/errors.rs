@@ -271,6 +271,13 @@ domains = ["example.test"]
 type = "directory"
 path = "mail"
 ca_file = "certs/ca.pem"
+
+[[routes]]
+domains = ["plain.test"]
+type = "smtp"
+next_hops = ["relay.example.test"]
+tls = "none"
+ca_file = "certs/ca.pem"
 "#;
     let why =
         "ca_file is trusted only where certificates are verified: set verify_certificates = true";
@@ -280,6 +287,7 @@ ca_file = "certs/ca.pem"
             format!("7:11: {why}"),
             format!("12:11: {why}"),
             "18:11: ca_file is for smtp and mx routes".into(),
+            "25:11: ca_file means nothing with tls = \"none\": remove one".into(),
         ]
     );
     let text = r#"

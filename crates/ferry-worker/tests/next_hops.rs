@@ -231,6 +231,8 @@ async fn a_hop_that_greets_with_a_refusal_is_skipped_for_the_next() {
     );
     assert!(refusing.received().is_empty() && busy.received().is_empty());
     assert!(emls(&h.data().join("mailbox"), "Undeliverable").is_empty());
+    // RFC 5321 §3.1: the hop that greeted with 554 was told QUIT.
+    assert!(refusing.quits_after_refusal() >= 1);
 }
 
 /// An `mx` route tries at most 5 addresses per attempt over all

@@ -15,7 +15,7 @@ pub fn read(path: &Path) -> anyhow::Result<Arc<str>> {
     let token = text.trim();
     if token.len() < MIN_LEN || token.chars().any(|c| !c.is_ascii_graphic()) {
         bail!(
-            "{}: an admin token is at least {MIN_LEN} printable characters without spaces",
+            "{}: an admin token is at least {MIN_LEN} printable ASCII characters without spaces",
             path.display()
         );
     }
