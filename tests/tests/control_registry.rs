@@ -74,6 +74,43 @@ fn node_flags(pki: &Pki, id: &str) -> Vec<String> {
     ]
 }
 
+/// Certificates for a control plane, the admin `alice`, workers `w1` and
+/// `w2` and balancer `b1`.
+fn pool_pki(dir: &Path) -> Pki {
+    let pki = Pki::new(&dir.join("pki"));
+    pki.issue("control", "control").issue("admin", "alice");
+    for id in ["w1", "w2", "b1"] {
+        pki.issue("node", id);
+    }
+    pki
+}
+
+/// Applies [`config`] through `ferry ctl` as `alice`; the balancer's port.
+fn apply_pool_config(control: &ControlProcess, pki: &Pki, dir: &Path) -> u16 {
+    let worker_port = free_port("127.0.0.11".parse().unwrap());
+    let balancer_port = free_port("127.0.0.1".parse().unwrap());
+    let file = dir.join("ferry.toml");
+    std::fs::write(&file, config(worker_port, balancer_port)).unwrap();
+    let (code, out, err) = control.ctl(pki, "alice", &["apply", file.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    balancer_port
+}
+
+/// `ferry balancer --control` as `b1` on 127.0.0.1, with no static
+/// backend: its workers come from the pool.
+fn balancer_args(pki: &Pki, url: &str, data: &Path) -> Vec<String> {
+    let mut args = vec![
+        "--control".to_string(),
+        url.into(),
+        "--listen".into(),
+        "127.0.0.1".into(),
+        "--data".into(),
+        data.display().to_string(),
+    ];
+    args.extend(node_flags(pki, "b1"));
+    args
+}
+
 /// `ferry worker --control` as `id` on `listen`, EHLO host name
 /// `ID.relay.test`.
 fn worker(pki: &Pki, url: &str, id: &str, listen: &str, data: &Path) -> WorkerProcess {
@@ -178,11 +215,7 @@ fn nodes(control: &ControlProcess, pki: &Pki) -> Value {
 #[tokio::test]
 async fn workers_join_the_balancer_from_the_registry_drain_moves_clients_and_a_dead_one_leaves() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new(&dir.path().join("pki"));
-    pki.issue("control", "control").issue("admin", "alice");
-    for id in ["w1", "w2", "b1"] {
-        pki.issue("node", id);
-    }
+    let pki = pool_pki(dir.path());
     let store = format!("file:{}", dir.path().join("store").display());
     let control = ControlProcess::start_with(
         &store,
@@ -190,12 +223,7 @@ async fn workers_join_the_balancer_from_the_registry_drain_moves_clients_and_a_d
         &dir.path().join("control.log"),
         &["--grace", "2s"],
     );
-    let worker_port = free_port("127.0.0.11".parse().unwrap());
-    let balancer_port = free_port("127.0.0.1".parse().unwrap());
-    let file = dir.path().join("ferry.toml");
-    std::fs::write(&file, config(worker_port, balancer_port)).unwrap();
-    let (code, out, err) = control.ctl(&pki, "alice", &["apply", file.to_str().unwrap()]);
-    assert_eq!(code, 0, "{out}{err}");
+    let balancer_port = apply_pool_config(&control, &pki, dir.path());
 
     let mut w1 = worker(
         &pki,
@@ -212,15 +240,7 @@ async fn workers_join_the_balancer_from_the_registry_drain_moves_clients_and_a_d
         &dir.path().join("w2"),
     );
     let data = dir.path().join("b1");
-    let mut args = vec![
-        "--control".to_string(),
-        control.url.clone(),
-        "--listen".into(),
-        "127.0.0.1".into(),
-        "--data".into(),
-        data.display().to_string(),
-    ];
-    args.extend(node_flags(&pki, "b1"));
+    let args = balancer_args(&pki, &control.url, &data);
     let balancer = WorkerProcess::start_args("balancer", &args, &data, "ready");
     let front = SocketAddr::new("127.0.0.1".parse().unwrap(), balancer_port);
     assert_eq!(balancer.smtp, [front]);
@@ -287,11 +307,7 @@ async fn workers_join_the_balancer_from_the_registry_drain_moves_clients_and_a_d
 #[tokio::test]
 async fn a_balancer_restarted_during_a_control_plane_outage_keeps_its_workers() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new(&dir.path().join("pki"));
-    pki.issue("control", "control").issue("admin", "alice");
-    for id in ["w1", "w2", "b1"] {
-        pki.issue("node", id);
-    }
+    let pki = pool_pki(dir.path());
     let store = format!("file:{}", dir.path().join("store").display());
     let mut control = ControlProcess::start_with(
         &store,
@@ -299,12 +315,7 @@ async fn a_balancer_restarted_during_a_control_plane_outage_keeps_its_workers() 
         &dir.path().join("control.log"),
         &["--grace", "2s"],
     );
-    let worker_port = free_port("127.0.0.11".parse().unwrap());
-    let balancer_port = free_port("127.0.0.1".parse().unwrap());
-    let file = dir.path().join("ferry.toml");
-    std::fs::write(&file, config(worker_port, balancer_port)).unwrap();
-    let (code, out, err) = control.ctl(&pki, "alice", &["apply", file.to_str().unwrap()]);
-    assert_eq!(code, 0, "{out}{err}");
+    let balancer_port = apply_pool_config(&control, &pki, dir.path());
     let _w1 = worker(
         &pki,
         &control.url,
@@ -320,15 +331,7 @@ async fn a_balancer_restarted_during_a_control_plane_outage_keeps_its_workers() 
         &dir.path().join("w2"),
     );
     let data = dir.path().join("b1");
-    let mut args = vec![
-        "--control".to_string(),
-        control.url.clone(),
-        "--listen".into(),
-        "127.0.0.1".into(),
-        "--data".into(),
-        data.display().to_string(),
-    ];
-    args.extend(node_flags(&pki, "b1"));
+    let args = balancer_args(&pki, &control.url, &data);
     let mut balancer = WorkerProcess::start_args("balancer", &args, &data, "ready");
     let front = SocketAddr::new("127.0.0.1".parse().unwrap(), balancer_port);
     reaches_all(front, &["w1", "w2"]).await;
