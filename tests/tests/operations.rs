@@ -114,7 +114,11 @@ fn an_admin_token_has_at_least_16_printable_characters() {
     let config = config(dir.path(), free_port(ip("127.0.0.1")));
     let refusal = "an admin token is at least 16 printable ASCII characters without spaces";
     for role in ["worker", "balancer"] {
-        for token in ["fifteen-chars-x", "sixteen chars ok"] {
+        for token in [
+            "fifteen-chars-x",
+            "sixteen chars ok",
+            "sixteen-chars-ok\u{a0}",
+        ] {
             let err = start_with_token(role, &config, dir.path(), token, |_| {})
                 .expect_err(&format!("{role} started with {token:?}"));
             assert!(err.contains(refusal), "{role}: {err}");

@@ -8,11 +8,13 @@ use anyhow::{bail, Context};
 /// The shortest token accepted.
 const MIN_LEN: usize = 16;
 
-/// Reads the token in `path` (surrounding whitespace ignored).
+/// Reads the token in `path` (surrounding ASCII whitespace ignored: a
+/// no-break space around it is refused, not silently dropped, since a
+/// client sending the file's contents would send it too).
 pub fn read(path: &Path) -> anyhow::Result<Arc<str>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the admin token file {}", path.display()))?;
-    let token = text.trim();
+    let token = text.trim_matches(|c: char| c.is_ascii_whitespace());
     if token.len() < MIN_LEN || token.chars().any(|c| !c.is_ascii_graphic()) {
         bail!(
             "{}: an admin token is at least {MIN_LEN} printable ASCII characters without spaces",
